@@ -1,0 +1,39 @@
+# medlens: the two commands are `make run` and `make test`; both do all the set-up.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medlens-installed
+export MEDLENS_DATA ?= $(abspath ../shared/data)
+RUN_CONFIG ?= configs/pneumoniamnist_cnn.yaml
+
+.PHONY: run test install browser bench clean
+
+install: $(STAMP)
+
+# torch first (a CPU build), then everything else with torch pinned by constraints.txt,
+# so no dependency can pull a newer, CUDA-sized torch from the registry.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+# Headless Chromium renders report.html in the tests (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing: install Debian's 'chromium' package for the browser tests"; fi; }
+
+run: $(STAMP)
+	$(VENV)/bin/medlens train $(RUN_CONFIG)
+
+test: $(STAMP) browser
+	$(PY) -m pytest -q -ra
+
+bench: $(STAMP)
+	$(PY) benchmarks/medmnist.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,66 @@
+"""Datasets: MedMNIST, image folders, CSV manifests (and, later, patch stores), with splits."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from medlens.data.base import ArrayDataset, Sample, SplitData
+from medlens.data.catalog import MEDMNIST, get_info
+
+__all__ = ["ArrayDataset", "Sample", "SplitData", "MEDMNIST", "get_info", "build_data"]
+
+
+def build_data(cfg, seed: int = 0, progress: Callable | None = None) -> SplitData:
+    """Build train/val/test datasets from a ``DataConfig``."""
+    from medlens.data.folder import load_csv_manifest, load_image_folder
+    from medlens.data.medmnist import load_medmnist
+
+    if cfg.source == "medmnist":
+        data = load_medmnist(cfg.name, cfg.size, check_md5=cfg.check_md5, path=cfg.path)
+        if cfg.color != "gray" or data.train.in_channels == 3:
+            data = _recolor(data, cfg.color)
+    elif cfg.source == "folder":
+        data = load_image_folder(cfg.path, cfg.size, cfg.color, val=cfg.val_fraction, test=cfg.test_fraction,
+                                 seed=seed, progress=progress)
+    elif cfg.source == "csv":
+        data = load_csv_manifest(cfg.path, cfg.size, cfg.color, image_root=cfg.image_root,
+                                 path_column=cfg.path_column, label_column=cfg.label_column,
+                                 patient_column=cfg.patient_column, suffix=cfg.suffix, val=cfg.val_fraction,
+                                 test=cfg.test_fraction, seed=seed, progress=progress)
+    else:
+        from medlens.errors import ConfigError
+
+        raise ConfigError(f"data.source '{cfg.source}' is not available in this version")
+    if cfg.max_samples:
+        data = SplitData(*(_cap(d, cfg.max_samples, seed) for d in (data.train, data.val, data.test)),
+                         split_method=data.split_method + f" (capped at {cfg.max_samples} per split)")
+    return data
+
+
+def _cap(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
+    import numpy as np
+
+    if len(ds) <= n:
+        return ds
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), n, replace=False))
+    return ds.subset(idx)
+
+
+def _recolor(data: SplitData, color: str) -> SplitData:
+    """Apply the colour mode to MedMNIST RGB data (e.g. green channel for fundus)."""
+    import numpy as np
+
+    def conv(ds: ArrayDataset) -> ArrayDataset:
+        x = ds.images
+        if x.shape[1] == 3 and color == "green":
+            x = x[:, 1:2]
+        elif x.shape[1] == 3 and color == "gray":
+            x = np.round(np.tensordot(np.array([0.299, 0.587, 0.114], np.float32), x.astype(np.float32),
+                                      axes=(0, 1))[:, None]).astype(np.uint8)
+        elif x.shape[1] == 1 and color == "rgb":
+            x = np.repeat(x, 3, axis=1)
+        out = ds.subset(np.arange(len(ds)))
+        out.images = np.ascontiguousarray(x)
+        return out
+
+    return SplitData(conv(data.train), conv(data.val), conv(data.test), data.split_method)

@@ -1,0 +1,128 @@
+"""The dataset contract shared by every classification source.
+
+A dataset holds its images as one array (N, C, H, W) or (N, C, D, H, W), one label per image,
+a patient id per image (for patient-level splits) and a source reference per image. It never
+trains; it hands out single ``Sample`` objects or whole batches as tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from medlens.data.catalog import BINARY, MULTILABEL, TASKS
+from medlens.errors import DataError, ShapeError
+
+
+@dataclass
+class Sample:
+    """One image with its label, patient and source."""
+
+    image: np.ndarray
+    label: Any
+    patient_id: str
+    source: str
+
+
+@dataclass
+class ArrayDataset:
+    """Images in memory, with labels, patient ids and sources.
+
+    ``images`` is uint8 (scaled by 1/255 when batched) or float32 (used as is), channels first.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    task: str
+    class_names: list[str]
+    patient_ids: np.ndarray | None = None
+    sources: np.ndarray | None = None
+    name: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise DataError(f"unknown task '{self.task}' for dataset {self.name}; expected one of {TASKS}")
+        if self.images.ndim not in (4, 5):
+            raise ShapeError(f"dataset {self.name}: images must be (N, C, H, W) or (N, C, D, H, W), "
+                             f"got shape {self.images.shape}")
+        n = len(self.images)
+        self.labels = np.asarray(self.labels)
+        if self.task == MULTILABEL:
+            self.labels = self.labels.reshape(n, -1).astype(np.float32)
+        else:
+            self.labels = self.labels.reshape(n).astype(np.int64)
+        if len(self.labels) != n:
+            raise ShapeError(f"dataset {self.name}: {n} images but {len(self.labels)} labels")
+        if self.patient_ids is None:
+            self.patient_ids = np.array([f"{self.name}-{i}" for i in range(n)])
+        if self.sources is None:
+            self.sources = np.array([f"{self.name}[{i}]" for i in range(n)])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Sample:
+        return Sample(self.images[i], self.labels[i], str(self.patient_ids[i]), str(self.sources[i]))
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.images.ndim - 2
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.images.shape[2:])
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the model's output: 1 logit for binary, else one per class/label."""
+        return 1 if self.task == BINARY else len(self.class_names)
+
+    def subset(self, idx: Sequence[int] | np.ndarray, name: str | None = None) -> "ArrayDataset":
+        idx = np.asarray(idx)
+        return ArrayDataset(self.images[idx], self.labels[idx], self.task, list(self.class_names),
+                            self.patient_ids[idx], self.sources[idx], name or self.name, dict(self.meta))
+
+    def batch(self, idx: Sequence[int] | np.ndarray):
+        """Return ``(x, y)`` tensors for the given indices; x is float32 in [0, 1] for uint8 images."""
+        import torch
+
+        idx = np.sort(np.asarray(idx)) if isinstance(self.images, np.memmap) else np.asarray(idx)
+        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        y = torch.from_numpy(self.labels[idx])
+        return x, y
+
+    def class_counts(self) -> np.ndarray:
+        if self.task == MULTILABEL:
+            return self.labels.sum(0)
+        return np.bincount(self.labels, minlength=max(len(self.class_names), 2))
+
+
+@dataclass
+class SplitData:
+    """train / val / test datasets of one source, plus how the split was made."""
+
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    split_method: str = "official"
+
+    def get(self, split: str) -> ArrayDataset:
+        if split not in ("train", "val", "test"):
+            raise DataError(f"unknown split '{split}'; expected train, val or test")
+        return getattr(self, split)
+
+    @property
+    def task(self) -> str:
+        return self.train.task
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train.class_names

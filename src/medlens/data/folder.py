@@ -1,0 +1,129 @@
+"""Image-folder (one sub-folder per class) and CSV-manifest datasets, with patient-level splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from medlens.data.base import ArrayDataset, SplitData
+from medlens.data.catalog import BINARY, MULTICLASS
+from medlens.data.splits import patient_split
+from medlens.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".npy", ".npz"}
+
+
+def _load_images(paths: Iterable[Path], size: int, color: str, progress: Callable | None = None) -> np.ndarray:
+    from medlens.io import load
+    from medlens.transforms.preprocess import prepare_2d
+
+    arrays = []
+    paths = list(paths)
+    for i, p in enumerate(paths):
+        arrays.append(prepare_2d(load(p), size, color))
+        if progress:
+            progress(i + 1, len(paths))
+    if any(a.dtype != np.uint8 for a in arrays):
+        arrays = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32) for a in arrays]
+    return np.stack(arrays)
+
+
+def _split(ds: ArrayDataset, val: float, test: float, seed: int) -> SplitData:
+    tr, va, te = patient_split(ds.labels, ds.patient_ids, val=val, test=test, seed=seed)
+    return SplitData(ds.subset(tr, f"{ds.name}/train"), ds.subset(va, f"{ds.name}/val"),
+                     ds.subset(te, f"{ds.name}/test"),
+                     split_method=f"stratified patient-level split (seed {seed}, val {val:.0%}, test {test:.0%})")
+
+
+def load_image_folder(root: str | Path, size: int = 224, color: str = "gray", *, val: float = 0.1,
+                      test: float = 0.2, seed: int = 0, progress: Callable | None = None) -> SplitData:
+    """A Keras ``flow_from_directory`` layout: ``root/<class>/<image>``.
+
+    If ``root`` has ``train/``, ``val/`` and ``test/`` sub-folders, they are used as the split;
+    otherwise a stratified split is made (each file its own patient, as the layout has no ids).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("image folder not found", root)
+    if all((root / s).is_dir() for s in ("train", "val", "test")):
+        parts = {s: _folder_dataset(root / s, size, color, progress, name=f"{root.name}/{s}")
+                 for s in ("train", "val", "test")}
+        names = parts["train"].class_names
+        for s, d in parts.items():
+            if d.class_names != names:
+                raise DataError(f"classes in {s}/ {d.class_names} differ from train/ {names}", root / s)
+        return SplitData(parts["train"], parts["val"], parts["test"], split_method="folders train/val/test")
+    return _split(_folder_dataset(root, size, color, progress, name=root.name), val, test, seed)
+
+
+def _folder_dataset(root: Path, size: int, color: str, progress, name: str) -> ArrayDataset:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError("no class sub-folders (expected root/<class>/<images>)", root)
+    if len(classes) < 2:
+        raise DataError(f"only one class folder ({classes[0]}); classification needs at least two", root)
+    paths, labels = [], []
+    for ci, c in enumerate(classes):
+        files = sorted(p for p in (root / c).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class '{c}' has no images", root / c)
+        paths += files
+        labels += [ci] * len(files)
+    images = _load_images(paths, size, color, progress)
+    return ArrayDataset(images, np.array(labels), BINARY if len(classes) == 2 else MULTICLASS, classes,
+                        patient_ids=np.array([str(p.relative_to(root)) for p in paths]),
+                        sources=np.array([str(p) for p in paths]), name=name)
+
+
+def load_csv_manifest(csv_path: str | Path, size: int = 224, color: str = "gray", *, image_root: str | Path | None = None,
+                      path_column: str = "path", label_column: str = "label", patient_column: str = "patient_id",
+                      suffix: str = "", val: float = 0.1, test: float = 0.2, seed: int = 0,
+                      progress: Callable | None = None) -> SplitData:
+    """A manifest ``path,label[,patient_id][,split]`` such as Kaggle's DR ``trainLabels.csv``.
+
+    Paths are relative to ``image_root`` (default: the CSV's folder); ``suffix`` is appended
+    (Kaggle lists ``image`` without ``.jpeg``). With a ``split`` column, it is used; otherwise a
+    stratified split keeps every patient in one split.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.exists():
+        raise DataError("manifest not found", csv_path)
+    try:
+        df = pd.read_csv(csv_path)
+    except Exception as e:
+        raise DataError(f"not a readable CSV ({e})", csv_path) from e
+    for col in (path_column, label_column):
+        if col not in df.columns:
+            raise DataError(f"manifest lacks the column '{col}' (has {list(df.columns)})", csv_path)
+    if df.empty:
+        raise DataError("manifest has no rows", csv_path)
+    root = Path(image_root) if image_root else csv_path.parent
+    paths = [root / f"{p}{suffix}" for p in df[path_column].astype(str)]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise DataError(f"{len(missing)} listed image(s) missing, first: {missing[0]}", csv_path)
+    raw = df[label_column]
+    classes = sorted(raw.unique().tolist())
+    if len(classes) < 2:
+        raise DataError(f"only one label value ({classes[0]}); classification needs at least two", csv_path)
+    labels = raw.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    pids = df[patient_column].astype(str).to_numpy() if patient_column in df.columns else np.array(
+        [str(p) for p in df[path_column]])
+    images = _load_images(paths, size, color, progress)
+    ds = ArrayDataset(images, labels, BINARY if len(classes) == 2 else MULTICLASS, [str(c) for c in classes],
+                      patient_ids=pids, sources=np.array([str(p) for p in paths]), name=csv_path.stem)
+    if "split" in df.columns:
+        s = df["split"].astype(str).str.lower().to_numpy()
+        parts = {k: np.flatnonzero(s == k) for k in ("train", "val", "test")}
+        empty = [k for k, v in parts.items() if len(v) == 0]
+        if empty:
+            raise DataError(f"'split' column has no rows for {empty}", csv_path)
+        leak = set(pids[parts["train"]]) & (set(pids[parts["val"]]) | set(pids[parts["test"]]))
+        if leak:
+            raise DataError(f"patient(s) in both train and val/test, e.g. {sorted(leak)[0]}", csv_path)
+        return SplitData(*(ds.subset(parts[k], f"{ds.name}/{k}") for k in ("train", "val", "test")),
+                         split_method="manifest 'split' column")
+    return _split(ds, val, test, seed)

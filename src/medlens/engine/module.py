@@ -1,0 +1,133 @@
+"""The Lightning module that trains any registered classifier on any task type."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import lightning as L
+
+from medlens.data.catalog import BINARY, MULTILABEL
+from medlens.transforms.augment import BatchAugment
+
+
+def outputs_to_probs(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """(N,) positive-class probability for binary; (N, K) otherwise."""
+    logits = logits.float()
+    if task == BINARY:
+        return torch.sigmoid(logits.reshape(-1))
+    if task == MULTILABEL:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` stored as buffers, so it travels with the weights."""
+
+    def __init__(self, mean, std) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - self.mean.view(shape)) / self.std.view(shape)
+
+
+class ClassifierNet(nn.Module):
+    """Normalisation + network: what is saved as ``model.pt`` and what explainers see."""
+
+    def __init__(self, net: nn.Module, mean, std) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, model: ClassifierNet, task: str, train_cfg, seed: int = 0,
+                 class_weights: torch.Tensor | None = None, pos_weight: float | None = None) -> None:
+        super().__init__()
+        self.model, self.task, self.cfg, self.seed = model, task, train_cfg, seed
+        self.augment = BatchAugment(train_cfg.augment)
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
+        self.pos_weight = pos_weight
+        self._val_out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._gen = torch.Generator()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.task == BINARY:
+            pw = torch.tensor(self.pos_weight) if self.pos_weight else None
+            target = y.float()
+            if self.cfg.label_smoothing:
+                target = target * (1 - self.cfg.label_smoothing) + 0.5 * self.cfg.label_smoothing
+            return F.binary_cross_entropy_with_logits(logits.reshape(-1), target, pos_weight=pw)
+        if self.task == MULTILABEL:
+            return F.binary_cross_entropy_with_logits(logits, y.float())
+        w = self.class_weights if self.class_weights.numel() else None
+        return F.cross_entropy(logits, y.long(), weight=w, label_smoothing=self.cfg.label_smoothing)
+
+    def on_train_epoch_start(self) -> None:
+        # Every epoch's randomness (dropout, augmentation) depends only on (seed, epoch): resumable.
+        torch.manual_seed(self.seed * 100003 + self.current_epoch)
+        self._gen.manual_seed(self.seed * 100003 + self.current_epoch + 7)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = self.augment(x, self._gen)
+        loss = self.loss(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self._val_out.append((logits.float().detach(), y))
+        self.log("val_loss", self.loss(logits, y), on_step=False, on_epoch=True, batch_size=len(x))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_out:
+            return
+        logits = torch.cat([o[0] for o in self._val_out])
+        y = torch.cat([o[1] for o in self._val_out]).numpy()
+        self._val_out.clear()
+        prob = outputs_to_probs(self.task, logits).numpy()
+        from medlens.evaluation.metrics import compute_metrics
+
+        m = compute_metrics(self.task, y, prob, threshold=0.5, n_boot=0)["metrics"]
+        auc = m["auc"]["value"]
+        self.log("val_auc", float(auc) if np.isfinite(auc) else 0.0)
+        self.log("val_acc", float(m["medmnist_acc"]["value"]))
+        if "qwk" in m:
+            self.log("val_qwk", float(m["qwk"]["value"]))
+
+    def configure_optimizers(self):
+        c = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if c.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True)
+        elif c.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.scheduler == "none":
+            return opt
+        if c.scheduler == "plateau":
+            sch = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "monitor": c.monitor}}
+        steps = self.trainer.estimated_stepping_batches
+        warm = int(steps * c.warmup_epochs / max(c.epochs, 1))
+        sch = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(int(steps), 1),
+                                                  pct_start=max(warm / max(steps, 1), 0.02),
+                                                  anneal_strategy="cos") if warm else \
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(steps), 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}

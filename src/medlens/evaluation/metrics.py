@@ -1,0 +1,132 @@
+"""Clinical classification metrics with 95% bootstrap confidence intervals.
+
+Binary metrics are computed at a threshold chosen on validation. Every task also reports the
+MedMNIST evaluator's numbers (AUC; ACC at 0.5 / argmax) so results compare with the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
+
+from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL, ORDINAL
+
+
+def _div(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity, PPV, NPV, F1 and balanced accuracy at ``threshold``."""
+    y = np.asarray(y).astype(int).ravel()
+    p = np.asarray(p, float).ravel()
+    pred = (p >= threshold).astype(int)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    sens, spec = _div(tp, tp + fn), _div(tn, tn + fp)
+    ppv, npv = _div(tp, tp + fp), _div(tn, tn + fn)
+    return {
+        "auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
+        "accuracy": _div(tp + tn, len(y)),
+        "sensitivity": sens,
+        "specificity": spec,
+        "ppv": ppv,
+        "npv": npv,
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+        "balanced_accuracy": (sens + spec) / 2,
+        "medmnist_acc": float(((p >= 0.5).astype(int) == y).mean()),
+    }
+
+
+def multiclass_metrics(y: np.ndarray, prob: np.ndarray, ordinal: bool = False) -> dict[str, float]:
+    """Macro one-vs-rest AUC, argmax accuracy, balanced accuracy, macro F1; QWK and MAE for ordinal."""
+    y = np.asarray(y).astype(int).ravel()
+    prob = np.asarray(prob, float)
+    k = prob.shape[1]
+    pred = prob.argmax(1)
+    present = np.unique(y)
+    if len(present) == k:
+        auc = float(roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=np.arange(k)))
+    else:  # a bootstrap resample may miss a class: average the per-class AUCs that are defined
+        aucs = [roc_auc_score((y == c).astype(int), prob[:, c]) for c in present if 0 < (y == c).sum() < len(y)]
+        auc = float(np.mean(aucs)) if aucs else float("nan")
+    recalls = [_div(((pred == c) & (y == c)).sum(), (y == c).sum()) for c in present]
+    f1s = []
+    for c in range(k):
+        tp = ((pred == c) & (y == c)).sum()
+        denom = (pred == c).sum() + (y == c).sum()
+        if denom:
+            f1s.append(2 * tp / denom)
+    out = {"auc": auc, "accuracy": float((pred == y).mean()), "balanced_accuracy": float(np.nanmean(recalls)),
+           "macro_f1": float(np.mean(f1s)), "medmnist_acc": float((pred == y).mean())}
+    if ordinal:
+        out["qwk"] = float(cohen_kappa_score(y, pred, weights="quadratic", labels=np.arange(k)))
+        out["mae"] = float(np.abs(pred - y).mean())
+    return out
+
+
+def multilabel_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """Mean per-label AUC and mean per-label accuracy at 0.5 (the MedMNIST evaluator's definition)."""
+    y = np.asarray(y).astype(int)
+    prob = np.asarray(prob, float)
+    aucs = [roc_auc_score(y[:, j], prob[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    acc = float(((prob >= 0.5).astype(int) == y).mean())
+    return {"auc": float(np.mean(aucs)) if aucs else float("nan"), "accuracy": acc, "medmnist_acc": acc}
+
+
+def bootstrap_ci(fn: Callable[[np.ndarray], dict[str, float]], n: int, n_boot: int = 1000, ci: float = 0.95,
+                 seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap: ``fn(idx)`` computes the metrics on resampled indices ``idx``."""
+    if n_boot <= 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        for k, v in fn(idx).items():
+            draws.setdefault(k, []).append(v)
+    lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
+    out = {}
+    for k, vals in draws.items():
+        a = np.asarray(vals, float)
+        a = a[np.isfinite(a)]
+        out[k] = (float(np.percentile(a, lo)), float(np.percentile(a, hi))) if len(a) else (float("nan"),) * 2
+    return out
+
+
+def compute_metrics(task: str, y: np.ndarray, prob: np.ndarray, threshold: float | None = None,
+                    n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
+    """Point estimates, CIs and the confusion matrix for one split.
+
+    ``prob`` is (N,) positive-class probabilities for binary tasks, (N, K) otherwise.
+    Returns ``{"metrics": {name: {"value", "ci_low", "ci_high"}}, "confusion_matrix": [[...]], ...}``.
+    """
+    y = np.asarray(y)
+    prob = np.asarray(prob, float)
+    if task == BINARY:
+        thr = 0.5 if threshold is None else float(threshold)
+        fn = lambda idx: binary_metrics(y[idx], prob[idx], thr)  # noqa: E731
+        pred = (prob >= thr).astype(int)
+        cm = confusion_matrix(y.astype(int), pred, labels=[0, 1])
+    elif task in (MULTICLASS, ORDINAL):
+        fn = lambda idx: multiclass_metrics(y[idx], prob[idx], ordinal=task == ORDINAL)  # noqa: E731
+        cm = confusion_matrix(y.astype(int), prob.argmax(1), labels=np.arange(prob.shape[1]))
+    elif task == MULTILABEL:
+        fn = lambda idx: multilabel_metrics(y[idx], prob[idx])  # noqa: E731
+        cm = None
+    else:
+        raise ValueError(f"unknown task {task}")
+    point = fn(np.arange(len(y)))
+    cis = bootstrap_ci(fn, len(y), n_boot, ci, seed)
+    metrics = {k: {"value": v, "ci_low": cis.get(k, (float("nan"),) * 2)[0],
+                   "ci_high": cis.get(k, (float("nan"),) * 2)[1]} for k, v in point.items()}
+    out = {"n": int(len(y)), "metrics": metrics, "ci_level": ci, "n_bootstrap": n_boot}
+    if cm is not None:
+        out["confusion_matrix"] = cm.tolist()
+    if task == BINARY:
+        out["threshold"] = thr
+    return out

@@ -1,0 +1,74 @@
+"""Figures for the run folder and report: training curves, ROC, confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from medlens.utils import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_history(history_csv: Path, out: Path) -> Path | None:
+    if not Path(history_csv).exists():
+        return None
+    h = pd.read_csv(history_csv)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for col in [c for c in h.columns if c.endswith("loss")]:
+        axes[0].plot(h["epoch"], h[col], marker=".", label=col)
+    axes[0].set_xlabel("epoch"); axes[0].set_title("loss"); axes[0].legend()
+    for col in [c for c in h.columns if c.startswith("val_") and not c.endswith("loss")]:
+        axes[1].plot(h["epoch"], h[col], marker=".", label=col)
+    axes[1].set_xlabel("epoch"); axes[1].set_title("validation metrics"); axes[1].legend()
+    return _save(fig, out)
+
+
+def plot_roc(task: str, y: np.ndarray, prob: np.ndarray, class_names: list[str], out: Path,
+             threshold: float | None = None, title: str = "ROC (test)") -> Path:
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    if task == "binary":
+        fpr, tpr, thr = roc_curve(y, prob)
+        ax.plot(fpr, tpr, lw=2, label="model")
+        if threshold is not None:
+            pred = prob >= threshold
+            sens = (pred & (y == 1)).sum() / max((y == 1).sum(), 1)
+            fpr_t = (pred & (y == 0)).sum() / max((y == 0).sum(), 1)
+            ax.plot([fpr_t], [sens], "o", color="crimson", label=f"threshold {threshold:.3f} (from val)")
+    else:
+        y = np.asarray(y)
+        for c, name in enumerate(class_names):
+            yc = (y[:, c] if y.ndim == 2 else (y == c)).astype(int)
+            if 0 < yc.sum() < len(yc):
+                fpr, tpr, _ = roc_curve(yc, prob[:, c])
+                ax.plot(fpr, tpr, lw=1.2, label=str(name)[:20])
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set_xlabel("1 - specificity"); ax.set_ylabel("sensitivity"); ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, out)
+
+
+def plot_confusion(cm: list[list[int]], class_names: list[str], out: Path, title: str = "Confusion matrix (test)") -> Path:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(cm), 1.0 + 0.7 * len(cm)))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    names = [str(n)[:12] for n in class_names]
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right"); ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted"); ax.set_ylabel("true"); ax.set_title(title)
+    return _save(fig, out)

@@ -1,0 +1,85 @@
+"""Model registry: architectures register by name, configs name them, ``medlens models list`` shows them."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+from medlens.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: Callable[..., nn.Module]
+    dims: tuple[int, ...]
+    task: str
+    summary: str
+
+    @property
+    def params(self) -> list[str]:
+        return [p for p in inspect.signature(self.factory).parameters]
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str | None = None, *, dims: tuple[int, ...] = (2,), task: str = "classification"):
+    """Decorator: register a factory ``f(in_channels, num_outputs, spatial_dims=..., **kw) -> nn.Module``.
+
+    The first line of the factory's docstring is the summary shown by ``medlens models list``.
+    """
+
+    def deco(fn: Callable[..., nn.Module]):
+        key = name or fn.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model '{key}' registered twice")
+        doc = (inspect.getdoc(fn) or "").strip().splitlines()
+        _REGISTRY[key] = ModelEntry(key, fn, tuple(dims), task, doc[0] if doc else "")
+        return fn
+
+    return deco
+
+
+def list_models(pattern: str = "*") -> list[ModelEntry]:
+    _ensure_loaded()
+    return [e for k, e in sorted(_REGISTRY.items()) if fnmatch.fnmatch(k, pattern)]
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown model '{name}'{hint}; see `medlens models list`")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, in_channels: int, num_outputs: int, spatial_dims: int = 2,
+                 input_size: tuple[int, ...] | None = None, **kwargs) -> nn.Module:
+    """Build a registered model; unknown keyword arguments are a config error, not a crash."""
+    entry = get_model_entry(name)
+    if spatial_dims not in entry.dims:
+        raise ConfigError(f"model '{name}' supports {list(entry.dims)}D inputs, the data is {spatial_dims}D")
+    sig = inspect.signature(entry.factory)
+    accepts_var = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    bad = [k for k in kwargs if k not in sig.parameters and not accepts_var]
+    if bad:
+        raise ConfigError(f"model '{name}' has no option(s) {bad}; it takes {entry.params[2:]}")
+    extra = {}
+    if "spatial_dims" in sig.parameters:
+        extra["spatial_dims"] = spatial_dims
+    if "input_size" in sig.parameters:
+        extra["input_size"] = input_size
+    return entry.factory(in_channels, num_outputs, **extra, **kwargs)
+
+
+def _ensure_loaded() -> None:
+    # importing the architecture modules runs their @register_model decorators
+    from medlens.models import cnn, resnet  # noqa: F401

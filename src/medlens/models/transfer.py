@@ -1,0 +1,78 @@
+"""Transfer learning from a local weights file, with layer freezing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from medlens.errors import ConfigError, DataError
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict with ``weights_only=True``; accepts Lightning checkpoints and ``{"state_dict": ...}``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("weights file not found", path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"not a loadable weights file ({type(e).__name__}: {str(e).splitlines()[0]})", path) from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DataError("file does not hold a state dict of tensors", path)
+    return obj
+
+
+def _strip(key: str) -> str:
+    for prefix in ("model.net.", "net.", "model.", "module."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def apply_transfer(net: nn.Module, weights: str | Path | None, freeze: list[str]) -> dict:
+    """Load matching tensors from ``weights`` (same name and shape) and freeze parameters.
+
+    ``freeze`` lists parameter-name prefixes; ``["backbone"]`` freezes everything except the
+    final classification layer (the last ``Linear`` module).
+    """
+    loaded, skipped = 0, []
+    if weights:
+        src = {_strip(k): v for k, v in load_state_dict_file(weights).items()}
+        own = net.state_dict()
+        take = {}
+        for k, v in src.items():
+            if k in own and own[k].shape == v.shape:
+                take[k] = v
+            else:
+                skipped.append(k)
+        if not take:
+            raise ConfigError(f"no tensor in {weights} matches the model (names or shapes differ)")
+        net.load_state_dict(take, strict=False)
+        loaded = len(take)
+    frozen = 0
+    if freeze:
+        prefixes = list(freeze)
+        if "backbone" in prefixes:
+            last = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+            if not last:
+                raise ConfigError("freeze: backbone needs a model with a final Linear layer")
+            head = last[-1]
+            for n, p in net.named_parameters():
+                if not n.startswith(head + "."):
+                    p.requires_grad_(False)
+                    frozen += 1
+        else:
+            names = [n for n, _ in net.named_parameters()]
+            for pre in prefixes:
+                if not any(n.startswith(pre) for n in names):
+                    raise ConfigError(f"freeze prefix '{pre}' matches no parameter (e.g. {names[0]})")
+            for n, p in net.named_parameters():
+                if any(n.startswith(pre) for pre in prefixes):
+                    p.requires_grad_(False)
+                    frozen += 1
+    return {"weights": str(weights) if weights else None, "loaded": loaded, "skipped": skipped[:20],
+            "frozen": frozen, "freeze": list(freeze)}

@@ -1,0 +1,1 @@
+"""Preprocessing (intensity, colour, size) and batch augmentation."""
