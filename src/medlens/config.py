@@ -72,7 +72,6 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1)
     num_threads: int | None = Field(None, ge=1)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    ordinal_loss: Literal["ce", "cumulative"] = "ce"
 
 
 class EvalConfig(_Strict):

@@ -66,7 +66,8 @@ def create_model(name: str, in_channels: int, num_outputs: int, spatial_dims: in
     """Build a registered model; unknown keyword arguments are a config error, not a crash."""
     entry = get_model_entry(name)
     if spatial_dims not in entry.dims:
-        raise ConfigError(f"model '{name}' supports {list(entry.dims)}D inputs, the data is {spatial_dims}D")
+        dims = "/".join(f"{d}D" for d in entry.dims)
+        raise ConfigError(f"model '{name}' supports {dims} inputs, the data is {spatial_dims}D")
     sig = inspect.signature(entry.factory)
     accepts_var = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     bad = [k for k in kwargs if k not in sig.parameters and not accepts_var]

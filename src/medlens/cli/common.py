@@ -1,0 +1,24 @@
+"""Shared CLI helpers: the console, tables, progress bars, quiet library logging."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def quiet_libraries() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def progress(transient: bool = True, download: bool = False) -> Progress:
+    cols = [TextColumn("{task.description}"), BarColumn()]
+    cols += [DownloadColumn()] if download else [TextColumn("{task.completed}/{task.total}")]
+    return Progress(*cols, TimeRemainingColumn(), console=err_console, transient=transient)

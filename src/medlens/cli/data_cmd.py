@@ -1,0 +1,70 @@
+"""``medlens data list|info|fetch``."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from medlens.cli.common import console, progress
+
+app = typer.Typer(help="Datasets: list, describe, download.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_() -> None:
+    """All MedMNIST+ datasets, with task, channels, sizes and whether they are on disk."""
+    from medlens.data.catalog import MEDMNIST
+    from medlens.data.medmnist import medmnist_dir
+
+    root = medmnist_dir()
+    t = Table(title=f"MedMNIST+ (record 10519652) in {root}")
+    for col in ("name", "dim", "task", "classes", "ch", "train/val/test", "sizes", "on disk"):
+        t.add_column(col)
+    for name, i in MEDMNIST.items():
+        have = [str(s) for s in i.sizes if (root / i.filename(s)).exists()]
+        n = i.n_samples
+        t.add_row(name, f"{i.dims}D", i.task, str(i.n_classes), str(i.n_channels),
+                  f"{n['train']}/{n['val']}/{n['test']}", ",".join(map(str, i.sizes)), ",".join(have) or "-")
+    console.print(t)
+
+
+@app.command()
+def info(name: str, size: int = typer.Option(28, "--size", help="28, 64, 128 or 224 (3D: 28 or 64)")) -> None:
+    """Describe one dataset; if present, verify its MD5 and count its labels per split."""
+    import numpy as np
+
+    from medlens.data.catalog import get_info
+    from medlens.data.medmnist import load_medmnist, medmnist_path
+
+    i = get_info(name)
+    t = Table(title=i.name, show_header=False)
+    t.add_row("description", i.description)
+    t.add_row("task", i.task)
+    t.add_row("labels", ", ".join(f"{k}: {v}" for k, v in enumerate(i.labels)))
+    t.add_row("file", f"{i.filename(size)} (MD5 {i.md5.get(size, '?')})")
+    t.add_row("url", i.url(size))
+    t.add_row("licence", i.license)
+    path = medmnist_path(name, size)
+    if path.exists():
+        data = load_medmnist(name, size)
+        t.add_row("MD5", "[green]verified[/]")
+        for s in ("train", "val", "test"):
+            ds = data.get(s)
+            t.add_row(s, f"{len(ds)} images {tuple(ds.images.shape[1:])}, per class "
+                         f"{np.asarray(ds.class_counts()).astype(int).tolist()}")
+    else:
+        t.add_row("on disk", f"[yellow]no[/]: `medlens data fetch {i.name} --size {size}`")
+    console.print(t)
+
+
+@app.command()
+def fetch(name: str, size: int = typer.Option(28, "--size", help="28, 64, 128 or 224 (3D: 28 or 64)")) -> None:
+    """Download a MedMNIST file from Zenodo (resumes a partial download; checks the MD5)."""
+    from medlens.data.catalog import get_info
+    from medlens.data.medmnist import fetch as do_fetch
+
+    i = get_info(name)
+    with progress(download=True) as bar:
+        task = bar.add_task(f"{i.filename(size)}", total=None)
+        path = do_fetch(name, size, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"[green]ok[/] {path} (MD5 verified)")

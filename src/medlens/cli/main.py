@@ -1,0 +1,60 @@
+"""Entry point. Errors print one line and exit non-zero; ``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from medlens.cli.common import err_console
+
+app = typer.Typer(name="medlens", help="Deep learning on medical images: data to a validated, explained model.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def _register() -> None:
+    from medlens.cli import data_cmd, models_cmd, run_cmd, system_cmd
+
+    system_cmd.register(app)
+    app.add_typer(data_cmd.app, name="data")
+    app.add_typer(models_cmd.app, name="models")
+    run_cmd.register(app)
+
+
+_register()
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    """medlens command line."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    from medlens.errors import MedlensError
+
+    try:
+        app(args=argv, prog_name="medlens", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    except MedlensError as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        return 130
+    except Exception as e:  # an unexpected failure: still one line unless --debug
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {msg} (run with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""``medlens train|evaluate|predict|report``: the run-folder lifecycle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from medlens.cli.common import console, quiet_libraries
+
+
+def _metrics_table(results: dict, split: str) -> Table:
+    from medlens.report.html import PRETTY
+
+    t = Table(title=f"{results.get('dataset')} - {split} (n={results[split]['n']}), 95% bootstrap CI")
+    for col in ("metric", "value", "95% CI"):
+        t.add_column(col, justify="right" if col != "metric" else "left")
+    for k, v in results[split]["metrics"].items():
+        t.add_row(PRETTY.get(k, k), f"{v['value']:.3f}", f"{v['ci_low']:.3f} - {v['ci_high']:.3f}")
+    return t
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def train(config: Path = typer.Argument(..., help="experiment YAML"),
+              resume: bool = typer.Option(False, "--resume", help="continue from checkpoints/last.ckpt"),
+              overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
+              run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: <output_dir>/<name>"),
+              set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. train.epochs=5"),
+              quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
+        """Train, evaluate on the test split and write the report of one experiment."""
+        import json
+
+        from medlens.config import load_config
+        from medlens.engine.train import train as do_train
+        from medlens.errors import DataError
+
+        quiet_libraries()
+        cfg = load_config(config, set_)
+        try:
+            run = do_train(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite, progress_bar=not quiet,
+                           log=lambda s: console.print(s))
+        except DataError as e:
+            if cfg.data.source == "medmnist" and "not downloaded" in str(e):
+                raise DataError(f"{e}") from None
+            raise
+        results = json.loads((run / "metrics.json").read_text())
+        console.print(_metrics_table(results, "test"))
+        meta = json.loads((run / "run.json").read_text())
+        if "threshold" in results:
+            th = results["threshold"]
+            console.print(f"threshold {th['value']:.4f} ({th['rule']}, chosen on validation)")
+        console.print(f"trained in {meta['train_seconds']} s; report: [bold]{run / 'report.html'}[/]")
+
+    @app.command()
+    def evaluate(run_dir: Path = typer.Argument(..., help="a run folder"),
+                 split: str = typer.Option("test", "--split", help="test or val")) -> None:
+        """Re-evaluate a trained run on a split (threshold always from validation)."""
+        from medlens.errors import MedlensError
+        from medlens.evaluation.evaluate import evaluate_run
+        from medlens.report.html import write_report
+
+        if split not in ("test", "val"):
+            raise MedlensError(f"--split must be test or val, not '{split}'")
+        quiet_libraries()
+        results = evaluate_run(run_dir, split=split)
+        write_report(run_dir)
+        console.print(_metrics_table(results, split))
+
+    @app.command()
+    def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
+                files: List[Path] = typer.Argument(..., help="PNG/JPEG/TIFF/NPZ/NPY (DICOM, NIfTI, MHD, NRRD)")) -> None:
+        """Predict image files with a trained run."""
+        from medlens.engine.predict import predict_files
+
+        quiet_libraries()
+        rows = predict_files(run_dir, [str(f) for f in files])
+        t = Table(title=f"predictions ({run_dir})")
+        for col in ("file", "prediction", "probability", "all classes"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(Path(r["file"]).name, r["prediction"], f"{r['probability']:.3f}",
+                      ", ".join(f"{k}: {v:.3f}" for k, v in r["probabilities"].items()))
+        console.print(t)
+
+    @app.command()
+    def report(run_dir: Path = typer.Argument(..., help="a run folder")) -> None:
+        """(Re)write report.html of a run."""
+        from medlens.report.html import write_report
+
+        console.print(f"report: [bold]{write_report(run_dir)}[/]")
