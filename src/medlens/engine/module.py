@@ -76,10 +76,12 @@ class ClassifierModule(L.LightningModule):
         w = self.class_weights if self.class_weights.numel() else None
         return F.cross_entropy(logits, y.long(), weight=w, label_smoothing=self.cfg.label_smoothing)
 
-    def on_train_epoch_start(self) -> None:
-        # Every epoch's randomness (dropout, augmentation) depends only on (seed, epoch): resumable.
-        torch.manual_seed(self.seed * 100003 + self.current_epoch)
-        self._gen.manual_seed(self.seed * 100003 + self.current_epoch + 7)
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Each step's randomness (dropout, augmentation) depends only on (seed, global step), never on
+        # what else drew from the global RNG: a resumed run reproduces the uninterrupted one exactly.
+        step_seed = self.seed * 1_000_003 + int(self.trainer.global_step)
+        torch.manual_seed(step_seed)
+        self._gen.manual_seed(step_seed + 7)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
