@@ -1,0 +1,118 @@
+"""Writers: NIfTI / MHD / NRRD (SimpleITK), windowed PNG, and a DICOM series with correct geometry."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import numpy as np
+
+from medlens.errors import DataError
+from medlens.io.image import Image
+from medlens.io.sitk_io import SITK_SUFFIXES, _suffix, write_sitk
+from medlens.utils import atomic_path
+
+
+def write_png(image: Image | np.ndarray, path: str | Path, window: str | tuple[float, float] | None = None,
+              slice_index: int | None = None) -> Path:
+    """Write a 2D image (or one axial slice of a volume) as an 8-bit PNG, windowed for display."""
+    from PIL import Image as PILImage
+
+    from medlens.transforms.intensity import apply_window, to_uint8
+
+    arr = image.array if isinstance(image, Image) else np.asarray(image)
+    rgb = isinstance(image, Image) and image.is_rgb
+    if (arr.ndim == 3 and not rgb) or arr.ndim == 4:
+        arr = arr[arr.shape[0] // 2 if slice_index is None else slice_index]
+    if rgb or (arr.ndim == 3 and arr.shape[-1] == 3):
+        out = arr if arr.dtype == np.uint8 else to_uint8(arr)
+    elif window is not None:
+        out = (apply_window(arr, window) * 255).round().astype(np.uint8)
+    else:
+        out = arr if arr.dtype == np.uint8 else to_uint8(arr)
+    with atomic_path(path) as tmp:
+        PILImage.fromarray(out).save(tmp, format="PNG")
+    return Path(path)
+
+
+def write_dicom_series(image: Image, folder: str | Path, modality: str | None = None,
+                       series_description: str = "medlens export") -> list[Path]:
+    """Write a (z, y, x) volume as a DICOM series (one CT/MR Image Storage file per slice).
+
+    Geometry is exact: ImagePositionPatient of slice k is the world position of voxel (k, 0, 0),
+    ImageOrientationPatient comes from the direction matrix, PixelSpacing = (y, x) spacing.
+    Values are stored as int16 with RescaleSlope/Intercept chosen to represent them. Patient
+    attributes are placeholders ("ANONYMOUS"); new UIDs are generated.
+    """
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, SecondaryCaptureImageStorage, \
+        generate_uid
+
+    if image.spatial_dims != 3 or image.is_rgb:
+        raise DataError("a DICOM series needs a scalar 3D volume")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modality = (modality or image.modality or "OT").upper()
+    sop_class = {"CT": CTImageStorage, "MR": MRImageStorage}.get(modality, SecondaryCaptureImageStorage)
+    arr = image.array
+    if np.issubdtype(arr.dtype, np.integer) and arr.min() >= -32768 and arr.max() <= 32767:
+        stored, slope, intercept = arr.astype(np.int16), 1.0, 0.0
+    else:
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        slope = (hi - lo) / 65534.0 if hi > lo else 1.0
+        intercept = lo + 32767 * slope
+        stored = np.round((arr - intercept) / slope).clip(-32768, 32767).astype(np.int16)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    now = _dt.datetime.now()
+    d = np.asarray(image.direction)
+    iop = [*d[:, 0], *d[:, 1]]
+    paths = []
+    for k in range(arr.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        fname = folder / f"slice_{k:04d}.dcm"
+        ds = FileDataset(str(fname), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID = "ANONYMOUS", "ANONYMOUS"
+        ds.Modality = modality
+        ds.SeriesDescription = series_description
+        ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in image.voxel_to_world([k, 0, 0])]
+        ds.PixelSpacing = [f"{image.spacing[1]:.6f}", f"{image.spacing[2]:.6f}"]
+        ds.SliceThickness = f"{image.spacing[0]:.6f}"
+        ds.SpacingBetweenSlices = f"{image.spacing[0]:.6f}"
+        ds.Rows, ds.Columns = int(arr.shape[1]), int(arr.shape[2])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
+        if modality == "CT":
+            ds.RescaleType = "HU"
+        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        with atomic_path(fname) as tmp:
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+        paths.append(fname)
+    return paths
+
+
+def save(image: Image, path: str | Path, window=None) -> Path | list[Path]:
+    """Write ``image`` in the format named by the path's suffix; a path without suffix = a DICOM series folder."""
+    path = Path(path)
+    sfx = _suffix(path)
+    if sfx in SITK_SUFFIXES:
+        return write_sitk(image, path)
+    if sfx in (".png",):
+        return write_png(image, path, window)
+    if sfx in (".npy",):
+        with atomic_path(path) as tmp:
+            np.save(tmp, image.array)
+        return path
+    if sfx == "" or sfx == ".dcm" and image.spatial_dims == 3:
+        return write_dicom_series(image, path.with_suffix("") if sfx else path)
+    raise DataError(f"unsupported output format '{sfx}' (use .nii.gz, .nii, .mhd, .nrrd, .png, .npy or a folder "
+                    "for a DICOM series)", path)
