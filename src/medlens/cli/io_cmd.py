@@ -11,30 +11,41 @@ from rich.table import Table
 from medlens.cli.common import console, progress
 
 
+def _load(path: Path, series: Optional[str], allow_gaps: bool):
+    from medlens.io import load
+
+    if path.is_dir():
+        return load(path, series_uid=series, on_gap="warn" if allow_gaps else "error")
+    return load(path)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def info(path: Path = typer.Argument(..., help="image file or DICOM folder"),
              series: Optional[str] = typer.Option(None, "--series", help="series id when a folder holds several"),
-             show_phi: bool = typer.Option(False, "--show-phi", help="also print full UIDs (identifying)")) -> None:
+             show_phi: bool = typer.Option(False, "--show-phi", help="also print full UIDs (identifying)"),
+             allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices")) -> None:
         """Modality, size, spacing, orientation, intensity range, slices and series; no patient identifiers."""
         import numpy as np
 
-        from medlens.io import load, orientation_code
+        from medlens.io import orientation_code
         from medlens.io.dicom import list_series
 
         if path.is_dir():
             found = list_series(path)
             st = Table(title=f"series in {path.name}")
-            for col in ("id", "modality", "files", "size") + (("SeriesInstanceUID",) if show_phi else ()):
+            for col in ("id", "modality", "files", "size"):
                 st.add_column(col)
             for s in found:
-                st.add_row(s.short_id, s.modality, str(len(s.files)), f"{s.rows}x{s.columns}",
-                           *((s.series_uid,) if show_phi else ()))
+                st.add_row(s.short_id, s.modality, str(len(s.files)), f"{s.rows}x{s.columns}")
             console.print(st)
+            if show_phi:
+                for s in found:
+                    console.print(f"{s.short_id}: SeriesInstanceUID {s.series_uid}", soft_wrap=True)
             if len(found) > 1 and series is None:
                 console.print("several series: pass --series ID to describe one")
                 return
-        img = load(path, series_uid=series) if path.is_dir() else load(path)
+        img = _load(path, series, allow_gaps)
         a = img.array
         t = Table(title=str(path.name), show_header=False)
         t.add_row("modality", img.modality)
@@ -50,8 +61,6 @@ def register(app: typer.Typer) -> None:
         for k in ("PhotometricInterpretation", "Manufacturer", "ConvolutionKernel", "BurnedInAnnotation"):
             if k in img.meta:
                 t.add_row(k, str(img.meta[k]))
-        if show_phi and "series_uid" in img.meta:
-            t.add_row("SeriesInstanceUID", img.meta["series_uid"])
         console.print(t)
 
     @app.command()
@@ -59,11 +68,12 @@ def register(app: typer.Typer) -> None:
                 dst: Path = typer.Argument(..., help=".nii.gz/.nii/.mhd/.nrrd/.png/.npy, or a folder = DICOM series"),
                 window: Optional[str] = typer.Option(None, "--window", help="for PNG: lung, bone, ... or 'L,W'"),
                 spacing: Optional[str] = typer.Option(None, "--spacing", help="resample first, e.g. '1,1,1' (z,y,x)"),
-                series: Optional[str] = typer.Option(None, "--series", help="series id in a multi-series folder")) -> None:
+                series: Optional[str] = typer.Option(None, "--series", help="series id in a multi-series folder"),
+                allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices")) -> None:
         """Convert between formats, keeping geometry (optionally resampling)."""
-        from medlens.io import load, resample, save
+        from medlens.io import resample, save
 
-        img = load(src, series_uid=series) if src.is_dir() else load(src)
+        img = _load(src, series, allow_gaps)
         if spacing:
             img = resample(img, [float(v) for v in spacing.split(",")])
         out = save(img, dst, window=window)
@@ -95,12 +105,12 @@ def register(app: typer.Typer) -> None:
     def view(src: Path = typer.Argument(..., help="volume file or DICOM folder"),
              out_dir: Path = typer.Argument(..., help="folder for the PNGs"),
              window: str = typer.Option("lung", "--window", help="preset or 'L,W'"),
-             point: Optional[str] = typer.Option(None, "--point", help="world x,y,z (mm) to centre the slices on")) -> None:
+             point: Optional[str] = typer.Option(None, "--point", help="world x,y,z (mm) to centre the slices on"),
+             allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices")) -> None:
         """Axial, coronal and sagittal slices and a coronal MIP as windowed PNGs."""
-        from medlens.io import load
         from medlens.io.views import write_views
 
-        img = load(src)
+        img = _load(src, None, allow_gaps)
         center = img.world_to_voxel([float(v) for v in point.split(",")]) if point else None
         for p in write_views(img, out_dir, window, center):
             console.print(f"wrote {p}")

@@ -33,7 +33,10 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    from medlens.cli.common import quiet_libraries
     from medlens.errors import MedlensError
+
+    quiet_libraries()
 
     try:
         app(args=argv, prog_name="medlens", standalone_mode=True)
