@@ -8,8 +8,13 @@ import warnings
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console()
-err_console = Console(stderr=True)
+import os
+import sys
+
+# Pipes and CI logs get a wide console so tables are never truncated; a terminal keeps its own width.
+_width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+console = Console(width=_width)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def quiet_libraries() -> None:

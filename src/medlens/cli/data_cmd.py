@@ -17,14 +17,17 @@ def list_() -> None:
     from medlens.data.medmnist import medmnist_dir
 
     root = medmnist_dir()
-    t = Table(title=f"MedMNIST+ (record 10519652) in {root}")
-    for col in ("name", "dim", "task", "classes", "ch", "train/val/test", "sizes", "on disk"):
-        t.add_column(col)
+    from rich import box
+
+    t = Table(title=f"MedMNIST+ (record 10519652) in {root}", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("name", no_wrap=True, style="bold")
+    for col in ("dim", "task", "classes", "ch", "train/val/test", "sizes", "on disk"):
+        t.add_column(col, no_wrap=True)
     for name, i in MEDMNIST.items():
         have = [str(s) for s in i.sizes if (root / i.filename(s)).exists()]
         n = i.n_samples
         t.add_row(name, f"{i.dims}D", i.task, str(i.n_classes), str(i.n_channels),
-                  f"{n['train']}/{n['val']}/{n['test']}", ",".join(map(str, i.sizes)), ",".join(have) or "-")
+                  f"{n['train']}/{n['val']}/{n['test']}", "28-224" if i.dims == 2 else "28,64", ",".join(have) or "-")
     console.print(t)
 
 

@@ -16,10 +16,12 @@ def list_(pattern: str = typer.Argument("*", help="wildcard filter, e.g. 'resnet
     from medlens.models import list_models
 
     t = Table(title="medlens models")
-    for col in ("name", "dims", "task", "options", "description"):
-        t.add_column(col)
+    t.add_column("name", no_wrap=True, style="bold")
+    t.add_column("dims", no_wrap=True)
+    t.add_column("options")
+    t.add_column("description", ratio=1)
     for e in list_models(pattern):
-        t.add_row(e.name, "/".join(f"{d}D" for d in e.dims), e.task,
+        t.add_row(e.name, "/".join(f"{d}D" for d in e.dims),
                   ", ".join(p for p in e.params if p not in ("in_channels", "num_outputs", "spatial_dims",
                                                                "input_size")), e.summary)
     console.print(t)
