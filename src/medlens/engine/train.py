@@ -160,6 +160,9 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
     from medlens.report.html import write_report
 
     evaluate_run(run, data=data, net=net)
+    from medlens.explain.run import write_report_section
+
+    write_report_section(run, "gradcam")
     write_report(run)
     return run
 

@@ -1,0 +1,77 @@
+"""Explanation figures: heat-map overlays with a colour bar (2D), orthogonal planes + MIP (3D)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medlens.utils import atomic_path  # noqa: E402
+
+
+def _base(img: np.ndarray) -> np.ndarray:
+    """(C, *spatial) in [0, 1] -> displayable (*spatial) gray or (*spatial, 3) RGB."""
+    return np.moveaxis(img, 0, -1) if img.shape[0] == 3 else img[0]
+
+
+def _norm(m: np.ndarray) -> np.ndarray:
+    lo, hi = float(m.min()), float(m.max())
+    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+
+
+def overlay_png(img: np.ndarray, heat: np.ndarray, path: str | Path, title: str, alpha: float = 0.45) -> Path:
+    """Write the heat map over the image with a colour bar; 3D: planes through the map's maximum + MIP."""
+    heat = np.asarray(heat, np.float32)
+    base = _base(img)
+    if heat.ndim == 2:
+        fig, ax = plt.subplots(1, 2, figsize=(7.2, 3.6), gridspec_kw={"width_ratios": [1, 1.08]})
+        ax[0].imshow(base, cmap="gray" if base.ndim == 2 else None, vmin=0, vmax=1)
+        ax[0].set_title("input", fontsize=9)
+        ax[1].imshow(base, cmap="gray" if base.ndim == 2 else None, vmin=0, vmax=1)
+        im = ax[1].imshow(_norm(heat), cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        ax[1].set_title("attribution", fontsize=9)
+        fig.colorbar(im, ax=ax[1], fraction=0.046, pad=0.04, label="relative attribution")
+    else:
+        z, y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        vol = base if base.ndim == 3 else base[..., 0]
+        planes = [("axial z=%d" % z, vol[z], heat[z]), ("coronal y=%d" % y, vol[:, y][::-1], heat[:, y][::-1]),
+                  ("sagittal x=%d" % x, vol[:, :, x][::-1], heat[:, :, x][::-1]),
+                  ("MIP (axial)", vol.max(0), heat.max(0))]
+        fig, ax = plt.subplots(1, 4, figsize=(13, 3.6))
+        hn = _norm(heat)
+        lo, hi = float(heat.min()), float(heat.max())
+        for a, (name, v, h) in zip(ax, planes):
+            a.imshow(v, cmap="gray", vmin=0, vmax=1)
+            im = a.imshow((h - lo) / (hi - lo) if hi > lo else np.zeros_like(h), cmap="jet", alpha=alpha, vmin=0,
+                          vmax=1)
+            a.set_title(name, fontsize=9)
+        del hn
+        fig.colorbar(im, ax=ax[-1], fraction=0.046, pad=0.04, label="relative attribution")
+    for a in np.ravel(ax):
+        a.axis("off")
+    fig.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def grid_png(arrays: np.ndarray, path: str | Path, title: str, cols: int = 8, cmap: str = "gray") -> Path:
+    """A grid of 2D arrays (N, H, W), each min-max scaled."""
+    n = len(arrays)
+    cols = min(cols, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.4 * rows + 0.4), squeeze=False)
+    for i, a in enumerate(axes.ravel()):
+        a.axis("off")
+        if i < n:
+            a.imshow(_norm(np.asarray(arrays[i], np.float32)), cmap=cmap, interpolation="nearest")
+    fig.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)
