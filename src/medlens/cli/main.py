@@ -13,11 +13,12 @@ app = typer.Typer(name="medlens", help="Deep learning on medical images: data to
 
 
 def _register() -> None:
-    from medlens.cli import data_cmd, explain_cmd, io_cmd, models_cmd, run_cmd, system_cmd
+    from medlens.cli import data_cmd, explain_cmd, io_cmd, models_cmd, nodules_cmd, run_cmd, system_cmd
 
     system_cmd.register(app)
     app.add_typer(data_cmd.app, name="data")
     app.add_typer(models_cmd.app, name="models")
+    app.add_typer(nodules_cmd.app, name="nodules")
     run_cmd.register(app)
     io_cmd.register(app)
     explain_cmd.register(app)

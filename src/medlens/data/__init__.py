@@ -27,10 +27,10 @@ def build_data(cfg, seed: int = 0, progress: Callable | None = None) -> SplitDat
                                  path_column=cfg.path_column, label_column=cfg.label_column,
                                  patient_column=cfg.patient_column, suffix=cfg.suffix, val=cfg.val_fraction,
                                  test=cfg.test_fraction, seed=seed, progress=progress)
-    else:
-        from medlens.errors import ConfigError
+    else:  # hdf5 patch store written by `medlens nodules extract`
+        from medlens.data.nodules import load_patch_store
 
-        raise ConfigError(f"data.source '{cfg.source}' is not available in this version")
+        data = load_patch_store(cfg.path, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed)
     if cfg.max_samples:
         data = SplitData(*(_cap(d, cfg.max_samples, seed) for d in (data.train, data.val, data.test)),
                          split_method=data.split_method + f" (capped at {cfg.max_samples} per split)")

@@ -37,11 +37,9 @@ class TrainingInterrupted(MedlensError):
 
 def channel_stats(ds) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of a dataset's images in the model's input scale."""
-    x = ds.images
-    axes = (0,) + tuple(range(2, x.ndim))
-    scale = 1 / 255.0 if x.dtype == np.uint8 else 1.0
-    sample = x[np.random.default_rng(0).choice(len(x), min(len(x), 4096), replace=False)]
-    xs = sample.astype(np.float64) * scale
+    idx = np.sort(np.random.default_rng(0).choice(len(ds), min(len(ds), 4096), replace=False))
+    xs = ds.batch(idx)[0].numpy().astype(np.float64)  # the model's input scale, whatever the storage
+    axes = (0,) + tuple(range(2, xs.ndim))
     return xs.mean(axis=axes).tolist(), xs.std(axis=axes).tolist()
 
 

@@ -55,6 +55,22 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data=None, net=None) 
     pdir = run / "plots"
     plots.plot_history(run / "history.csv", pdir / "training_curves.png")
     plots.plot_roc(task, ds.labels, p, names, pdir / "roc.png", threshold, title=f"ROC ({split})")
+    if task == BINARY:  # galleries of the errors, as the LUNA16 seed system shows them
+        from medlens.explain.render import grid_png
+
+        for kind, sel in (("fp", (ds.labels == 0) & (p >= threshold)), ("fn", (ds.labels == 1) & (p < threshold))):
+            idx = np.flatnonzero(sel)
+            idx = idx[np.argsort(-p[idx] if kind == "fp" else p[idx])][:16]
+            out = pdir / f"gallery_{kind}.png"
+            if len(idx):
+                x, _ = ds.batch(np.sort(idx))
+                imgs = x.numpy()[:, 0]
+                if imgs.ndim == 4:  # 3D: the middle axial slice
+                    imgs = imgs[:, imgs.shape[1] // 2]
+                grid_png(imgs, out, f"{'false positives' if kind == 'fp' else 'false negatives'} ({split}, "
+                                    f"{int(sel.sum())} in all; most confident first)")
+            elif out.exists():
+                out.unlink()
     if "confusion_matrix" in results[split]:
         plots.plot_confusion(results[split]["confusion_matrix"], names, pdir / "confusion_matrix.png",
                              title=f"Confusion matrix ({split})")

@@ -18,7 +18,8 @@ PRETTY = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity (rec
           "medmnist_acc": "ACC (MedMNIST evaluator)", "macro_f1": "macro F1", "qwk": "quadratic-weighted kappa",
           "mae": "mean absolute grade error"}
 FIGURES = [("training_curves.png", "Training curves", 760), ("roc.png", "ROC", 420),
-           ("confusion_matrix.png", "Confusion matrix", 420)]
+           ("confusion_matrix.png", "Confusion matrix", 420), ("gallery_fp.png", "False positives", 520),
+           ("gallery_fn.png", "False negatives", 520)]
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,64 @@
+"""``medlens nodules extract|lidc``: LUNA16/LIDC patch stores and reader annotations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from medlens.cli.common import console, progress
+
+app = typer.Typer(help="Lung nodules: patch extraction (LUNA16) and LIDC reader annotations.", no_args_is_help=True)
+
+
+@app.command()
+def extract(scans: Path = typer.Option(..., "--scans", help="folder of <seriesuid>.mhd scans or DICOM series"),
+            annotations: Path = typer.Option(..., "--annotations", help="LUNA16 annotations.csv"),
+            out: Path = typer.Option(..., "--out", help="HDF5 store to write (.h5)"),
+            candidates: Optional[Path] = typer.Option(None, "--candidates", help="LUNA16 candidates.csv (negatives)"),
+            dims: int = typer.Option(2, "--dims", help="2 (axial patches, as the seed) or 3 (cubes)"),
+            size: Optional[int] = typer.Option(None, "--size", help="patch size (default 50 for 2D, 32 for 3D)"),
+            spacing: float = typer.Option(1.0, "--spacing", help="3D: isotropic spacing in mm"),
+            neg_ratio: float = typer.Option(5.0, "--neg-ratio", help="negatives per positive (seed: 5)"),
+            no_augment: bool = typer.Option(False, "--no-augment", help="no rotated copies of positives"),
+            seed: int = typer.Option(0, "--seed")) -> None:
+    """Extract nodule / non-nodule patches around world coordinates into an HDF5 store."""
+    import warnings
+
+    from medlens.data.nodules import extract_patches
+
+    with warnings.catch_warnings(record=True) as caught, progress() as bar:
+        warnings.simplefilter("always")
+        task = bar.add_task("scans", total=None)
+        rep = extract_patches(scans, annotations, out, candidates=candidates, dims=dims, size=size, spacing=spacing,
+                              neg_ratio=neg_ratio, augment_positives=not no_augment, seed=seed,
+                              progress=lambda i, n, uid: bar.update(task, completed=i, total=n))
+    for w in caught:
+        if "skipped" in str(w.message):
+            console.print(f"[yellow]warning:[/] {w.message}")
+    console.print(f"[green]wrote[/] {rep.path}: {rep.positives} positives (+{rep.augmented} augmented), "
+                  f"{rep.negatives} negatives from {rep.scans} scan(s) in {rep.seconds:.1f} s")
+
+
+@app.command()
+def lidc(xml: Path = typer.Argument(..., help="LIDC-IDRI reader XML"),
+         scan: Path = typer.Argument(..., help="the matching DICOM series folder (or .mhd)"),
+         small: bool = typer.Option(False, "--small", help="include < 3 mm nodules (centre marks)")) -> None:
+    """Reader-marked nodules: clustered marks, readers, diameter, consensus volume, malignancy."""
+    from medlens.data.lidc import cluster_nodules, parse_lidc_xml
+    from medlens.io import load
+
+    ann = parse_lidc_xml(xml)
+    image = load(scan)
+    t = Table(title=f"{xml.name}: {len(ann.readers)} readers, {len(ann.nodules)} nodule marks, "
+                    f"{len(ann.non_nodules)} non-nodule marks")
+    for c in ("#", "readers", "centre x, y, z (mm)", "diameter (mm, vol-equiv.)", "axial extent (mm)",
+              "consensus volume (mm3)", "malignancy (mean)"):
+        t.add_column(c, justify="right")
+    for i, p in enumerate(cluster_nodules(ann, image, include_small=small)):
+        t.add_row(str(i + 1), str(p.n_readers), ", ".join(f"{v:.1f}" for v in p.centroid_world), f"{p.diameter_mm:.1f}",
+                  f"{p.axial_diameter_mm:.1f}", f"{p.consensus_volume_mm3:.0f}",
+                  "-" if p.malignancy is None else f"{p.malignancy:.2f}")
+    console.print(t)

@@ -1,0 +1,352 @@
+"""Lung-nodule patches (LUNA16 / LIDC): candidates, world-coordinate patch extraction in 2D and 3D,
+negatives, undersampling and rotation augmentation, and an HDF5 patch store that streams into training.
+
+The store (h5py) holds raw HU patches (int16, one chunk per patch) with labels, source series,
+world coordinates (mm) and patient id; the lung window is applied when batches are read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from medlens.data.base import SplitData
+from medlens.data.catalog import BINARY
+from medlens.errors import DataError
+from medlens.io.image import Image
+
+AIR_HU = -1024
+
+
+def read_candidates(path: str | Path) -> pd.DataFrame:
+    """LUNA16 ``annotations.csv`` (label 1, with diameter) or ``candidates.csv`` (``class`` 0/1)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path)
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:
+        raise DataError(f"not a readable CSV ({type(e).__name__}: {' '.join(str(e).split())[:120]})", path) from None
+    need = ["seriesuid", "coordX", "coordY", "coordZ"]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise DataError(f"missing column(s) {missing}; a LUNA16 CSV has seriesuid,coordX,coordY,coordZ and "
+                        "diameter_mm (annotations) or class (candidates)", path)
+    for c in need[1:]:
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            raise DataError(f"column '{c}' is not numeric", path)
+    df = df.copy()
+    if "class" in df.columns:
+        df["label"] = df["class"].astype(int)
+    else:
+        df["label"] = 1
+    if "diameter_mm" not in df.columns:
+        df["diameter_mm"] = np.nan
+    df["seriesuid"] = df["seriesuid"].astype(str)
+    return df
+
+
+def find_scans(scans: str | Path) -> dict[str, Path]:
+    """Map seriesuid -> scan: ``<seriesuid>.mhd`` files, and DICOM series folders (by SeriesInstanceUID)."""
+    from medlens.io.dicom import list_series
+
+    scans = Path(scans)
+    if not scans.exists():
+        raise DataError("scan folder not found", scans)
+    out: dict[str, Path] = {p.stem: p for p in scans.rglob("*.mhd")}
+    if not out:
+        for s in list_series(scans):
+            out[s.series_uid] = s.files[0].parent
+    if not out:
+        raise DataError("no .mhd scans or DICOM series found", scans)
+    return out
+
+
+def load_scan(path: Path) -> Image:
+    from medlens.io import load
+
+    return load(path)
+
+
+def extract_patch_2d(image: Image, world_xyz, size: int = 50) -> np.ndarray | None:
+    """Axial ``size`` x ``size`` HU patch centred on a world point (nearest slice); None if outside."""
+    z, y, x = image.world_to_voxel(world_xyz)
+    k, cy, cx = int(round(z)), int(round(y)), int(round(x))
+    if not (0 <= k < image.shape[0] and 0 <= cy < image.shape[1] and 0 <= cx < image.shape[2]):
+        return None
+    h = size // 2
+    out = np.full((size, size), AIR_HU, np.int16)
+    y0, x0 = cy - h, cx - h
+    ys, xs = slice(max(y0, 0), min(y0 + size, image.shape[1])), slice(max(x0, 0), min(x0 + size, image.shape[2]))
+    out[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0] = image.array[k, ys, xs]
+    return out
+
+
+def extract_patch_3d(image: Image, world_xyz, size: int = 32, spacing: float = 1.0) -> np.ndarray | None:
+    """``size``^3 HU patch at isotropic ``spacing`` mm centred on a world point (linear interpolation,
+    aligned with the scan's axes); None if the centre is outside the scan."""
+    import SimpleITK as sitk
+
+    from medlens.io.sitk_io import to_sitk
+
+    z, y, x = image.world_to_voxel(world_xyz)
+    if not all(-0.5 <= v <= n - 0.5 for v, n in zip((z, y, x), image.shape)):
+        return None
+    src = getattr(image, "_sitk_cache", None)
+    if src is None:
+        src = to_sitk(image)
+        image._sitk_cache = src  # reuse the conversion for every patch of this scan
+    d = np.asarray(image.direction)
+    half = (size - 1) / 2.0 * spacing
+    origin = np.asarray(world_xyz, float) - d @ np.array([half, half, half])
+    ref = sitk.Image([size] * 3, src.GetPixelID())
+    ref.SetSpacing([spacing] * 3)
+    ref.SetOrigin(origin.tolist())
+    ref.SetDirection(src.GetDirection())
+    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, float(AIR_HU))
+    return sitk.GetArrayFromImage(out).astype(np.int16)
+
+
+def sample_negatives(image: Image, positives_world: np.ndarray, n: int, min_distance_mm: float, rng) -> np.ndarray:
+    """``n`` random world points inside the lungs, at least ``min_distance_mm`` from every positive."""
+    from medlens.imaging.segment import lung_mask
+
+    lungs = lung_mask(image)
+    idx = np.argwhere(lungs[::2, ::4, ::4]) * np.array([2, 4, 4])
+    if len(idx) == 0:
+        raise DataError("no lung voxels found to sample negatives from (is this a chest CT in HU?)")
+    pts = []
+    for i in rng.permutation(len(idx)):
+        w = image.voxel_to_world(idx[i])
+        if len(positives_world) == 0 or np.linalg.norm(positives_world - w, axis=1).min() >= min_distance_mm:
+            pts.append(w)
+            if len(pts) == n:
+                break
+    return np.array(pts).reshape(-1, 3)
+
+
+def _augment(patch: np.ndarray, dims: int) -> list[np.ndarray]:
+    """90/180/270-degree in-plane rotations and a flip (the seed's positive augmentation)."""
+    ax = (-2, -1)
+    out = [np.rot90(patch, k, axes=ax).copy() for k in (1, 2, 3)]
+    out.append(np.flip(patch, -1).copy())
+    return out
+
+
+@dataclass
+class ExtractReport:
+    scans: int = 0
+    positives: int = 0
+    negatives: int = 0
+    augmented: int = 0
+    skipped_outside: int = 0
+    skipped_no_scan: int = 0
+    seconds: float = 0.0
+    path: Path | None = None
+
+
+def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path, *, candidates: str | Path | None = None,
+                    dims: int = 2, size: int | None = None, spacing: float = 1.0, neg_ratio: float = 5.0,
+                    augment_positives: bool = True, seed: int = 0, min_negative_distance_mm: float = 20.0,
+                    progress: Callable | None = None) -> ExtractReport:
+    """Write an HDF5 patch store from LUNA16-style scans and annotations.
+
+    Positives are the annotations (or ``class == 1`` candidates); negatives are ``class == 0``
+    candidates, or points sampled inside the lungs away from every positive. Negatives are
+    undersampled to ``neg_ratio`` per positive (the seed used about 1 positive in 6); positives are
+    augmented by rotations when ``augment_positives``.
+    """
+    import time
+
+    import h5py
+
+    from medlens.utils import atomic_path
+
+    t0 = time.time()
+    size = size or (50 if dims == 2 else 32)
+    if dims not in (2, 3):
+        raise DataError(f"dims must be 2 or 3, not {dims}")
+    ann = read_candidates(annotations)
+    cand = read_candidates(candidates) if candidates else None
+    scan_map = find_scans(scans)
+    rng = np.random.default_rng(seed)
+    rep = ExtractReport()
+    missing = sorted(set(ann.seriesuid) - set(scan_map))
+    uids = [u for u in dict.fromkeys(ann.seriesuid) if u in scan_map]
+    if cand is not None:
+        uids += [u for u in dict.fromkeys(cand.seriesuid) if u in scan_map and u not in uids]
+    if missing:
+        rep.skipped_no_scan = int(ann.seriesuid.isin(missing).sum())
+        warnings.warn(f"{rep.skipped_no_scan} annotation(s) name a seriesuid with no scan in {scans} "
+                      f"(e.g. {missing[0]}); skipped")
+    if not uids:
+        raise DataError(f"no annotation matches a scan in {scans} (annotations name {len(set(ann.seriesuid))} "
+                        f"series, none present)", annotations)
+    patches, labels, series, worlds, pids, kinds = [], [], [], [], [], []
+    extract = extract_patch_2d if dims == 2 else (lambda im, w, s: extract_patch_3d(im, w, s, spacing))
+    for si, uid in enumerate(uids):
+        if progress:
+            progress(si, len(uids), uid)
+        image = load_scan(scan_map[uid])
+        pos = ann[(ann.seriesuid == uid) & (ann.label == 1)][["coordX", "coordY", "coordZ"]].to_numpy()
+        if cand is not None:
+            pos = np.concatenate([pos, cand[(cand.seriesuid == uid) & (cand.label == 1)][["coordX", "coordY",
+                                                                                            "coordZ"]].to_numpy()])
+        n_neg = int(round(neg_ratio * max(len(pos), 1)))
+        if cand is not None and (cand.seriesuid == uid).any():
+            negs = cand[(cand.seriesuid == uid) & (cand.label == 0)][["coordX", "coordY", "coordZ"]].to_numpy()
+            if len(negs) > n_neg:
+                negs = negs[rng.choice(len(negs), n_neg, replace=False)]
+        else:
+            negs = sample_negatives(image, pos, n_neg, min_negative_distance_mm, rng)
+        for label, pts in ((1, pos), (0, negs)):
+            for w in pts:
+                p = extract(image, w, size)
+                if p is None:
+                    rep.skipped_outside += 1
+                    continue
+                variants = [(p, "original")]
+                if label == 1 and augment_positives:
+                    variants += [(a, "augmented") for a in _augment(p, dims)]
+                for arr, kind in variants:
+                    patches.append(arr)
+                    labels.append(label)
+                    series.append(uid)
+                    worlds.append(w)
+                    pids.append(uid)
+                    kinds.append(kind)
+                if label == 1:
+                    rep.positives += 1
+                    rep.augmented += len(variants) - 1
+                else:
+                    rep.negatives += 1
+        rep.scans += 1
+    if rep.skipped_outside:
+        warnings.warn(f"{rep.skipped_outside} coordinate(s) outside their scan were skipped")
+    if not patches:
+        raise DataError("no patch could be extracted (all coordinates outside the scans?)", annotations)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        with h5py.File(tmp, "w") as f:
+            arr = np.stack(patches)[:, None]
+            f.create_dataset("patches", data=arr, chunks=(1,) + arr.shape[1:], compression="lzf")
+            f.create_dataset("labels", data=np.array(labels, np.int64))
+            f.create_dataset("world_mm", data=np.array(worlds, np.float64))
+            str_dt = h5py.string_dtype()
+            f.create_dataset("seriesuid", data=np.array(series, object), dtype=str_dt)
+            f.create_dataset("patient_id", data=np.array(pids, object), dtype=str_dt)
+            f.create_dataset("kind", data=np.array(kinds, object), dtype=str_dt)
+            f.attrs.update(dims=dims, size=size, spacing=spacing if dims == 3 else -1, units="HU",
+                           window="lung", neg_ratio=neg_ratio, seed=seed, source=str(annotations))
+    rep.seconds = time.time() - t0
+    rep.path = out
+    return rep
+
+
+class PatchStoreDataset:
+    """An HDF5 patch store (or a subset of it) with the ``ArrayDataset`` batch interface.
+
+    Patches stay on disk: ``batch(idx)`` reads only the requested chunks and applies the lung
+    window ([-1350, 150] HU -> [0, 1]). Labels, ids and sources are small and kept in memory.
+    """
+
+    def __init__(self, path: str | Path, indices: np.ndarray | None = None, name: str | None = None,
+                 window: str = "lung") -> None:
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError("patch store not found (create it with `medlens nodules extract`)", self.path)
+        try:
+            self._f = h5py.File(self.path, "r")
+            ds = self._f["patches"]
+            labels = self._f["labels"][()]
+            series = self._f["seriesuid"].asstr()[()]
+            pids = self._f["patient_id"].asstr()[()]
+            worlds = self._f["world_mm"][()]
+        except (OSError, KeyError) as e:
+            raise DataError(f"not a medlens patch store ({e})", self.path) from None
+        self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices)
+        self._patches = ds
+        self.labels = labels[self.indices].astype(np.int64)
+        self.patient_ids = pids[self.indices]
+        self.sources = np.array([f"{s}@({w[0]:.1f},{w[1]:.1f},{w[2]:.1f})" for s, w in
+                                 zip(series[self.indices], worlds[self.indices])])
+        self.world_mm = worlds[self.indices]
+        self.task, self.class_names = BINARY, ["non-nodule", "nodule"]
+        self.name = name or self.path.stem
+        self.window = window
+        self.meta = {"store": str(self.path)}
+
+    # the ArrayDataset interface
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def images(self):  # shape information for the engine (no data read)
+        class _Shape:
+            def __init__(s, shape, dtype):
+                s.shape, s.dtype, s.ndim = shape, dtype, len(shape)
+        return _Shape((len(self),) + self._patches.shape[1:], np.float32)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self._patches.ndim - 2
+
+    @property
+    def in_channels(self) -> int:
+        return int(self._patches.shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._patches.shape[2:])
+
+    @property
+    def n_outputs(self) -> int:
+        return 1
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=2)
+
+    def subset(self, idx, name: str | None = None) -> "PatchStoreDataset":
+        return PatchStoreDataset(self.path, self.indices[np.asarray(idx)], name or self.name, self.window)
+
+    def read_hu(self, idx) -> np.ndarray:
+        rows = self.indices[np.asarray(idx)]
+        order = np.argsort(rows)
+        data = self._patches[rows[order]]  # h5py reads sorted, unique-ish indices
+        out = np.empty_like(data)
+        out[order] = data
+        return out
+
+    def batch(self, idx):
+        import torch
+
+        from medlens.transforms.intensity import apply_window
+
+        x = apply_window(self.read_hu(idx), self.window)
+        return torch.from_numpy(x), torch.from_numpy(self.labels[np.asarray(idx)])
+
+
+def load_patch_store(path: str | Path, val: float = 0.15, test: float = 0.25, seed: int = 0) -> SplitData:
+    """Split a store by patient; with fewer than 3 patients, fall back (loudly) to a patch-level split
+    in which augmented copies of one nodule stay together."""
+    from medlens.data.splits import patient_split
+
+    full = PatchStoreDataset(path)
+    pids = full.patient_ids
+    if len(np.unique(pids)) >= 3:
+        tr, va, te = patient_split(full.labels, pids, val, test, seed)
+        how = f"patient-level split of the patch store (seed {seed})"
+    else:
+        groups = np.array([f"{s}|{w[0]:.2f},{w[1]:.2f},{w[2]:.2f}" for s, w in zip(pids, full.world_mm)])
+        tr, va, te = patient_split(full.labels, groups, val, test, seed)
+        how = ("patch-level split: the store holds fewer than 3 patients, so train/val/test share patients "
+               "(augmented copies of a nodule stay together); metrics are optimistic")
+        warnings.warn(how)
+    return SplitData(full.subset(tr, "train"), full.subset(va, "val"), full.subset(te, "test"), split_method=how)

@@ -1,0 +1,1 @@
+"""Classical image processing beside the deep-learning pipeline (uses ``medlens.io``)."""
