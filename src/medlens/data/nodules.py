@@ -350,3 +350,11 @@ def load_patch_store(path: str | Path, val: float = 0.15, test: float = 0.25, se
                "(augmented copies of a nodule stay together); metrics are optimistic")
         warnings.warn(how)
     return SplitData(full.subset(tr, "train"), full.subset(va, "val"), full.subset(te, "test"), split_method=how)
+
+
+def nodule_mask_patches(image: Image, mask: np.ndarray, world_xyz, dims: int = 2, size: int = 50,
+                        spacing: float = 1.0) -> np.ndarray | None:
+    """The patch of a nodule mask (e.g. the LIDC consensus) on exactly the grid of the image patch."""
+    m = image.with_array(mask.astype(np.int16) * 1000 + AIR_HU)  # reuse the HU patch extractors
+    p = extract_patch_2d(m, world_xyz, size) if dims == 2 else extract_patch_3d(m, world_xyz, size, spacing)
+    return None if p is None else p > (AIR_HU + 500)

@@ -72,3 +72,22 @@ def map_similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
         win = min(7, *[s if s % 2 else s - 1 for s in x.shape])
         ss.append(structural_similarity(nx, ny, data_range=1.0, win_size=max(win, 3)))
     return float(np.mean(rs)), float(np.mean(ss))
+
+
+def localisation(maps: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """Where ground truth exists: the pointing game (is each map's maximum inside its mask?) and the
+    fraction of positive map energy inside the mask, averaged over images (maps and masks (N, *spatial))."""
+    maps = np.asarray(maps, np.float64)
+    masks = np.asarray(masks).astype(bool)
+    if maps.shape != masks.shape:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} differ")
+    hits, energy = [], []
+    for m, k in zip(maps, masks):
+        if not k.any():
+            continue
+        hits.append(bool(k.flat[int(np.argmax(m))]))
+        pos = np.clip(m, 0, None)
+        energy.append(float(pos[k].sum() / pos.sum()) if pos.sum() > 0 else 0.0)
+    return {"n": len(hits), "pointing_game": float(np.mean(hits)) if hits else float("nan"),
+            "energy_inside": float(np.mean(energy)) if energy else float("nan"),
+            "mask_fraction": float(masks.mean())}
