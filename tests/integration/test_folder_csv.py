@@ -70,7 +70,7 @@ def test_csv_manifest_patient_level_split(tmp_path, data_root):
 def test_csv_manifest_errors(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "m.csv").write_text("file,label\na.png,0\n")
-    with pytest.raises(DataError, match="lacks the column 'path'"):
+    with pytest.raises(DataError, match="lacks the column\\(s\\) \\['path'\\]"):
         load_csv_manifest(tmp_path / "m.csv")
     (tmp_path / "m2.csv").write_text("path,label\nmissing.png,0\na.png,1\n")
     with pytest.raises(DataError, match="missing, first"):

@@ -71,7 +71,7 @@ def test_xml_that_is_not_lidc(tmp_path):
 
 def test_bad_annotation_csvs(data_root, tmp_path):
     (tmp_path / "bad.csv").write_text("series,x,y\n1,2,3\n")
-    with pytest.raises(DataError, match="missing column"):
+    with pytest.raises(DataError, match="lacks the column"):
         read_candidates(tmp_path / "bad.csv")
     rows = pd.read_csv(data_root / "luna16" / "annotations.csv")
     extra = pd.DataFrame([{"seriesuid": "1.2.3.no.such.scan", "coordX": 0, "coordY": 0, "coordZ": 0, "diameter_mm": 5},

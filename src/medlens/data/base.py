@@ -16,6 +16,25 @@ from medlens.data.catalog import BINARY, MULTILABEL, TASKS
 from medlens.errors import DataError, ShapeError
 
 
+def read_csv_checked(path, required: list[str], what: str = "CSV"):
+    """Read a CSV with a one-line error for a missing file, an unreadable file or missing columns."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} not found", path)
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:
+        raise DataError(f"not a readable CSV ({type(e).__name__}: {' '.join(str(e).split())[:120]})", path) from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{what} lacks the column(s) {missing} (has {list(df.columns)})", path)
+    return df
+
+
 @dataclass
 class Sample:
     """One image with its label, patient and source."""

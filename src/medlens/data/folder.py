@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import pandas as pd
 
-from medlens.data.base import ArrayDataset, SplitData
+from medlens.data.base import ArrayDataset, SplitData, read_csv_checked
 from medlens.data.catalog import BINARY, MULTICLASS
 from medlens.data.splits import patient_split
 from medlens.errors import DataError
@@ -89,15 +88,7 @@ def load_csv_manifest(csv_path: str | Path, size: int = 224, color: str = "gray"
     stratified split keeps every patient in one split.
     """
     csv_path = Path(csv_path)
-    if not csv_path.exists():
-        raise DataError("manifest not found", csv_path)
-    try:
-        df = pd.read_csv(csv_path)
-    except Exception as e:
-        raise DataError(f"not a readable CSV ({e})", csv_path) from e
-    for col in (path_column, label_column):
-        if col not in df.columns:
-            raise DataError(f"manifest lacks the column '{col}' (has {list(df.columns)})", csv_path)
+    df = read_csv_checked(csv_path, [path_column, label_column], "manifest")
     if df.empty:
         raise DataError("manifest has no rows", csv_path)
     root = Path(image_root) if image_root else csv_path.parent

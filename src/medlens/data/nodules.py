@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from medlens.data.base import SplitData
+from medlens.data.base import SplitData, read_csv_checked
 from medlens.data.catalog import BINARY
 from medlens.errors import DataError
 from medlens.io.image import Image
@@ -26,17 +26,8 @@ AIR_HU = -1024
 def read_candidates(path: str | Path) -> pd.DataFrame:
     """LUNA16 ``annotations.csv`` (label 1, with diameter) or ``candidates.csv`` (``class`` 0/1)."""
     path = Path(path)
-    if not path.exists():
-        raise DataError("file not found", path)
-    try:
-        df = pd.read_csv(path)
-    except Exception as e:
-        raise DataError(f"not a readable CSV ({type(e).__name__}: {' '.join(str(e).split())[:120]})", path) from None
     need = ["seriesuid", "coordX", "coordY", "coordZ"]
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise DataError(f"missing column(s) {missing}; a LUNA16 CSV has seriesuid,coordX,coordY,coordZ and "
-                        "diameter_mm (annotations) or class (candidates)", path)
+    df = read_csv_checked(path, need, "LUNA16 CSV (seriesuid,coordX,coordY,coordZ[,diameter_mm|class])")
     for c in need[1:]:
         if not pd.api.types.is_numeric_dtype(df[c]):
             raise DataError(f"column '{c}' is not numeric", path)

@@ -37,10 +37,14 @@ class SeedCNN(nn.Module):
         return self.head(torch.flatten(self.features(x), 1))
 
 
-def _need_size(input_size, name):
+def _dense_head_cnn(features: nn.Sequential, in_channels: int, num_outputs: int, input_size, name: str,
+                    dense: int, dropout: float) -> SeedCNN:
+    """Keras-style: the conv trunk, flatten, Dense(``dense``) + ReLU + dropout, output layer."""
     if input_size is None:
         raise ValueError(f"{name} has a dense head and needs input_size")
-    return tuple(input_size)
+    n = _flat_features(features, in_channels, tuple(input_size))
+    head = nn.Sequential(nn.Linear(n, dense), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dense, num_outputs))
+    return SeedCNN(features, head)
 
 
 @register_model("fundus_dr_cnn", dims=(2,))
@@ -52,16 +56,13 @@ def fundus_dr_cnn(in_channels: int, num_outputs: int, input_size=None, width: in
     then Dense(``dense``) with dropout and the output layer, as the Keras fundus classifier it
     reproduces. Use ``data.color: green`` so the input is the green channel.
     """
-    size = _need_size(input_size, "fundus_dr_cnn")
     chans = [width, width, 2 * width, 2 * width]
     layers, c = [], in_channels
     for w in chans:
         layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         c = w
-    features = nn.Sequential(*layers)
-    n = _flat_features(features, in_channels, size)
-    head = nn.Sequential(nn.Linear(n, dense), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dense, num_outputs))
-    return SeedCNN(features, head)
+    return _dense_head_cnn(nn.Sequential(*layers), in_channels, num_outputs, input_size, "fundus_dr_cnn", dense,
+                           dropout)
 
 
 @register_model("luna16_nodule_cnn", dims=(2,))
@@ -71,45 +72,36 @@ def luna16_nodule_cnn(in_channels: int, num_outputs: int, input_size=None, dense
 
     Designed for 50x50 axial HU patches in a lung window; reproduces the Keras nodule classifier.
     """
-    size = _need_size(input_size, "luna16_nodule_cnn")
     features = nn.Sequential(
         nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
     )
-    n = _flat_features(features, in_channels, size)
-    head = nn.Sequential(nn.Linear(n, dense), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dense, num_outputs))
-    return SeedCNN(features, head)
+    return _dense_head_cnn(features, in_channels, num_outputs, input_size, "luna16_nodule_cnn", dense, dropout)
 
 
 @register_model("dicom_tutorial_cnn", dims=(2,))
 def dicom_tutorial_cnn(in_channels: int, num_outputs: int, input_size=None, dense: int = 128,
                        dropout: float = 0.5) -> nn.Module:
     """Keras-tutorial DICOM CNN: Conv 32@3x3, pool, Conv 64@3x3, pool, Dense 128, dropout, output."""
-    size = _need_size(input_size, "dicom_tutorial_cnn")
     features = nn.Sequential(
         nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
     )
-    n = _flat_features(features, in_channels, size)
-    head = nn.Sequential(nn.Linear(n, dense), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dense, num_outputs))
-    return SeedCNN(features, head)
+    return _dense_head_cnn(features, in_channels, num_outputs, input_size, "dicom_tutorial_cnn", dense, dropout)
 
 
 @register_model("dicom_tutorial_cnn_deep", dims=(2,))
 def dicom_tutorial_cnn_deep(in_channels: int, num_outputs: int, input_size=None, dense: int = 256,
                             dropout: float = 0.5) -> nn.Module:
     """Keras-tutorial DICOM CNN, deeper variant: 3 blocks of two 3x3 convs (32, 64, 128) + pool, Dense 256."""
-    size = _need_size(input_size, "dicom_tutorial_cnn_deep")
     layers, c = [], in_channels
     for w in (32, 64, 128):
         layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(w, w, 3, padding=1),
                    nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         c = w
-    features = nn.Sequential(*layers)
-    n = _flat_features(features, in_channels, size)
-    head = nn.Sequential(nn.Linear(n, dense), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dense, num_outputs))
-    return SeedCNN(features, head)
+    return _dense_head_cnn(nn.Sequential(*layers), in_channels, num_outputs, input_size, "dicom_tutorial_cnn_deep",
+                           dense, dropout)
 
 
 class SmallCNN(nn.Module):
