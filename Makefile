@@ -27,7 +27,7 @@ browser:
 	  else echo "chromium missing: install Debian's 'chromium' package for the browser tests"; fi; }
 
 run: $(STAMP)
-	$(VENV)/bin/medlens train $(RUN_CONFIG)
+	$(VENV)/bin/medlens train $(RUN_CONFIG) --overwrite
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q -ra

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-DEFAULT = ["configs/pneumoniamnist_cnn.yaml", "configs/retinamnist_cnn.yaml"]
+DEFAULT = ["configs/pneumoniamnist_cnn.yaml", "configs/retinamnist_cnn.yaml", "configs/adrenalmnist3d_cnn.yaml"]
 
 
 def _fmt(m: dict) -> str:
@@ -44,7 +44,7 @@ def run_accuracy(configs: list[str], out: Path) -> list[str]:
     from medlens.engine.train import train
 
     lines = ["| dataset | config | ours AUC [95% CI] | ours ACC [95% CI] | clinical ACC (val threshold) | wall time "
-             "| R18(28) AUC/ACC | R50(224) AUC/ACC | best baseline AUC/ACC | AUC ratio vs R18(28) | ACC ratio vs R18(28) |",
+             "| R18(28) AUC/ACC (3D: R18+3D) | R50(224) AUC/ACC (3D: R50+3D) | best baseline AUC/ACC | AUC ratio vs R18(28) | ACC ratio vs R18(28) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
         cfg = load_config(REPO / c)
@@ -54,8 +54,8 @@ def run_accuracy(configs: list[str], out: Path) -> list[str]:
         m = json.loads((run / "metrics.json").read_text())
         test = m["test"]["metrics"]
         base = PAPER_BASELINES.get(cfg.data.name, {})
-        r18 = base.get("ResNet-18 (28)")
-        r50 = base.get("ResNet-50 (224)")
+        r18 = base.get("ResNet-18 (28)") or base.get("ResNet-18+3D (28)")
+        r50 = base.get("ResNet-50 (224)") or base.get("ResNet-50+3D (28)")
         best_name, best = max(base.items(), key=lambda kv: kv[1][0]) if base else ("-", None)
         clinical = _fmt(test["accuracy"]) if "threshold" in m else "(argmax)"
         lines.append(

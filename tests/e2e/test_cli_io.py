@@ -50,3 +50,12 @@ def test_bad_inputs_from_cli(tmp_path):
     _one_line_error(medlens("info", tmp_path / "empty.dcm"), "empty.dcm", "0 bytes")
     (tmp_path / "fake.dcm").write_text("hello\n" * 50)
     _one_line_error(medlens("info", tmp_path / "fake.dcm"), "fake.dcm", "not a DICOM file")
+
+
+def test_predict_accepts_dicom_radiographs(trained_run):
+    import data_store
+    from pathlib import Path
+
+    cr = Path(data_store.__file__).parent / "data" / "RG3_UNCI.dcm"  # a real computed radiograph
+    r = medlens("predict", trained_run, cr, check=True)
+    assert "RG3_UNCI.dcm" in r.stdout and ("normal" in r.stdout or "pneumonia" in r.stdout)

@@ -149,7 +149,9 @@ PAPER_BASELINES: dict[str, dict[str, tuple[float, float]]] = {
                     "ResNet-50 (28)": (0.726, 0.528), "ResNet-50 (224)": (0.716, 0.511),
                     "auto-sklearn": (0.690, 0.515), "AutoKeras": (0.719, 0.503),
                     "Google AutoML Vision": (0.750, 0.531)},
-    "adrenalmnist3d": {"ResNet-18+3D (28)": (0.827, 0.721), "ResNet-50+3D (28)": (0.828, 0.745),
+    "adrenalmnist3d": {"ResNet-18+2.5D (28)": (0.718, 0.772), "ResNet-18+3D (28)": (0.827, 0.721),
+                       "ResNet-18+ACS (28)": (0.839, 0.754), "ResNet-50+2.5D (28)": (0.735, 0.748),
+                       "ResNet-50+3D (28)": (0.828, 0.745), "ResNet-50+ACS (28)": (0.818, 0.758),
                        "auto-sklearn": (0.828, 0.802), "AutoKeras": (0.804, 0.705)},
 }
 
