@@ -59,3 +59,16 @@ def test_predict_accepts_dicom_radiographs(trained_run):
     cr = Path(data_store.__file__).parent / "data" / "RG3_UNCI.dcm"  # a real computed radiograph
     r = medlens("predict", trained_run, cr, check=True)
     assert "RG3_UNCI.dcm" in r.stdout and ("normal" in r.stdout or "pneumonia" in r.stdout)
+
+
+def test_process_and_features_cli(data_root, tmp_path):
+    r = medlens("process", data_root / "mri-seg" / "breast1_image.nrrd", tmp_path / "p.nii.gz", "--steps",
+                "denoise:median,stretch", check=True)
+    assert (tmp_path / "p.nii.gz").exists() and "denoise:median -> stretch" in r.stdout
+    _one_line_error(medlens("process", data_root / "mri-seg" / "breast1_image.nrrd", tmp_path / "q.nii.gz", "--steps",
+                            "blur"), "unknown step 'blur'")
+    r = medlens("features", data_root / "mri-seg" / "breast1_image.nrrd", data_root / "mri-seg" / "breast1_label.nrrd",
+                check=True)
+    assert "volume_mm3" in r.stdout and "glcm_contrast" in r.stdout
+    _one_line_error(medlens("features", data_root / "mri-seg" / "brain1_image.nrrd",
+                            data_root / "mri-seg" / "breast1_label.nrrd"), "breast1_label.nrrd", "differs from the image grid")

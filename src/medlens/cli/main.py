@@ -13,7 +13,7 @@ app = typer.Typer(name="medlens", help="Deep learning on medical images: data to
 
 
 def _register() -> None:
-    from medlens.cli import data_cmd, explain_cmd, io_cmd, models_cmd, nodules_cmd, run_cmd, system_cmd
+    from medlens.cli import data_cmd, explain_cmd, imaging_cmd, io_cmd, models_cmd, nodules_cmd, run_cmd, system_cmd
 
     system_cmd.register(app)
     app.add_typer(data_cmd.app, name="data")
@@ -22,6 +22,7 @@ def _register() -> None:
     run_cmd.register(app)
     io_cmd.register(app)
     explain_cmd.register(app)
+    imaging_cmd.register(app)
 
 
 _register()

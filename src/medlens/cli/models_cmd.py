@@ -24,4 +24,11 @@ def list_(pattern: str = typer.Argument("*", help="wildcard filter, e.g. 'resnet
         t.add_row(e.name, "/".join(f"{d}D" for d in e.dims),
                   ", ".join(p for p in e.params if p not in ("in_channels", "num_outputs", "spatial_dims",
                                                                "input_size")), e.summary)
+    import fnmatch
+
+    from medlens.engine.classical import CLASSICAL_MODELS
+
+    for name, summary in CLASSICAL_MODELS.items():
+        if fnmatch.fnmatch(name, pattern):
+            t.add_row(name, "2D/3D", "n_estimators / C, class_weight", summary)
     console.print(t)

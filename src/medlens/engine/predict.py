@@ -89,13 +89,21 @@ def prepare_file(path: str | Path, meta: dict) -> np.ndarray:
 
 def predict_files(run_dir: str | Path, files: list[str | Path]) -> list[dict]:
     """Predict image files with a trained run; binary decisions use the validation-chosen threshold."""
-    net, meta = load_run_model(run_dir)
+    meta = read_run_meta(run_dir)
     thr = None
     mpath = Path(run_dir) / "metrics.json"
     if meta["task"] == "binary" and mpath.exists():
         thr = json.loads(mpath.read_text()).get("threshold", {}).get("value")
     xs = np.stack([prepare_file(f, meta) for f in files])
-    probs = predict_tensor(net, meta["task"], torch.from_numpy(xs))
+    if meta.get("kind") == "classical":
+        from medlens.data.base import ArrayDataset
+        from medlens.engine.classical import ClassicalPredictor
+
+        ds = ArrayDataset(xs, np.zeros(len(xs), int), meta["task"], meta["class_names"], name="files")
+        probs = ClassicalPredictor(Path(run_dir), meta["task"])(ds)
+    else:
+        net, meta = load_run_model(run_dir)
+        probs = predict_tensor(net, meta["task"], torch.from_numpy(xs))
     names = meta["class_names"]
     rows = []
     for f, p in zip(files, probs):

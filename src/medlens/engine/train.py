@@ -104,6 +104,10 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
         "class_counts": {s: data.get(s).class_counts().tolist() for s in ("train", "val", "test")},
         "dataset": cfg.data.name or cfg.data.path,
     }
+    from medlens.engine.classical import CLASSICAL_MODELS
+
+    if cfg.model.name in CLASSICAL_MODELS:
+        return _train_classical(cfg, run, data, meta, t0)
     torch.manual_seed(cfg.seed)
     net = build_network(meta)
     if cfg.model.pretrained or cfg.model.freeze:
@@ -161,6 +165,37 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
     from medlens.explain.run import write_report_section
 
     write_report_section(run, "gradcam")
+    write_report(run)
+    return run
+
+
+def _train_classical(cfg: ExperimentConfig, run: Path, data, meta: dict, t0: float) -> Path:
+    """Features + random forest / SVM through the same run folder, evaluation and report."""
+    import pandas as pd
+
+    from medlens.engine.classical import dataset_features, fit_classical, save_model
+    from medlens.evaluation.evaluate import evaluate_run
+    from medlens.evaluation.metrics import compute_metrics
+    from medlens.report.html import write_report
+
+    meta["kind"] = "classical"
+    write_text_atomic(run / "config.yaml", dump_config(cfg))
+    X = dataset_features(data.train)
+    model = fit_classical(cfg.model.name, X, data.train.labels, cfg.seed, cfg.model.params)
+    save_model(model, run / "model.skops")
+
+    def predictor(ds):
+        p = model.predict_proba(dataset_features(ds))
+        return p[:, 1] if data.task == "binary" else p
+
+    val_m = compute_metrics(data.task, data.val.labels, predictor(data.val), 0.5, n_boot=0)["metrics"]
+    with atomic_path(run / "history.csv") as tmp:
+        pd.DataFrame([{"epoch": 0, "val_auc": val_m["auc"]["value"], "val_acc": val_m["medmnist_acc"]["value"]}]
+                     ).to_csv(tmp, index=False)
+    meta.update(train_seconds=round(time.time() - t0, 1), epochs_run=1, n_features=int(X.shape[1]),
+                environment={"python": platform.python_version(), "threads": os.cpu_count()})
+    write_json_atomic(run / "run.json", meta)
+    evaluate_run(run, data=data, predictor=predictor)
     write_report(run)
     return run
 

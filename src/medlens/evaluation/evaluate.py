@@ -13,7 +13,7 @@ from medlens.evaluation.threshold import choose_threshold
 from medlens.utils import atomic_path, write_json_atomic
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", data=None, net=None) -> dict:
+def evaluate_run(run_dir: str | Path, split: str = "test", data=None, net=None, predictor=None) -> dict:
     """Write ``metrics.json``, ``predictions.csv`` and ``plots/`` for a trained run.
 
     The binary decision threshold is chosen on the validation split by the config's rule and only
@@ -27,13 +27,20 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data=None, net=None) 
     run = Path(run_dir)
     meta = read_run_meta(run)
     cfg = load_config(run / "config.yaml")
-    if net is None:
-        net, meta = load_run_model(run)
+    if predictor is None:
+        if meta.get("kind") == "classical":
+            from medlens.engine.classical import ClassicalPredictor
+
+            predictor = ClassicalPredictor(run, meta["task"])
+        else:
+            if net is None:
+                net, meta = load_run_model(run)
+            predictor = lambda ds: predict_dataset(net, ds)  # noqa: E731
     if data is None:
         data = build_data(cfg.data, seed=cfg.seed)
     task, names = meta["task"], meta["class_names"]
     val = data.val
-    p_val = predict_dataset(net, val)
+    p_val = predictor(val)
     threshold = choose_threshold(val.labels, p_val, cfg.evaluation.threshold) if task == BINARY else None
     ev = cfg.evaluation
     results = {"task": task, "class_names": names, "dataset": meta.get("dataset"),
@@ -44,7 +51,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data=None, net=None) 
     pred_frames = [_pred_frame("val", val, p_val, task, threshold, names)]
     if split != "val":
         ds = data.get(split)
-        p = predict_dataset(net, ds)
+        p = predictor(ds)
         results[split] = compute_metrics(task, ds.labels, p, threshold, ev.bootstrap, ev.ci, cfg.seed)
         pred_frames.append(_pred_frame(split, ds, p, task, threshold, names))
     else:

@@ -111,6 +111,8 @@ def write_report_section(run_dir: str | Path, method: str = "gradcam", k: int = 
     from medlens.engine.predict import load_run_model
 
     run = Path(run_dir)
+    if json.loads((run / "run.json").read_text()).get("kind") == "classical":
+        return None  # hand-made features: no attribution maps
     net, meta = load_run_model(run)
     preds = pd.read_csv(run / "predictions.csv")
     test = preds[preds["split"] == "test"].reset_index(drop=True)

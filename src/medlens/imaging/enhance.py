@@ -1,0 +1,42 @@
+"""Enhancement: window/level, contrast stretching, histogram equalisation, CLAHE, unsharp masking."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medlens.imaging._common import as_array, like
+from medlens.transforms.intensity import apply_window, clahe as _clahe
+
+
+def window(x, window="lung"):
+    """Window/level to [0, 1] (preset name, 'L,W' or (level, width))."""
+    return like(x, apply_window(as_array(x), window))
+
+
+def contrast_stretch(x, low_pct: float = 2.0, high_pct: float = 98.0):
+    """Linear stretch of the [low, high] percentiles to [0, 1]."""
+    from skimage.exposure import rescale_intensity
+
+    a = as_array(x).astype(np.float32)
+    lo, hi = np.percentile(a, [low_pct, high_pct])
+    return like(x, rescale_intensity(a, in_range=(lo, hi), out_range=(0.0, 1.0)).astype(np.float32))
+
+
+def equalize(x, nbins: int = 256):
+    """Global histogram equalisation to [0, 1] (scikit-image)."""
+    from skimage.exposure import equalize_hist
+
+    return like(x, equalize_hist(as_array(x).astype(np.float32), nbins=nbins).astype(np.float32))
+
+
+def clahe(x, clip_limit: float = 2.0, tile: int = 8):
+    """Contrast-limited adaptive histogram equalisation (OpenCV; 2D gray or RGB)."""
+    return like(x, _clahe(as_array(x), clip_limit, tile))
+
+
+def unsharp(x, radius: float = 2.0, amount: float = 1.0):
+    """Unsharp masking: image + amount x (image - Gaussian(image))."""
+    from scipy import ndimage
+
+    a = as_array(x).astype(np.float32)
+    return like(x, a + amount * (a - ndimage.gaussian_filter(a, radius)))
