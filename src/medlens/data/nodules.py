@@ -308,11 +308,12 @@ class PatchStoreDataset:
         return PatchStoreDataset(self.path, self.indices[np.asarray(idx)], name or self.name, self.window)
 
     def read_hu(self, idx) -> np.ndarray:
+        """Raw HU patches in the order asked. One read per patch (each is one chunk): h5py's fancy
+        indexing is about 15x slower than this loop for shuffled batches."""
         rows = self.indices[np.asarray(idx)]
-        order = np.argsort(rows)
-        data = self._patches[rows[order]]  # h5py reads sorted, unique-ish indices
-        out = np.empty_like(data)
-        out[order] = data
+        out = np.empty((len(rows),) + self._patches.shape[1:], self._patches.dtype)
+        for j in np.argsort(rows, kind="stable"):  # visit the file in order
+            out[j] = self._patches[int(rows[j])]
         return out
 
     def batch(self, idx):

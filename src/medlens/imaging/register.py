@@ -67,45 +67,48 @@ def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int =
     m = sitk.Cast(to_sitk(moving), sitk.sitkFloat32)
     nd = fixed.spatial_dims
 
-    def run(initial, optimise_scales=True, its=iterations):
+    def method(moving_initial=None, lbfgs=False):
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         reg.SetMetricSamplingPercentage(sampling, seed)
         reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=its,
-                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
-        if optimise_scales:
+        if lbfgs:
+            reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=max(50, iterations // 2))
+        else:
+            reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
+                                                         relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
             reg.SetOptimizerScalesFromPhysicalShift()
         reg.SetShrinkFactorsPerLevel([4, 2, 1])
         reg.SetSmoothingSigmasPerLevel([2, 1, 0])
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        reg.SetInitialTransform(initial, inPlace=False)
-        out = reg.Execute(f, m)
-        return out, reg.GetMetricValue()
+        if moving_initial is not None:
+            reg.SetMovingInitialTransform(moving_initial)
+        return reg
 
+    # each stage optimises one transform alone; the previous stages are its starting point
     euler = sitk.Euler3DTransform() if nd == 3 else sitk.Euler2DTransform()
     init = sitk.CenteredTransformInitializer(f, m, euler, sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    tx, metric = run(init)
+    reg = method()
+    reg.SetInitialTransform(init, inPlace=True)
+    reg.Execute(f, m)
+    tx, metric = init, reg.GetMetricValue()
     if kind in ("affine", "bspline"):
         aff = sitk.AffineTransform(nd)
-        comp = sitk.CompositeTransform(tx)
         aff.SetCenter(init.GetCenter())
-        comp.AddTransform(aff)
-        tx, metric = run(comp)
-    if kind == "bspline":
-        grid = [bspline_grid] * nd
-        bs = sitk.BSplineTransformInitializer(f, grid)
-        comp = sitk.CompositeTransform(tx)
-        comp.AddTransform(bs)
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(50)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(sampling, seed)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=max(50, iterations // 2))
-        reg.SetInitialTransform(comp, inPlace=True)
+        aff.SetMatrix(init.GetMatrix())
+        aff.SetTranslation(init.GetTranslation())
+        reg = method()
+        reg.SetInitialTransform(aff, inPlace=True)
         reg.Execute(f, m)
+        tx, metric = aff, reg.GetMetricValue()
+    if kind == "bspline":
+        bs = sitk.BSplineTransformInitializer(f, [bspline_grid] * nd)
+        reg = method(moving_initial=tx, lbfgs=True)
+        reg.SetInitialTransform(bs, inPlace=True)
+        reg.Execute(f, m)
+        comp = sitk.CompositeTransform(tx)
+        comp.AddTransform(bs)  # applied first: bspline, then the affine
         tx, metric = comp, reg.GetMetricValue()
     return Registration(tx, float(metric), kind)
 
