@@ -42,14 +42,12 @@ def overlay_png(img: np.ndarray, heat: np.ndarray, path: str | Path, title: str,
                   ("sagittal x=%d" % x, vol[:, :, x][::-1], heat[:, :, x][::-1]),
                   ("MIP (axial)", vol.max(0), heat.max(0))]
         fig, ax = plt.subplots(1, 4, figsize=(13, 3.6))
-        hn = _norm(heat)
         lo, hi = float(heat.min()), float(heat.max())
         for a, (name, v, h) in zip(ax, planes):
             a.imshow(v, cmap="gray", vmin=0, vmax=1)
             im = a.imshow((h - lo) / (hi - lo) if hi > lo else np.zeros_like(h), cmap="jet", alpha=alpha, vmin=0,
                           vmax=1)
             a.set_title(name, fontsize=9)
-        del hn
         fig.colorbar(im, ax=ax[-1], fraction=0.046, pad=0.04, label="relative attribution")
     for a in np.ravel(ax):
         a.axis("off")

@@ -49,7 +49,6 @@ def write_report(run_dir: str | Path, extra_sections: list[dict] | None = None) 
     for extra in sorted((run / "report_sections").glob("*.json")) if (run / "report_sections").exists() else []:
         sections.append(json.loads(extra.read_text()))
     env = Environment(loader=PackageLoader("medlens.report", "templates"), autoescape=select_autoescape(["html"]))
-    env.filters["safe_html"] = lambda s: s
     from markupsafe import Markup
 
     for s in sections:
