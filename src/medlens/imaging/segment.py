@@ -121,11 +121,11 @@ def morphology(mask, op: str = "open", radius: int = 1) -> np.ndarray:
 
     m = np.asarray(mask).astype(bool)
     fp = morph.ball(radius) if m.ndim == 3 else morph.disk(radius)
-    ops = {"open": morph.binary_opening, "close": morph.binary_closing, "erode": morph.binary_erosion,
-           "dilate": morph.binary_dilation}
+    ops = {"open": ndimage.binary_opening, "close": ndimage.binary_closing, "erode": ndimage.binary_erosion,
+           "dilate": ndimage.binary_dilation}
     if op not in ops:
         raise ConfigError(f"unknown morphology '{op}'; expected one of {list(ops)}")
-    return ops[op](m, fp)
+    return ops[op](m, structure=fp)
 
 
 def frangi_vessels(x, sigmas=(2, 3, 4, 5), black_ridges: bool = True, fov_threshold: float = 20,
