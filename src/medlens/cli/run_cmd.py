@@ -35,17 +35,10 @@ def register(app: typer.Typer) -> None:
 
         from medlens.config import load_config
         from medlens.engine.train import train as do_train
-        from medlens.errors import DataError
-
         quiet_libraries()
         cfg = load_config(config, set_)
-        try:
-            run = do_train(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite, progress_bar=not quiet,
-                           log=lambda s: console.print(s))
-        except DataError as e:
-            if cfg.data.source == "medmnist" and "not downloaded" in str(e):
-                raise DataError(f"{e}") from None
-            raise
+        run = do_train(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite, progress_bar=not quiet,
+                       log=lambda s: console.print(s))
         results = json.loads((run / "metrics.json").read_text())
         console.print(_metrics_table(results, "test"))
         meta = json.loads((run / "run.json").read_text())

@@ -17,7 +17,8 @@ def build_data(cfg, seed: int = 0, progress: Callable | None = None) -> SplitDat
 
     if cfg.source == "medmnist":
         data = load_medmnist(cfg.name, cfg.size, check_md5=cfg.check_md5, path=cfg.path)
-        if cfg.color != "gray" or data.train.in_channels == 3:
+        wanted = 3 if cfg.color == "rgb" else 1
+        if data.train.in_channels != wanted:
             data = _recolor(data, cfg.color)
     elif cfg.source == "folder":
         data = load_image_folder(cfg.path, cfg.size, cfg.color, val=cfg.val_fraction, test=cfg.test_fraction,

@@ -32,9 +32,9 @@ def lung_mask(ct: Image, threshold_hu: float = -320.0) -> np.ndarray:
                                        lab[:, :, -1].ravel()]))
     inside = air & ~np.isin(lab, border[border > 0])
     lungs = largest_components(inside, 2)
-    sizes = [int((largest_components(lungs, 1)).sum()), int(lungs.sum())]
-    if sizes[1] > 0 and sizes[0] / sizes[1] > 0.9:  # one dominant component: lungs touch
-        lungs = largest_components(lungs, 1)
+    biggest = largest_components(lungs, 1)
+    if lungs.sum() > 0 and biggest.sum() / lungs.sum() > 0.9:  # one dominant component: lungs touch
+        lungs = biggest
     # close each slice with a ~10 mm disk and fill holes: vessels and juxtapleural nodules belong to the lung field
     import cv2
 
