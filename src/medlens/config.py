@@ -34,6 +34,31 @@ class DataConfig(_Strict):
     check_md5: bool = True
     max_samples: int | None = Field(None, ge=1)  # cap each split (quick experiments, tests)
     normalize: Literal["dataset", "none"] = "dataset"
+    # segmentation pairs (task: segmentation)
+    mask_suffix: str | None = None       # folder: mask of <stem>.<ext> is <stem><mask_suffix>
+    reference_suffix: str | None = None  # folder: a second observer's mask, reported as the human reference
+    mask_column: str = "mask"            # CSV: column with the mask path
+    reference_column: str | None = None  # CSV: column with a second observer's mask
+    patient_pattern: str | None = None   # regex on the file name; group 1 (or the match) is the patient id
+    clahe: bool = False                  # CLAHE on 2D inputs (after the colour mode)
+    intensity: Literal["unit", "zscore", "percentile"] = "unit"  # per-image scaling of segmentation inputs
+    window: str | None = None            # CT window (name or "level,width") applied before scaling
+    pixel_spacing: float | None = Field(None, gt=0)  # mm per pixel for 2D files that do not record it
+
+
+    @model_validator(mode="after")
+    def _expand(self) -> "DataConfig":
+        # "$MEDLENS_DATA/..." in paths: the data root even when the variable is unset (its default then)
+        import os
+
+        from medlens.utils import data_dir
+
+        for key in ("path", "image_root"):
+            v = getattr(self, key)
+            if v and "$" in v:
+                v = v.replace("${MEDLENS_DATA}", str(data_dir())).replace("$MEDLENS_DATA", str(data_dir()))
+                object.__setattr__(self, key, os.path.expandvars(v))
+        return self
 
 
 class ModelConfig(_Strict):
@@ -81,14 +106,50 @@ class EvalConfig(_Strict):
     tta: bool = False
 
 
+class SegmentationConfig(_Strict):
+    """Patch sampling, loss, sliding-window inference and post-processing of segmentation runs."""
+
+    patch_size: list[int] = Field(default_factory=lambda: [128, 128])
+    patches_per_epoch: int = Field(1024, ge=1)
+    foreground_ratio: float = Field(0.5, ge=0, le=1)  # share of patches centred on a foreground voxel
+    loss: Literal["dice_ce", "dice_focal", "dice", "focal", "tversky", "ce"] = "dice_ce"
+    tversky_alpha: float = Field(0.3, ge=0, le=1)  # weight of false positives
+    tversky_beta: float = Field(0.7, ge=0, le=1)   # weight of false negatives
+    overlap: float = Field(0.25, ge=0, lt=1)
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    sw_batch_size: int = Field(8, ge=1)
+    tta: bool = False                 # average over flips at inference
+    threshold: str = "val"            # "val" (best mean Dice on validation) or "fixed:0.5"
+    largest_components: int | None = Field(None, ge=1)  # keep the N largest connected components
+    min_size: int = Field(0, ge=0)     # remove components smaller than this many voxels
+    label_values: list[int] | None = None  # raw mask values, in class order; default {0, 1} or {0, 255}
+    class_names: list[str] | None = None
+    val_every: int = Field(1, ge=1)    # epochs between full-image validations
+    cldice: bool = False               # centre-line Dice (tubular structures: vessels)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SegmentationConfig":
+        if len(self.patch_size) not in (2, 3) or min(self.patch_size) < 8:
+            raise ValueError("segmentation.patch_size: 2 or 3 sizes, each >= 8")
+        if self.threshold != "val":
+            try:
+                assert self.threshold.startswith("fixed:")
+                assert 0 < float(self.threshold.split(":", 1)[1]) < 1
+            except (AssertionError, ValueError):
+                raise ValueError(f"segmentation.threshold '{self.threshold}': use 'val' or 'fixed:<0-1>'") from None
+        return self
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
+    task: Literal["classification", "segmentation"] = "classification"
     seed: int = 0
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":
@@ -96,6 +157,11 @@ class ExperimentConfig(_Strict):
             raise ValueError("data.name is required for source 'medmnist' (e.g. pneumoniamnist)")
         if self.data.source in ("folder", "csv", "hdf5") and not self.data.path:
             raise ValueError(f"data.path is required for source '{self.data.source}'")
+        if self.task == "segmentation":
+            if self.data.source not in ("folder", "csv"):
+                raise ValueError("segmentation data come from a folder (data.mask_suffix) or a CSV manifest")
+            if self.data.source == "folder" and not self.data.mask_suffix:
+                raise ValueError("data.mask_suffix is required for a segmentation folder (e.g. '_mask.png')")
         from medlens.evaluation.threshold import parse_threshold_rule
 
         parse_threshold_rule(self.evaluation.threshold)

@@ -69,9 +69,6 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
           overwrite: bool = False, callbacks: list | None = None, progress_bar: bool = True,
           log: Callable[[str], None] = print) -> Path:
     """Train, evaluate and report one experiment; return its run folder."""
-    import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
     run = resolve_run_dir(cfg, run_dir)
     ckpt_dir = run / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -88,6 +85,8 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
     t0 = time.time()
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    if cfg.task == "segmentation":
+        return _train_segmentation(cfg, run, resume, callbacks, progress_bar, t0)
 
     data = build_data(cfg.data, seed=cfg.seed)
     tr = data.train
@@ -129,33 +128,10 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
     monitor = cfg.train.monitor
     if monitor not in ("val_auc", "val_acc", "val_loss", "val_qwk"):
         raise ConfigError(f"train.monitor '{monitor}' is not one of val_auc, val_acc, val_loss, val_qwk")
-    mode_mm = "min" if monitor == "val_loss" else "max"
-    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode_mm, save_top_k=1,
-                           save_last=True, enable_version_counter=False),
-           HistoryWriter(run / "history.csv")]
-    if cfg.train.early_stopping_patience:
-        cbs.append(EarlyStopping(monitor=monitor, mode=mode_mm, patience=cfg.train.early_stopping_patience))
-    trainer = L.Trainer(max_epochs=cfg.train.epochs, accelerator="cpu" if not torch.cuda.is_available() else "auto",
-                        devices=1, precision=cfg.train.precision, callbacks=cbs + list(callbacks or []),
-                        logger=False, enable_progress_bar=progress_bar, enable_model_summary=False,
-                        deterministic=False, num_sanity_val_steps=0, use_distributed_sampler=False)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
-    if trainer.interrupted or trainer.current_epoch < cfg.train.epochs and not trainer.should_stop:
-        raise TrainingInterrupted(f"training stopped at epoch {trainer.current_epoch}; resume with "
-                                  f"`medlens train {run / 'config.yaml'} --resume`", run)
-
-    best = ckpt_dir / "best.ckpt"
-    state = torch.load(best if best.exists() else last, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state)
+    best_score = _fit(cfg, module, train_loader, val_loader, run, monitor, resume, callbacks, progress_bar)
+    _save_best(module, run)
     net = module.model.to(memory_format=torch.contiguous_format)
-    with atomic_path(run / "model.pt") as tmp:
-        torch.save(net.state_dict(), tmp)
-    meta["train_seconds"] = round(time.time() - t0, 1)
-    meta["epochs_run"] = int(trainer.current_epoch)
-    meta["best_epoch_metric"] = {monitor: float(cbs[0].best_model_score) if cbs[0].best_model_score is not None
-                                 else None}
-    meta["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads(), "machine": platform.machine()}
+    _finish_meta(meta, t0, best_score, monitor)
     write_json_atomic(run / "run.json", meta)
 
     from medlens.evaluation.evaluate import evaluate_run
@@ -167,6 +143,111 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
     write_report_section(run, "gradcam")
     write_report(run)
     return run
+
+
+def _train_segmentation(cfg: ExperimentConfig, run: Path, resume: bool, callbacks, progress_bar: bool,
+                        t0: float) -> Path:
+    """U-Net training on patches; whole-image validation; threshold on validation; test evaluation."""
+    from torch.utils.data import DataLoader
+
+    from medlens.data.segmentation import PatchSampler, load_segmentation
+    from medlens.engine.segmentation import SegmentationModule, WholeImages
+    from medlens.evaluation.segmentation import evaluate_segmentation_run, select_threshold
+    from medlens.models.registry import get_model_entry
+    from medlens.report.html import write_report
+
+    seg = cfg.segmentation
+    if get_model_entry(cfg.model.name).task != "segmentation":
+        raise ConfigError(f"model '{cfg.model.name}' is a classifier; a segmentation run needs unet or basic_unet")
+    data = load_segmentation(cfg.data, seg, seed=cfg.seed)
+    if not data.train or not data.val or not data.test:
+        raise MedlensError(f"empty split: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
+    first = data.train[0]
+    n_cls = len(data.class_names)
+    if cfg.data.normalize == "dataset":
+        flat = np.concatenate([c.image.reshape(c.image.shape[0], -1) for c in data.train], axis=1)
+        mean, std = flat.mean(1).tolist(), flat.std(1).tolist()
+        del flat
+    else:
+        mean, std = [0.0] * first.image.shape[0], [1.0] * first.image.shape[0]
+    meta = {
+        "model": cfg.model.name, "model_params": cfg.model.params, "in_channels": int(first.image.shape[0]),
+        "n_outputs": 1 if n_cls == 2 else n_cls, "spatial_dims": first.image.ndim - 1,
+        "input_size": list(seg.patch_size), "task": "segmentation", "class_names": data.class_names,
+        "mean": mean, "std": std, "color": cfg.data.color, "clahe": cfg.data.clahe, "intensity": cfg.data.intensity,
+        "window": cfg.data.window, "pixel_spacing": cfg.data.pixel_spacing, "label_values": seg.label_values,
+        "segmentation": seg.model_dump(), "split_method": data.split_method,
+        "n_samples": {s: len(data.get(s)) for s in ("train", "val", "test")},
+        "patients": {s: sorted({c.patient_id for c in data.get(s)}) for s in ("train", "val", "test")},
+        "dataset": cfg.data.path,
+    }
+    torch.manual_seed(cfg.seed)
+    net = build_network(meta)
+    if cfg.model.pretrained or cfg.model.freeze:
+        meta["transfer"] = apply_transfer(net.net, cfg.model.pretrained, cfg.model.freeze)
+    sampler = PatchSampler(data.train, seg.patch_size, seg.patches_per_epoch, seg.foreground_ratio, cfg.seed)
+    module = SegmentationModule(net, cfg.train, seg, meta["n_outputs"], seed=cfg.seed, sampler=sampler)
+    write_text_atomic(run / "config.yaml", dump_config(cfg))
+    write_json_atomic(run / "run.json", meta)
+    train_loader = DataLoader(sampler, batch_size=cfg.train.batch_size, shuffle=False, drop_last=False)
+    val_loader = DataLoader(WholeImages(data.val), batch_size=1, shuffle=False)
+    monitor = "val_dice" if cfg.train.monitor in ("val_auc", "val_dice") else cfg.train.monitor
+    if monitor not in ("val_dice", "val_loss"):
+        raise ConfigError(f"train.monitor '{cfg.train.monitor}' is not one of val_dice for segmentation")
+    best = _fit(cfg, module, train_loader, val_loader, run, monitor, resume, callbacks, progress_bar)
+    _save_best(module, run)
+    net = module.model
+    _finish_meta(meta, t0, best, monitor)
+    meta["threshold"], meta["val_dice_at_threshold"] = select_threshold(net, data.val, meta)
+    write_json_atomic(run / "run.json", meta)
+    evaluate_segmentation_run(run, data=data, net=net)
+    write_report(run)
+    return run
+
+
+def _fit(cfg: ExperimentConfig, module, train_loader, val_loader, run: Path, monitor: str, resume: bool,
+         callbacks: list | None, progress_bar: bool) -> tuple[float | None, int]:
+    """Lightning fit with best/last checkpoints and history; returns (best monitored value, epochs run)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    ckpt_dir = run / "checkpoints"
+    mode_mm = "min" if monitor == "val_loss" else "max"
+    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode_mm, save_top_k=1,
+                           save_last=True, enable_version_counter=False),
+           HistoryWriter(run / "history.csv")]
+    if cfg.train.early_stopping_patience:
+        cbs.append(EarlyStopping(monitor=monitor, mode=mode_mm, patience=cfg.train.early_stopping_patience))
+    trainer = L.Trainer(max_epochs=cfg.train.epochs, accelerator="cpu" if not torch.cuda.is_available() else "auto",
+                        devices=1, precision=cfg.train.precision, callbacks=cbs + list(callbacks or []),
+                        logger=False, enable_progress_bar=progress_bar, enable_model_summary=False,
+                        deterministic=False, num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None,
+                weights_only=True)
+    if trainer.interrupted or trainer.current_epoch < cfg.train.epochs and not trainer.should_stop:
+        raise TrainingInterrupted(f"training stopped at epoch {trainer.current_epoch}; resume with "
+                                  f"`medlens train {run / 'config.yaml'} --resume`", run)
+    score = cbs[0].best_model_score
+    return (float(score) if score is not None else None), int(trainer.current_epoch)
+
+
+def _save_best(module, run: Path) -> None:
+    """Load the best checkpoint (else the last) into ``module`` and write its weights as ``model.pt``."""
+    ckpt_dir = run / "checkpoints"
+    best = ckpt_dir / "best.ckpt"
+    state = torch.load(best if best.exists() else ckpt_dir / "last.ckpt", map_location="cpu",
+                       weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    with atomic_path(run / "model.pt") as tmp:
+        torch.save(module.model.to(memory_format=torch.contiguous_format).state_dict(), tmp)
+
+
+def _finish_meta(meta: dict, t0: float, best: tuple[float | None, int], monitor: str) -> None:
+    meta["train_seconds"] = round(time.time() - t0, 1)
+    meta["epochs_run"] = best[1]
+    meta["best_epoch_metric"] = {monitor: best[0]}
+    meta["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 
 def _train_classical(cfg: ExperimentConfig, run: Path, data, meta: dict, t0: float) -> Path:

@@ -83,4 +83,4 @@ def create_model(name: str, in_channels: int, num_outputs: int, spatial_dims: in
 
 def _ensure_loaded() -> None:
     # importing the architecture modules runs their @register_model decorators
-    from medlens.models import cnn, resnet  # noqa: F401
+    from medlens.models import cnn, resnet, unet  # noqa: F401

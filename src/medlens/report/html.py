@@ -16,7 +16,8 @@ from medlens.utils import write_text_atomic
 PRETTY = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity (recall)", "specificity": "specificity",
           "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1", "balanced_accuracy": "balanced accuracy",
           "medmnist_acc": "ACC (MedMNIST evaluator)", "macro_f1": "macro F1", "qwk": "quadratic-weighted kappa",
-          "mae": "mean absolute grade error"}
+          "mae": "mean absolute grade error", "dice": "Dice", "iou": "IoU (Jaccard)", "precision": "precision",
+          "hd95": "HD95", "msd": "mean surface distance", "cldice": "clDice (centre-line)"}
 FIGURES = [("training_curves.png", "Training curves", 760), ("roc.png", "ROC", 420),
            ("confusion_matrix.png", "Confusion matrix", 420), ("gallery_fp.png", "False positives", 520),
            ("gallery_fn.png", "False negatives", 520)]
@@ -40,7 +41,8 @@ def write_report(run_dir: str | Path, extra_sections: list[dict] | None = None) 
         raise MedlensError(f"cannot report: {Path(e.filename).name} missing (evaluate the run first)", run) from None
     split = metrics.get("evaluated_split", "test")
     test, val = metrics[split]["metrics"], metrics["val"]["metrics"]
-    rows = [{"name": PRETTY.get(k, k), "value": _fmt(v["value"]),
+    unit = f" ({metrics['distance_unit']})" if "distance_unit" in metrics else ""
+    rows = [{"name": PRETTY.get(k, k) + (unit if k in ("hd95", "msd") else ""), "value": _fmt(v["value"]),
              "ci": f"{_fmt(v['ci_low'])} - {_fmt(v['ci_high'])}",
              "val": _fmt(val.get(k, {}).get("value"))} for k, v in test.items()]
     figs = [{"caption": cap, "data": _b64(run / "plots" / f), "width": w}
@@ -61,8 +63,10 @@ def write_report(run_dir: str | Path, extra_sections: list[dict] | None = None) 
         epochs_run=meta.get("epochs_run", "?"), train_seconds=meta.get("train_seconds", "?"),
         threshold=metrics.get("threshold"), split=split, metric_rows=rows,
         n_bootstrap=metrics[split].get("n_bootstrap", 0), confusion=metrics[split].get("confusion_matrix"),
-        medmnist_note="'ACC (MedMNIST evaluator)' thresholds at 0.5 / argmax, as the MedMNIST paper does; the other "
-                      "binary metrics use the validation-chosen threshold.",
+        medmnist_note="" if meta["task"] == "segmentation" else
+        "'ACC (MedMNIST evaluator)' thresholds at 0.5 / argmax, as the MedMNIST paper does; the other "
+        "binary metrics use the validation-chosen threshold.",
+        ci_unit="patients (means over cases)" if meta["task"] == "segmentation" else "cases",
         figures=figs, extra_sections=sections, patient_level="patient" in meta.get("split_method", ""),
         config=(run / "config.yaml").read_text() if (run / "config.yaml").exists() else "")
     return write_text_atomic(run / "report.html", html)

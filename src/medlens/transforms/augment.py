@@ -27,6 +27,11 @@ class BatchAugment:
         """Augment ``x`` of shape (B, C, H, W) or (B, C, D, H, W), values in any range."""
         if not self.active:
             return x
+        return self.intensity(self.geometric(x, generator), generator)
+
+    def geometric(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Flips, 90-degree turns and the affine part: apply to an image and its mask together
+        (concatenated along channels) to keep them aligned."""
         c, g = self.cfg, generator
         b, nd = x.shape[0], x.ndim - 2
         rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
@@ -41,6 +46,13 @@ class BatchAugment:
             x = torch.stack([torch.rot90(x[i], int(k[i]), dims=(-2, -1)) for i in range(b)])
         if c.rotate or c.translate or c.scale:
             x = self._affine(x, b, nd, rand)
+        return x
+
+    def intensity(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Brightness, contrast and noise: images only."""
+        c, g = self.cfg, generator
+        b = x.shape[0]
+        rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
         if c.brightness or c.contrast:
             shape = (b, *[1] * (x.ndim - 1))
             mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
