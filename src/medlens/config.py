@@ -35,7 +35,8 @@ class DataConfig(_Strict):
     max_samples: int | None = Field(None, ge=1)  # cap each split (quick experiments, tests)
     normalize: Literal["dataset", "none"] = "dataset"
     # segmentation pairs (task: segmentation)
-    mask_suffix: str | None = None       # folder: mask of <stem>.<ext> is <stem><mask_suffix>
+    mask_suffix: str | None = None       # folder: mask of <stem><image_suffix>.<ext> is <stem><mask_suffix>
+    image_suffix: str = ""               # folder: e.g. "_image" for brain1_image.nrrd + brain1_label.nrrd
     reference_suffix: str | None = None  # folder: a second observer's mask, reported as the human reference
     mask_column: str = "mask"            # CSV: column with the mask path
     reference_column: str | None = None  # CSV: column with a second observer's mask

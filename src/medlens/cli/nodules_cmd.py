@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import numpy as np
 from rich.table import Table
 
 from medlens.cli.common import console, progress
@@ -45,7 +46,10 @@ def extract(scans: Path = typer.Option(..., "--scans", help="folder of <seriesui
 @app.command()
 def lidc(xml: Path = typer.Argument(..., help="LIDC-IDRI reader XML"),
          scan: Path = typer.Argument(..., help="the matching DICOM series folder (or .mhd)"),
-         small: bool = typer.Option(False, "--small", help="include < 3 mm nodules (centre marks)")) -> None:
+         small: bool = typer.Option(False, "--small", help="include < 3 mm nodules (centre marks)"),
+         mask_out: Optional[Path] = typer.Option(None, "--mask-out",
+                                                 help="write the consensus nodule mask on the scan's grid "
+                                                      "(.nii.gz, .nrrd, .mhd): a segmentation target")) -> None:
     """Reader-marked nodules: clustered marks, readers, diameter, consensus volume, malignancy."""
     from medlens.data.lidc import cluster_nodules, parse_lidc_xml
     from medlens.io import load
@@ -62,3 +66,11 @@ def lidc(xml: Path = typer.Argument(..., help="LIDC-IDRI reader XML"),
                   f"{p.axial_diameter_mm:.1f}", f"{p.consensus_volume_mm3:.0f}",
                   "-" if p.malignancy is None else f"{p.malignancy:.2f}")
     console.print(t)
+    if mask_out is not None:
+        from medlens.data.lidc import consensus_mask_image
+        from medlens.io.writers import save
+
+        m = consensus_mask_image(ann, image, include_small=small)
+        save(m, mask_out)
+        vol = float(m.array.sum() * np.prod(image.spacing))
+        console.print(f"consensus mask: {int(m.array.sum())} voxels, {vol:.0f} mm3 -> [bold]{mask_out}[/]")

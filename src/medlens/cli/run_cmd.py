@@ -11,14 +11,15 @@ from rich.table import Table
 from medlens.cli.common import console, quiet_libraries
 
 
-def _metrics_table(results: dict, split: str) -> Table:
+def _metrics_table(results: dict, split: str, title: str | None = None) -> Table:
     from medlens.report.html import PRETTY
 
-    t = Table(title=f"{results.get('dataset')} - {split} (n={results[split]['n']}), 95% bootstrap CI")
+    unit = f" ({results['distance_unit']})" if "distance_unit" in results else ""
+    t = Table(title=title or f"{results.get('dataset')} - {split} (n={results[split]['n']}), 95% bootstrap CI")
     for col in ("metric", "value", "95% CI"):
         t.add_column(col, justify="right" if col != "metric" else "left")
     for k, v in results[split]["metrics"].items():
-        t.add_row(PRETTY.get(k, k), f"{v['value']:.3f}", f"{v['ci_low']:.3f} - {v['ci_high']:.3f}")
+        t.add_row(PRETTY.get(k, k) + (unit if k in ("hd95", "msd") else ""), f"{v['value']:.3f}", f"{v['ci_low']:.3f} - {v['ci_high']:.3f}")
     return t
 
 
@@ -41,6 +42,9 @@ def register(app: typer.Typer) -> None:
                        log=lambda s: console.print(s))
         results = json.loads((run / "metrics.json").read_text())
         console.print(_metrics_table(results, "test"))
+        if "reference_observer" in results:
+            console.print(_metrics_table({**results, "ref": results["reference_observer"]}, "ref",
+                                         "second observer against the same reference (human level)"))
         meta = json.loads((run / "run.json").read_text())
         if "threshold" in results:
             th = results["threshold"]
@@ -58,7 +62,14 @@ def register(app: typer.Typer) -> None:
         if split not in ("test", "val"):
             raise MedlensError(f"--split must be test or val, not '{split}'")
         quiet_libraries()
-        results = evaluate_run(run_dir, split=split)
+        from medlens.engine.predict import read_run_meta
+
+        if read_run_meta(run_dir).get("task") == "segmentation":
+            from medlens.evaluation.segmentation import evaluate_segmentation_run
+
+            results = evaluate_segmentation_run(run_dir, split=split)
+        else:
+            results = evaluate_run(run_dir, split=split)
         write_report(run_dir)
         console.print(_metrics_table(results, split))
 
@@ -76,6 +87,27 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             t.add_row(Path(r["file"]).name, r["prediction"], f"{r['probability']:.3f}",
                       ", ".join(f"{k}: {v:.3f}" for k, v in r["probabilities"].items()))
+        console.print(t)
+
+    @app.command()
+    def segment(run_dir: Path = typer.Argument(..., help="a segmentation run folder"),
+                files: List[Path] = typer.Argument(..., help="images: PNG/JPEG (2D) or NIfTI/NRRD/MHD/DICOM (3D)"),
+                out: Path = typer.Option(..., "--out", help="folder for the masks and overlays"),
+                tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="average over flips (default: the run's)"),
+                overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="also write an overlay PNG")) -> None:
+        """Segment files with a trained U-Net: a mask per input in its geometry (PNG 2D, NIfTI 3D) + overlay."""
+        from medlens.evaluation.segmentation import segment_files
+
+        quiet_libraries()
+        rows = segment_files(run_dir, [Path(f) for f in files], out, tta=tta, overlay=overlay,
+                             log=lambda s: console.print(f"[yellow]{s}[/]"))
+        t = Table(title=f"segmentation ({run_dir})")
+        for col in ("file", "mask", "foreground voxels", "area / volume"):
+            t.add_column(col)
+        for r in rows:
+            size = (f"{r['foreground_mm3']:.0f} mm3" if "foreground_mm3" in r else
+                    f"{r['foreground_mm2']:.1f} mm2" if "foreground_mm2" in r else "-")
+            t.add_row(Path(r["file"]).name, r["mask"], str(r["foreground_voxels"]), size)
         console.print(t)
 
     @app.command()

@@ -214,3 +214,14 @@ def cluster_nodules(ann: LidcAnnotation, image: Image, consensus_level: float = 
             malignancy=float(np.mean(mal)) if mal else None))
     return sorted(out, key=lambda p: -p.n_readers * 1000 - p.diameter_mm)
 
+
+
+def consensus_mask_image(ann: LidcAnnotation, image: Image, consensus_level: float = 0.5,
+                         include_small: bool = False) -> Image:
+    """A uint8 mask on the scan's grid: 1 where a nodule's consensus (at least ``consensus_level`` of
+    the readers who marked it) covers the voxel. Pair it with the scan for segmentation training."""
+    mask = np.zeros(image.shape, np.uint8)
+    for p in cluster_nodules(ann, image, consensus_level, include_small):
+        if p.consensus_mask is not None:
+            mask[p.consensus_mask] = 1
+    return image.with_array(mask, is_rgb=False, modality="SEG")

@@ -62,9 +62,10 @@ def _strip_ext(name: str) -> str:
     return Path(name).stem
 
 
-def find_pairs(root: str | Path, mask_suffix: str, reference_suffix: str | None = None
+def find_pairs(root: str | Path, mask_suffix: str, reference_suffix: str | None = None, image_suffix: str = ""
                ) -> list[tuple[Path, Path, Path | None]]:
-    """(image, mask, reference) triples in ``root``: the mask of ``<stem>.<ext>`` is ``<stem><mask_suffix>``."""
+    """(image, mask, reference) triples in ``root``: the mask of ``<stem><image_suffix>.<ext>`` is
+    ``<stem><mask_suffix>`` (and the reference ``<stem><reference_suffix>``)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError("segmentation folder not found", root)
@@ -74,10 +75,10 @@ def find_pairs(root: str | Path, mask_suffix: str, reference_suffix: str | None 
     out = []
     for m in masks:
         stem = m.name[: -len(mask_suffix)]
-        cands = [p for p in m.parent.iterdir() if p.is_file() and p != m and _strip_ext(p.name) == stem
-                 and p.name.lower().endswith(IMAGE_EXTS)]
+        cands = [p for p in m.parent.iterdir() if p.is_file() and p != m
+                 and _strip_ext(p.name) == stem + image_suffix and p.name.lower().endswith(IMAGE_EXTS)]
         if not cands:
-            raise DataError(f"mask has no image '{stem}.*' beside it", m)
+            raise DataError(f"mask has no image '{stem}{image_suffix}.*' beside it", m)
         ref = m.with_name(stem + reference_suffix) if reference_suffix else None
         if ref is not None and not ref.exists():
             raise DataError(f"reference mask {ref.name} missing", m)
@@ -101,9 +102,10 @@ def read_manifest(csv_path: str | Path, path_column: str, mask_column: str, pati
     return rows
 
 
-def patient_of(name: str, pattern: str | None) -> str:
+def patient_of(name: str, pattern: str | None, suffix: str = "") -> str:
     if not pattern:
-        return _strip_ext(name)
+        stem = _strip_ext(name)
+        return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
     m = re.search(pattern, name)
     if not m:
         raise DataError(f"file name does not match data.patient_pattern '{pattern}'", name)
@@ -231,8 +233,8 @@ def split_cases(patients: Sequence[str], val: float, test: float, seed: int
 def load_segmentation(cfg, seg_cfg, seed: int = 0, progress: Callable | None = None) -> SegSplit:
     """Build the patient-level train/val/test split of a segmentation ``DataConfig``."""
     if cfg.source == "folder":
-        triples = find_pairs(cfg.path, cfg.mask_suffix, cfg.reference_suffix)
-        rows = [(i, m, r, patient_of(i.name, cfg.patient_pattern)) for i, m, r in triples]
+        triples = find_pairs(cfg.path, cfg.mask_suffix, cfg.reference_suffix, cfg.image_suffix)
+        rows = [(i, m, r, patient_of(i.name, cfg.patient_pattern, cfg.image_suffix)) for i, m, r in triples]
     else:
         rows = read_manifest(cfg.path, cfg.path_column, cfg.mask_column, cfg.patient_column, cfg.reference_column,
                              cfg.image_root)

@@ -8,6 +8,7 @@ Gaussian weights, optionally averages flips (test-time augmentation) and post-pr
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Sequence
 
@@ -59,7 +60,8 @@ def predict_probs(net: torch.nn.Module, image: np.ndarray | torch.Tensor, patch_
     """Class probabilities (K, *spatial) of one prepared image (C, *spatial) by sliding windows.
 
     An image smaller than the window is padded with zeros (warned) and the padding cropped off again.
-    With ``tta`` the prediction is the mean over the identity and every single-axis flip.
+    With ``tta`` the prediction is the mean over every combination of flips of the spatial axes (4 passes
+    in 2D, 8 in 3D): the whole flip group, so the result is equivariant to flipping the input.
     """
     from monai.inferers import sliding_window_inference
 
@@ -77,7 +79,8 @@ def predict_probs(net: torch.nn.Module, image: np.ndarray | torch.Tensor, patch_
         return sliding_window_inference(t, tuple(patch_size), sw_batch_size, lambda z: to_probs(net(z)),
                                         overlap=overlap, mode=blend, padding_mode="constant", cval=0.0)
 
-    flips = [()] + ([(d,) for d in range(2, x.ndim)] if tta else [])
+    axes = range(2, x.ndim)
+    flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if tta else [()]
     acc = None
     for f in flips:
         out = run(x.flip(f) if f else x)
@@ -124,6 +127,20 @@ def choose_threshold(prob_fg: list[np.ndarray], refs: list[np.ndarray], grid=Non
     return best
 
 
+def augment_pair(augment, x: torch.Tensor, y: torch.Tensor, n_outputs: int, gen: torch.Generator):
+    """Augment images (B, C, ...) and label maps (B, ...) together: the same geometry for both,
+    intensity changes for the image only."""
+    c = x.shape[1]
+    if n_outputs == 1:  # binary: the mask as one channel, re-thresholded after interpolation
+        z = augment.geometric(torch.cat([x, y[:, None].to(x.dtype)], 1), gen)
+        y = (z[:, c] > 0.5).long()
+    else:  # one channel per class; argmax on a channels-last copy (argmax over dim 1 is slow on CPU)
+        onehot = F.one_hot(y.long(), n_outputs).movedim(-1, 1).to(x.dtype)
+        z = augment.geometric(torch.cat([x, onehot], 1), gen)
+        y = z[:, c:].movedim(1, -1).contiguous().argmax(-1)
+    return augment.intensity(z[:, :c], gen), y
+
+
 class SegmentationModule(ClassifierModule):
     """Patch training with a MONAI loss; whole-image sliding-window validation (``val_dice``)."""
 
@@ -142,18 +159,16 @@ class SegmentationModule(ClassifierModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self.augment.active:
-            k = max(self.n_outputs, 2)
-            onehot = F.one_hot(y.long(), k).movedim(-1, 1).to(x.dtype)
-            z = self.augment.geometric(torch.cat([x, onehot], 1), self._gen)
-            x, y = self.augment.intensity(z[:, : x.shape[1]], self._gen), z[:, x.shape[1]:].argmax(1)
+            x, y = augment_pair(self.augment, x, y, self.n_outputs, self._gen)
         logits = self(x)
         loss = self.criterion(logits.float(), y[:, None])
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        if (self.current_epoch + 1) % self.seg.val_every and self.current_epoch + 1 != self.trainer.max_epochs:
-            return
+        e = self.current_epoch
+        if e and (e + 1) % self.seg.val_every and e + 1 != self.trainer.max_epochs:
+            return  # validate after the first epoch, every val_every epochs and after the last
         x, y = batch
         probs = predict_probs(self.model, x[0], self.seg.patch_size, self.seg.overlap, self.seg.blend,
                               self.seg.sw_batch_size)

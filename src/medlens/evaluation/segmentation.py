@@ -179,7 +179,7 @@ def evaluate_segmentation_run(run_dir: str | Path, split: str = "test", data=Non
                     ref_rows.append({"case": c.case_id, "patient_id": c.patient_id, **r})
         groups = [r["patient_id"] for r in split_rows]
         results[sp] = {"metrics": summarize(split_rows, groups, ev.bootstrap, ev.ci, cfg.seed),
-                       "n_bootstrap": ev.bootstrap, "n_cases": len(split_rows), "n_patients": len(set(groups))}
+                       "n_bootstrap": ev.bootstrap, "n": len(split_rows), "n_patients": len(set(groups))}
         rows += split_rows
     if ref_rows:
         results["reference_observer"] = {
