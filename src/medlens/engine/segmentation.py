@@ -94,21 +94,21 @@ def postprocess(probs: np.ndarray, threshold: float = 0.5, largest_components: i
                 min_size: int = 0) -> np.ndarray:
     """Label map (uint8) from probabilities (K, *spatial): threshold for two classes, argmax above;
     then per class keep the N largest connected components and drop those under ``min_size`` voxels."""
-    from scipy import ndimage
+    from skimage.morphology import remove_small_objects
+
+    from medlens.imaging.segment import largest_components as keep_largest
 
     labels = (probs[1] >= threshold).astype(np.uint8) if probs.shape[0] == 2 else probs.argmax(0).astype(np.uint8)
     if not largest_components and not min_size:
         return labels
     out = np.zeros_like(labels)
     for k in range(1, probs.shape[0]):
-        comp, n = ndimage.label(labels == k)
-        if n == 0:
-            continue
-        sizes = np.bincount(comp.ravel())[1:]
-        keep = np.flatnonzero(sizes >= max(min_size, 1)) + 1
+        m = labels == k
+        if min_size > 1:
+            m = remove_small_objects(m, max_size=min_size - 1)
         if largest_components:
-            keep = keep[np.argsort(-sizes[keep - 1])][:largest_components]
-        out[np.isin(comp, keep)] = k
+            m = keep_largest(m, largest_components)
+        out[m] = k
     return out
 
 

@@ -1,0 +1,181 @@
+"""Segmentation on real data: CHASE_DB1 (2D vessels, two observers), the mri-seg volumes (3D smoke)
+and LIDC-IDRI consensus nodule masks."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medlens.config import config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _chase_cfg(tmp: Path, name: str = "chase_tiny", **seg):
+    """The shipped CHASE config (its U-Net), shrunk to a smoke-sized run: one epoch of 512 patches."""
+    d = load_config(REPO / "configs" / "chasedb1_unet.yaml").model_dump()
+    d.update(name=name, output_dir=str(tmp))
+    d["train"].update(epochs=1, batch_size=16)
+    d["segmentation"].update(patches_per_epoch=512, overlap=0.25, **seg)
+    d["evaluation"]["bootstrap"] = 100
+    return config_from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def chase_run(tmp_path_factory, data_root):
+    from medlens.engine.train import train
+
+    return train(_chase_cfg(tmp_path_factory.mktemp("seg")), progress_bar=False)
+
+
+def test_chase_pairs_and_child_level_split(data_root):
+    from medlens.data.segmentation import find_pairs, load_segmentation
+
+    root = data_root / "chasedb1" / "CHASEDB1"
+    pairs = find_pairs(root, "_1stHO.png", "_2ndHO.png")
+    assert len(pairs) == 28 and all(r is not None and r.exists() for _, _, r in pairs)
+    cfg = load_config(REPO / "configs" / "chasedb1_unet.yaml")
+    data = load_segmentation(cfg.data, cfg.segmentation, seed=cfg.seed)
+    kids = [{c.patient_id for c in data.get(s)} for s in ("train", "val", "test")]
+    assert [len(k) for k in kids] == [8, 2, 4]
+    assert not (kids[0] & kids[1] or kids[0] & kids[2] or kids[1] & kids[2])
+    assert [len(data.get(s)) for s in ("train", "val", "test")] == [16, 4, 8]  # both eyes of every child
+    c = data.test[0]
+    assert c.image.shape == (1, 960, 999) and c.mask.shape == (960, 999) and c.mask.dtype == np.uint8
+    assert 0.05 < c.mask.mean() < 0.15  # vessel fraction of a fundus photo
+    assert c.reference is not None and c.reference.shape == c.mask.shape
+
+
+def test_metrics_match_monai_on_real_observer_masks(data_root):
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+    from PIL import Image
+
+    from medlens.evaluation.segmetrics import case_metrics
+
+    root = data_root / "chasedb1" / "CHASEDB1"
+    a = np.asarray(Image.open(root / "Image_05L_1stHO.png")) > 0
+    b = np.asarray(Image.open(root / "Image_05L_2ndHO.png")) > 0
+    ours = case_metrics(b, a, with_cldice=True)
+    oh = lambda m: torch.from_numpy(np.stack([~m, m])[None].astype(np.float32))  # noqa: E731
+    assert ours["dice"] == pytest.approx(DiceMetric(include_background=False)(oh(b), oh(a)).item(), abs=1e-6)
+    assert ours["hd95"] == pytest.approx(
+        HausdorffDistanceMetric(include_background=False, percentile=95)(oh(b), oh(a)).item(), rel=1e-5)
+    assert 0.7 < ours["dice"] < 0.85  # the human level the issue quotes (0.74-0.83)
+    assert 0.5 < ours["cldice"] <= 1
+
+
+def test_chase_training_run_folder(chase_run, data_root):
+    m = json.loads((chase_run / "metrics.json").read_text())
+    meta = json.loads((chase_run / "run.json").read_text())
+    assert m["task"] == "segmentation" and m["threshold"]["chosen_on"] == "val"
+    assert 0.1 <= m["threshold"]["value"] <= 0.9 and meta["threshold"] == m["threshold"]["value"]
+    test = m["test"]["metrics"]
+    for k in ("dice", "iou", "sensitivity", "precision", "hd95", "msd", "cldice"):
+        v = test[k]
+        assert v["ci_low"] <= v["value"] <= v["ci_high"], k
+    assert test["dice"]["value"] > 0.3  # one short epoch already finds vessels
+    ref = m["reference_observer"]["metrics"]["dice"]
+    assert 0.74 <= ref["value"] <= 0.83 and m["test"]["n_patients"] == 4 and m["test"]["n"] == 8
+    per = pd.read_csv(chase_run / "per_case.csv")
+    assert set(per["split"]) == {"val", "test"} and len(per) == 12
+    assert np.mean(per[per.split == "test"]["dice"]) == pytest.approx(test["dice"]["value"])
+    # masks in the input's format and size, overlays beside them
+    from PIL import Image
+
+    masks = sorted((chase_run / "predictions").glob("*_mask.png"))
+    assert len(masks) == 8
+    arr = np.asarray(Image.open(masks[0]))
+    assert arr.shape == (960, 999) and set(np.unique(arr)) <= {0, 255}
+    assert len(list((chase_run / "predictions").glob("*_overlay.png"))) == 8
+    html = (chase_run / "report.html").read_text()
+    assert "Segmentation" in html and "second observer" in html and "HD95 (px)" in html
+
+
+def test_same_seed_same_segmentation_metrics(chase_run, tmp_path, data_root):
+    from medlens.engine.train import train
+
+    again = train(_chase_cfg(tmp_path, "again"), progress_bar=False)
+    a = pd.read_csv(chase_run / "per_case.csv")
+    b = pd.read_csv(again / "per_case.csv")
+    np.testing.assert_allclose(a["dice"], b["dice"], rtol=0, atol=1e-9)
+
+
+def test_segment_files_writes_mask_in_input_geometry(chase_run, tmp_path, data_root):
+    from PIL import Image
+
+    from medlens.evaluation.segmentation import segment_files
+
+    src = data_root / "chasedb1" / "CHASEDB1" / "Image_01L.jpg"
+    rows = segment_files(chase_run, [src], tmp_path, tta=True)
+    mask = np.asarray(Image.open(rows[0]["mask"]))
+    assert mask.shape == (960, 999) and rows[0]["foreground_voxels"] == int((mask > 0).sum()) > 1000
+    assert Path(rows[0]["overlay"]).exists()
+
+
+def test_mri_volumes_3d_smoke(tmp_path, data_root):
+    """3D: training on volumes, sliding-window inference, masks written as NIfTI in the input geometry."""
+    from medlens.engine.train import train
+    from medlens.evaluation.segmentation import segment_files
+    from medlens.io import load
+
+    d = load_config(REPO / "configs" / "mriseg_unet3d.yaml").model_dump()
+    d.update(output_dir=str(tmp_path))
+    d["train"]["epochs"] = 2
+    d["segmentation"]["patches_per_epoch"] = 16
+    d["evaluation"]["bootstrap"] = 20
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = train(config_from_dict(d), progress_bar=False)
+    assert any("breast1_image.nrrd" in str(w.message) and "smaller than the patch" in str(w.message) for w in caught)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["distance_unit"] == "mm" and m["test"]["n"] == 1
+    for k in ("dice", "hd95", "msd"):
+        assert k in m["test"]["metrics"]
+    src = data_root / "mri-seg" / "brain1_image.nrrd"
+    logs = []
+    rows = segment_files(run, [src, data_root / "mri-seg" / "breast1_image.nrrd"], tmp_path / "out", log=logs.append)
+    out = load(rows[0]["mask"])
+    img = load(src)
+    assert rows[0]["mask"].endswith("brain1_image_mask.nii.gz")
+    assert out.array.shape == img.array.shape
+    np.testing.assert_allclose(out.spacing, img.spacing, rtol=1e-5)
+    np.testing.assert_allclose(out.origin, img.origin, atol=1e-3)
+    np.testing.assert_allclose(out.direction, img.direction, atol=1e-5)
+    assert set(np.unique(out.array)) <= {0, 1}
+    assert "foreground_mm3" in rows[0]
+    assert any("smaller than the patch" in s for s in logs)  # breast1 padded, and the user told
+    assert load(rows[1]["mask"]).array.shape == load(data_root / "mri-seg" / "breast1_image.nrrd").array.shape
+
+
+def test_lidc_consensus_mask_is_a_segmentation_target(tmp_path, data_root):
+    """The LIDC readers' consensus becomes a mask volume on the scan's grid, usable as a training pair."""
+    from medlens.data.lidc import consensus_mask_image, parse_lidc_xml
+    from medlens.data.segmentation import check_same_grid, load_case
+    from medlens.io import load
+    from medlens.io.writers import save
+
+    series = data_root / "lidc-idri-0001"
+    xml = next(series.rglob("*.xml"))
+    scan = load(series)
+    mask = consensus_mask_image(parse_lidc_xml(xml), scan)
+    assert mask.array.shape == scan.array.shape
+    vol = mask.array.sum() * np.prod(scan.spacing)
+    assert 7000 < vol < 8600  # the 4-reader nodule's consensus volume (7,764 mm3 measured in the nodule issue)
+    path = save(mask, tmp_path / "nodule_mask.nii.gz")
+    back = load(path)
+    check_same_grid(scan, back, path)
+    # the LUNA16 centre of this nodule lies inside the written mask
+    uid = next((data_root / "luna16").rglob("*.mhd")).stem
+    ann = pd.read_csv(data_root / "luna16" / "annotations.csv").query("seriesuid == @uid").iloc[0]
+    z, y, x = np.round(back.world_to_voxel([ann.coordX, ann.coordY, ann.coordZ])).astype(int)
+    assert back.array[z, y, x] == 1
+    cfg = config_from_dict({"task": "segmentation", "data": {"source": "csv", "path": str(tmp_path / "m.csv"),
+                                                             "window": "lung"}}).data
+    case = load_case(series, path, cfg, None, "LIDC-IDRI-0001")
+    assert case.image.shape == (1, *scan.array.shape) and case.mask.sum() == mask.array.sum()
