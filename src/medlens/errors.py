@@ -24,3 +24,8 @@ class ConfigError(MedlensError):
 
 class ShapeError(MedlensError):
     """An array whose shape does not fit what the model or operation expects."""
+
+
+class MedlensWarning(UserWarning):
+    """Something the user should know that does not stop the work (padding, skipped rows, gaps).
+    The CLI prints these as one ``warning: ...`` line while silencing library chatter."""

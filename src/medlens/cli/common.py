@@ -21,6 +21,18 @@ def quiet_libraries() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "nibabel", "pydicom"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    from medlens.errors import MedlensWarning
+
+    warnings.filterwarnings("default", category=MedlensWarning)
+    plain = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MedlensWarning):
+            err_console.print(f"warning: {message}", markup=False, highlight=False)
+        else:
+            plain(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def progress(transient: bool = True, download: bool = False) -> Progress:

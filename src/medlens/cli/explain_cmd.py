@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
                 from medlens.engine.predict import load_run_model, prepare_file
                 from medlens.explain.features import write_feature_views
 
-                net, meta = load_run_model(run_dir)
+                net, meta = load_run_model(run_dir, expect="classification")
                 x = torch.from_numpy(prepare_file(files[0], meta)[None])
                 fdir = (out or run_dir / "explanations") / "features"
                 ps = write_feature_views(net.net, net.normalize(x), fdir)

@@ -99,8 +99,7 @@ def register(app: typer.Typer) -> None:
         from medlens.evaluation.segmentation import segment_files
 
         quiet_libraries()
-        rows = segment_files(run_dir, [Path(f) for f in files], out, tta=tta, overlay=overlay,
-                             log=lambda s: console.print(f"[yellow]{s}[/]"))
+        rows = segment_files(run_dir, [Path(f) for f in files], out, tta=tta, overlay=overlay)
         t = Table(title=f"segmentation ({run_dir})")
         for col in ("file", "mask", "foreground voxels", "area / volume"):
             t.add_column(col)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from medlens.data.base import SplitData, read_csv_checked
 from medlens.data.catalog import BINARY
-from medlens.errors import DataError
+from medlens.errors import DataError, MedlensWarning
 from medlens.io.image import Image
 
 AIR_HU = -1024
@@ -174,7 +174,7 @@ def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path,
     if missing:
         rep.skipped_no_scan = int(ann.seriesuid.isin(missing).sum())
         warnings.warn(f"{rep.skipped_no_scan} annotation(s) name a seriesuid with no scan in {scans} "
-                      f"(e.g. {missing[0]}); skipped")
+                      f"(e.g. {missing[0]}); skipped", MedlensWarning)
     if not uids:
         raise DataError(f"no annotation matches a scan in {scans} (annotations name {len(set(ann.seriesuid))} "
                         f"series, none present)", annotations)
@@ -218,7 +218,7 @@ def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path,
                     rep.negatives += 1
         rep.scans += 1
     if rep.skipped_outside:
-        warnings.warn(f"{rep.skipped_outside} coordinate(s) outside their scan were skipped")
+        warnings.warn(f"{rep.skipped_outside} coordinate(s) outside their scan were skipped", MedlensWarning)
     if not patches:
         raise DataError("no patch could be extracted (all coordinates outside the scans?)", annotations)
     out = Path(out)
@@ -340,7 +340,7 @@ def load_patch_store(path: str | Path, val: float = 0.15, test: float = 0.25, se
         tr, va, te = patient_split(full.labels, groups, val, test, seed)
         how = ("patch-level split: the store holds fewer than 3 patients, so train/val/test share patients "
                "(augmented copies of a nodule stay together); metrics are optimistic")
-        warnings.warn(how)
+        warnings.warn(how, MedlensWarning)
     return SplitData(full.subset(tr, "train"), full.subset(va, "val"), full.subset(te, "test"), split_method=how)
 
 

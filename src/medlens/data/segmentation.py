@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medlens.errors import DataError, ShapeError
+from medlens.errors import DataError, ShapeError, MedlensWarning
 from medlens.io.image import Image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha",
@@ -267,7 +267,7 @@ def pad_to(arr: np.ndarray, size: Sequence[int], what: str = "image", warn: bool
         return arr
     if warn:
         warnings.warn(f"{what} {tuple(spatial)} is smaller than the patch {tuple(size)}; padded with zeros",
-                      stacklevel=2)
+                      MedlensWarning, stacklevel=2)
     pad = [(0, 0)] * (arr.ndim - len(size)) + [(n // 2, n - n // 2) for n in need]
     return np.pad(arr, pad)
 

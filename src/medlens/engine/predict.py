@@ -25,12 +25,21 @@ def read_run_meta(run_dir: str | Path) -> dict:
         raise DataError(f"corrupt run.json ({e})", p) from e
 
 
-def load_run_model(run_dir: str | Path) -> tuple[ClassifierNet, dict]:
-    """Rebuild the network and load ``model.pt`` with ``weights_only=True``."""
+def load_run_model(run_dir: str | Path, expect: str | None = None) -> tuple[ClassifierNet, dict]:
+    """Rebuild the network and load ``model.pt`` with ``weights_only=True``.
+
+    ``expect`` ("classification" or "segmentation") refuses a run of the other kind with a clear error.
+    """
     from medlens.engine.train import build_network
 
     run = Path(run_dir)
     meta = read_run_meta(run)
+    is_seg = meta.get("task") == "segmentation"
+    if expect == "segmentation" and not is_seg:
+        raise MedlensError(f"not a segmentation run (its task is {meta.get('task')}); use `medlens predict`", run)
+    if expect == "classification" and is_seg:
+        raise MedlensError("a segmentation run; use `medlens segment` (explanations and predict are for "
+                           "classifiers)", run)
     weights = run / "model.pt"
     if not weights.exists():
         raise MedlensError("run has no model.pt (training did not finish; `medlens train ... --resume`)", run)
@@ -102,7 +111,7 @@ def predict_files(run_dir: str | Path, files: list[str | Path]) -> list[dict]:
         ds = ArrayDataset(xs, np.zeros(len(xs), int), meta["task"], meta["class_names"], name="files")
         probs = ClassicalPredictor(Path(run_dir), meta["task"])(ds)
     else:
-        net, meta = load_run_model(run_dir)
+        net, meta = load_run_model(run_dir, expect="classification")
         probs = predict_tensor(net, meta["task"], torch.from_numpy(xs))
     names = meta["class_names"]
     rows = []

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from medlens.engine.module import ClassifierModule
-from medlens.errors import ConfigError
+from medlens.errors import ConfigError, MedlensWarning
 
 
 def make_loss(seg_cfg, n_outputs: int):
@@ -71,7 +71,7 @@ def predict_probs(net: torch.nn.Module, image: np.ndarray | torch.Tensor, patch_
         raise ConfigError(f"patch size {list(patch_size)} does not fit a {len(spatial)}D image")
     if any(s < p for s, p in zip(spatial, patch_size)):
         warnings.warn(f"{name} {tuple(spatial)} is smaller than the patch {tuple(patch_size)}; padded with zeros",
-                      stacklevel=2)
+                      MedlensWarning, stacklevel=2)
     was_training = net.training
     net.eval()
 

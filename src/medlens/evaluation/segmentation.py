@@ -9,7 +9,7 @@ the model's (the human level).
 from __future__ import annotations
 
 import html
-import warnings
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,7 @@ def evaluate_segmentation_run(run_dir: str | Path, split: str = "test", data=Non
     meta = read_run_meta(run)
     cfg = load_config(run / "config.yaml")
     if net is None:
-        net, meta = load_run_model(run)
+        net, meta = load_run_model(run, expect="segmentation")
     if data is None:
         data = load_segmentation(cfg.data, cfg.segmentation, seed=cfg.seed)
     n_cls = len(meta["class_names"])
@@ -163,8 +163,6 @@ def evaluate_segmentation_run(run_dir: str | Path, split: str = "test", data=Non
         cases = data.get(sp)
         split_rows = []
         for c in cases:
-            import time
-
             t0 = time.perf_counter()
             probs = infer_case(net, c.image, meta, c.case_id)
             pred = to_labels(probs, meta)
@@ -237,16 +235,13 @@ def write_segmentation_section(run: Path, results: dict, rows: list[dict], split
 
 
 def segment_files(run_dir: str | Path, files: list[str | Path], out_dir: str | Path, tta: bool | None = None,
-                  overlay: bool = True, log=print) -> list[dict]:
+                  overlay: bool = True) -> list[dict]:
     """Segment image files with a trained run: a mask in each input's geometry, plus an overlay PNG."""
     from medlens.data.segmentation import load_case
     from medlens.engine.predict import load_run_model
     from medlens.config import load_config
-    from medlens.errors import MedlensError
 
-    net, meta = load_run_model(run_dir)
-    if meta.get("task") != "segmentation":
-        raise MedlensError("not a segmentation run (its task is " + str(meta.get("task")) + ")", run_dir)
+    net, meta = load_run_model(run_dir, expect="segmentation")
     if tta is not None:
         meta["segmentation"]["tta"] = tta
     cfg = load_config(Path(run_dir) / "config.yaml").data
@@ -261,11 +256,7 @@ def segment_files(run_dir: str | Path, files: list[str | Path], out_dir: str | P
 
             raise ShapeError(f"input has {case.image.shape[0]} channel(s), {case.image.ndim - 1}D; the model expects "
                              f"{meta['in_channels']}, {meta['spatial_dims']}D", f)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            probs = infer_case(net, case.image, meta, f.name)
-        for w in caught:
-            log(f"warning: {w.message}")
+        probs = infer_case(net, case.image, meta, f.name)  # warns (MedlensWarning) when it pads
         pred = to_labels(probs, meta)
         mpath = write_mask(pred, case.geometry, mask_path_for(f, out, case.image.ndim - 1), meta)
         row = {"file": str(f), "mask": str(mpath), "foreground_voxels": int((pred > 0).sum())}

@@ -30,7 +30,7 @@ def explain_files(run_dir: str | Path, files: list[str | Path], method: str, tar
     """Maps for image files: ``<stem>_<method>.png`` overlays and ``<stem>_<method>.npy`` raw maps."""
     from medlens.engine.predict import load_run_model, prepare_file
 
-    net, meta = load_run_model(run_dir)
+    net, meta = load_run_model(run_dir, expect="classification")
     out = Path(out_dir) if out_dir else Path(run_dir) / "explanations"
     x = torch.from_numpy(np.stack([prepare_file(f, meta) for f in files]))
     maps, info = explain(net, x, method, target, layer)
@@ -63,7 +63,7 @@ def evaluate_faithfulness(run_dir: str | Path, methods: list[str] | None = None,
     from medlens.engine.predict import load_run_model
 
     run = Path(run_dir)
-    net, meta = load_run_model(run)
+    net, meta = load_run_model(run, expect="classification")
     ds = _test_data(run)
     methods = methods or list(METHODS)
     bad = [m for m in methods if m not in METHODS]
@@ -113,7 +113,7 @@ def write_report_section(run_dir: str | Path, method: str = "gradcam", k: int = 
     run = Path(run_dir)
     if json.loads((run / "run.json").read_text()).get("kind") == "classical":
         return None  # hand-made features: no attribution maps
-    net, meta = load_run_model(run)
+    net, meta = load_run_model(run, expect="classification")
     preds = pd.read_csv(run / "predictions.csv")
     test = preds[preds["split"] == "test"].reset_index(drop=True)
     if meta["task"] == "binary":

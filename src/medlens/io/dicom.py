@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.errors import DataError
+from medlens.errors import DataError, MedlensWarning
 from medlens.io.image import Image
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ def _pixel_spacing(ds, path) -> tuple[float, float]:
         return 1.0, 1.0
     row, col = _float_list(ps, 2, "PixelSpacing", path)
     if row <= 0 or col <= 0:  # seen on real CR files: the image is fine, its calibration is unknown
-        warnings.warn(f"{path.name}: PixelSpacing {list(ps)} is not positive; using 1.0 mm (uncalibrated)")
+        warnings.warn(f"{path.name}: PixelSpacing {list(ps)} is not positive; using 1.0 mm (uncalibrated)",
+                      MedlensWarning)
         return 1.0, 1.0
     return row, col  # (between rows = y, between columns = x)
 
@@ -256,7 +257,8 @@ def _multiframe(ds, arr, direction, row_sp, col_sp, modality, meta, path) -> Ima
             raise DataError("multi-frame image has frames at duplicate positions", path)
         z_sp = float(np.median(steps))
         if np.abs(steps - z_sp).max() > 0.01 * z_sp + 1e-3:
-            warnings.warn(f"{path.name}: frame spacing is not uniform ({steps.min():.3f}-{steps.max():.3f} mm)")
+            warnings.warn(f"{path.name}: frame spacing is not uniform ({steps.min():.3f}-{steps.max():.3f} mm)",
+                          MedlensWarning)
         origin = pos[0].tolist()
         meta["frame_order"] = order.tolist()
     elif positions and positions[0] is not None:
@@ -396,7 +398,7 @@ def _assemble(series: SeriesInfo, slices: list, folder: Path, on_gap: str, toler
                    + (f"; {len(bad)} such gaps in all" if len(bad) > 1 else ""))
             if on_gap != "warn":
                 raise DataError(msg + " (use on_gap='warn' / --allow-gaps to load anyway)", folder)
-            warnings.warn(f"{folder}: {msg}; loaded with median spacing")
+            warnings.warn(f"{folder}: {msg}; loaded with median spacing", MedlensWarning)
     else:
         dz = float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
     # pixels: fast path for native little-endian uncompressed data, else pydicom's decoders
