@@ -132,7 +132,7 @@ def test_mri_volumes_3d_smoke(tmp_path, data_root):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run = train(config_from_dict(d), progress_bar=False)
-    assert any("breast1_image.nrrd" in str(w.message) and "smaller than the patch" in str(w.message) for w in caught)
+    assert any("breast1_image" in str(w.message) and "smaller than the patch" in str(w.message) for w in caught)
     m = json.loads((run / "metrics.json").read_text())
     assert m["distance_unit"] == "mm" and m["test"]["n"] == 1
     for k in ("dice", "hd95", "msd"):
@@ -178,3 +178,22 @@ def test_lidc_consensus_mask_is_a_segmentation_target(tmp_path, data_root):
                                                              "window": "lung"}}).data
     case = load_case(series, path, cfg, None, "LIDC-IDRI-0001")
     assert case.image.shape == (1, *scan.array.shape) and case.mask.sum() == mask.array.sum()
+
+
+def test_csv_manifest_of_volumes_keeps_patients_together(tmp_path, data_root):
+    from medlens.data.segmentation import load_segmentation
+
+    root = data_root / "mri-seg"
+    rows = ["path,mask,patient_id"] + [f"{root}/{n}_image.nrrd,{root}/{n}_label.nrrd,{p}" for n, p in
+                                       (("brain1", "P1"), ("brain2", "P1"), ("breast1", "P2"))]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = config_from_dict({"task": "segmentation", "data": {"source": "csv", "path": str(tmp_path / "m.csv"),
+                                                             "intensity": "zscore"}})
+    with pytest.raises(Exception, match="at least 3 patients"):
+        load_segmentation(cfg.data, cfg.segmentation)
+    (tmp_path / "m.csv").write_text("\n".join(rows).replace(",P1\n", ",P3\n", 1) + "\n")
+    data = load_segmentation(cfg.data, cfg.segmentation, seed=1)
+    assert sorted(len(data.get(s)) for s in ("train", "val", "test")) == [1, 1, 1]
+    case = next(c for s in ("train", "val", "test") for c in data.get(s) if c.case_id == "brain1_image")
+    assert case.image.shape == (1, 25, 256, 256) and abs(float(case.image.mean())) < 1e-3  # z-scored
+    assert case.mask.sum() == 4137 and case.spacing[0] == pytest.approx(6.5)

@@ -248,3 +248,35 @@ def test_patient_split_never_shares_a_patient():
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
     with pytest.raises(DataError, match="at least 3 patients"):
         split_cases(["a", "a", "b"], 0.2, 0.2, 0)
+
+
+@pytest.mark.parametrize("loss", ["dice_ce", "dice_focal", "dice", "focal", "tversky", "ce"])
+@pytest.mark.parametrize("n_out", [1, 3])
+def test_losses_prefer_the_right_answer(loss, n_out):
+    from medlens.config import SegmentationConfig
+    from medlens.engine.segmentation import make_loss
+
+    crit = make_loss(SegmentationConfig(loss=loss), n_out)
+    y = torch.zeros(2, 1, 16, 16, dtype=torch.long)
+    y[:, :, 4:10, 4:10] = 1
+    if n_out == 3:
+        y[:, :, 12:15, 2:6] = 2
+        good = torch.nn.functional.one_hot(y[:, 0], 3).movedim(-1, 1).float() * 8 - 4
+    else:
+        good = y.float() * 8 - 4
+    bad = -good
+    lg, lb = crit(good, y), crit(bad, y)
+    assert torch.isfinite(lg) and lg < lb
+    logits = torch.zeros_like(good, requires_grad=True)
+    crit(logits, y).backward()
+    assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dims,size", [(2, (32, 48)), (3, (16, 16, 32))])
+def test_basic_unet_builds_and_keeps_the_grid(dims, size):
+    from medlens.models import create_model
+
+    net = create_model("basic_unet", 2, 3, dims, None, features=[4, 4, 8, 8, 16, 4]).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 2, *size))
+    assert out.shape == (1, 3, *size)
