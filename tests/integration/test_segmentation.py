@@ -197,3 +197,23 @@ def test_csv_manifest_of_volumes_keeps_patients_together(tmp_path, data_root):
     case = next(c for s in ("train", "val", "test") for c in data.get(s) if c.case_id == "brain1_image")
     assert case.image.shape == (1, 25, 256, 256) and abs(float(case.image.mean())) < 1e-3  # z-scored
     assert case.mask.sum() == 4137 and case.spacing[0] == pytest.approx(6.5)
+
+
+def test_resumed_segmentation_run_matches_uninterrupted(tmp_path, data_root):
+    from medlens.engine.train import train
+    from test_training import _Crash  # crashes at the start of epoch 1
+
+    def cfg(root):
+        c = _chase_cfg(root, "resume", val_every=1).model_dump()
+        c["model"]["params"] = {"channels": [8, 16, 32]}
+        c["train"]["epochs"] = 2
+        c["segmentation"]["patches_per_epoch"] = 64
+        return config_from_dict(c)
+
+    whole = train(cfg(tmp_path / "a"), progress_bar=False)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(cfg(tmp_path / "b"), callbacks=[_Crash()], progress_bar=False)
+    resumed = train(cfg(tmp_path / "b"), resume=True, progress_bar=False)
+    a, b = (pd.read_csv(r / "per_case.csv") for r in (whole, resumed))
+    np.testing.assert_allclose(a["dice"], b["dice"], rtol=0, atol=1e-9)
+    assert list(pd.read_csv(resumed / "history.csv")["epoch"]) == [0, 1]
