@@ -151,6 +151,24 @@ def test_mri_volumes_3d_smoke(tmp_path, data_root):
     assert "foreground_mm3" in rows[0]
     assert load(rows[1]["mask"]).array.shape == load(data_root / "mri-seg" / "breast1_image.nrrd").array.shape
 
+    # a DICOM series in: NIfTI mask + DICOM SEG whose frames sit on the right source slices
+    import highdicom as hd
+
+    from medlens.io.dicom_seg import source_slices
+    from medlens.io.writers import write_dicom_series
+
+    series = tmp_path / "brain1_dicom"
+    write_dicom_series(img, series, modality="MR")
+    rows = segment_files(run, [series], tmp_path / "out2", dicom_seg=True)
+    mask = load(rows[0]["mask"]).array
+    seg = hd.seg.segread(rows[0]["dicom_seg"])
+    vol = load(series)
+    uids = [ds.SOPInstanceUID for ds in source_slices(series, vol)]
+    frames = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+    assert mask.any()  # a non-trivial comparison
+    np.testing.assert_array_equal(frames, mask)
+    assert seg.SeriesInstanceUID != vol.meta["series_uid"] and str(seg.Modality) == "SEG"
+
 
 def test_lidc_consensus_mask_is_a_segmentation_target(tmp_path, data_root):
     """The LIDC readers' consensus becomes a mask volume on the scan's grid, usable as a training pair."""

@@ -94,19 +94,23 @@ def register(app: typer.Typer) -> None:
                 files: List[Path] = typer.Argument(..., help="images: PNG/JPEG (2D) or NIfTI/NRRD/MHD/DICOM (3D)"),
                 out: Path = typer.Option(..., "--out", help="folder for the masks and overlays"),
                 tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="average over flips (default: the run's)"),
-                overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="also write an overlay PNG")) -> None:
+                overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="also write an overlay PNG"),
+                dicom_seg: bool = typer.Option(False, "--dicom-seg", help="DICOM series inputs: also write a DICOM "
+                                               "SEG (it copies the source's patient/study attributes, as the "
+                                               "standard requires)")) -> None:
         """Segment files with a trained U-Net: a mask per input in its geometry (PNG 2D, NIfTI 3D) + overlay."""
         from medlens.evaluation.segmentation import segment_files
 
         quiet_libraries()
-        rows = segment_files(run_dir, [Path(f) for f in files], out, tta=tta, overlay=overlay)
+        rows = segment_files(run_dir, [Path(f) for f in files], out, tta=tta, overlay=overlay, dicom_seg=dicom_seg)
         t = Table(title=f"segmentation ({run_dir})")
         for col in ("file", "mask", "foreground voxels", "area / volume"):
             t.add_column(col)
         for r in rows:
             size = (f"{r['foreground_mm3']:.0f} mm3" if "foreground_mm3" in r else
                     f"{r['foreground_mm2']:.1f} mm2" if "foreground_mm2" in r else "-")
-            t.add_row(Path(r["file"]).name, r["mask"], str(r["foreground_voxels"]), size)
+            t.add_row(Path(r["file"]).name, r["mask"] + (f" + {r['dicom_seg']}" if "dicom_seg" in r else ""),
+                      str(r["foreground_voxels"]), size)
         console.print(t)
 
     @app.command()

@@ -235,8 +235,9 @@ def write_segmentation_section(run: Path, results: dict, rows: list[dict], split
 
 
 def segment_files(run_dir: str | Path, files: list[str | Path], out_dir: str | Path, tta: bool | None = None,
-                  overlay: bool = True) -> list[dict]:
-    """Segment image files with a trained run: a mask in each input's geometry, plus an overlay PNG."""
+                  overlay: bool = True, dicom_seg: bool = False) -> list[dict]:
+    """Segment image files with a trained run: a mask in each input's geometry, plus an overlay PNG;
+    with ``dicom_seg``, DICOM series inputs also get a DICOM SEG referencing their slices."""
     from medlens.data.segmentation import load_case
     from medlens.engine.predict import load_run_model
     from medlens.config import load_config
@@ -263,6 +264,18 @@ def segment_files(run_dir: str | Path, files: list[str | Path], out_dir: str | P
         if case.image.ndim - 1 == 3 or meta.get("pixel_spacing"):
             row["foreground_mm3" if case.image.ndim == 4 else "foreground_mm2"] = float(
                 (pred > 0).sum() * np.prod(case.spacing))
+        if dicom_seg:
+            if "series_uid" not in case.geometry.meta or not f.is_dir():
+                import warnings
+
+                from medlens.errors import MedlensWarning
+
+                warnings.warn(f"{f.name} is not a DICOM series folder; no DICOM SEG written", MedlensWarning)
+            else:
+                from medlens.io.dicom_seg import write_dicom_seg
+
+                row["dicom_seg"] = str(write_dicom_seg(pred, case.geometry, f, out / f"{f.name}_seg.dcm",
+                                                       meta["class_names"]))
         if overlay:
             row["overlay"] = str(write_overlay(case.display, pred, None, out / f"{Path(mpath).name.split('_mask')[0]}"
                                                                                f"_overlay.png"))
