@@ -87,6 +87,8 @@ def test_bad_masks_and_configs_are_one_line_errors(tmp_path):
                     "patch_size")
     _one_line_error(medlens("train", cfg, "--quiet", "--overwrite", "--set", "data.mask_suffix=_none.png"),
                     "no masks matching")
+    _one_line_error(medlens("train", cfg, "--quiet", "--overwrite", "--set", "train.monitor=val_loss"),
+                    "segmentation runs monitor val_dice")
 
 
 def test_small_images_train_with_a_padding_warning(tmp_path):

@@ -145,7 +145,7 @@ class SegmentationModule(ClassifierModule):
     """Patch training with a MONAI loss; whole-image sliding-window validation (``val_dice``)."""
 
     def __init__(self, model, train_cfg, seg_cfg, n_outputs: int, seed: int = 0, sampler=None) -> None:
-        super().__init__(model, "segmentation", train_cfg, seed=seed)
+        super().__init__(model, "segmentation", train_cfg.model_copy(update={"monitor": "val_dice"}), seed=seed)
         self.seg = seg_cfg
         self.n_outputs = n_outputs
         self.criterion = make_loss(seg_cfg, n_outputs)

@@ -159,6 +159,9 @@ def _train_segmentation(cfg: ExperimentConfig, run: Path, resume: bool, callback
     seg = cfg.segmentation
     if get_model_entry(cfg.model.name).task != "segmentation":
         raise ConfigError(f"model '{cfg.model.name}' is a classifier; a segmentation run needs unet or basic_unet")
+    if cfg.train.monitor not in ("val_auc", "val_dice"):  # val_auc: the default, left unset
+        raise ConfigError(f"train.monitor '{cfg.train.monitor}': segmentation runs monitor val_dice")
+    monitor = "val_dice"
     data = load_segmentation(cfg.data, seg, seed=cfg.seed)
     if not data.train or not data.val or not data.test:
         raise MedlensError(f"empty split: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
@@ -191,9 +194,6 @@ def _train_segmentation(cfg: ExperimentConfig, run: Path, resume: bool, callback
     write_json_atomic(run / "run.json", meta)
     train_loader = DataLoader(sampler, batch_size=cfg.train.batch_size, shuffle=False, drop_last=False)
     val_loader = DataLoader(WholeImages(data.val), batch_size=1, shuffle=False)
-    monitor = "val_dice" if cfg.train.monitor in ("val_auc", "val_dice") else cfg.train.monitor
-    if monitor not in ("val_dice", "val_loss"):
-        raise ConfigError(f"train.monitor '{cfg.train.monitor}' is not one of val_dice for segmentation")
     best = _fit(cfg, module, train_loader, val_loader, run, monitor, resume, callbacks, progress_bar)
     _save_best(module, run)
     net = module.model
