@@ -97,3 +97,17 @@ def test_small_images_train_with_a_padding_warning(tmp_path):
     assert "smaller than the patch" in r.stderr + r.stdout
     masks = list((tmp_path / "runs" / "synth" / "predictions").glob("*_mask.png"))
     assert len(masks) == 1 and np.asarray(Image.open(masks[0])).shape == (48, 48)
+
+
+def test_segmentation_report_renders_in_chromium(seg_run, tmp_path):
+    from test_report_browser import _chromium
+
+    report = seg_run / "report.html"
+    dom = _chromium("--dump-dom", report.as_uri(), tmp_path=tmp_path).stdout
+    assert "id=\"seg-metrics\"" in dom and "second observer" in dom and "id=\"seg-cases\"" in dom
+    assert "HD95 (px)" in dom and "resamples of the test patients" in dom
+    assert dom.count("data:image/png;base64,") >= 5  # training curves + the four weakest overlays
+    shot = tmp_path / "shot.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri(), tmp_path=tmp_path)
+    img = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert img.std() > 20 and (img < 128).mean() > 0.01

@@ -95,8 +95,8 @@ def read_manifest(csv_path: str | Path, path_column: str, mask_column: str, pati
     base = Path(image_root) if image_root else Path(csv_path).parent
     rows = []
     for r in df.to_dict("records"):
-        ref = base / str(r[reference_column]) if reference_column and r.get(reference_column) == r.get(
-            reference_column) and r.get(reference_column) else None
+        v = r.get(reference_column) if reference_column else None
+        ref = base / v if isinstance(v, str) and v else None  # empty cells read as NaN: no reference
         pid = str(r[patient_column]) if patient_column in df.columns else None
         rows.append((base / str(r[path_column]), base / str(r[mask_column]), ref, pid))
     return rows
