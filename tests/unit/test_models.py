@@ -8,12 +8,13 @@ from medlens.models.transfer import apply_transfer
 
 @pytest.mark.parametrize("entry", list_models(), ids=lambda e: e.name)
 def test_every_model_runs_forward_and_backward(entry):
+    seg = entry.task == "segmentation"
     for dims in entry.dims:
-        size = (16, 16, 16) if dims == 3 else (28, 28)
+        size = (16, 16, 16) if dims == 3 else (32, 32) if seg else (28, 28)
         m = create_model(entry.name, 1, 3, dims, size)
         x = torch.randn(2, 1, *size)
         out = m(x)
-        assert out.shape == (2, 3)
+        assert out.shape == ((2, 3, *size) if seg else (2, 3))  # per-voxel logits for segmenters
         out.sum().backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
