@@ -114,14 +114,12 @@ def postprocess(probs: np.ndarray, threshold: float = 0.5, largest_components: i
 
 def choose_threshold(prob_fg: list[np.ndarray], refs: list[np.ndarray], grid=None) -> tuple[float, float]:
     """The foreground threshold with the best mean Dice over validation cases (never test)."""
+    from medlens.evaluation.segmetrics import dice
+
     grid = np.round(np.arange(0.1, 0.91, 0.05), 2) if grid is None else grid
     best = (0.5, -1.0)
     for t in grid:
-        d = []
-        for p, r in zip(prob_fg, refs):
-            m = p >= t
-            s = m.sum() + r.sum()
-            d.append(2 * (m & r).sum() / s if s else 1.0)
+        d = [dice(p >= t, r) for p, r in zip(prob_fg, refs)]
         if np.mean(d) > best[1] + 1e-9:
             best = (float(t), float(np.mean(d)))
     return best
@@ -172,14 +170,10 @@ class SegmentationModule(ClassifierModule):
         x, y = batch
         probs = predict_probs(self.model, x[0], self.seg.patch_size, self.seg.overlap, self.seg.blend,
                               self.seg.sw_batch_size)
-        pred = postprocess(probs)
-        ref = y[0].numpy()
-        dices = []
-        for k in range(1, probs.shape[0]):
-            a, b = pred == k, ref == k
-            s = a.sum() + b.sum()
-            dices.append(2 * (a & b).sum() / s if s else 1.0)
-        self._dice.append(float(np.mean(dices)))
+        from medlens.evaluation.segmetrics import dice
+
+        pred, ref = postprocess(probs), y[0].numpy()
+        self._dice.append(float(np.mean([dice(pred == k, ref == k) for k in range(1, probs.shape[0])])))
 
     def on_validation_epoch_end(self) -> None:
         if self._dice:

@@ -31,6 +31,13 @@ from scipy import ndimage
 METRICS = ("dice", "iou", "sensitivity", "precision", "hd95", "msd")
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary masks; two empty masks agree perfectly (1.0)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    s = int(a.sum()) + int(b.sum())
+    return float(2 * (a & b).sum() / s) if s else 1.0
+
+
 def _edges(mask: np.ndarray) -> np.ndarray:
     return mask ^ ndimage.binary_erosion(mask)
 
@@ -78,7 +85,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing=None, with_cldice: b
     if npred == 0 and nref == 0:
         out = dict(dice=1.0, iou=1.0, sensitivity=1.0, precision=1.0, hd95=0.0, msd=0.0)
     else:
-        out["dice"] = 2 * tp / (npred + nref)
+        out["dice"] = dice(pred, ref)
         out["iou"] = tp / (npred + nref - tp)
         out["sensitivity"] = tp / nref if nref else nan
         out["precision"] = tp / npred if npred else nan

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medlens.evaluation.segmetrics import dice
+
 
 def psnr_ssim(clean: np.ndarray, test: np.ndarray, data_range: float) -> tuple[float, float]:
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -34,12 +36,6 @@ def denoising(ct_slice: np.ndarray, sigma: float = 50.0, seed: int = 0) -> list[
         p, s = psnr_ssim(clean, out, rng_)
         rows.append({"method": name, "psnr": p, "ssim": s, "seconds": time.perf_counter() - t0})
     return rows
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 1.0
 
 
 def vessels(chase_dir: Path) -> list[dict]:
