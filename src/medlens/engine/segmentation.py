@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from medlens.engine.module import ClassifierModule
 from medlens.errors import ConfigError, MedlensWarning
+from medlens.evaluation.segmetrics import dice
 
 
 def make_loss(seg_cfg, n_outputs: int):
@@ -114,8 +115,6 @@ def postprocess(probs: np.ndarray, threshold: float = 0.5, largest_components: i
 
 def choose_threshold(prob_fg: list[np.ndarray], refs: list[np.ndarray], grid=None) -> tuple[float, float]:
     """The foreground threshold with the best mean Dice over validation cases (never test)."""
-    from medlens.evaluation.segmetrics import dice
-
     grid = np.round(np.arange(0.1, 0.91, 0.05), 2) if grid is None else grid
     best = (0.5, -1.0)
     for t in grid:
@@ -170,8 +169,6 @@ class SegmentationModule(ClassifierModule):
         x, y = batch
         probs = predict_probs(self.model, x[0], self.seg.patch_size, self.seg.overlap, self.seg.blend,
                               self.seg.sw_batch_size)
-        from medlens.evaluation.segmetrics import dice
-
         pred, ref = postprocess(probs), y[0].numpy()
         self._dice.append(float(np.mean([dice(pred == k, ref == k) for k in range(1, probs.shape[0])])))
 
