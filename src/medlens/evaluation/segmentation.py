@@ -119,7 +119,8 @@ def write_overlay(display, pred, ref, path: Path) -> Path:
     return path
 
 
-def _binary_metrics(pred, ref, spacing, with_cldice: bool, n_classes: int) -> dict:
+def _case_scores(pred, ref, spacing, with_cldice: bool, n_classes: int) -> dict:
+    """Metrics of one case: the foreground for two classes, else the mean over foreground classes."""
     if n_classes == 2:
         return case_metrics(pred > 0, ref > 0, spacing, with_cldice)
     per = [case_metrics(pred == k, ref == k, spacing, with_cldice) for k in range(1, n_classes)]
@@ -167,13 +168,13 @@ def evaluate_segmentation_run(run_dir: str | Path, split: str = "test", data=Non
             probs = infer_case(net, c.image, meta, c.case_id)
             pred = to_labels(probs, meta)
             secs = time.perf_counter() - t0
-            m = _binary_metrics(pred, c.mask, _spacing(c, meta), with_cl, n_cls)
+            m = _case_scores(pred, c.mask, _spacing(c, meta), with_cl, n_cls)
             split_rows.append({"split": sp, "case": c.case_id, "patient_id": c.patient_id, "seconds": secs, **m})
             if sp == split:
                 write_mask(pred, c.geometry, mask_path_for(c.path, pred_dir, c.image.ndim - 1), meta)
                 write_overlay(c.display, pred, c.mask, pred_dir / f"{c.case_id}_overlay.png")
                 if c.reference is not None:
-                    r = _binary_metrics(c.reference, c.mask, _spacing(c, meta), with_cl, n_cls)
+                    r = _case_scores(c.reference, c.mask, _spacing(c, meta), with_cl, n_cls)
                     ref_rows.append({"case": c.case_id, "patient_id": c.patient_id, **r})
         groups = [r["patient_id"] for r in split_rows]
         results[sp] = {"metrics": summarize(split_rows, groups, ev.bootstrap, ev.ci, cfg.seed),
