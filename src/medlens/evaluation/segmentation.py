@@ -50,10 +50,6 @@ def select_threshold(net, cases, meta: dict) -> tuple[float, float | None]:
     return choose_threshold(probs, [c.mask > 0 for c in cases])
 
 
-def _unit(meta: dict, spatial_dims: int) -> str:
-    return "mm" if spatial_dims == 3 or meta.get("pixel_spacing") else "px"
-
-
 def label_values_out(meta: dict, mask: np.ndarray, fmt_png: bool) -> np.ndarray:
     """Class indices -> the values written to disk: the configured label values, else 255 (PNG) / 1."""
     lv = meta.get("label_values")
@@ -129,6 +125,7 @@ def _case_scores(pred, ref, spacing, with_cldice: bool, n_classes: int) -> dict:
 
 
 def _spacing(case, meta) -> tuple | None:
+    """The case's spacing in mm where it is known (volumes, or 2D with ``data.pixel_spacing``), else None (px)."""
     if case.image.ndim - 1 == 3 or meta.get("pixel_spacing"):
         return case.spacing
     return None
@@ -158,7 +155,7 @@ def evaluate_segmentation_run(run_dir: str | Path, split: str = "test", data=Non
                "split_method": meta.get("split_method"), "evaluated_split": split,
                "threshold": {"rule": meta["segmentation"]["threshold"], "value": meta.get("threshold", 0.5),
                              "chosen_on": "val"},
-               "distance_unit": _unit(meta, data.train[0].image.ndim - 1 if data.train else 2)}
+               "distance_unit": "mm" if data.test and _spacing(data.test[0], meta) else "px"}
     rows, ref_rows = [], []
     for sp in ("val", split) if split != "val" else ("val",):
         cases = data.get(sp)
@@ -262,7 +259,7 @@ def segment_files(run_dir: str | Path, files: list[str | Path], out_dir: str | P
         pred = to_labels(probs, meta)
         mpath = write_mask(pred, case.geometry, mask_path_for(f, out, case.image.ndim - 1), meta)
         row = {"file": str(f), "mask": str(mpath), "foreground_voxels": int((pred > 0).sum())}
-        if case.image.ndim - 1 == 3 or meta.get("pixel_spacing"):
+        if _spacing(case, meta):
             row["foreground_mm3" if case.image.ndim == 4 else "foreground_mm2"] = float(
                 (pred > 0).sum() * np.prod(case.spacing))
         if dicom_seg:
