@@ -117,6 +117,10 @@ def test_deid_log_has_no_old_values(deid_lidc, data_root):
         assert secret not in text
     rows = list(csv.DictReader(rep.log_path.open()))
     assert {"removed", "uid remapped"} <= {r["action"] for r in rows}
-    assert all(r["burned_in_annotation_flag"] == "YES" for r in rows)  # LIDC has no BurnedInAnnotation = NO
+    per_file = [r for r in rows if r["file"]]
+    assert per_file and all(r["burned_in_annotation_flag"] == "YES" for r in per_file)  # LIDC has no BurnedInAnnotation = NO
+    counts = {r["action"]: int(r["detail"]) for r in rows if r["action"].startswith("files ")}
+    assert counts == {"files in": 136, "files out": 133, "files skipped": 3}
+    assert sum(r["action"] == "written" for r in rows) == 133 and sum(r["action"] == "skipped" for r in rows) == 3
     # no identifier in the output paths either
     assert not any(str(orig.PatientID) in str(p) for p in out.rglob("*"))

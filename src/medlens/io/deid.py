@@ -6,14 +6,26 @@ The attribute list and each attribute's action (Table E.1-1) come from the maint
 - ``X`` remove, ``Z`` empty, ``D`` replace with a dummy value of the right VR, ``U`` remap UID;
   combined actions take the strongest (``X/Z/D`` -> remove, ``Z/D`` -> empty, ``X/Z/U*`` -> remap
   UIDs, remove the rest);
+- every data set is handled, however deeply nested in sequences; all private tags, group
+  lengths, attributes unknown to the data dictionary, whole overlay (60xx) and curve (50xx)
+  groups are removed; any other Person Name is replaced;
+- sequences whose action is ``D`` (SR Content Sequence, Person Identification Code Sequence,
+  Graphic Annotation Sequence, ...) are cleaned item by item: listed attributes by their action,
+  every other name, date, time and free text (SR ``TextValue`` included) replaced by a dummy;
+  coded entries are kept except where a code identifies a person;
+- the 128-byte preamble is zeroed and the file meta (group 0002) is rebuilt from scratch;
 - UIDs are remapped deterministically from a key, so every file of a study gets the same new
   Study/Series/FrameOfReference UIDs (and re-running with the same key gives the same UIDs);
-- all private tags are removed; sequences are de-identified recursively;
-- dates can be shifted by a fixed number of days instead of being removed (the "Retain
-  Longitudinal Temporal Information with Modified Dates" option);
+- dates can be shifted by a fixed number of days (the "Retain Longitudinal Temporal Information
+  with Modified Dates" option): only dates whose action allows a replacement (``D``) and the
+  option's study/acquisition dates shift; ``Z`` dates (Patient's Birth Date) are still emptied and
+  ``X`` dates (Last Menstrual Date) removed;
 - images whose BurnedInAnnotation is not ``NO`` are flagged: their pixels may show identifiers;
 - pixel data is never touched (bit-identical), and a CSV log lists what changed per file,
-  without the old values unless ``log_values=True``.
+  without the old values unless ``log_values=True``, with the exact count of files in, out and
+  skipped (and why);
+- a folder is written into a hidden temporary folder beside the destination and renamed into place
+  only when complete; a non-empty destination is refused, so two runs never mix.
 """
 
 from __future__ import annotations
@@ -21,8 +33,11 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import hashlib
-import io
+import os
+import re
 import secrets
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +45,32 @@ from medlens.errors import DataError
 
 PROFILE_DB = "dicomfields_2026c"
 METHOD = "PS3.15 E.1 Basic Profile (medlens)"
+LOG_NAME = "deid_log.csv"
+PIXEL_DATA = 0x7FE00010
+IMPLEMENTATION_VERSION = "MEDLENS_DEID"
+
+# Rows medlens adds to Table E.1-1, as data: (group, element[, group mask, element mask]) -> action.
+SUPPLEMENT: dict[tuple, str] = {
+    (0x0040, 0xA160): "D",  # Text Value: free text of an SR content item
+    (0x6000, 0x0000, 0xFF00, 0x0000): "X",  # the whole overlay group: labels, descriptions, bitmaps
+}
+
+# Dates the Modified Dates option shifts although their basic action is Z or X (the study's
+# time line); every other date shifts only when its action allows a replacement (D).
+OPTION_SHIFTED_DATES = frozenset({
+    (0x0008, 0x0020),  # Study Date
+    (0x0008, 0x0022),  # Acquisition Date
+})
+
+# Inside a D sequence, values of these VRs are replaced unless the table says otherwise.
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC", "UR", "AE", "DA", "DT", "TM"})
+# Coded-entry attributes: terminology, kept inside D sequences (SR concept names and codes).
+_CODED_ENTRY = frozenset({0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080105, 0x0008010F,
+                          0x00080119, 0x00080120, 0x00080122})
+# D sequences whose codes identify a person: nothing in them is kept.
+_CODES_ARE_PHI = frozenset({0x00401101})  # Person Identification Code Sequence
+_NOT_DICOM = "not DICOM"
+_DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 
 
 def profile_actions() -> dict[tuple, str]:
@@ -45,6 +86,14 @@ def profile_actions() -> dict[tuple, str]:
     return out
 
 
+def medlens_actions() -> dict[tuple, str]:
+    """Table E.1-1 plus medlens' :data:`SUPPLEMENT` (the table wins where both list a tag)."""
+    out = profile_actions()
+    for t, a in SUPPLEMENT.items():
+        out.setdefault(t, a)
+    return out
+
+
 def _effective(code: str, vr: str) -> str:
     if code == "XZU*":
         return "U" if vr == "UI" else "X"
@@ -55,13 +104,29 @@ def _effective(code: str, vr: str) -> str:
     return code
 
 
+def _in_dictionary(tag) -> bool:
+    from pydicom.datadict import get_entry
+
+    try:
+        get_entry(tag)
+        return True
+    except KeyError:
+        return False
+
+
 @dataclass
 class DeidReport:
-    files: int = 0
-    skipped: list[str] = field(default_factory=list)
+    files: int = 0  # files written (files out)
+    files_in: int = 0  # files found under the input folder
+    skipped: list[str] = field(default_factory=list)  # names of the files not written
+    skip_reasons: list[tuple[str, str]] = field(default_factory=list)  # (name, reason), same order
     burned_in: list[str] = field(default_factory=list)
     changes: int = 0
     log_path: Path | None = None
+
+    @property
+    def files_out(self) -> int:
+        return self.files
 
 
 class Deidentifier:
@@ -73,7 +138,7 @@ class Deidentifier:
         self.shift = date_shift_days
         self.log_values = log_values
         self.keep_private = keep_private
-        self.actions = profile_actions()
+        self.actions = medlens_actions()
         self.single = {t: a for t, a in self.actions.items() if len(t) == 2}
         self.masked = [(t, a) for t, a in self.actions.items() if len(t) == 4]
 
@@ -91,6 +156,24 @@ class Deidentifier:
                 return a
         return None
 
+    def _rule(self, elem, strict: bool, codes_are_phi: bool) -> tuple[str | None, str | None]:
+        """(table code, action to take) for ``elem``; action None keeps it (recursing into a sequence)."""
+        tag = elem.tag
+        if tag.is_private:
+            return None, (None if self.keep_private else "X")
+        if tag.element == 0:  # group length: stale after any change
+            return None, "X"
+        code = self._action_for(tag)
+        if code is not None:
+            return code, _effective(code, elem.VR)
+        if not _in_dictionary(tag):  # meaning unknown, so safety unknown
+            return None, "X"
+        if elem.VR == "PN":
+            return "D", "D"
+        if strict and elem.VR in _TEXT_VRS and (codes_are_phi or int(tag) not in _CODED_ENTRY):
+            return "D", "D"
+        return None, None
+
     def _dummy(self, elem):
         vr = elem.VR
         if vr in ("DA",):
@@ -101,7 +184,7 @@ class Deidentifier:
             return "000000"
         if vr in ("DS", "IS"):
             return "0"
-        if vr in ("FD", "FL", "SS", "US", "SL", "UL", "SV", "UV"):
+        if vr in ("FD", "FL", "SS", "US", "SL", "UL", "SV", "UV", "AT"):
             return 0
         if vr == "AS":
             return "000Y"
@@ -111,76 +194,90 @@ class Deidentifier:
             return b"\0\0"
         if vr == "UR":
             return "http://anonymized.invalid"
-        if vr == "AE":
-            return "ANONYMIZED"
         return "ANONYMIZED"
 
-    def _shift_date(self, elem) -> bool:
+    def _shiftable(self, elem, code: str | None) -> bool:
         if self.shift is None or elem.VR not in ("DA", "DT") or not elem.value:
             return False
-        try:
-            s = str(elem.value)
-            d = _dt.datetime.strptime(s[:8], "%Y%m%d") + _dt.timedelta(days=self.shift)
-            elem.value = d.strftime("%Y%m%d") + s[8:]
-            return True
-        except ValueError:
-            return False
+        t = (elem.tag.group, elem.tag.element)
+        return t in OPTION_SHIFTED_DATES or (code is not None and "D" in code)
 
-    def apply(self, ds, log: list[tuple[str, str, str, str, str]], where: str = "") -> None:
-        """De-identify ``ds`` in place (recursively); append (tag, keyword, action, old, new) to ``log``."""
-        from pydicom.dataelem import DataElement
+    def _shift_date(self, elem) -> bool:
+        """Shift every value of a DA/DT element by ``self.shift`` days; False (untouched) if any does not parse."""
+        from pydicom.multival import MultiValue
 
-        if not self.keep_private:
-            ds.remove_private_tags()
-        for elem in list(ds):  # a snapshot: we delete while iterating
-            if isinstance(elem, DataElement) is False:
-                elem = ds[elem.tag]
-            tag = elem.tag
-            if tag == 0x7FE00010:  # Pixel Data: never touched
+        values = list(elem.value) if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+        out = []
+        for v in values:
+            s = str(v)
+            if len(s) < 8 or not s[:8].isdigit():
+                return False
+            try:
+                d = _dt.datetime.strptime(s[:8], "%Y%m%d") + _dt.timedelta(days=self.shift)
+            except (ValueError, OverflowError):
+                return False
+            out.append(d.strftime("%Y%m%d") + s[8:])
+        elem.value = out if len(out) > 1 else out[0]
+        return True
+
+    def apply(self, ds, log: list[tuple[str, str, str, str, str]], where: str = "", strict: bool = False,
+              codes_are_phi: bool = False) -> None:
+        """De-identify ``ds`` in place (recursively); append (tag, keyword, action, old, new) to ``log``.
+
+        ``strict`` (inside a sequence whose action is D): every name, date, time and free text
+        not listed is replaced too; ``codes_are_phi``: coded entries are replaced as well.
+        """
+        for tag in list(ds.keys()):  # a snapshot: we delete while iterating
+            if int(tag) == PIXEL_DATA:  # Pixel Data: never touched
                 continue
-            code = self._action_for(tag)
-            name = f"{where}{elem.keyword or str(tag)}"
-            if code is None:
-                if elem.VR == "SQ":
-                    for i, item in enumerate(elem.value):
-                        self.apply(item, log, where=f"{name}[{i}].")
-                continue
-            act = _effective(code, elem.VR)
-            old = "" if not self.log_values else _short(elem)
-            if elem.VR in ("DA", "DT") and act in ("Z", "D", "X") and self._shift_date(elem):
-                log.append((str(tag), name, "date shifted", old, _short(elem) if self.log_values else ""))
-                continue
-            if act == "X":
-                del ds[tag]
-                log.append((str(tag), name, "removed", old, ""))
-            elif act == "Z":
-                elem.value = [] if elem.VR == "SQ" else (b"" if elem.VR in ("OB", "OW", "UN") else None)
-                log.append((str(tag), name, "emptied", old, ""))
-            elif act == "U":
-                vals = elem.value if elem.VM > 1 else [elem.value]
-                new = [self.new_uid(str(v)) for v in vals if v]
-                elem.value = new if elem.VM > 1 else (new[0] if new else "")
-                log.append((str(tag), name, "uid remapped", old, _short(elem) if self.log_values else ""))
-            elif act == "D":
-                if elem.VR == "SQ":
-                    for i, item in enumerate(elem.value):
-                        self.apply(item, log, where=f"{name}[{i}].")
-                    log.append((str(tag), name, "sequence de-identified", "", ""))
-                else:
-                    elem.value = self._dummy(elem)
-                    log.append((str(tag), name, "replaced", old, _short(elem) if self.log_values else ""))
-            # K (keep) and anything else: untouched
+            self._apply_element(ds, ds[tag], log, where, strict, codes_are_phi)
+
+    def _apply_element(self, ds, elem, log, where: str, strict: bool, codes_are_phi: bool) -> None:
+        tag = elem.tag
+        name = f"{where}{elem.keyword or str(tag)}"
+        code, act = self._rule(elem, strict, codes_are_phi)
+        if act is None:
+            if elem.VR == "SQ":
+                self._recurse(elem, log, name, strict, codes_are_phi)
+            return
+        old = _short(elem) if self.log_values else ""
+        new = lambda: _short(elem) if self.log_values else ""  # noqa: E731
+        if self._shiftable(elem, code) and self._shift_date(elem):
+            log.append((str(tag), name, "date shifted", old, new()))
+        elif act == "X":
+            del ds[tag]
+            log.append((str(tag), name, "removed", old, ""))
+        elif act == "Z":
+            elem.value = [] if elem.VR == "SQ" else (b"" if elem.VR in ("OB", "OW", "UN") else None)
+            log.append((str(tag), name, "emptied", old, ""))
+        elif act == "U":
+            vals = list(elem.value) if elem.VM > 1 else [elem.value]
+            remapped = [self.new_uid(str(v)) for v in vals if v]
+            elem.value = remapped if elem.VM > 1 else (remapped[0] if remapped else "")
+            log.append((str(tag), name, "uid remapped", old, new()))
+        elif act == "D" and elem.VR == "SQ":
+            self._recurse(elem, log, name, True, codes_are_phi or int(tag) in _CODES_ARE_PHI)
+            log.append((str(tag), name, "sequence de-identified", "", ""))
+        elif act == "D":
+            elem.value = self._dummy(elem)
+            log.append((str(tag), name, "replaced", old, new()))
+        # K (keep) and anything else: untouched
+
+    def _recurse(self, elem, log, name: str, strict: bool, codes_are_phi: bool) -> None:
+        for i, item in enumerate(elem.value or []):
+            self.apply(item, log, where=f"{name}[{i}].", strict=strict, codes_are_phi=codes_are_phi)
 
     def dataset(self, ds) -> list[tuple]:
-        """De-identify a whole file dataset (file meta included); return its change log."""
+        """De-identify a whole file dataset: preamble zeroed, file meta rebuilt; return its change log."""
         from pydicom.dataset import Dataset
 
         log: list[tuple] = []
+        for tag in [t for t in ds.keys() if t.group == 0x0002]:  # file meta has no place in the data set
+            del ds[tag]
         self.apply(ds, log)
-        if getattr(ds, "file_meta", None) is not None and "SOPInstanceUID" in ds:
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = METHOD
+        ds.LongitudinalTemporalInformationModified = "MODIFIED" if self.shift is not None else "REMOVED"
         code = Dataset()
         code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
         code.CodeMeaning = "Basic Application Confidentiality Profile"
@@ -191,7 +288,42 @@ class Deidentifier:
             c2.CodeMeaning = "Retain Longitudinal Temporal Information Modified Dates Option"
             codes.append(c2)
         ds.DeidentificationMethodCodeSequence = codes
+        if hasattr(ds, "preamble"):
+            ds.preamble = b"\0" * 128
+        if getattr(ds, "file_meta", None) is not None:
+            ds.file_meta = _new_file_meta(ds)
         return log
+
+
+def _transfer_syntax(ds):
+    """The input's transfer syntax: from its file meta when valid, else from how it was encoded."""
+    from pydicom import uid
+
+    ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+    if ts:
+        ts = uid.UID(str(ts))
+        if not ts.is_transfer_syntax:
+            raise ValueError("unknown transfer syntax")
+        return ts
+    implicit, little = ds.original_encoding
+    if implicit:
+        return uid.ImplicitVRLittleEndian
+    return uid.ExplicitVRLittleEndian if little in (True, None) else uid.ExplicitVRBigEndian
+
+
+def _new_file_meta(ds):
+    """File meta built from scratch: nothing of the input's group 0002 but its transfer syntax."""
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = _transfer_syntax(ds)
+    meta.ImplementationClassUID = uid.PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    return meta
 
 
 def _short(elem) -> str:
@@ -203,62 +335,174 @@ def _short(elem) -> str:
     return " ".join(s.split())[:120]
 
 
-def deidentify_folder(in_dir: str | Path, out_dir: str | Path, key: str | None = None,
-                      date_shift_days: int | None = None, log_values: bool = False, progress=None) -> DeidReport:
-    """De-identify every DICOM file under ``in_dir`` into ``out_dir``; write ``deid_log.csv`` there.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
-    Output files are named by their new UIDs (``<study>/<series>/<sop>.dcm``, short hashes) so no
-    identifier survives in a path. Non-DICOM files are skipped and listed in the report.
-    """
+
+def _read(path: Path):
+    """(dataset, None) for a DICOM instance, with or without preamble; (None, reason) otherwise."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from medlens.utils import atomic_path
+    if path.stat().st_size == 0:
+        return None, "empty file"
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        try:  # no preamble/'DICM': a bare data set still parses
+            ds = pydicom.dcmread(path, force=True)
+            sop_class = str(ds.get("SOPClassUID", "") or "")
+        except Exception:
+            return None, _NOT_DICOM
+        if not _UID.match(sop_class):
+            return None, _NOT_DICOM
+    except Exception as e:
+        return None, f"unreadable DICOM ({type(e).__name__})"
+    if str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "")) == _DICOMDIR:
+        return None, "a DICOMDIR (media index): not copied"
+    if not str(ds.get("SOPClassUID", "") or ""):
+        return None, "DICOM data set without SOP Class UID (not an instance)"
+    return ds, None
 
+
+def _partial_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.deid-partial-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_partials(out_dir: Path) -> None:
+    """Remove temp folders that a killed earlier run into ``out_dir`` left beside it."""
+    pat = re.compile(re.escape(_partial_prefix(out_dir)) + r"(\d+)-[A-Za-z0-9_]+$")
+    for p in out_dir.parent.iterdir():
+        m = pat.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_destination(in_dir: Path, out_dir: Path) -> None:
+    if out_dir.resolve() == in_dir.resolve() or in_dir.resolve() in out_dir.resolve().parents:
+        raise DataError("output folder must not be the input folder or inside it", out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise DataError("output exists and is not a folder", out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise DataError("output folder is not empty; give a new or empty folder so two runs never mix", out_dir)
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the complete temp folder onto ``out_dir`` (which must be absent or empty)."""
+    if out_dir.exists():
+        try:
+            out_dir.rmdir()
+        except OSError:
+            raise DataError("output folder is no longer empty; nothing written", out_dir) from None
+    os.rename(tmp, out_dir)
+
+
+def _output_name(ds, index: int) -> Path:
+    """``<study>/<series>/<NNNNNN>.dcm``: short hashes of the new UIDs and the input's position (unique)."""
+    study = hashlib.sha1(str(ds.get("StudyInstanceUID", "")).encode()).hexdigest()[:10]
+    series = hashlib.sha1(str(ds.get("SeriesInstanceUID", "")).encode()).hexdigest()[:10]
+    return Path(study) / series / f"{index:06d}.dcm"
+
+
+def _deid_file(deid: Deidentifier, path: Path, index: int, work: Path):
+    """De-identify one file into ``work``: ((rel path, changes, burned-in), None), or (None, reason) if skipped."""
+    ds, reason = _read(path)
+    if ds is None:
+        return None, reason
+    try:
+        if "SOPInstanceUID" not in ds:
+            ds.SOPInstanceUID = deid.new_uid(f"no-sop-uid|{index}")
+        changes = deid.dataset(ds)
+        if getattr(ds, "file_meta", None) is None:
+            ds.file_meta = _new_file_meta(ds)
+        rel = _output_name(ds, index)
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(work / rel, enforce_file_format=True)
+    except Exception as e:  # the class only: a message could quote a value
+        return None, f"could not be de-identified ({type(e).__name__})"
+    burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() != "NO"
+    return (rel, changes, burned), None
+
+
+LOG_FIELDS = ["file", "tag", "attribute", "action", "burned_in_annotation_flag", "detail"]
+
+
+def deidentify_folder(in_dir: str | Path, out_dir: str | Path, key: str | None = None,
+                      date_shift_days: int | None = None, log_values: bool = False, progress=None) -> DeidReport:
+    """De-identify every DICOM file under ``in_dir`` into the new folder ``out_dir``; write ``deid_log.csv`` there.
+
+    Output files are named ``<study>/<series>/<NNNNNN>.dcm`` (short hashes of the new UIDs and the
+    input's position in sorted order), so no identifier survives in a path and no two files collide.
+    Files that are not DICOM are skipped with a reason. The log starts with the exact counts of
+    files in, out and skipped; then one row per file (written or skipped) and per changed
+    attribute. ``out_dir`` must be absent or empty; everything is written into a hidden temp folder
+    beside it and renamed into place when complete.
+    """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise DataError("input folder not found", in_dir)
-    if out_dir.resolve() == in_dir.resolve() or in_dir.resolve() in out_dir.resolve().parents:
-        raise DataError("output folder must not be the input folder or inside it", out_dir)
+    _check_destination(in_dir, out_dir)
     files = sorted(p for p in in_dir.rglob("*") if p.is_file())
     deid = Deidentifier(key, date_shift_days, log_values)
-    rep = DeidReport()
-    rows = []
-    for i, p in enumerate(files):
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out_dir)
+    work = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
+    try:
+        rep, rows = _run(deid, in_dir, files, work, log_values, progress)
+        if rep.files == 0:
+            raise DataError(f"no DICOM files found ({rep.files_in} file(s) skipped)", in_dir)
+        _write_log(work / LOG_NAME, rep, rows, log_values)
+        _publish(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    rep.log_path = out_dir / LOG_NAME
+    return rep
+
+
+def _run(deid: Deidentifier, in_dir: Path, files: list[Path], work: Path, log_values: bool, progress):
+    rep = DeidReport(files_in=len(files))
+    rows: list[dict] = []
+    for i, p in enumerate(files, start=1):
         if progress:
-            progress(i + 1, len(files))
-        try:
-            ds = pydicom.dcmread(p)
-        except (InvalidDicomError, Exception):
+            progress(i, len(files))
+        done, reason = _deid_file(deid, p, i, work)
+        src = {"source": str(p.relative_to(in_dir))} if log_values else {}
+        if done is None:
             rep.skipped.append(p.name)
+            rep.skip_reasons.append((p.name, reason))
+            rows.append({"action": "skipped", "detail": f"input #{i}: {reason}", **src})
             continue
-        changes = deid.dataset(ds)
-        sop = str(ds.get("SOPInstanceUID", deid.new_uid(str(p))))
-        study = hashlib.sha1(str(ds.get("StudyInstanceUID", "")).encode()).hexdigest()[:10]
-        series = hashlib.sha1(str(ds.get("SeriesInstanceUID", "")).encode()).hexdigest()[:10]
-        rel = Path(study) / series / f"{hashlib.sha1(sop.encode()).hexdigest()[:16]}.dcm"
-        burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() != "NO"
+        rel, changes, burned = done
+        flag = "YES" if burned else ""
         if burned:
             rep.burned_in.append(str(rel))
-        with atomic_path(out_dir / rel) as tmp:
-            ds.save_as(tmp, enforce_file_format=False)
         rep.files += 1
         rep.changes += len(changes)
+        rows.append({"file": str(rel), "action": "written", "burned_in_annotation_flag": flag,
+                     "detail": f"input #{i}", **src})
         for tag, name, action, old, new in changes:
-            row = {"file": str(rel), "tag": tag, "attribute": name, "action": action,
-                   "burned_in_annotation_flag": "YES" if burned else ""}
+            row = {"file": str(rel), "tag": tag, "attribute": name, "action": action, "burned_in_annotation_flag": flag}
             if log_values:
-                row.update(source=str(p.relative_to(in_dir)), old_value=old, new_value=new)
+                row.update(src, old_value=old, new_value=new)
             rows.append(row)
-    if rep.files == 0:
-        raise DataError("no DICOM files found", in_dir)
-    fields = ["file", "tag", "attribute", "action", "burned_in_annotation_flag"] + (
-        ["source", "old_value", "new_value"] if log_values else [])
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    w.writerows(rows)
-    rep.log_path = out_dir / "deid_log.csv"
-    with atomic_path(rep.log_path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return rep
+    return rep, rows
+
+
+def _write_log(path: Path, rep: DeidReport, rows: list[dict], log_values: bool) -> None:
+    fields = LOG_FIELDS + (["source", "old_value", "new_value"] if log_values else [])
+    counts = [("files in", rep.files_in), ("files out", rep.files), ("files skipped", len(rep.skipped))]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows({"action": what, "detail": str(n)} for what, n in counts)
+        w.writerows(rows)
