@@ -1,19 +1,188 @@
-"""Experiment configuration: a YAML file validated strictly (unknown keys are errors, with suggestions)."""
+"""Experiment configuration: a YAML file validated strictly (unknown keys are errors, with suggestions).
+
+What the config guards, so that no later stage has to:
+
+- YAML is read with a bounded loader: a document whose alias-expanded size passes
+  ``$MEDLENS_YAML_MAX_NODES`` nodes (a "billion laughs" bomb) is refused before it is built.
+- ``name`` is one path component (it becomes ``output_dir/<name>``): no ``/``, ``\\``, ``..``, NUL.
+- ``data.path`` and ``data.image_root`` keep ``$MEDLENS_DATA`` as written, so the saved ``config.yaml``
+  records no local path; ``DataConfig.resolved_path()`` / ``resolved_image_root()`` expand it.
+  No other environment variable is read.
+- Counts, strengths and fractions are range-checked; NaN and infinity are refused for every float.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medlens.errors import ConfigError
 
+# ---------------------------------------------------------------------------------------------- YAML
+
+YAML_MAX_NODES_ENV = "MEDLENS_YAML_MAX_NODES"
+DEFAULT_YAML_MAX_NODES = 100_000  # a real config has a few hundred nodes
+
+
+def yaml_max_nodes() -> int:
+    """The node limit of config YAML: ``$MEDLENS_YAML_MAX_NODES`` or 100,000."""
+    raw = os.environ.get(YAML_MAX_NODES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_YAML_MAX_NODES
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
+        raise ConfigError(f"${YAML_MAX_NODES_ENV} must be a positive whole number, not {raw[:20]!r}")
+    return int(raw)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expanded_size(root: yaml.Node, limit: int) -> None:
+    """Refuse a node graph whose size, with every alias expanded, passes ``limit`` (or that is cyclic).
+
+    Aliases make the composed graph a DAG: each node's expanded size is computed once (memoised),
+    so the check is linear in the file, however large the expansion would be.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("YAML holds a recursive alias (a node that contains itself)")
+        active.add(key)
+        total = 1
+        for child in _children(node):
+            total += size(child)
+            if total > limit:
+                raise ConfigError(f"YAML expands to more than {limit:,} nodes through aliases/merges "
+                                  f"(an alias bomb?); raise ${YAML_MAX_NODES_ENV} if this is intended")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+class BoundedSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that checks the alias-expanded size of a document before building it."""
+
+    max_nodes: int = DEFAULT_YAML_MAX_NODES
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expanded_size(node, self.max_nodes)
+        return super().construct_document(node)
+
+
+def safe_load_yaml(text: str, source: str | Path | None = None) -> Any:
+    """``yaml.safe_load`` with alias-expansion and nesting limits; any problem is one ConfigError line."""
+    loader = BoundedSafeLoader(text)
+    loader.max_nodes = yaml_max_nodes()
+    try:
+        return loader.get_single_data()
+    except ConfigError as e:
+        raise ConfigError(str(e), source) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML ({str(e).splitlines()[0]})", source) from None
+    except RecursionError:
+        raise ConfigError("YAML is nested too deeply", source) from None
+    finally:
+        loader.dispose()
+
+
+# ------------------------------------------------------------------------------------- names, paths
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a run folder name (one path component inside ``output_dir``), or None."""
+    if not name or not name.strip():
+        return "run name is empty"
+    if name in (".", ".."):
+        return f"run name {name!r} is not a folder name"
+    if "/" in name or "\\" in name:
+        return f"run name {ascii(name)} holds a path separator; use a single folder name"
+    if _CONTROL.search(name):
+        return f"run name {ascii(name)} holds a control character (NUL, newline...)"
+    if name.startswith("."):
+        return f"run name {ascii(name)} starts with '.'; hidden or relative names are not allowed"
+    if len(name.encode("utf-8")) > 255:
+        return "run name is longer than 255 bytes"
+    return None
+
+
+DATA_ENV = "MEDLENS_DATA"
+_ENV_REF = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _check_env_refs(value: str) -> None:
+    """Only ``$MEDLENS_DATA`` / ``${MEDLENS_DATA}`` may appear; other variables are neither read nor shown."""
+    for m in _ENV_REF.finditer(value):
+        var = m.group(1) if m.group(1) is not None else m.group(2)
+        if var != DATA_ENV:
+            raise ValueError(f"only ${DATA_ENV} is expanded in paths; write the path out instead of "
+                             f"${ascii(var)[1:-1][:40]}")
+
+
+def resolve_data_path(value: str | Path | None) -> Path | None:
+    """A config path with ``$MEDLENS_DATA``/``${MEDLENS_DATA}`` replaced by the data root (its default,
+    ``~/.medlens/data``, when the variable is unset). No other variable is expanded."""
+    if value is None or str(value) == "":
+        return None
+    from medlens.utils import data_dir
+
+    text = str(value)
+    try:
+        _check_env_refs(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    root = str(data_dir())
+    return Path(_ENV_REF.sub(lambda _m: root, text))
+
+
+THRESHOLD_RULES = ("youden", "f1", "sensitivity", "specificity", "fixed")
+
+
+def parse_threshold_rule(rule: str) -> tuple[str, float | None]:
+    """``"youden"``, ``"f1"``, ``"sensitivity:0.9"``, ``"specificity:0.95"`` or ``"fixed:0.5"``.
+
+    Lives here, at the bottom layer, so that the config validates the rule without importing
+    ``medlens.evaluation``; ``medlens.evaluation.threshold`` applies it.
+    """
+    name, _, arg = str(rule).partition(":")
+    name = name.strip().lower()
+    if name not in THRESHOLD_RULES:
+        raise ConfigError(f"unknown threshold rule '{rule}'; expected one of youden, f1, sensitivity:X, "
+                          "specificity:X, fixed:X")
+    if name in ("sensitivity", "specificity", "fixed"):
+        try:
+            val = float(arg)
+        except ValueError:
+            raise ConfigError(f"threshold rule '{rule}' needs a number, e.g. {name}:0.9") from None
+        if not 0.0 <= val <= 1.0:  # NaN fails this too
+            raise ConfigError(f"threshold rule '{rule}': {val} is outside [0, 1]")
+        return name, val
+    return name, None
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # NaN and infinity pass `gt`/`le` checks in surprising ways (inf > 0): refuse them for every float
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
+                              validate_assignment=True)
 
 
 class DataConfig(_Strict):
@@ -21,9 +190,10 @@ class DataConfig(_Strict):
 
     source: Literal["medmnist", "folder", "csv", "hdf5"] = "medmnist"
     name: str | None = None          # MedMNIST dataset name
-    size: int = 28                   # MedMNIST size, or the resize target for folder/csv
+    size: int = Field(28, ge=1)      # MedMNIST size, or the resize target for folder/csv
     path: str | None = None          # folder root, CSV manifest, patch store, or an explicit npz
-    image_root: str | None = None    # CSV: folder the paths are relative to
+    image_root: str | None = None    # CSV: folder the paths are relative to (and confined to)
+    allow_outside_root: bool = False  # CSV: allow image/mask paths that leave image_root (absolute, ../, symlinks)
     path_column: str = "path"
     label_column: str = "label"
     patient_column: str = "patient_id"
@@ -47,19 +217,37 @@ class DataConfig(_Strict):
     pixel_spacing: float | None = Field(None, gt=0)  # mm per pixel for 2D files that do not record it
 
 
+    @field_validator("path", "image_root")
+    @classmethod
+    def _only_data_env(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_env_refs(v)
+        return v
+
+    @field_validator("patient_pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression ({e})") from None
+        return v
+
     @model_validator(mode="after")
-    def _expand(self) -> "DataConfig":
-        # "$MEDLENS_DATA/..." in paths: the data root even when the variable is unset (its default then)
-        import os
-
-        from medlens.utils import data_dir
-
-        for key in ("path", "image_root"):
-            v = getattr(self, key)
-            if v and "$" in v:
-                v = v.replace("${MEDLENS_DATA}", str(data_dir())).replace("$MEDLENS_DATA", str(data_dir()))
-                object.__setattr__(self, key, os.path.expandvars(v))
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"data.val_fraction + data.test_fraction is {self.val_fraction + self.test_fraction:g}; "
+                             "it must stay below 1 to leave training data")
         return self
+
+    def resolved_path(self) -> Path | None:
+        """``path`` with ``$MEDLENS_DATA`` expanded: what loaders open (the field keeps the portable form)."""
+        return resolve_data_path(self.path)
+
+    def resolved_image_root(self) -> Path | None:
+        """``image_root`` with ``$MEDLENS_DATA`` expanded."""
+        return resolve_data_path(self.image_root)
 
 
 class ModelConfig(_Strict):
@@ -99,12 +287,28 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(None, ge=1)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
+    @model_validator(mode="after")
+    def _warmup(self) -> "TrainConfig":
+        if self.scheduler == "cosine" and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be fewer than train.epochs "
+                             f"({self.epochs})")
+        return self
+
 
 class EvalConfig(_Strict):
     threshold: str = "youden"   # youden | sensitivity:0.9 | specificity:0.9 | fixed:0.5 | f1
     bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0, lt=1)
     tta: bool = False
+
+    @field_validator("threshold")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        try:
+            parse_threshold_rule(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return v
 
 
 class SegmentationConfig(_Strict):
@@ -138,19 +342,39 @@ class SegmentationConfig(_Strict):
                 assert 0 < float(self.threshold.split(":", 1)[1]) < 1
             except (AssertionError, ValueError):
                 raise ValueError(f"segmentation.threshold '{self.threshold}': use 'val' or 'fixed:<0-1>'") from None
+        if self.loss == "tversky" and self.tversky_alpha + self.tversky_beta <= 0:
+            raise ValueError("segmentation.tversky_alpha + tversky_beta must be above 0")
+        if self.label_values is not None:
+            if len(self.label_values) < 2 or len(set(self.label_values)) != len(self.label_values):
+                raise ValueError(f"segmentation.label_values {self.label_values}: at least 2 distinct values "
+                                 "(background first)")
+            if self.class_names is not None and len(self.class_names) != len(self.label_values):
+                raise ValueError(f"segmentation.class_names has {len(self.class_names)} names for "
+                                 f"{len(self.label_values)} label_values")
+        if self.class_names is not None and (len(set(self.class_names)) != len(self.class_names)
+                                             or not all(n.strip() for n in self.class_names)):
+            raise ValueError("segmentation.class_names must be distinct, non-empty names")
         return self
 
 
 class ExperimentConfig(_Strict):
-    name: str = "experiment"
+    name: str = "experiment"        # the run folder is output_dir/<name>: one path component
     task: Literal["classification", "segmentation"] = "classification"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy and Lightning take unsigned 32-bit seeds
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _single_component(cls, v: str) -> str:
+        problem = run_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":
@@ -163,9 +387,10 @@ class ExperimentConfig(_Strict):
                 raise ValueError("segmentation data come from a folder (data.mask_suffix) or a CSV manifest")
             if self.data.source == "folder" and not self.data.mask_suffix:
                 raise ValueError("data.mask_suffix is required for a segmentation folder (e.g. '_mask.png')")
-        from medlens.evaluation.threshold import parse_threshold_rule
-
-        parse_threshold_rule(self.evaluation.threshold)
+        elif self.data.source in ("medmnist", "hdf5") and (self.data.clahe or self.data.window):
+            # those sources hold prepared arrays: a window or CLAHE here would apply at prediction only
+            raise ValueError(f"data.clahe and data.window prepare image files (folder or CSV sources); the "
+                             f"'{self.data.source}' source holds prepared arrays")
         return self
 
 
@@ -188,10 +413,10 @@ def _format(err: ValidationError) -> str:
             close = difflib.get_close_matches(loc[-1], _fields_at(ExperimentConfig, loc), n=1)
             hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
             msgs.append(f"unknown key '{key}'{hint}")
-        elif key:
-            msgs.append(f"'{key}': {e['msg']}")
-        else:
-            msgs.append(e["msg"].removeprefix("Value error, "))
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        named = not key or msg.startswith((key + ".", key + ":"))  # the message already names its key
+        msgs.append(msg if named else f"'{key}': {msg}")
     return "; ".join(msgs)
 
 
@@ -204,28 +429,40 @@ def config_from_dict(d: dict, source: str | Path | None = None) -> ExperimentCon
         raise ConfigError(str(e), source) from None
 
 
+def apply_override(d: dict, override: str, source: str | Path | None = None) -> None:
+    """Set ``key.sub=value`` (the value read as bounded YAML) in the raw config mapping ``d``."""
+    key, eq, val = override.partition("=")
+    parts = key.strip().split(".")
+    if not eq or not all(parts):
+        raise ConfigError(f"override {ascii(override)[:80]} is not key.sub=value", source)
+    cur = d
+    for i, p in enumerate(parts[:-1]):
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[:i + 1])}' is a value, not a section", source)
+    cur[parts[-1]] = safe_load_yaml(val, source)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read and validate a YAML config; ``overrides`` are ``key.sub=value`` strings (YAML values)."""
+    """Read and validate a YAML config; ``overrides`` are ``key.sub=value`` strings (YAML values).
+
+    Overrides are validated exactly like the file (``--set name=../x`` is refused like ``name: ../x``).
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError("config file not found", path)
     try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the config ({type(e).__name__})", path) from None
+    d = safe_load_yaml(text, path) or {}
     if not isinstance(d, dict):
         raise ConfigError("a config is a YAML mapping of sections (data, model, train, evaluation)", path)
     for ov in overrides or []:
-        if "=" not in ov:
-            raise ConfigError(f"override '{ov}' is not key=value", path)
-        key, val = ov.split("=", 1)
-        cur = d
-        parts = key.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = yaml.safe_load(val)
+        apply_override(d, ov, path)
     return config_from_dict(d, path)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
+    """The config as YAML, as written: ``$MEDLENS_DATA`` stays unexpanded, so no local path is recorded."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -73,3 +73,20 @@ def test_unknown_dataset_and_size():
         load_medmnist("pneumoniamnst")
     with pytest.raises(DataError, match="not 128"):
         load_medmnist("adrenalmnist3d", 128)
+
+
+def test_medlens_data_in_the_config_resolves_when_loading_and_stays_portable(data_root):
+    """``data.path: $MEDLENS_DATA/...`` is kept as written in the config (and its saved copy) and
+    expanded by the loader: the same file as the catalogue location, official split and all."""
+    from medlens.config import config_from_dict, dump_config
+    from medlens.data import build_data
+
+    cfg = config_from_dict({"name": "p", "data": {"name": "pneumoniamnist", "check_md5": False,
+                                                  "path": "${MEDLENS_DATA}/medmnist/pneumoniamnist.npz"}})
+    assert cfg.data.path == "${MEDLENS_DATA}/medmnist/pneumoniamnist.npz"
+    assert str(data_root) not in dump_config(cfg)
+    data = build_data(cfg.data)
+    ref = load_medmnist("pneumoniamnist")
+    assert tuple(len(data.get(s)) for s in ("train", "val", "test")) == (4708, 524, 624)
+    assert np.array_equal(data.test.images, ref.test.images) and np.array_equal(data.test.labels, ref.test.labels)
+    assert data.train.meta["file"] == str(data_root / "medmnist" / "pneumoniamnist.npz")

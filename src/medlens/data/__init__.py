@@ -4,34 +4,41 @@ from __future__ import annotations
 
 from typing import Callable
 
-from medlens.data.base import ArrayDataset, Sample, SplitData
+from medlens.data.base import ArrayDataset, Preparer, Sample, SplitData
 from medlens.data.catalog import MEDMNIST, get_info
 
 __all__ = ["ArrayDataset", "Sample", "SplitData", "MEDMNIST", "get_info", "build_data"]
 
 
-def build_data(cfg, seed: int = 0, progress: Callable | None = None) -> SplitData:
-    """Build train/val/test datasets from a ``DataConfig``."""
+def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Callable | None = None) -> SplitData:
+    """Build train/val/test datasets from a ``DataConfig`` (``$MEDLENS_DATA`` in its paths expanded here).
+
+    Image files (folder and CSV sources) are prepared by ``prepare`` as they load; callers pass the
+    run's preparer (``medlens.transforms.preprocess.prepared_data`` does it from the config)."""
     from medlens.data.folder import load_csv_manifest, load_image_folder
     from medlens.data.medmnist import load_medmnist
 
+    path = cfg.resolved_path()
     if cfg.source == "medmnist":
-        data = load_medmnist(cfg.name, cfg.size, check_md5=cfg.check_md5, path=cfg.path)
+        data = load_medmnist(cfg.name, cfg.size, check_md5=cfg.check_md5, path=path)
         wanted = 3 if cfg.color == "rgb" else 1
         if data.train.in_channels != wanted:
             data = _recolor(data, cfg.color)
+    elif cfg.source in ("folder", "csv") and prepare is None:
+        raise TypeError("folder and CSV sources need prepare= (see medlens.transforms.preprocess.prepared_data)")
     elif cfg.source == "folder":
-        data = load_image_folder(cfg.path, cfg.size, cfg.color, val=cfg.val_fraction, test=cfg.test_fraction,
+        data = load_image_folder(path, prepare, val=cfg.val_fraction, test=cfg.test_fraction,
                                  seed=seed, progress=progress)
     elif cfg.source == "csv":
-        data = load_csv_manifest(cfg.path, cfg.size, cfg.color, image_root=cfg.image_root,
+        data = load_csv_manifest(path, prepare, image_root=cfg.resolved_image_root(),
                                  path_column=cfg.path_column, label_column=cfg.label_column,
                                  patient_column=cfg.patient_column, suffix=cfg.suffix, val=cfg.val_fraction,
-                                 test=cfg.test_fraction, seed=seed, progress=progress)
+                                 test=cfg.test_fraction, seed=seed, progress=progress,
+                                 allow_outside_root=cfg.allow_outside_root)
     else:  # hdf5 patch store written by `medlens nodules extract`
         from medlens.data.nodules import load_patch_store
 
-        data = load_patch_store(cfg.path, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed)
+        data = load_patch_store(path, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed)
     if cfg.max_samples:
         data = SplitData(*(_cap(d, cfg.max_samples, seed) for d in (data.train, data.val, data.test)),
                          split_method=data.split_method + f" (capped at {cfg.max_samples} per split)")

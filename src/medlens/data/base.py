@@ -8,7 +8,7 @@ trains; it hands out single ``Sample`` objects or whole batches as tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Sequence, Protocol
 
 import numpy as np
 
@@ -33,6 +33,51 @@ def read_csv_checked(path, required: list[str], what: str = "CSV"):
     if missing:
         raise DataError(f"{what} lacks the column(s) {missing} (has {list(df.columns)})", path)
     return df
+
+
+def line_numbers(rows, limit: int = 5) -> str:
+    """CSV line numbers (the header is line 1) of data rows ``rows`` (0-based), the first few."""
+    shown = ", ".join(str(int(r) + 2) for r in rows[:limit])
+    return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def refuse_blank_cells(df, columns: list[str], path, what: str = "manifest") -> None:
+    """A one-line DataError naming the file and lines where a required cell is empty or NaN.
+
+    pandas reads an empty cell as NaN, and ``str(NaN)`` would silently become a class, a patient or a
+    file called "nan".
+    """
+    for col in columns:
+        if col not in df.columns:
+            continue
+        cells = df[col]
+        blank = cells.isna().to_numpy() | cells.astype(str).str.strip().eq("").to_numpy()
+        rows = np.flatnonzero(blank)
+        if len(rows):
+            raise DataError(f"{what} has an empty '{col}' on line(s) {line_numbers(rows)}; "
+                            "fill or remove those rows", path)
+
+
+def confined_paths(root, names, path, column: str, allow_outside: bool = False) -> list:
+    """``root / name`` for each name, refused (one line naming the CSV and line) when it resolves outside
+    ``root``: ``..`` components, absolute paths and symlinks that lead out. ``allow_outside`` (config
+    ``data.allow_outside_root``) lifts the check for manifests the user trusts."""
+    from pathlib import Path
+
+    root = Path(root)
+    out = [root / str(n) for n in names]
+    if allow_outside:
+        return out
+    base = root.resolve()
+    for i, p in enumerate(out):
+        try:
+            inside = p.resolve().is_relative_to(base)
+        except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL byte
+            raise DataError(f"'{column}' on line {i + 2} is not a usable path ({type(e).__name__})", path) from None
+        if not inside:
+            raise DataError(f"'{column}' on line {i + 2} ({str(names[i])[:120]!r}) leads outside the image root "
+                            f"{root}; list paths inside it or set data.allow_outside_root: true", path)
+    return out
 
 
 @dataclass
@@ -145,3 +190,15 @@ class SplitData:
     @property
     def class_names(self) -> list[str]:
         return self.train.class_names
+
+
+class Preparer(Protocol):
+    """How a loaded ``Image`` becomes a stored model input: the caller's, injected into the loaders
+    (``medlens.transforms.preprocess.Preparer`` is the one medlens uses everywhere), so data reads files
+    and labels without depending on the transforms above it."""
+
+    def __call__(self, image, name: str | None = None) -> np.ndarray:
+        """(C, *spatial): uint8 where 8-bit (``/ 255`` at batch time), else float32 in the model's scale."""
+
+    def display(self, image) -> np.ndarray:
+        """uint8 picture for overlays."""

@@ -4,7 +4,8 @@ Every case is loaded once into memory in the model's input form: ``image`` (C, *
 the colour mode, CLAHE, CT window and per-image scaling, and ``mask`` (*spatial) uint8 class indices.
 Masks are checked against their image: the same grid (shape, and for volumes spacing, origin and
 direction) and only values from the label set. Splits are by patient (``data.patient_pattern`` or
-the manifest's patient column); training draws random patches, a share of them centred on foreground.
+the manifest's patient column) with the one splitter of ``medlens.data.splits``, stratified by whether a
+mask holds foreground; training draws random patches, a share of them centred on foreground.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medlens.errors import DataError, ShapeError, MedlensWarning
+from medlens.data.base import Preparer
+from medlens.data.splits import patient_split, split_method
+from medlens.errors import DataError, MedlensWarning, ShapeError
+from medlens.io.formats import IMAGE_SUFFIXES, is_image_file, suffix_of
 from medlens.io.image import Image
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha",
-              ".mhd", ".dcm")
 
 
 @dataclass
@@ -55,11 +56,9 @@ class SegSplit:
 
 
 def _strip_ext(name: str) -> str:
-    low = name.lower()
-    for e in sorted(IMAGE_EXTS, key=len, reverse=True):
-        if low.endswith(e):
-            return name[: -len(e)]
-    return Path(name).stem
+    """The file name without its image suffix (``.nii.gz`` whole), by ``medlens.io.formats``."""
+    suf = suffix_of(name)
+    return name[: -len(suf)] if suf in IMAGE_SUFFIXES else Path(name).stem
 
 
 def find_pairs(root: str | Path, mask_suffix: str, reference_suffix: str | None = None, image_suffix: str = ""
@@ -76,7 +75,7 @@ def find_pairs(root: str | Path, mask_suffix: str, reference_suffix: str | None 
     for m in masks:
         stem = m.name[: -len(mask_suffix)]
         cands = [p for p in m.parent.iterdir() if p.is_file() and p != m
-                 and _strip_ext(p.name) == stem + image_suffix and p.name.lower().endswith(IMAGE_EXTS)]
+                 and _strip_ext(p.name) == stem + image_suffix and is_image_file(p)]
         if not cands:
             raise DataError(f"mask has no image '{stem}{image_suffix}.*' beside it", m)
         ref = m.with_name(stem + reference_suffix) if reference_suffix else None
@@ -87,19 +86,28 @@ def find_pairs(root: str | Path, mask_suffix: str, reference_suffix: str | None 
 
 
 def read_manifest(csv_path: str | Path, path_column: str, mask_column: str, patient_column: str,
-                  reference_column: str | None = None, image_root: str | Path | None = None
-                  ) -> list[tuple[Path, Path, Path | None, str | None]]:
-    from medlens.data.base import read_csv_checked
+                  reference_column: str | None = None, image_root: str | Path | None = None,
+                  allow_outside_root: bool = False) -> list[tuple[Path, Path, Path | None, str | None]]:
+    """(image, mask, reference, patient) rows of a segmentation manifest. Image, mask and reference paths
+    are relative to ``image_root`` (default: the CSV's folder) and confined to it unless
+    ``allow_outside_root``; empty image, mask or patient cells are refused (an empty reference: none)."""
+    from medlens.data.base import confined_paths, read_csv_checked, refuse_blank_cells
 
     df = read_csv_checked(csv_path, [path_column, mask_column], "segmentation manifest")
+    refuse_blank_cells(df, [path_column, mask_column, patient_column], csv_path, "segmentation manifest")
     base = Path(image_root) if image_root else Path(csv_path).parent
-    rows = []
-    for r in df.to_dict("records"):
-        v = r.get(reference_column) if reference_column else None
-        ref = base / v if isinstance(v, str) and v else None  # empty cells read as NaN: no reference
-        pid = str(r[patient_column]) if patient_column in df.columns else None
-        rows.append((base / str(r[path_column]), base / str(r[mask_column]), ref, pid))
-    return rows
+    images = confined_paths(base, df[path_column].astype(str).tolist(), csv_path, path_column, allow_outside_root)
+    masks = confined_paths(base, df[mask_column].astype(str).tolist(), csv_path, mask_column, allow_outside_root)
+    refs: list[Path | None] = [None] * len(df)
+    if reference_column and reference_column in df.columns:
+        col = df[reference_column]
+        cells = col.astype(str).str.strip().tolist()
+        given = [i for i, empty in enumerate(col.isna().tolist()) if not empty and cells[i]]  # empty: no reference
+        found = confined_paths(base, [cells[i] for i in given], csv_path, reference_column, allow_outside_root)
+        for i, p in zip(given, found):
+            refs[i] = p
+    pids = df[patient_column].astype(str).tolist() if patient_column in df.columns else [None] * len(df)
+    return list(zip(images, masks, refs, pids))
 
 
 def patient_of(name: str, pattern: str | None, suffix: str = "") -> str:
@@ -157,45 +165,14 @@ def check_same_grid(image: Image, mask: Image, path: Path | str) -> None:
             raise ShapeError("mask orientation differs from its image's", path)
 
 
-def prepare_input(image: Image, color: str = "gray", clahe: bool = False, intensity: str = "unit",
-                  window: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Model input (C, *spatial) float32 and a uint8 display image, for 2D pictures or volumes."""
-    from medlens.transforms.intensity import apply_window, clahe as _clahe, normalize, to_uint8
-    from medlens.transforms.preprocess import set_color, to_unit_range
-
-    if image.spatial_dims == 2:
-        arr = set_color(image, color)  # (y, x, C)
-        display = arr[..., 0] if arr.shape[-1] == 1 else arr
-        display = display if display.dtype == np.uint8 else to_uint8(display)
-        if window:
-            arr = apply_window(arr.astype(np.float32), window)
-        if clahe:
-            chans = [_clahe(arr[..., c] if arr.dtype == np.uint8 else to_uint8(arr[..., c]))
-                     for c in range(arr.shape[-1])]
-            arr = np.stack(chans, -1)
-        arr = np.moveaxis(arr, -1, 0)
-    else:
-        if image.is_rgb:
-            raise ShapeError("colour volumes are not supported; convert to one channel")
-        arr = image.array.astype(np.float32)
-        if window:
-            arr = apply_window(arr, window)
-        display = to_uint8(arr)
-        arr = arr[None]
-    if intensity == "unit":
-        out = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else to_unit_range(arr)
-    else:
-        out = np.stack([normalize(c, intensity) for c in arr]).astype(np.float32)
-    return np.ascontiguousarray(out, dtype=np.float32), display
-
-
 def load_case(image_path: Path, mask_path: Path | None, cfg, label_values, patient_id: str,
-              reference_path: Path | None = None) -> SegCase:
-    """Read, check and prepare one image/mask pair according to a ``DataConfig``."""
+              prepare: Preparer, reference_path: Path | None = None) -> SegCase:
+    """Read, check and prepare (``prepare``: the run's preparer) one image/mask pair of a ``DataConfig``."""
     from medlens.io import load
 
     img = load(image_path)
-    x, display = prepare_input(img, cfg.color, cfg.clahe, cfg.intensity, cfg.window)
+    x = np.ascontiguousarray(prepare(img, str(image_path)), dtype=np.float32)
+    display = prepare.display(img)
     if img.spatial_dims == 2 and cfg.pixel_spacing:
         img = img.with_array(img.array, spacing=np.array([cfg.pixel_spacing] * 2))
 
@@ -210,53 +187,51 @@ def load_case(image_path: Path, mask_path: Path | None, cfg, label_values, patie
     return SegCase(_strip_ext(image_path.name), patient_id, x, mask, geometry, image_path, ref, display)
 
 
-def split_cases(patients: Sequence[str], val: float, test: float, seed: int
+def split_cases(patients: Sequence[str], val: float, test: float, seed: int, labels: Sequence[int] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boolean masks (train, val, test) over cases; whole patients go to one split."""
-    pats = np.array(sorted(set(patients)))
-    if len(pats) < 3:
-        raise DataError(f"a segmentation split needs at least 3 patients, found {len(pats)}")
-    rng = np.random.default_rng(seed)
-    order = pats[rng.permutation(len(pats))]
-    n_test = max(1, int(round(test * len(pats)))) if test > 0 else 0
-    n_val = max(1, int(round(val * len(pats)))) if val > 0 else 0
-    if n_test + n_val >= len(pats):
-        raise DataError(f"{len(pats)} patients cannot give {n_val} validation and {n_test} test patients "
-                        f"and keep any for training")
-    test_p, val_p = set(order[:n_test]), set(order[n_test:n_test + n_val])
-    p = np.asarray(patients)
-    te = np.isin(p, list(test_p))
-    va = np.isin(p, list(val_p))
-    return ~(te | va), va, te
+    """Boolean masks (train, val, test) over cases from ``medlens.data.splits.patient_split`` (kept for
+    callers that want masks; there is no second splitter)."""
+    tr, va, te = patient_split(labels, patients, val=val, test=test, seed=seed)
+    masks = np.zeros((3, len(patients)), bool)
+    for row, idx in enumerate((tr, va, te)):
+        masks[row, idx] = True
+    return masks[0], masks[1], masks[2]
 
 
-def load_segmentation(cfg, seg_cfg, seed: int = 0, progress: Callable | None = None) -> SegSplit:
-    """Build the patient-level train/val/test split of a segmentation ``DataConfig``."""
+def load_segmentation(cfg, seg_cfg, prepare: Preparer, seed: int = 0, progress: Callable | None = None) -> SegSplit:
+    """Build the patient-level train/val/test split of a segmentation ``DataConfig``; images are prepared by
+    ``prepare`` (``medlens.transforms.preprocess.prepared_segmentation`` passes the config's)."""
+    path = cfg.resolved_path()
     if cfg.source == "folder":
-        triples = find_pairs(cfg.path, cfg.mask_suffix, cfg.reference_suffix, cfg.image_suffix)
+        triples = find_pairs(path, cfg.mask_suffix, cfg.reference_suffix, cfg.image_suffix)
         rows = [(i, m, r, patient_of(i.name, cfg.patient_pattern, cfg.image_suffix)) for i, m, r in triples]
     else:
-        rows = read_manifest(cfg.path, cfg.path_column, cfg.mask_column, cfg.patient_column, cfg.reference_column,
-                             cfg.image_root)
+        rows = read_manifest(path, cfg.path_column, cfg.mask_column, cfg.patient_column, cfg.reference_column,
+                             cfg.resolved_image_root(), cfg.allow_outside_root)
         rows = [(i, m, r, pid if pid is not None else patient_of(i.name, cfg.patient_pattern))
                 for i, m, r, pid in rows]
+    if not rows:
+        raise DataError("segmentation manifest has no rows", path)
     cases = []
     for k, (i, m, r, pid) in enumerate(rows):
         if progress:
             progress(k, len(rows))
-        cases.append(load_case(i, m, cfg, seg_cfg.label_values, pid, r))
+        cases.append(load_case(i, m, cfg, seg_cfg.label_values, pid, prepare, r))
     dims = {c.image.ndim - 1 for c in cases}
     chans = {c.image.shape[0] for c in cases}
     if len(dims) > 1 or len(chans) > 1:
-        raise ShapeError(f"cases mix dimensions {sorted(dims)} or channel counts {sorted(chans)}", cfg.path)
-    tr, va, te = split_cases([c.patient_id for c in cases], cfg.val_fraction, cfg.test_fraction, seed)
+        raise ShapeError(f"cases mix dimensions {sorted(dims)} or channel counts {sorted(chans)}", path)
+    has_foreground = [int(c.mask.any()) for c in cases]  # stratify: empty masks spread over the splits
+    tr, va, te = patient_split(has_foreground, [c.patient_id for c in cases], cfg.val_fraction, cfg.test_fraction,
+                               seed)
     n_pat = len({c.patient_id for c in cases})
-    pick = lambda sel: [c for c, s in zip(cases, sel) if s]  # noqa: E731
+    pick = lambda idx: [cases[i] for i in idx]  # noqa: E731
     k = int(max(c.mask.max() for c in cases)) + 1
     n_cls = len(seg_cfg.label_values) if seg_cfg.label_values else max(k, 2)
     names = seg_cfg.class_names or (["background", "foreground"] if n_cls == 2 else [f"class_{i}" for i in range(n_cls)])
     return SegSplit(pick(tr), pick(va), pick(te),
-                    f"patient-level ({n_pat} patients, {len(cases)} cases; seed {seed})", names)
+                    f"{split_method(seed, cfg.val_fraction, cfg.test_fraction)}; {n_pat} patients, {len(cases)} cases",
+                    names)
 
 
 def pad_to(arr: np.ndarray, size: Sequence[int], what: str = "image", warn: bool = True) -> np.ndarray:
