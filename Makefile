@@ -29,7 +29,9 @@ browser:
 run: $(STAMP)
 	$(VENV)/bin/medlens train $(RUN_CONFIG) --overwrite
 
+# The layer contract (pyproject's [tool.importlinter]) first: an upward import fails the suite.
 test: $(STAMP) browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)

@@ -34,7 +34,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(2)
     from medlens.config import load_config
-    from medlens.engine.train import train
+    from medlens.workflow.train import train
     from medlens.explain.run import evaluate_faithfulness
 
     run = Path(args.run)

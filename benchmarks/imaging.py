@@ -99,7 +99,7 @@ def main() -> None:
 
     if not args.skip_baseline:
         from medlens.config import load_config
-        from medlens.engine.train import train
+        from medlens.workflow.train import train
 
         cfg = load_config(REPO / "configs" / "pneumoniamnist_rf.yaml")
         t0 = time.time()

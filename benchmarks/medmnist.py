@@ -41,7 +41,7 @@ def run_accuracy(configs: list[str], out: Path) -> list[str]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     from medlens.config import load_config
     from medlens.data.catalog import PAPER_BASELINES
-    from medlens.engine.train import train
+    from medlens.workflow.train import train
 
     lines = ["| dataset | config | ours AUC [95% CI] | ours ACC [95% CI] | clinical ACC (val threshold) | wall time "
              "| R18(28) AUC/ACC (3D: R18+3D) | R50(224) AUC/ACC (3D: R50+3D) | best baseline AUC/ACC | AUC ratio vs R18(28) | ACC ratio vs R18(28) |",

@@ -32,7 +32,7 @@ def main() -> None:
 
     from medlens.data.nodules import PatchStoreDataset, extract_patch_2d, extract_patch_3d, sample_negatives
     from medlens.io import load
-    from medlens.transforms.intensity import apply_window
+    from medlens.io.windows import apply_window
     from medlens.utils import data_dir
 
     t0 = time.perf_counter()

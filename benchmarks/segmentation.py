@@ -41,7 +41,7 @@ def main() -> None:
     from PIL import Image
 
     from medlens.config import load_config
-    from medlens.data.segmentation import load_segmentation
+    from medlens.transforms.preprocess import prepared_segmentation
     from medlens.engine.predict import load_run_model
     from medlens.evaluation.segmentation import infer_case, to_labels
     from medlens.evaluation.segmetrics import case_metrics, summarize
@@ -50,7 +50,7 @@ def main() -> None:
     cfg_path = REPO / "configs" / "chasedb1_unet.yaml"
     wall = None
     if args.run is None:
-        from medlens.engine.train import train
+        from medlens.workflow.train import train
 
         t0 = time.time()
         run = train(load_config(cfg_path), run_dir=args.out / "chasedb1_unet", overwrite=True, progress_bar=False,
@@ -61,7 +61,7 @@ def main() -> None:
     net, meta = load_run_model(run)
     cfg = load_config(run / "config.yaml")
     torch.set_num_threads(torch.get_num_threads())
-    data = load_segmentation(cfg.data, cfg.segmentation, seed=cfg.seed)
+    data = prepared_segmentation(cfg.data, cfg.segmentation, seed=cfg.seed)
     cases = data.test
     groups = [c.patient_id for c in cases]
     methods: dict[str, list[dict]] = {k: [] for k in ("U-Net (medlens)", "U-Net + flip TTA", "second observer",

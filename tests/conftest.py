@@ -57,7 +57,7 @@ def tiny_config(tmp: Path, name: str = "tiny", **over):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_root) -> Path:
     """One tiny trained PneumoniaMNIST run shared by the tests that only read a run folder."""
-    from medlens.engine.train import train
+    from medlens.workflow.train import train
 
     tmp = tmp_path_factory.mktemp("runs")
     return train(tiny_config(tmp, "shared"), progress_bar=False)

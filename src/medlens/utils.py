@@ -63,11 +63,54 @@ def _json_default(o: Any) -> Any:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels.
+
+    ``PYTHONHASHSEED`` is not set here: it only takes effect at interpreter start-up. Nothing in medlens
+    depends on string-hash order (sets are sorted before use), which a test checks across hash seeds.
+    """
     import torch
 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def unique_stems(paths) -> list[str]:
+    """Output-name stems for input paths that never collide: ``a/x.png`` and ``b/x.png`` give ``x`` and
+    ``x-2`` (``.nii.gz`` and other suffixes stripped; DICOM series folders keep their folder name)."""
+    out, seen = [], {}
+    for p in paths:
+        p = Path(p)
+        name = p.name
+        stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else (name if p.is_dir() else p.stem)
+        key = stem.lower()
+        seen[key] = seen.get(key, 0) + 1
+        out.append(stem if seen[key] == 1 else f"{stem}-{seen[key]}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    ``path`` must not exist, or be an empty folder. A crash leaves no folder that looks complete, and
+    an exception removes the temporary one.
+    """
+    import shutil
+
+    from medlens.errors import MedlensError
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise MedlensError("output folder exists and is not empty; choose a new folder", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

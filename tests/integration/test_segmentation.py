@@ -29,19 +29,20 @@ def _chase_cfg(tmp: Path, name: str = "chase_tiny", **seg):
 
 @pytest.fixture(scope="module")
 def chase_run(tmp_path_factory, data_root):
-    from medlens.engine.train import train
+    from medlens.workflow.train import train
 
     return train(_chase_cfg(tmp_path_factory.mktemp("seg")), progress_bar=False)
 
 
 def test_chase_pairs_and_child_level_split(data_root):
-    from medlens.data.segmentation import find_pairs, load_segmentation
+    from medlens.data.segmentation import find_pairs
+    from medlens.transforms.preprocess import prepared_segmentation
 
     root = data_root / "chasedb1" / "CHASEDB1"
     pairs = find_pairs(root, "_1stHO.png", "_2ndHO.png")
     assert len(pairs) == 28 and all(r is not None and r.exists() for _, _, r in pairs)
     cfg = load_config(REPO / "configs" / "chasedb1_unet.yaml")
-    data = load_segmentation(cfg.data, cfg.segmentation, seed=cfg.seed)
+    data = prepared_segmentation(cfg.data, cfg.segmentation, seed=cfg.seed)
     kids = [{c.patient_id for c in data.get(s)} for s in ("train", "val", "test")]
     assert [len(k) for k in kids] == [8, 2, 4]
     assert not (kids[0] & kids[1] or kids[0] & kids[2] or kids[1] & kids[2])
@@ -98,7 +99,7 @@ def test_chase_training_run_folder(chase_run, data_root):
 
 
 def test_same_seed_same_segmentation_metrics(chase_run, tmp_path, data_root):
-    from medlens.engine.train import train
+    from medlens.workflow.train import train
 
     again = train(_chase_cfg(tmp_path, "again"), progress_bar=False)
     a = pd.read_csv(chase_run / "per_case.csv")
@@ -109,7 +110,7 @@ def test_same_seed_same_segmentation_metrics(chase_run, tmp_path, data_root):
 def test_segment_files_writes_mask_in_input_geometry(chase_run, tmp_path, data_root):
     from PIL import Image
 
-    from medlens.evaluation.segmentation import segment_files
+    from medlens.workflow.segment import segment_files
 
     src = data_root / "chasedb1" / "CHASEDB1" / "Image_01L.jpg"
     rows = segment_files(chase_run, [src], tmp_path, tta=True)
@@ -120,8 +121,8 @@ def test_segment_files_writes_mask_in_input_geometry(chase_run, tmp_path, data_r
 
 def test_mri_volumes_3d_smoke(tmp_path, data_root):
     """3D: training on volumes, sliding-window inference, masks written as NIfTI in the input geometry."""
-    from medlens.engine.train import train
-    from medlens.evaluation.segmentation import segment_files
+    from medlens.workflow.train import train
+    from medlens.workflow.segment import segment_files
     from medlens.io import load
 
     d = load_config(REPO / "configs" / "mriseg_unet3d.yaml").model_dump()
@@ -194,23 +195,25 @@ def test_lidc_consensus_mask_is_a_segmentation_target(tmp_path, data_root):
     assert back.array[z, y, x] == 1
     cfg = config_from_dict({"task": "segmentation", "data": {"source": "csv", "path": str(tmp_path / "m.csv"),
                                                              "window": "lung"}}).data
-    case = load_case(series, path, cfg, None, "LIDC-IDRI-0001")
+    from medlens.transforms.preprocess import InputSpec, Preparer
+
+    case = load_case(series, path, cfg, None, "LIDC-IDRI-0001", Preparer(InputSpec(3, window="lung"), scale=True))
     assert case.image.shape == (1, *scan.array.shape) and case.mask.sum() == mask.array.sum()
 
 
 def test_csv_manifest_of_volumes_keeps_patients_together(tmp_path, data_root):
-    from medlens.data.segmentation import load_segmentation
+    from medlens.transforms.preprocess import prepared_segmentation
 
     root = data_root / "mri-seg"
     rows = ["path,mask,patient_id"] + [f"{root}/{n}_image.nrrd,{root}/{n}_label.nrrd,{p}" for n, p in
                                        (("brain1", "P1"), ("brain2", "P1"), ("breast1", "P2"))]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     cfg = config_from_dict({"task": "segmentation", "data": {"source": "csv", "path": str(tmp_path / "m.csv"),
-                                                             "intensity": "zscore"}})
+                                                             "intensity": "zscore", "image_root": str(root)}})
     with pytest.raises(Exception, match="at least 3 patients"):
-        load_segmentation(cfg.data, cfg.segmentation)
+        prepared_segmentation(cfg.data, cfg.segmentation)
     (tmp_path / "m.csv").write_text("\n".join(rows).replace(",P1\n", ",P3\n", 1) + "\n")
-    data = load_segmentation(cfg.data, cfg.segmentation, seed=1)
+    data = prepared_segmentation(cfg.data, cfg.segmentation, seed=1)
     assert sorted(len(data.get(s)) for s in ("train", "val", "test")) == [1, 1, 1]
     case = next(c for s in ("train", "val", "test") for c in data.get(s) if c.case_id == "brain1_image")
     assert case.image.shape == (1, 25, 256, 256) and abs(float(case.image.mean())) < 1e-3  # z-scored
@@ -218,7 +221,7 @@ def test_csv_manifest_of_volumes_keeps_patients_together(tmp_path, data_root):
 
 
 def test_resumed_segmentation_run_matches_uninterrupted(tmp_path, data_root):
-    from medlens.engine.train import train
+    from medlens.workflow.train import train
     from test_training import _Crash  # crashes at the start of epoch 1
 
     def cfg(root):

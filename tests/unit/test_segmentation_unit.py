@@ -198,7 +198,8 @@ def test_augmentation_keeps_image_and_mask_aligned():
 
 
 def test_postprocess_threshold_components_and_size():
-    from medlens.engine.segmentation import choose_threshold, postprocess
+    from medlens.engine.segmentation import postprocess
+    from medlens.evaluation.threshold import choose_dice_threshold as choose_threshold
 
     p = np.zeros((2, 30, 30), np.float32)
     p[1, 2:12, 2:12] = 0.9   # 100 px

@@ -13,7 +13,7 @@ from medlens.cli.common import console, progress
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def explain(run_dir: Path = typer.Argument(..., help="a run folder"),
+    def explain(run_dir: Optional[Path] = typer.Argument(None, help="a run folder (not needed with --list)"),
                 files: List[Path] = typer.Argument(None, help="images to explain"),
                 method: str = typer.Option("gradcam", "--method", "-m", help="see --list"),
                 target: Optional[int] = typer.Option(None, "--target", help="class index (default: predicted)"),
@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
                 t.add_row(m.name, "/".join(f"{d}D" for d in m.dims), "yes" if m.uses_layer else "", m.summary)
             console.print(t)
             return
+        if run_dir is None:
+            raise MedlensError("give a run folder (only --list works without one)")
         if method not in METHODS:
             raise MedlensError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
         if evaluate:
@@ -72,11 +74,12 @@ def register(app: typer.Typer) -> None:
                 import numpy as np
                 import torch
 
-                from medlens.engine.predict import load_run_model, prepare_file
                 from medlens.explain.features import write_feature_views
+                from medlens.run import Predictor, Run
 
-                net, meta = load_run_model(run_dir, expect="classification")
-                x = torch.from_numpy(prepare_file(files[0], meta)[None])
+                run = Run.open(run_dir, expect="classification")
+                net = run.model
+                x = torch.from_numpy(Predictor(run).prepare(files[0])[None])
                 fdir = (out or run_dir / "explanations") / "features"
                 ps = write_feature_views(net.net, net.normalize(x), fdir)
                 console.print(f"feature views: {len(ps)} PNG in {fdir}")

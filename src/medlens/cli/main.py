@@ -28,14 +28,18 @@ def _register() -> None:
 _register()
 
 
+_state = {"debug": False}
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     """medlens command line."""
+    _state["debug"] = debug
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    _state["debug"] = False
     from medlens.cli.common import quiet_libraries
     from medlens.errors import MedlensError
 
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     except MedlensError as e:
-        if debug:
+        if _state["debug"]:
             raise
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("[bold red]interrupted[/]")
         return 130
     except Exception as e:  # an unexpected failure: still one line unless --debug
-        if debug:
+        if _state["debug"]:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
         err_console.print(f"[bold red]error:[/] {type(e).__name__}: {msg} (run with --debug for the traceback)",

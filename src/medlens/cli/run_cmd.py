@@ -35,21 +35,22 @@ def register(app: typer.Typer) -> None:
         import json
 
         from medlens.config import load_config
-        from medlens.engine.train import train as do_train
+        from medlens.run import Run
+        from medlens.workflow.train import train as do_train
         quiet_libraries()
         cfg = load_config(config, set_)
         run = do_train(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite, progress_bar=not quiet,
-                       log=lambda s: console.print(s))
+                       log=lambda s: console.print(s, markup=False, highlight=False))
         results = json.loads((run / "metrics.json").read_text())
         console.print(_metrics_table(results, "test"))
         if "reference_observer" in results:
             console.print(_metrics_table({**results, "ref": results["reference_observer"]}, "ref",
                                          "second observer against the same reference (human level)"))
-        meta = json.loads((run / "run.json").read_text())
-        if "threshold" in results:
-            th = results["threshold"]
-            console.print(f"threshold {th['value']:.4f} ({th['rule']}, chosen on validation)")
-        console.print(f"trained in {meta['train_seconds']} s; report: [bold]{run / 'report.html'}[/]")
+        meta = Run.open(run).meta
+        if meta.threshold is not None:
+            console.print(f"threshold {meta.threshold.value:.4f} ({meta.threshold.rule}, chosen on validation)",
+                          markup=False, highlight=False)
+        console.print(f"trained in {meta.train_seconds} s; report: [bold]{run / 'report.html'}[/]")
 
     @app.command()
     def evaluate(run_dir: Path = typer.Argument(..., help="a run folder"),
@@ -62,31 +63,34 @@ def register(app: typer.Typer) -> None:
         if split not in ("test", "val"):
             raise MedlensError(f"--split must be test or val, not '{split}'")
         quiet_libraries()
-        from medlens.engine.predict import read_run_meta
+        from medlens.run import Run
+        from medlens.tasks import TaskType
 
-        if read_run_meta(run_dir).get("task") == "segmentation":
+        run = Run.open(run_dir)
+        run.require_weights()
+        if run.task == TaskType.SEGMENTATION:
             from medlens.evaluation.segmentation import evaluate_segmentation_run
 
-            results = evaluate_segmentation_run(run_dir, split=split)
+            results = evaluate_segmentation_run(run, split=split)
         else:
-            results = evaluate_run(run_dir, split=split)
-        write_report(run_dir)
+            results = evaluate_run(run, split=split)
+        write_report(run)
         console.print(_metrics_table(results, split))
 
     @app.command()
     def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
                 files: List[Path] = typer.Argument(..., help="PNG/JPEG/TIFF/NPZ/NPY (DICOM, NIfTI, MHD, NRRD)")) -> None:
         """Predict image files with a trained run."""
-        from medlens.engine.predict import predict_files
+        from medlens.run import Predictor, Run
 
         quiet_libraries()
-        rows = predict_files(run_dir, [str(f) for f in files])
+        rows = Predictor(Run.open(run_dir, expect="classification")).predict_files([str(f) for f in files])
         t = Table(title=f"predictions ({run_dir})")
         for col in ("file", "prediction", "probability", "all classes"):
             t.add_column(col)
         for r in rows:
-            t.add_row(Path(r["file"]).name, r["prediction"], f"{r['probability']:.3f}",
-                      ", ".join(f"{k}: {v:.3f}" for k, v in r["probabilities"].items()))
+            t.add_row(Path(r.source).name, r.prediction, f"{r.probability:.3f}",
+                      ", ".join(f"{k}: {v:.3f}" for k, v in r.probabilities.items()))
         console.print(t)
 
     @app.command()
@@ -99,7 +103,7 @@ def register(app: typer.Typer) -> None:
                                                "SEG (it copies the source's patient/study attributes, as the "
                                                "standard requires)")) -> None:
         """Segment files with a trained U-Net: a mask per input in its geometry (PNG 2D, NIfTI 3D) + overlay."""
-        from medlens.evaluation.segmentation import segment_files
+        from medlens.workflow.segment import segment_files
 
         quiet_libraries()
         rows = segment_files(run_dir, [Path(f) for f in files], out, tta=tta, overlay=overlay, dicom_seg=dicom_seg)

@@ -35,12 +35,14 @@ def image_features(img: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.asarray(feats, np.float64))
 
 
+def features_of(x: np.ndarray) -> np.ndarray:
+    """Feature matrix of prepared inputs (N, C, *spatial) in [0, 1]."""
+    return np.stack([image_features(im) for im in np.asarray(x)])
+
+
 def dataset_features(ds, batch: int = 512) -> np.ndarray:
-    out = []
-    for i in range(0, len(ds), batch):
-        x, _ = ds.batch(np.arange(i, min(i + batch, len(ds))))
-        out += [image_features(im) for im in x.numpy()]
-    return np.stack(out)
+    return np.concatenate([features_of(ds.batch(np.arange(i, min(i + batch, len(ds))))[0].numpy())
+                           for i in range(0, len(ds), batch)])
 
 
 def fit_classical(name: str, X: np.ndarray, y: np.ndarray, seed: int, params: dict):
@@ -68,24 +70,32 @@ def save_model(model, path: Path) -> None:
         sio.dump(model, tmp)
 
 
+#: The exact types beyond skops' own safe defaults that a medlens classical model file may hold.
+#: Anything else in a ``model.skops`` (a forged or foreign file) is refused before it is loaded.
+ALLOWED_TYPES = frozenset({"sklearn.tree._tree.Tree"})
+#: What the loaded root object must be.
+ROOT_TYPES = ("sklearn.ensemble._forest.RandomForestClassifier", "sklearn.pipeline.Pipeline")
+
+
 def load_model(path: Path):
+    """Load ``model.skops`` trusting only ``ALLOWED_TYPES``; refuse any other type in one line."""
     import skops.io as sio
 
     from medlens.errors import DataError
 
-    if not path.exists():
+    path = Path(path)
+    if not path.is_file():
         raise DataError("classical run has no model.skops", path)
-    trusted = [t for t in sio.get_untrusted_types(file=str(path)) if t.startswith(("sklearn.", "numpy."))]
-    return sio.load(str(path), trusted=trusted)
-
-
-class ClassicalPredictor:
-    """``predict(ds) -> probabilities`` in the same format as the torch predictor."""
-
-    def __init__(self, run: Path, task: str) -> None:
-        self.model = load_model(Path(run) / "model.skops")
-        self.task = task
-
-    def __call__(self, ds) -> np.ndarray:
-        p = self.model.predict_proba(dataset_features(ds))
-        return p[:, 1] if self.task == "binary" else p
+    try:
+        untrusted = sio.get_untrusted_types(file=str(path))
+    except Exception as e:  # not a zip, no schema, corrupt: skops raises several types
+        raise DataError(f"not a readable skops model file ({type(e).__name__})", path) from None
+    refused = sorted(set(untrusted) - ALLOWED_TYPES)
+    if refused:
+        raise DataError(f"refusing to load: the model file holds type(s) medlens never writes: {', '.join(refused)}",
+                        path)
+    model = sio.load(str(path), trusted=sorted(set(untrusted)))
+    root = f"{type(model).__module__}.{type(model).__qualname__}"
+    if root not in ROOT_TYPES:
+        raise DataError(f"refusing the model file: its root object is {root}, not a medlens classical model", path)
+    return model

@@ -7,47 +7,44 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medlens.data.catalog import BINARY
+from medlens.errors import MedlensError
 from medlens.evaluation.metrics import compute_metrics
-from medlens.evaluation.threshold import choose_threshold
+from medlens.run import Predictor, Run
+from medlens.tasks import TaskType
+from medlens.transforms.preprocess import prepared_data
 from medlens.utils import atomic_path, write_json_atomic
 
+BINARY = TaskType.BINARY
 
-def evaluate_run(run_dir: str | Path, split: str = "test", data=None, net=None, predictor=None) -> dict:
-    """Write ``metrics.json``, ``predictions.csv`` and ``plots/`` for a trained run.
 
-    The binary decision threshold is chosen on the validation split by the config's rule and only
-    then applied to ``split``; test labels never influence it.
+def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predictor: Predictor | None = None) -> dict:
+    """Write ``metrics.json``, ``predictions.csv`` and ``plots/`` for a trained classifier run.
+
+    The binary decision threshold is the run's, chosen on the validation split when it was trained
+    (``RunMeta.threshold``); test labels never influence it.
     """
-    from medlens.config import load_config
-    from medlens.data import build_data
-    from medlens.engine.predict import load_run_model, predict_dataset, read_run_meta
     from medlens.evaluation import plots
 
-    run = Path(run_dir)
-    meta = read_run_meta(run)
-    cfg = load_config(run / "config.yaml")
-    if predictor is None:
-        if meta.get("kind") == "classical":
-            from medlens.engine.classical import ClassicalPredictor
-
-            predictor = ClassicalPredictor(run, meta["task"])
-        else:
-            if net is None:
-                net, meta = load_run_model(run)
-            predictor = lambda ds: predict_dataset(net, ds)  # noqa: E731
+    run = run if isinstance(run, Run) else Run.open(run, expect="classification")
+    predictor = predictor or Predictor(run)
+    meta, cfg = run.meta, run.config
     if data is None:
-        data = build_data(cfg.data, seed=cfg.seed)
-    task, names = meta["task"], meta["class_names"]
+        data = prepared_data(cfg.data, seed=cfg.seed)
+    threshold = None
+    if meta.task == BINARY:
+        if meta.threshold is None:
+            raise MedlensError("the run records no validation threshold (it did not finish training)", run.dir)
+        threshold = meta.threshold.value
+    predictor = predictor.predict_dataset
+    task, names = meta.task, meta.class_names
     val = data.val
     p_val = predictor(val)
-    threshold = choose_threshold(val.labels, p_val, cfg.evaluation.threshold) if task == BINARY else None
     ev = cfg.evaluation
-    results = {"task": task, "class_names": names, "dataset": meta.get("dataset"),
-               "split_method": meta.get("split_method"), "evaluated_split": split,
+    results = {"task": str(task), "class_names": names, "dataset": meta.dataset,
+               "split_method": meta.split_method, "evaluated_split": split,
                "val": compute_metrics(task, val.labels, p_val, threshold, ev.bootstrap, ev.ci, cfg.seed)}
     if task == BINARY:
-        results["threshold"] = {"rule": ev.threshold, "value": threshold, "chosen_on": "val"}
+        results["threshold"] = meta.threshold.model_dump()  # a copy for the reader; the run holds it
     pred_frames = [_pred_frame("val", val, p_val, task, threshold, names)]
     if split != "val":
         ds = data.get(split)
@@ -56,15 +53,13 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data=None, net=None, 
         pred_frames.append(_pred_frame(split, ds, p, task, threshold, names))
     else:
         ds, p = val, p_val
-    write_json_atomic(run / "metrics.json", results)
-    with atomic_path(run / "predictions.csv") as tmp:
+    write_json_atomic(run.dir / "metrics.json", results)
+    with atomic_path(run.dir / "predictions.csv") as tmp:
         pd.concat(pred_frames).to_csv(tmp, index=False)
-    pdir = run / "plots"
-    plots.plot_history(run / "history.csv", pdir / "training_curves.png")
+    pdir = run.dir / "plots"
+    plots.plot_history(run.dir / "history.csv", pdir / "training_curves.png")
     plots.plot_roc(task, ds.labels, p, names, pdir / "roc.png", threshold, title=f"ROC ({split})")
     if task == BINARY:  # galleries of the errors, as the LUNA16 seed system shows them
-        from medlens.explain.render import grid_png
-
         for kind, sel in (("fp", (ds.labels == 0) & (p >= threshold)), ("fn", (ds.labels == 1) & (p < threshold))):
             idx = np.flatnonzero(sel)
             idx = idx[np.argsort(-p[idx] if kind == "fp" else p[idx])][:16]
@@ -74,7 +69,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data=None, net=None, 
                 imgs = x.numpy()[:, 0]
                 if imgs.ndim == 4:  # 3D: the middle axial slice
                     imgs = imgs[:, imgs.shape[1] // 2]
-                grid_png(imgs, out, f"{'false positives' if kind == 'fp' else 'false negatives'} ({split}, "
+                plots.grid_png(imgs, out, f"{'false positives' if kind == 'fp' else 'false negatives'} ({split}, "
                                     f"{int(sel.sum())} in all; most confident first)")
             elif out.exists():
                 out.unlink()
@@ -91,7 +86,7 @@ def _pred_frame(split: str, ds, prob: np.ndarray, task: str, threshold, names) -
         df["label"] = ds.labels
         df["prob"] = prob
         df["pred"] = (prob >= threshold).astype(int)
-    elif task == "multilabel":
+    elif task == TaskType.MULTILABEL:
         for j, n in enumerate(names):
             df[f"label_{j}"] = ds.labels[:, j].astype(int)
             df[f"prob_{j}"] = prob[:, j]

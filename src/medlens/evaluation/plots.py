@@ -72,3 +72,25 @@ def plot_confusion(cm: list[list[int]], class_names: list[str], out: Path, title
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right"); ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted"); ax.set_ylabel("true"); ax.set_title(title)
     return _save(fig, out)
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    lo, hi = float(m.min()), float(m.max())
+    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+
+
+def grid_png(arrays: np.ndarray, path: str | Path, title: str, cols: int = 8, cmap: str = "gray") -> Path:
+    """A grid of 2D arrays (N, H, W), each min-max scaled."""
+    n = len(arrays)
+    cols = min(cols, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.4 * rows + 0.4), squeeze=False)
+    for i, a in enumerate(axes.ravel()):
+        a.axis("off")
+        if i < n:
+            a.imshow(_unit(np.asarray(arrays[i], np.float32)), cmap=cmap, interpolation="nearest")
+    fig.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)

@@ -1,32 +1,15 @@
-"""Operating points: a decision threshold chosen on validation predictions, never on test."""
+"""Operating points, for every task: a decision threshold chosen on validation predictions, never on test.
+
+Binary classifiers: a rule on the validation ROC (``choose_threshold``); two-class segmenters: the best
+mean validation Dice (``choose_dice_threshold``). The chosen value is stored once, in ``RunMeta.threshold``.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from medlens.errors import ConfigError
-
-RULES = ("youden", "f1", "sensitivity", "specificity", "fixed")
-
-
-def parse_threshold_rule(rule: str) -> tuple[str, float | None]:
-    """``"youden"``, ``"f1"``, ``"sensitivity:0.9"``, ``"specificity:0.95"`` or ``"fixed:0.5"``."""
-    name, _, arg = str(rule).partition(":")
-    name = name.strip().lower()
-    if name not in RULES:
-        raise ConfigError(f"unknown threshold rule '{rule}'; expected one of youden, f1, sensitivity:X, "
-                          "specificity:X, fixed:X")
-    if name in ("sensitivity", "specificity", "fixed"):
-        try:
-            val = float(arg)
-        except ValueError:
-            raise ConfigError(f"threshold rule '{rule}' needs a number, e.g. {name}:0.9") from None
-        if not 0.0 <= val <= 1.0:
-            raise ConfigError(f"threshold rule '{rule}': {val} is outside [0, 1]")
-        return name, val
-    return name, None
-
+from medlens.config import parse_threshold_rule
 
 def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, rule: str = "youden") -> float:
     """Pick the threshold on the validation labels and scores by ``rule``.
@@ -57,3 +40,17 @@ def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, rule: str = "youden")
         f1 = np.where(tp > 0, 2 * tp / (2 * tp + fp + (pos - tp)), 0.0)
         i = int(np.argmax(f1))
     return float(thr[i])
+
+
+def choose_dice_threshold(prob_fg: list[np.ndarray], refs: list[np.ndarray], grid=None) -> tuple[float, float]:
+    """Segmentation: the foreground threshold with the best mean Dice over the validation cases (never
+    test); returns (threshold, mean validation Dice at it)."""
+    from medlens.evaluation.segmetrics import dice
+
+    grid = np.round(np.arange(0.1, 0.91, 0.05), 2) if grid is None else grid
+    best = (0.5, -1.0)
+    for t in grid:
+        d = float(np.mean([dice(p >= t, r) for p, r in zip(prob_fg, refs)]))
+        if d > best[1] + 1e-9:
+            best = (float(t), d)
+    return best

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from medlens.explain.layers import conv_layers
-from medlens.explain.render import grid_png
+from medlens.evaluation.plots import grid_png
 
 
 def first_layer_filters(net: torch.nn.Module, x: torch.Tensor) -> np.ndarray:

@@ -56,20 +56,3 @@ def overlay_png(img: np.ndarray, heat: np.ndarray, path: str | Path, title: str,
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
     return Path(path)
-
-
-def grid_png(arrays: np.ndarray, path: str | Path, title: str, cols: int = 8, cmap: str = "gray") -> Path:
-    """A grid of 2D arrays (N, H, W), each min-max scaled."""
-    n = len(arrays)
-    cols = min(cols, n)
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.4 * rows + 0.4), squeeze=False)
-    for i, a in enumerate(axes.ravel()):
-        a.axis("off")
-        if i < n:
-            a.imshow(_norm(np.asarray(arrays[i], np.float32)), cmap=cmap, interpolation="nearest")
-    fig.suptitle(title, fontsize=10)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return Path(path)

@@ -1,5 +1,10 @@
-"""Model registry and architectures."""
+"""Model registry and architectures.
 
-from medlens.models.registry import create_model, get_model_entry, list_models, register_model
+Importing the package imports every architecture module, whose ``@register_model`` decorators fill the
+registry (the registry itself imports none of them: no cycle).
+"""
 
-__all__ = ["create_model", "get_model_entry", "list_models", "register_model"]
+from medlens.models import cnn, resnet, unet  # noqa: F401  (registers the architectures)
+from medlens.models.registry import ModelEntry, create_model, get_model_entry, list_models, register_model
+
+__all__ = ["ModelEntry", "create_model", "get_model_entry", "list_models", "register_model"]

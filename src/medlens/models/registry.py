@@ -1,4 +1,9 @@
-"""Model registry: architectures register by name, configs name them, ``medlens models list`` shows them."""
+"""Model registry: architectures register by name, configs name them, ``medlens models list`` shows them.
+
+timm's pattern: the architecture modules import this registry and register into it; the registry imports
+none of them. ``medlens.models`` (the package) imports the architecture modules, so anything that
+imports ``medlens.models`` sees every model.
+"""
 
 from __future__ import annotations
 
@@ -46,12 +51,10 @@ def register_model(name: str | None = None, *, dims: tuple[int, ...] = (2,), tas
 
 
 def list_models(pattern: str = "*") -> list[ModelEntry]:
-    _ensure_loaded()
     return [e for k, e in sorted(_REGISTRY.items()) if fnmatch.fnmatch(k, pattern)]
 
 
 def get_model_entry(name: str) -> ModelEntry:
-    _ensure_loaded()
     if name not in _REGISTRY:
         import difflib
 
@@ -79,8 +82,3 @@ def create_model(name: str, in_channels: int, num_outputs: int, spatial_dims: in
     if "input_size" in sig.parameters:
         extra["input_size"] = input_size
     return entry.factory(in_channels, num_outputs, **extra, **kwargs)
-
-
-def _ensure_loaded() -> None:
-    # importing the architecture modules runs their @register_model decorators
-    from medlens.models import cnn, resnet, unet  # noqa: F401

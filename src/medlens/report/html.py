@@ -7,10 +7,15 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from jinja2 import Environment, PackageLoader, select_autoescape
+import warnings
+
+from jinja2 import Environment, PackageLoader
 
 from medlens import __version__
-from medlens.errors import MedlensError
+from medlens.errors import MedlensError, MedlensWarning
+from medlens.run import Run
+from medlens.run.sections import read_sections
+from medlens.tasks import TaskType
 from medlens.utils import write_text_atomic
 
 PRETTY = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity (recall)", "specificity": "specificity",
@@ -31,42 +36,51 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def write_report(run_dir: str | Path, extra_sections: list[dict] | None = None) -> Path:
-    """Render ``report.html`` from a run folder's ``run.json``, ``metrics.json`` and ``plots/``."""
-    run = Path(run_dir)
+def _num(v, digits: int = 3) -> str:
+    """Numbers for the templates; anything else (a hand-edited section) is shown as n/a."""
     try:
-        meta = json.loads((run / "run.json").read_text())
-        metrics = json.loads((run / "metrics.json").read_text())
-    except FileNotFoundError as e:
-        raise MedlensError(f"cannot report: {Path(e.filename).name} missing (evaluate the run first)", run) from None
+        v = float(v)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "n/a" if v != v else f"{v:.{digits}f}"
+
+
+def write_report(run: Run | str | Path) -> Path:
+    """Render ``report.html`` from a run folder: ``run.json``, ``metrics.json``, ``plots/`` and the
+    section data in ``report_sections/``. Everything goes through autoescaping templates."""
+    run = run if isinstance(run, Run) else Run.open(run)
+    meta, folder = run.meta, run.dir
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except FileNotFoundError:
+        raise MedlensError("cannot report: metrics.json missing (evaluate the run first)", folder) from None
     split = metrics.get("evaluated_split", "test")
     test, val = metrics[split]["metrics"], metrics["val"]["metrics"]
     unit = f" ({metrics['distance_unit']})" if "distance_unit" in metrics else ""
     rows = [{"name": PRETTY.get(k, k) + (unit if k in ("hd95", "msd") else ""), "value": _fmt(v["value"]),
              "ci": f"{_fmt(v['ci_low'])} - {_fmt(v['ci_high'])}",
              "val": _fmt(val.get(k, {}).get("value"))} for k, v in test.items()]
-    figs = [{"caption": cap, "data": _b64(run / "plots" / f), "width": w}
-            for f, cap, w in FIGURES if (run / "plots" / f).exists()]
-    sections = list(extra_sections or [])
-    for extra in sorted((run / "report_sections").glob("*.json")) if (run / "report_sections").exists() else []:
-        sections.append(json.loads(extra.read_text()))
-    env = Environment(loader=PackageLoader("medlens.report", "templates"), autoescape=select_autoescape(["html"]))
-    from markupsafe import Markup
-
-    for s in sections:
-        s["html"] = Markup(s["html"])
+    figs = [{"caption": cap, "data": _b64(folder / "plots" / f), "width": w}
+            for f, cap, w in FIGURES if (folder / "plots" / f).exists()]
+    sections, skipped = read_sections(folder)
+    if skipped:
+        warnings.warn(f"{folder}: report sections skipped: {', '.join(skipped)}", MedlensWarning, stacklevel=2)
+    env = Environment(loader=PackageLoader("medlens.report", "templates"), autoescape=True)
+    env.globals["num"] = _num
+    is_seg = meta.task == TaskType.SEGMENTATION
     html = env.get_template("report.html").render(
         name=run.name, version=__version__, created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        task=meta["task"], model=meta["model"], dataset=meta.get("dataset"), class_names=meta["class_names"],
-        split_method=meta.get("split_method", ""), n_samples=meta.get("n_samples", {}),
-        in_channels=meta["in_channels"], input_size=meta["input_size"], spatial_dims=meta["spatial_dims"],
-        epochs_run=meta.get("epochs_run", "?"), train_seconds=meta.get("train_seconds", "?"),
-        threshold=metrics.get("threshold"), split=split, metric_rows=rows,
+        task=str(meta.task), model=meta.model, dataset=meta.dataset, class_names=meta.class_names,
+        split_method=meta.split_method, n_samples=meta.n_samples,
+        in_channels=meta.in_channels, input_size=meta.input_size, spatial_dims=meta.spatial_dims,
+        epochs_run=meta.epochs_run if meta.epochs_run is not None else "?",
+        train_seconds=meta.train_seconds if meta.train_seconds is not None else "?",
+        threshold=meta.threshold, split=split, metric_rows=rows,
         n_bootstrap=metrics[split].get("n_bootstrap", 0), confusion=metrics[split].get("confusion_matrix"),
-        medmnist_note="" if meta["task"] == "segmentation" else
+        medmnist_note="" if is_seg else
         "'ACC (MedMNIST evaluator)' thresholds at 0.5 / argmax, as the MedMNIST paper does; the other "
         "binary metrics use the validation-chosen threshold.",
-        ci_unit="patients (means over cases)" if meta["task"] == "segmentation" else "cases",
-        figures=figs, extra_sections=sections, patient_level="patient" in meta.get("split_method", ""),
-        config=(run / "config.yaml").read_text() if (run / "config.yaml").exists() else "")
-    return write_text_atomic(run / "report.html", html)
+        ci_unit="patients (means over cases)" if is_seg else "cases",
+        figures=figs, extra_sections=sections, patient_level="patient" in meta.split_method,
+        config=(folder / "config.yaml").read_text() if (folder / "config.yaml").exists() else "")
+    return write_text_atomic(folder / "report.html", html)

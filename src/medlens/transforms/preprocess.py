@@ -1,8 +1,15 @@
-"""Turn an ``Image`` into a model input array: colour mode, intensity scaling, size."""
+"""Turn an ``Image`` into a model input array: colour mode, window, CLAHE, intensity scaling, size.
+
+This is the single input-preparation path of medlens. Training data (folders, CSV manifests,
+segmentation pairs) and prediction (``medlens.run.Predictor``: files, arrays, DICOM) both call
+``prepare_input`` with the run's ``InputSpec``, so a served input is prepared exactly as a trained one.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+from dataclasses import dataclass
 
 from medlens.errors import DataError, ShapeError
 from medlens.io.image import Image
@@ -67,3 +74,146 @@ def prepare_2d(image: Image, size: int | tuple[int, int], color: str = "gray") -
         arr = to_unit_range(arr)
     arr = resize2d(arr, size)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes the model's input; stored in the run (``RunMeta.preprocessing``).
+
+    ``size``: the resize target of classifiers ((H, W) or (D, H, W)); ``None`` keeps the native grid
+    (segmentation: sliding windows cover any size). ``window``: a CT window name or "level,width",
+    applied to the raw values (HU) first. ``clahe``: 2D only. ``intensity``: ``unit`` ([0, 1]: uint8 / 255,
+    windowed values as they are, other types by their own min/max), ``zscore`` or ``percentile``.
+    """
+
+    spatial_dims: int
+    size: tuple[int, ...] | None = None
+    color: str = "gray"
+    clahe: bool = False
+    window: str | None = None
+    intensity: str = "unit"
+
+
+def _check_finite(image: Image, name: str | None) -> None:
+    a = image.array
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise DataError(f"{bad} non-finite (NaN/inf) value(s) in the image; refusing to predict on it", name)
+
+
+def prepare_raw(image: Image, spec: InputSpec, name: str | None = None) -> np.ndarray:
+    """(C, *spatial) before the final float scaling: uint8 where the source (or window/CLAHE) is 8-bit.
+
+    Datasets store this (uint8 keeps memory small) and ``to_model_scale`` finishes it at batch time.
+    """
+    from medlens.io.windows import apply_window, to_uint8
+    from medlens.transforms.intensity import clahe as _clahe, normalize
+
+    _check_finite(image, name)
+    if image.spatial_dims != spec.spatial_dims:
+        raise ShapeError(f"the model takes {spec.spatial_dims}D inputs, this is {image.spatial_dims}D "
+                         f"{tuple(image.shape)}", name)
+    if spec.spatial_dims == 2:
+        arr = set_color(image, spec.color)  # (y, x, C)
+        if spec.window:
+            arr = apply_window(arr.astype(np.float32), spec.window)
+        if spec.clahe:
+            arr = np.stack([_clahe(arr[..., c] if arr.dtype == np.uint8 else to_uint8(arr[..., c]))
+                            for c in range(arr.shape[-1])], -1)
+        if spec.size is not None:
+            arr = resize2d(arr, tuple(spec.size))
+        arr = np.moveaxis(arr, -1, 0)
+    else:
+        if image.is_rgb:
+            raise ShapeError("colour volumes are not supported; convert to one channel", name)
+        arr = image.array if image.array.dtype == np.uint8 else image.array.astype(np.float32)
+        if spec.window:
+            arr = apply_window(arr, spec.window)
+        if spec.size is not None and tuple(arr.shape) != tuple(spec.size):
+            from scipy.ndimage import zoom
+
+            arr = zoom(arr.astype(np.float32) if arr.dtype != np.uint8 else arr,
+                       [t / s for t, s in zip(spec.size, arr.shape)], order=1)
+        arr = arr[None]
+    if spec.intensity != "unit":
+        arr = np.stack([normalize(c, spec.intensity) for c in arr]).astype(np.float32)
+    elif arr.dtype != np.uint8 and not spec.window:
+        arr = to_unit_range(arr)
+    return np.ascontiguousarray(arr)
+
+
+def to_model_scale(arr: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 / 255; float arrays are already in the model's scale."""
+    return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32, copy=False)
+
+
+def prepare_input(image: Image, spec: InputSpec, name: str | None = None) -> np.ndarray:
+    """Model input (C, *spatial) float32: the one preparation path for training and prediction."""
+    return np.ascontiguousarray(to_model_scale(prepare_raw(image, spec, name)))
+
+
+def display_image(image: Image, spec: InputSpec) -> np.ndarray:
+    """uint8 picture of the image for overlays: (y, x) / (y, x, 3) in 2D, (z, y, x) in 3D."""
+    from medlens.io.windows import apply_window, to_uint8
+
+    if spec.spatial_dims == 2:
+        arr = set_color(image, spec.color)
+        arr = arr[..., 0] if arr.shape[-1] == 1 else arr
+        return arr if arr.dtype == np.uint8 else to_uint8(arr)
+    arr = image.array.astype(np.float32)
+    return to_uint8(apply_window(arr, spec.window) if spec.window else arr)
+
+
+class Preparer:
+    """An ``InputSpec`` as the callable that data loaders take (``medlens.data.base.Preparer``)."""
+
+    def __init__(self, spec: InputSpec, scale: bool = False) -> None:
+        self.spec, self.scale = spec, scale
+
+    def __call__(self, image: Image, name: str | None = None) -> np.ndarray:
+        return prepare_input(image, self.spec, name) if self.scale else prepare_raw(image, self.spec, name)
+
+    def display(self, image: Image) -> np.ndarray:
+        return display_image(image, self.spec)
+
+
+def classifier_spec(cfg_data) -> InputSpec:
+    """The preparation of a classification ``DataConfig``'s image files (resized to ``data.size``)."""
+    return InputSpec(2, (cfg_data.size, cfg_data.size), cfg_data.color, cfg_data.clahe, cfg_data.window, "unit")
+
+
+def segmentation_spec(cfg_data, spatial_dims: int) -> InputSpec:
+    """The preparation of a segmentation ``DataConfig``'s images (native grid: sliding windows)."""
+    return InputSpec(spatial_dims, None, cfg_data.color, cfg_data.clahe, cfg_data.window, cfg_data.intensity)
+
+
+def prepared_data(cfg_data, seed: int = 0, progress=None):
+    """``medlens.data.build_data`` with this module's preparation of image files: what training,
+    evaluation and explanation all load, so they see the same tensors as ``Predictor.prepare``."""
+    from medlens.data import build_data
+
+    return build_data(cfg_data, seed=seed, prepare=Preparer(classifier_spec(cfg_data)), progress=progress)
+
+
+class _SegPreparer(Preparer):
+    """Segmentation cases mix 2D pictures and volumes by source; the spec follows each image."""
+
+    def __init__(self, cfg_data) -> None:
+        self.cfg = cfg_data
+        super().__init__(segmentation_spec(cfg_data, 2), scale=True)
+
+    def _for(self, image: Image) -> InputSpec:
+        return segmentation_spec(self.cfg, image.spatial_dims)
+
+    def __call__(self, image: Image, name: str | None = None) -> np.ndarray:
+        return prepare_input(image, self._for(image), name)
+
+    def display(self, image: Image) -> np.ndarray:
+        return display_image(image, self._for(image))
+
+
+def prepared_segmentation(cfg_data, seg_cfg, seed: int = 0, progress=None):
+    """``medlens.data.segmentation.load_segmentation`` with this module's preparation."""
+    from medlens.data.segmentation import load_segmentation
+
+    return load_segmentation(cfg_data, seg_cfg, _SegPreparer(cfg_data), seed=seed, progress=progress)

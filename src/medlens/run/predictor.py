@@ -1,0 +1,150 @@
+"""``Predictor``: the single path from an input (file, DICOM series folder, ``Image`` or array) to the
+model's answer, for classifiers (probabilities and the decision at the validation threshold) and
+segmenters (sliding-window class probabilities and the post-processed label map)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medlens.errors import DataError, MedlensWarning, ShapeError
+from medlens.io.image import Image
+from medlens.run.run import Run
+from medlens.tasks import TaskType
+from medlens.transforms.preprocess import InputSpec, prepare_input
+
+
+@dataclass
+class Prediction:
+    """A classifier's answer for one input."""
+
+    source: str
+    prediction: str
+    probability: float
+    probabilities: dict[str, float]
+    threshold: float | None = None
+    decision_rule: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {"file": self.source, "prediction": self.prediction, "probability": self.probability,
+             "probabilities": self.probabilities}
+        if self.threshold is not None:
+            d["threshold"] = self.threshold
+        return d
+
+
+class Predictor:
+    """Prepare inputs exactly as the run was trained and run its model.
+
+    ``tta`` (segmentation) overrides the run's test-time augmentation setting.
+    """
+
+    def __init__(self, run: Run, tta: bool | None = None, batch_size: int = 256) -> None:
+        self.run = run
+        self.meta = run.meta
+        self.spec: InputSpec = run.meta.preprocessing.spec()
+        self.batch_size = batch_size
+        seg = run.config.segmentation
+        self.tta = seg.tta if tta is None else tta
+
+    # ---------- input preparation: the one path ----------
+    def load(self, source: str | Path | Image, name: str | None = None) -> Image:
+        from medlens.io import load
+
+        if isinstance(source, Image):
+            return source
+        img = load(source)
+        if self.spec.spatial_dims == 2 and self.meta.preprocessing.pixel_spacing and img.spatial_dims == 2:
+            img = img.with_array(img.array, spacing=np.array([self.meta.preprocessing.pixel_spacing] * 2))
+        return img
+
+    def prepare(self, source: str | Path | Image | np.ndarray, name: str | None = None) -> np.ndarray:
+        """Model input (C, *spatial) float32 of one file, DICOM series folder, ``Image`` or raw array."""
+        name = name or (str(source) if isinstance(source, (str, Path)) else None)
+        if isinstance(source, np.ndarray):
+            source = Image(source, spacing=(1.0,) * min(source.ndim, 3))
+        x = prepare_input(self.load(source), self.spec, name)
+        if x.shape[0] != self.meta.in_channels:
+            raise ShapeError(f"the image gives {x.shape[0]} channel(s), the model takes {self.meta.in_channels}",
+                             name)
+        return x
+
+    # ---------- classification ----------
+    @torch.no_grad()
+    def predict_arrays(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Probabilities of prepared inputs (N, C, *spatial): (N,) binary, (N, K) otherwise."""
+        if self.run.is_classical:
+            from medlens.engine.classical import features_of
+
+            p = self.run.model.predict_proba(features_of(np.asarray(x)))
+            return p[:, 1] if self.meta.task == TaskType.BINARY else p
+        from medlens.engine.module import outputs_to_probs
+
+        net = self.run.model
+        x = torch.as_tensor(x)
+        out = [outputs_to_probs(self.meta.task, net(x[i:i + self.batch_size])) for i in range(0, len(x), self.batch_size)]
+        probs = torch.cat(out).numpy()
+        if not np.isfinite(probs).all():
+            raise DataError("the model produced non-finite probabilities; the input or the weights are unusable",
+                            self.run.dir)
+        return probs
+
+    def predict_dataset(self, ds) -> np.ndarray:
+        """Probabilities for every sample of a dataset (``len``/``batch(idx)`` interface)."""
+        out = [self.predict_arrays(ds.batch(np.arange(i, min(i + self.batch_size, len(ds))))[0])
+               for i in range(0, len(ds), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0,))
+
+    def decide(self, probs: np.ndarray) -> list[tuple[str, float]]:
+        """(predicted class name, its probability) per row, at the run's validation threshold."""
+        names, task = self.meta.class_names, self.meta.task
+        if task == TaskType.BINARY:
+            t = self.binary_threshold()
+            return [(names[int(p >= t)], float(p)) for p in probs]
+        if task == TaskType.MULTILABEL:
+            return [(", ".join(n for n, q in zip(names, p) if q >= 0.5) or "none", float(p.max())) for p in probs]
+        return [(names[int(np.argmax(p))], float(np.max(p))) for p in probs]
+
+    def binary_threshold(self) -> float:
+        th = self.meta.threshold
+        if th is None:
+            warnings.warn(f"{self.run.dir}: the run records no validation threshold; deciding at 0.5",
+                          MedlensWarning, stacklevel=2)
+            return 0.5
+        return th.value
+
+    def predict_files(self, files: list[str | Path]) -> list[Prediction]:
+        """Predict image files (or DICOM series folders) with the validation-chosen threshold."""
+        xs = np.stack([self.prepare(f) for f in files])
+        probs = self.predict_arrays(xs)
+        names, task = self.meta.class_names, self.meta.task
+        th = self.binary_threshold() if task == TaskType.BINARY else None
+        rows = []
+        for f, p, (cls, prob) in zip(files, probs, self.decide(probs)):
+            every = ({names[0]: float(1 - p), names[1]: float(p)} if task == TaskType.BINARY
+                     else dict(zip(names, map(float, p))))
+            rows.append(Prediction(str(f), cls, prob, every, th,
+                                   self.meta.threshold.rule if th is not None and self.meta.threshold else ""))
+        return rows
+
+    # ---------- segmentation ----------
+    def segment_probs(self, x: np.ndarray, name: str = "image") -> np.ndarray:
+        """Class probabilities (K, *spatial) of a prepared image by sliding windows (and flip TTA)."""
+        from medlens.engine.segmentation import predict_probs
+
+        s = self.run.config.segmentation
+        return predict_probs(self.run.model, x, self.meta.input_size, s.overlap, s.blend, s.sw_batch_size,
+                             self.tta, name)
+
+    def labels(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """Post-processed label map: threshold (the run's, from validation) or argmax, then components."""
+        from medlens.engine.segmentation import postprocess
+
+        s = self.run.config.segmentation
+        t = threshold if threshold is not None else (self.meta.threshold.value if self.meta.threshold else 0.5)
+        return postprocess(probs, t, s.largest_components, s.min_size)

@@ -1,0 +1,125 @@
+"""``Run``: one trained run folder, opened once and typed."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from medlens.config import ExperimentConfig, load_config
+from medlens.errors import DataError, MedlensError
+from medlens.run.folder import RunFolder
+from medlens.run.meta import RunMeta, Threshold
+from medlens.tasks import TaskType
+
+
+@dataclass
+class Run:
+    """A run folder: ``config.yaml`` + ``run.json`` + weights (``model.pt``, or ``model.skops`` for classical runs)."""
+
+    dir: Path
+    meta: RunMeta
+    config: ExperimentConfig
+    _net: object = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, run_dir: str | Path, expect: str | None = None) -> "Run":
+        """Open a run folder; ``expect`` ("classification" or "segmentation") refuses the other kind."""
+        run = Path(run_dir)
+        meta = RunMeta.load(run)
+        if not (run / "config.yaml").is_file():
+            raise MedlensError("run folder has run.json but no config.yaml", run)
+        cfg = load_config(run / "config.yaml")
+        is_seg = meta.task == TaskType.SEGMENTATION
+        if expect == "segmentation" and not is_seg:
+            raise MedlensError(f"not a segmentation run (its task is {meta.task}); use `medlens predict`", run)
+        if expect == "classification" and is_seg:
+            raise MedlensError("a segmentation run; use `medlens segment` (explanations and predict are for "
+                               "classifiers)", run)
+        return cls(run, meta, cfg)
+
+    # what everything above reads
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def task(self) -> TaskType:
+        return self.meta.task
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta.class_names
+
+    @property
+    def threshold(self) -> Threshold | None:
+        return self.meta.threshold
+
+    @property
+    def is_classical(self) -> bool:
+        return self.meta.kind == "classical"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.dir / ("model.skops" if self.is_classical else "model.pt")
+
+    def require_weights(self) -> Path:
+        p = self.weights_path
+        if not p.is_file():
+            start = "from its last checkpoint" if RunFolder(self.dir).has_checkpoint() else "from epoch 0 (no checkpoint yet)"
+            raise MedlensError(f"run has no {p.name}: training did not finish; continue it with `medlens train "
+                               f"{self.dir / 'config.yaml'} --resume` (it restarts {start})", self.dir)
+        return p
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        """Hash of the weights file: identifies the exact model in exported results."""
+        h = hashlib.sha256()
+        with open(self.require_weights(), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def build_network(self):
+        """The untrained network of this run (normalisation + architecture)."""
+        from medlens.engine.module import ClassifierNet
+        from medlens.models import create_model
+
+        m, prep = self.meta, self.meta.preprocessing
+        net = create_model(m.model, m.in_channels, m.n_outputs, prep.spatial_dims, tuple(m.input_size),
+                           **m.model_params)
+        return ClassifierNet(net, prep.mean, prep.std)
+
+    @property
+    def model(self):
+        """The trained torch network (weights only, eval mode), loaded once; classical runs: the estimator."""
+        if self._net is None:
+            self._net = self._load_classical() if self.is_classical else self._load_torch()
+        return self._net
+
+    def use_model(self, net) -> "Run":
+        """Attach an in-memory trained network (right after training) instead of reading the weights."""
+        self._net = net.eval() if hasattr(net, "eval") else net
+        return self
+
+    def _load_torch(self):
+        import torch
+
+        weights = self.require_weights()
+        net = self.build_network()
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        except Exception as e:  # torch raises many types for foreign or corrupt files; all mean "unusable"
+            raise DataError(f"cannot load weights ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+                            weights) from None
+        return net.eval()
+
+    def _load_classical(self):
+        from medlens.engine.classical import load_model
+
+        return load_model(self.require_weights())
+
+    def save_meta(self) -> Path:
+        return self.meta.save(self.dir)

@@ -1,0 +1,1 @@
+"""Orchestration above the pipeline: train -> evaluate -> explain -> report, and segmenting files."""
