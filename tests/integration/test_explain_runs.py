@@ -7,19 +7,42 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from medlens.config import load_config
 from medlens.data import build_data
-from medlens.engine.predict import load_run_model
-from medlens.engine.train import train
 from medlens.explain import METHODS, explain
+from medlens.explain.methods import TwoClass, reference, superpixels
+from medlens.run import Run
+from medlens.workflow.train import train
+
+# Binary runs are explained through TwoClass: class 0 scores -z/2, class 1 scores +z/2. Methods linear in
+# the explained score therefore give class 0 exactly the negated map of class 1.
+SIGNED_LINEAR = {"saliency", "smoothgrad", "integrated_gradients", "occlusion"}
+RELU_CAMS = {"gradcam", "gradcam++", "layercam", "cam"}  # ReLU'd class activation maps: never negative
+SUPERPIXEL = {"lime", "kernelshap"}  # one weight per SLIC superpixel (40 requested)
+
+
+def _test_batch(run_dir, n):
+    run = Run.open(run_dir)
+    x, _ = build_data(run.config.data, seed=0).test.batch(np.arange(n))
+    return run.model, x
 
 
 @pytest.fixture(scope="module")
 def pneumonia_batch(trained_run):
-    net, meta = load_run_model(trained_run)
-    cfg = load_config(trained_run / "config.yaml")
-    x, y = build_data(cfg.data, seed=0).test.batch(np.arange(3))
-    return net, x
+    return _test_batch(trained_run, 3)
+
+
+def _check_map_properties(net, x, maps, method, target):
+    """Properties that hold for any correct map of ``method`` (``target``: one class for the batch)."""
+    if method in RELU_CAMS:
+        assert maps.min() >= 0, method
+    if method in SUPERPIXEL:
+        for xi, mi in zip(x, maps):
+            assert len(np.unique(mi)) <= len(np.unique(superpixels(xi.numpy(), 40))), method
+    if method == "integrated_gradients":  # completeness: attributions sum to score(x) - score(reference)
+        with torch.no_grad():
+            score = TwoClass(net)(x)[:, target] - TwoClass(net)(reference(x))[:, target]
+        sums = maps.reshape(len(x), -1).sum(1)
+        assert np.allclose(sums, score.numpy(), rtol=0.05, atol=1e-3 * float(score.abs().max())), (sums, score)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -27,8 +50,14 @@ def test_every_method_on_a_2d_run(pneumonia_batch, method):
     net, x = pneumonia_batch
     m1, info = explain(net, x, method, target=1)
     m0, _ = explain(net, x, method, target=0)
-    assert m1.shape == (3, 28, 28) and np.isfinite(m1).all() and np.abs(m1).sum() > 0
+    assert m1.shape == (3, 28, 28) and m0.shape == (3, 28, 28)
+    per_sample = (np.abs(m0) + np.abs(m1)).reshape(3, -1).sum(1)
+    assert (per_sample > 0).all(), per_sample  # every image is explained by something, never a blank map
     assert not np.allclose(m0, m1)  # the map depends on the class explained
+    if method in SIGNED_LINEAR:
+        assert np.allclose(m0, -m1, rtol=1e-4, atol=1e-6 * np.abs(m1).max()), method
+    _check_map_properties(net, x, m1, method, 1)
+    _check_map_properties(net, x, m0, method, 0)
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +68,18 @@ def adrenal_run(tmp_path_factory, data_root):
 
 
 def test_every_3d_method_on_an_adrenal_run(adrenal_run):
-    net, meta = load_run_model(adrenal_run)
-    cfg = load_config(adrenal_run / "config.yaml")
-    x, _ = build_data(cfg.data, seed=0).test.batch(np.arange(2))
+    net, x = _test_batch(adrenal_run, 2)
     for method, m in METHODS.items():
         if 3 not in m.dims:
             continue
-        maps, _ = explain(net, x, method, n_samples=60) if method in ("lime", "kernelshap") else explain(net, x, method)
-        assert maps.shape == (2, 28, 28, 28) and np.isfinite(maps).all(), method
+        kw = {"n_samples": 60} if method in SUPERPIXEL else {}
+        maps, info = explain(net, x, method, target=1, **kw)
+        assert maps.shape == (2, 28, 28, 28), method
+        if method in SIGNED_LINEAR:
+            other, _ = explain(net, x, method, target=0, **kw)
+            assert np.abs(maps).reshape(2, -1).sum(1).min() > 0, method
+            assert np.allclose(other, -maps, rtol=1e-4, atol=1e-6 * np.abs(maps).max()), method
+        _check_map_properties(net, x, maps, method, 1)
 
 
 def test_report_has_explanations_and_feature_views(trained_run, tmp_path):
@@ -55,7 +88,7 @@ def test_report_has_explanations_and_feature_views(trained_run, tmp_path):
 
     html = (trained_run / "report.html").read_text()
     assert "<h2>Explanations</h2>" in html and "False negatives" in html and "True positives" in html
-    net, meta = load_run_model(trained_run)
+    net = Run.open(trained_run).model
     x = torch.rand(1, 1, 28, 28)
     paths = write_feature_views(net.net, x, tmp_path / "fv")
     assert (tmp_path / "fv" / "filters.png").exists() and len(paths) == 1 + 6  # filters + 6 conv layers

@@ -2,11 +2,14 @@
 
 import shutil
 import warnings
+import xml.etree.ElementTree as ET
 
 import h5py
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
+from matplotlib.path import Path as Polygon
 
 from medlens.data.lidc import cluster_nodules, parse_lidc_xml
 from medlens.data.nodules import (PatchStoreDataset, extract_patch_2d, extract_patch_3d, extract_patches,
@@ -58,6 +61,70 @@ def test_lidc_xml_nodule_agrees_with_luna16(data_root, scans, nodule):
     assert big.consensus_mask.sum() * np.prod(scans["dicom"].spacing) == pytest.approx(big.consensus_volume_mm3)
     small = [p for p in cluster_nodules(ann, scans["dicom"], include_small=True) if p.diameter_mm < 3]
     assert len(small) >= 1 and len(ann.non_nodules) > 0
+
+
+def _series_geometry(series):
+    """Straight from the DICOM headers: slice z by SOP UID, the sorted slice positions, the in-plane
+    origin and spacing, and the image size."""
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.rglob("*.dcm")]
+    z_of = {str(h.SOPInstanceUID): float(h.ImagePositionPatient[2]) for h in headers}
+    dy, dx = map(float, headers[0].PixelSpacing)
+    origin = tuple(map(float, headers[0].ImagePositionPatient[:2]))
+    return z_of, np.unique(list(z_of.values())), (dy, dx), origin, (int(headers[0].Rows), int(headers[0].Columns))
+
+
+def _reader_contours(xml, near_xy, max_px: float = 25.0):
+    """Each reader's contours (SOP UID, inclusion, (x, y) points) of the nodule whose contours centre near
+    ``near_xy`` (pixels), read with ElementTree."""
+    ns = "{http://www.nih.gov}"
+    readers = []
+    for session in ET.parse(xml).getroot().iter(f"{ns}readingSession"):
+        for n in session.iter(f"{ns}unblindedReadNodule"):
+            rois = [(r.findtext(f"{ns}imageSOP_UID").strip(), r.findtext(f"{ns}inclusion").strip() == "TRUE",
+                     np.array([(float(e.findtext(f"{ns}xCoord")), float(e.findtext(f"{ns}yCoord")))
+                               for e in r.iter(f"{ns}edgeMap")])) for r in n.iter(f"{ns}roi")]
+            pts = np.concatenate([p for _, _, p in rois])
+            if len(pts) > len(rois) and np.linalg.norm(pts.mean(0) - near_xy) < max_px:  # contours, not a point
+                readers.append(rois)
+    return readers
+
+
+def _filled(points: np.ndarray, shape) -> np.ndarray:
+    """Pixels whose centre lies inside the contour, plus the contour pixels themselves."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    inside = Polygon(points).contains_points(np.column_stack([xx.ravel(), yy.ravel()])).reshape(shape)
+    inside[points[:, 1].astype(int), points[:, 0].astype(int)] = True
+    return inside
+
+
+def test_consensus_volume_matches_an_independent_count(data_root, scans, nodule):
+    """The 4-reader nodule's 50 % consensus volume, counted here from the XML contours and the DICOM
+    headers alone (ElementTree, pydicom, matplotlib's point-in-polygon), against the library's."""
+    from medlens.data.lidc import consensus_mask_image
+
+    series = data_root / "lidc-idri-0001"
+    z_of, zs, (dy, dx), (ox, oy), shape = _series_geometry(series)
+    dz = float(np.median(np.diff(zs)))
+    centre = ((nodule.coordX - ox) / dx, (nodule.coordY - oy) / dy)  # LUNA16 world mm -> pixel (x, y)
+    readers = _reader_contours(next(series.rglob("*.xml")), centre)
+    assert len(readers) == 4
+    votes: dict[int, np.ndarray] = {}
+    for rois in readers:
+        marked: dict[int, np.ndarray] = {}
+        for uid, inclusion, points in sorted(rois, key=lambda r: not r[1]):  # inclusions, then exclusions
+            k = int(np.searchsorted(zs, z_of[uid]))
+            m = marked.get(k, np.zeros(shape, bool))
+            marked[k] = m | _filled(points, shape) if inclusion else m & ~_filled(points, shape)
+        for k, m in marked.items():
+            votes[k] = votes.get(k, 0) + m
+    expected_voxels = sum(int((v >= 2).sum()) for v in votes.values())  # at least 2 of the 4 readers
+    expected_mm3 = expected_voxels * dx * dy * dz
+    assert 5000 < expected_mm3 < 10000  # a 23 mm nodule (a 23.35 mm sphere is 6,666 mm3)
+    ann = parse_lidc_xml(next(series.rglob("*.xml")))
+    big = cluster_nodules(ann, scans["dicom"])[0]
+    assert big.consensus_volume_mm3 == pytest.approx(expected_mm3, rel=0.01)
+    mask = consensus_mask_image(ann, scans["dicom"]).array
+    assert mask.sum() * np.prod(scans["dicom"].spacing) == pytest.approx(expected_mm3, rel=0.01)
 
 
 def test_xml_that_is_not_lidc(tmp_path):

@@ -8,6 +8,7 @@ import torch.nn as nn
 from medlens.engine.module import ClassifierNet
 from medlens.errors import ConfigError
 from medlens.explain import METHODS, explain
+from medlens.explain.methods import NonFiniteMapError
 
 
 class QuadrantNet(nn.Module):
@@ -67,7 +68,31 @@ def test_3d_maps_concentrate_too(method):
     maps, _ = explain(net, x, method, target=1)
     assert maps.shape == (1, 16, 16, 16) and np.isfinite(maps).all()
     mass = np.abs(maps)
-    assert mass[:, :10, :10, :10].sum() / mass.sum() > 0.9
+    assert mass.sum() > 0 and mass[:, :10, :10, :10].sum() / mass.sum() > 0.9
+
+
+class SqrtNet(nn.Module):
+    """Finite outputs whose input gradient is infinite at zero-valued pixels: d sqrt(x)/dx = 1 / (2 sqrt(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(torch.sqrt(x)).mean((2, 3)))
+
+
+def test_non_finite_maps_are_refused_not_zeroed():
+    net = ClassifierNet(SqrtNet(), [0.0], [1.0]).eval()
+    x = torch.rand(2, 1, 16, 16) + 0.1
+    x[1, 0, 4, 4] = 0.0  # one pixel where the gradient is infinite
+    with torch.no_grad():
+        assert torch.isfinite(net(x)).all()  # the model itself is fine
+    with pytest.raises(NonFiniteMapError, match=r"saliency.*sample\(s\) \[1\]"):
+        explain(net, x, "saliency", target=1)
+    maps, _ = explain(net, x[:1], "saliency", target=1)  # the finite sample alone is explained
+    assert np.isfinite(maps).all() and np.abs(maps).sum() > 0
 
 
 def test_clear_errors_list_the_valid_choices():

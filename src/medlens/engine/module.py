@@ -9,7 +9,13 @@ import torch.nn.functional as F
 import lightning as L
 
 from medlens.data.catalog import BINARY, MULTILABEL
+from medlens.models.transfer import freeze_norm_statistics
 from medlens.transforms.augment import BatchAugment
+
+
+def monitor_mode(monitor: str) -> str:
+    """``"min"`` for a monitored loss (``val_loss``), ``"max"`` for a score (AUC, accuracy, QWK, Dice)."""
+    return "min" if monitor.endswith("loss") else "max"
 
 
 def outputs_to_probs(task: str, logits: torch.Tensor) -> torch.Tensor:
@@ -57,6 +63,18 @@ class ClassifierModule(L.LightningModule):
         self.pos_weight = pos_weight
         self._val_out: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._gen = torch.Generator()
+
+    def train(self, mode: bool = True):
+        """Train mode, except for frozen BatchNorm layers: their running statistics stay as loaded."""
+        super().train(mode)
+        if mode:
+            freeze_norm_statistics(self.model)
+        return self
+
+    def on_train_start(self) -> None:
+        # Lightning does not call train() before the first epoch (and restores each submodule's mode
+        # after validation), so the frozen layers are put in eval mode here once.
+        freeze_norm_statistics(self.model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.channels_last and x.ndim == 4:
@@ -124,7 +142,8 @@ class ClassifierModule(L.LightningModule):
         if c.scheduler == "none":
             return opt
         if c.scheduler == "plateau":
-            sch = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3)
+            sch = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=monitor_mode(c.monitor), factor=0.5,
+                                                             patience=3)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "monitor": c.monitor}}
         steps = self.trainer.estimated_stepping_batches
         warm = int(steps * c.warmup_epochs / max(c.epochs, 1))

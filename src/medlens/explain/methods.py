@@ -1,7 +1,9 @@
 """Attribution methods, one registry for 2D and 3D models (captum and MONAI's visualize underneath).
 
 Every method takes the run's network (normalisation included), a batch ``x`` of inputs in [0, 1]
-(N, C, *spatial), target class indices and returns maps of shape (N, *spatial), float32, finite.
+(N, C, *spatial), target class indices and returns maps of shape (N, *spatial), float32. ``explain``
+refuses maps with NaN or infinite values (``NonFiniteMapError``) rather than zeroing them, so a method
+that fails numerically is never shown as a blank "nothing matters" map.
 Binary models (one logit) are wrapped so class 1 scores ``+z/2`` and class 0 ``-z/2``; the
 softmax of that pair is exactly the sigmoid, and either class can be explained.
 """
@@ -17,8 +19,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medlens.errors import ConfigError
+from medlens.errors import ConfigError, MedlensError
 from medlens.explain.layers import find_target_layer
+
+
+class NonFiniteMapError(MedlensError):
+    """An attribution method produced NaN or infinite values."""
+
+
+def check_finite(maps: torch.Tensor, method: str) -> torch.Tensor:
+    """``maps`` unchanged if every value is finite; else ``NonFiniteMapError`` naming the samples."""
+    bad = ~torch.isfinite(maps)
+    if bad.any():
+        per_sample = bad.flatten(1).sum(1)
+        samples = torch.nonzero(per_sample).flatten().tolist()
+        raise NonFiniteMapError(f"method '{method}' gave {int(bad.sum())} non-finite value(s) (NaN or inf) in the "
+                                f"maps of sample(s) {samples[:10]}; the model's gradients or outputs are not finite "
+                                "there")
+    return maps
 
 
 class TwoClass(nn.Module):
@@ -243,6 +261,9 @@ def explain(net: nn.Module, x: torch.Tensor, method: str, target=None, layer: st
 
     Returns:
         maps (N, *spatial) float32, and info (method, layer, targets, probabilities, seconds).
+
+    Raises:
+        NonFiniteMapError: the method gave NaN or infinite values.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
@@ -269,7 +290,7 @@ def explain(net: nn.Module, x: torch.Tensor, method: str, target=None, layer: st
     t0 = time.perf_counter()
     maps = m.fn(model, x.float(), tgt, layer=mod, layer_name=None if name is None else "net.net." + name, **kwargs)
     secs = time.perf_counter() - t0
-    maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0).numpy().astype(np.float32)
+    maps = check_finite(maps.detach().float(), method).numpy().astype(np.float32)
     info = {"method": method, "layer": name, "targets": tgt.tolist(),
             "probabilities": probs.gather(1, tgt.view(-1, 1))[:, 0].tolist(), "seconds": secs}
     return maps, info

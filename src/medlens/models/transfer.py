@@ -26,6 +26,27 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _has_frozen_statistics(m: nn.Module) -> bool:
+    params = list(m.parameters(recurse=False))
+    return (isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and bool(params)
+            and not any(p.requires_grad for p in params))
+
+
+def freeze_norm_statistics(net: nn.Module) -> int:
+    """Put every frozen normalisation layer of ``net`` in eval mode; return how many.
+
+    A BatchNorm (or InstanceNorm with running statistics) layer is frozen when it has affine parameters
+    and none of them requires a gradient. In train mode such a layer would still update its
+    ``running_mean``/``running_var`` from each batch, so "frozen" layers would drift. Call this after
+    every ``net.train()`` (the Lightning module does so in ``train()`` and ``on_train_start``).
+    Layers without affine parameters (``affine=False``) are left alone: nothing marks them frozen.
+    """
+    frozen = [m for m in net.modules() if _has_frozen_statistics(m)]
+    for m in frozen:
+        m.eval()
+    return len(frozen)
+
+
 def _strip(key: str) -> str:
     for prefix in ("model.net.", "net.", "model.", "module."):
         if key.startswith(prefix):
@@ -37,7 +58,8 @@ def apply_transfer(net: nn.Module, weights: str | Path | None, freeze: list[str]
     """Load matching tensors from ``weights`` (same name and shape) and freeze parameters.
 
     ``freeze`` lists parameter-name prefixes; ``["backbone"]`` freezes everything except the
-    final classification layer (the last ``Linear`` module).
+    final classification layer (the last ``Linear`` module). Frozen BatchNorm layers must also keep
+    their running statistics: ``freeze_norm_statistics`` puts them in eval mode after ``train()``.
     """
     loaded, skipped = 0, []
     if weights:

@@ -1,13 +1,16 @@
 """Batch augmentation on tensors, 2D and 3D, reproducible.
 
-Parameters are drawn per sample from a seeded ``torch.Generator`` and applied to the whole batch
-at once (one ``affine_grid``/``grid_sample`` call), which on 2 CPU cores is far faster than
-per-sample pipelines. The same seed gives the same augmented batch.
+As in TorchIO, each transform first draws its parameters per sample from a seeded ``torch.Generator``
+(``sample_geometric``, ``sample_intensity``) and then applies a deterministic function of those
+parameters (``apply_geometric``, ``apply_intensity``); the parameters of the last call are kept in
+``last_params``. The whole batch is transformed at once (one ``affine_grid``/``grid_sample`` call),
+which on 2 CPU cores is far faster than per-sample pipelines. The same seed gives the same batch.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +18,42 @@ import torch.nn.functional as F
 from medlens.config import AugmentConfig
 
 
+@dataclass
+class GeometricParams:
+    """Per-sample geometry; ``None`` where the transform is off."""
+
+    hflip: torch.Tensor | None = None      # (B,) bool: flip the last axis
+    vflip: torch.Tensor | None = None      # (B,) bool: flip the second-to-last axis
+    rot90: torch.Tensor | None = None      # (B,) int: quarter turns in the (H, W) plane
+    angle: torch.Tensor | None = None      # (B,) radians, in-plane rotation (about the slice axis in 3D)
+    scale: torch.Tensor | None = None      # (B,) isotropic zoom factor (> 1 magnifies)
+    translate: torch.Tensor | None = None  # (B, nd) shift as a fraction of each axis' size, order (x, y[, z])
+
+
+@dataclass
+class IntensityParams:
+    """Per-sample intensity changes; ``None`` where the transform is off."""
+
+    gain: torch.Tensor | None = None   # (B,) contrast factor about the sample's mean
+    bias: torch.Tensor | None = None   # (B,) brightness shift, as a fraction of the sample's range
+    sigma: torch.Tensor | None = None  # (B,) noise std, as a fraction of the sample's std
+    noise: torch.Tensor | None = None  # standard normal noise of the batch's shape
+
+
+def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast over a sample."""
+    return v.view(-1, *[1] * (ndim - 1))
+
+
+def _uniform(n: int, half_width: float, g: torch.Generator) -> torch.Tensor:
+    """``n`` values uniform in [-half_width, half_width]."""
+    return (torch.rand(n, generator=g) * 2 - 1) * half_width
+
+
 class BatchAugment:
     def __init__(self, cfg: AugmentConfig) -> None:
         self.cfg = cfg
+        self.last_params: dict[str, GeometricParams | IntensityParams] = {}
 
     @property
     def active(self) -> bool:
@@ -29,54 +65,102 @@ class BatchAugment:
             return x
         return self.intensity(self.geometric(x, generator), generator)
 
+    # geometry -----------------------------------------------------------------------------------
+
     def geometric(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Flips, 90-degree turns and the affine part: apply to an image and its mask together
         (concatenated along channels) to keep them aligned."""
+        p = self.sample_geometric(x.shape, generator)
+        self.last_params["geometric"] = p
+        return self.apply_geometric(x, p)
+
+    def sample_geometric(self, shape, generator: torch.Generator) -> GeometricParams:
+        """Draw per-sample geometry for a batch of ``shape``.
+
+        ``rot90`` turns by k quarter turns in the (H, W) plane. A non-square (H != W) input cannot
+        turn by 90 or 270 degrees without changing shape, so there k is drawn from {0, 2} only
+        (0 or 180 degrees); square inputs draw k from {0, 1, 2, 3}.
+        """
         c, g = self.cfg, generator
-        b, nd = x.shape[0], x.ndim - 2
-        rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+        b, nd = shape[0], len(shape) - 2
+        p = GeometricParams()
         if c.hflip:
-            m = rand(b) < c.hflip
-            x = torch.where(m.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+            p.hflip = torch.rand(b, generator=g) < c.hflip
         if c.vflip:
-            m = rand(b) < c.vflip
-            x = torch.where(m.view(-1, *[1] * (x.ndim - 1)), x.flip(-2), x)
-        if c.rot90 and x.shape[-1] == x.shape[-2]:
-            k = torch.randint(0, 4, (b,), generator=g)
-            x = torch.stack([torch.rot90(x[i], int(k[i]), dims=(-2, -1)) for i in range(b)])
+            p.vflip = torch.rand(b, generator=g) < c.vflip
+        if c.rot90:
+            square = shape[-1] == shape[-2]
+            k = torch.randint(0, 4 if square else 2, (b,), generator=g)
+            p.rot90 = k if square else 2 * k
         if c.rotate or c.translate or c.scale:
-            x = self._affine(x, b, nd, rand)
+            p.angle = _uniform(b, math.radians(c.rotate), g)
+            p.scale = 1 + _uniform(b, c.scale, g)
+            p.translate = _uniform(b * nd, c.translate, g).view(b, nd)
+        return p
+
+    def apply_geometric(self, x: torch.Tensor, p: GeometricParams) -> torch.Tensor:
+        """Apply drawn geometry (deterministic)."""
+        if p.hflip is not None:
+            x = torch.where(_per_sample(p.hflip, x.ndim), x.flip(-1), x)
+        if p.vflip is not None:
+            x = torch.where(_per_sample(p.vflip, x.ndim), x.flip(-2), x)
+        if p.rot90 is not None:
+            x = torch.stack([torch.rot90(x[i], int(p.rot90[i]), dims=(-2, -1)) for i in range(len(x))])
+        if p.angle is not None:
+            x = affine(x, p.angle, p.scale, p.translate)
         return x
+
+    # intensity ----------------------------------------------------------------------------------
 
     def intensity(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Brightness, contrast and noise: images only."""
+        p = self.sample_intensity(x.shape, generator)
+        self.last_params["intensity"] = p
+        return self.apply_intensity(x, p)
+
+    def sample_intensity(self, shape, generator: torch.Generator) -> IntensityParams:
+        """Draw per-sample contrast gain, brightness shift and noise level (and the noise itself)."""
         c, g = self.cfg, generator
-        b = x.shape[0]
-        rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+        b = shape[0]
+        p = IntensityParams()
         if c.brightness or c.contrast:
-            shape = (b, *[1] * (x.ndim - 1))
-            mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
-            gain = 1 + (rand(*shape) * 2 - 1) * c.contrast
-            bias = (rand(*shape) * 2 - 1) * c.brightness * (x.amax() - x.amin()).clamp_min(1e-6)
-            x = (x - mean) * gain + mean + bias
+            p.gain = 1 + _uniform(b, c.contrast, g)
+            p.bias = _uniform(b, c.brightness, g)
         if c.noise:
-            sigma = rand(b, *[1] * (x.ndim - 1)) * c.noise * x.std().clamp_min(1e-6)
-            x = x + sigma * torch.randn(x.shape, generator=g)
+            p.sigma = torch.rand(b, generator=g) * c.noise
+            p.noise = torch.randn(tuple(shape), generator=g)
+        return p
+
+    def apply_intensity(self, x: torch.Tensor, p: IntensityParams) -> torch.Tensor:
+        """Apply drawn intensity changes, each scaled by the sample's own statistics: the brightness
+        shift by its range (max - min), the noise by its standard deviation."""
+        dims = tuple(range(1, x.ndim))
+        if p.gain is not None:
+            mean = x.mean(dim=dims, keepdim=True)
+            spread = (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True)).clamp_min(1e-6)
+            x = (x - mean) * _per_sample(p.gain, x.ndim) + mean + _per_sample(p.bias, x.ndim) * spread
+        if p.sigma is not None:
+            std = x.flatten(1).std(dim=1).clamp_min(1e-6)
+            x = x + _per_sample(p.sigma * std, x.ndim) * p.noise.to(x.dtype)
         return x
 
-    def _affine(self, x, b, nd, rand):
-        c = self.cfg
-        ang = (rand(b) * 2 - 1) * math.radians(c.rotate)
-        scale = 1 + (rand(b) * 2 - 1) * c.scale
-        cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
-        if nd == 2:
-            theta = torch.zeros(b, 2, 3)
-            theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-            theta[:, :, 2] = (rand(b, 2) * 2 - 1) * 2 * c.translate
-        else:  # rotate in-plane (about the slice axis), scale and translate in 3D
-            theta = torch.zeros(b, 3, 4)
-            theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-            theta[:, 2, 2] = 1 / scale
-            theta[:, :, 3] = (rand(b, 3) * 2 - 1) * 2 * c.translate
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+def affine(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, translate: torch.Tensor) -> torch.Tensor:
+    """Rotate in the (H, W) plane by ``angle`` (radians), zoom by ``scale`` about the centre and shift by
+    ``translate`` (fraction of each axis' size, order x, y[, z]), per sample, bilinear, border padding.
+
+    The rotation is rigid in pixel units: ``affine_grid`` works in normalised coordinates, where a
+    non-square image's axes have different units, so the pixel-space matrix ``A`` is conjugated by
+    the half sizes ``S``: ``theta = S^-1 A S``.
+    """
+    b, nd = x.shape[0], x.ndim - 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    a = torch.zeros(b, nd, nd)
+    a[:, 0, 0], a[:, 0, 1], a[:, 1, 0], a[:, 1, 1] = cos, -sin, sin, cos
+    if nd == 3:
+        a[:, 2, 2] = 1 / scale
+    half = torch.tensor(x.shape[2:][::-1], dtype=torch.float64) / 2  # (W, H[, D]): the x, y[, z] order
+    ratio = (half[None, :] / half[:, None]).float()  # S_j / S_i
+    theta = torch.cat([a * ratio, 2 * translate[:, :, None]], dim=2)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
