@@ -184,7 +184,7 @@ def test_lidc_consensus_mask_is_a_segmentation_target(tmp_path, data_root):
     mask = consensus_mask_image(parse_lidc_xml(xml), scan)
     assert mask.array.shape == scan.array.shape
     vol = mask.array.sum() * np.prod(scan.spacing)
-    assert 7000 < vol < 8600  # the 4-reader nodule's consensus volume (7,764 mm3 measured in the nodule issue)
+    assert 7000 < vol < 8600  # a plausibility range; test_nodules.py derives the exact volume independently
     path = save(mask, tmp_path / "nodule_mask.nii.gz")
     back = load(path)
     check_same_grid(scan, back, path)

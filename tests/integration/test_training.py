@@ -7,16 +7,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_config
 from medlens.config import load_config
-from medlens.data import build_data
 from medlens.data.base import SplitData
-from medlens.engine.train import TrainingInterrupted, train
+from medlens.engine.train import TrainingInterrupted
 from medlens.errors import MedlensError
 from medlens.evaluation.evaluate import evaluate_run
 from medlens.evaluation.threshold import choose_threshold
-from medlens.engine.predict import load_run_model, predict_dataset
+from medlens.run import Predictor, Run
+from medlens.transforms.preprocess import prepared_data
+from medlens.workflow.train import train
 
 
 def _test_metrics(run):
@@ -70,25 +72,76 @@ def test_resume_after_interruption_matches_uninterrupted(trained_run, tmp_path):
 
 def test_threshold_never_touches_test_labels(trained_run):
     cfg = load_config(trained_run / "config.yaml")
-    data = build_data(cfg.data, seed=cfg.seed)
+    data = prepared_data(cfg.data, seed=cfg.seed)
     first = evaluate_run(trained_run, data=data)
     scrambled = data.test.subset(np.arange(len(data.test)))
     scrambled.labels = 1 - scrambled.labels  # invert every test label
     second = evaluate_run(trained_run, data=SplitData(data.train, data.val, scrambled))
     assert first["threshold"]["value"] == second["threshold"]["value"]
-    net, _ = load_run_model(trained_run)
-    assert first["threshold"]["value"] == choose_threshold(data.val.labels, predict_dataset(net, data.val), "youden")
+    run = Run.open(trained_run)
+    p_val = Predictor(run).predict_dataset(data.val)
+    assert run.threshold.value == first["threshold"]["value"] == choose_threshold(data.val.labels, p_val, "youden")
+    assert run.threshold.chosen_on == "val" and run.threshold.rule == "youden"
     assert first["test"]["metrics"]["auc"]["value"] == pytest.approx(1 - second["test"]["metrics"]["auc"]["value"])
 
 
-def test_imbalance_modes_and_retina_task(tmp_path, data_root):
+class _SeenBatches(cb.Callback):
+    """What training really used: the labels of every training batch (per epoch) and, on the first
+    batch, the module's loss on it next to its logits."""
+
+    def __init__(self) -> None:
+        self.labels: dict[int, list[np.ndarray]] = {}
+        self.first = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        x, y = batch
+        self.labels.setdefault(trainer.current_epoch, []).append(y.numpy().reshape(-1).copy())
+        if self.first is None:
+            with torch.no_grad():
+                logits = pl_module(x).float()
+                self.first = (logits, y, float(pl_module.loss(logits, y)))
+
+    def epoch_labels(self, epoch: int) -> np.ndarray:
+        return np.concatenate(self.labels[epoch])
+
+
+def test_weighted_loss_uses_inverse_frequency_class_weights(tmp_path, data_root):
+    seen = _SeenBatches()
     run = train(tiny_config(tmp_path, "retina", data={"source": "medmnist", "name": "retinamnist",
                                                        "max_samples": 200, "color": "rgb"},
-                            train__imbalance="weighted_loss"), progress_bar=False)
+                            train__imbalance="weighted_loss"), callbacks=[seen], progress_bar=False)
     m = _test_metrics(run)
     assert {"auc", "accuracy", "qwk", "mae"} <= set(m)
-    run2 = train(tiny_config(tmp_path, "und", train__imbalance="undersample"), progress_bar=False)
-    assert (run2 / "model.pt").exists()
+    labels = seen.epoch_labels(0)  # shuffled, not resampled: every training image once
+    assert len(labels) == 200
+    counts = np.bincount(labels, minlength=5).astype(float)
+    assert counts.min() < counts.max() / 2  # RetinaMNIST is imbalanced, so weights matter
+    expected = torch.tensor(len(labels) / (5 * np.maximum(counts, 1)), dtype=torch.float32)
+    logits, y, used = seen.first
+    weighted = F.cross_entropy(logits, y.long(), weight=expected)
+    assert used == pytest.approx(float(weighted), rel=1e-5)
+    assert used != pytest.approx(float(F.cross_entropy(logits, y.long())), rel=1e-3)
+
+
+def test_undersampling_balances_every_epoch(tmp_path, data_root):
+    seen = _SeenBatches()
+    train(tiny_config(tmp_path, "und", train__imbalance="undersample"), callbacks=[seen], progress_bar=False)
+    for epoch in (0, 1):
+        labels = seen.epoch_labels(epoch)
+        n_normal, n_pneumonia = np.bincount(labels, minlength=2)
+        # PneumoniaMNIST: "normal" (0) is the minority; ratio 1 keeps all of them and as many pneumonia cases
+        assert n_normal == n_pneumonia and n_normal < 150, (epoch, n_normal, n_pneumonia)
+    first, second = seen.epoch_labels(0), seen.epoch_labels(1)
+    assert len(first) == len(second) < 300  # fewer than the 300 training images: undersampled
+
+
+def test_balanced_sampler_draws_classes_equally(tmp_path, data_root):
+    seen = _SeenBatches()
+    train(tiny_config(tmp_path, "bal", train__imbalance="balanced_sampler"), callbacks=[seen], progress_bar=False)
+    labels = np.concatenate([seen.epoch_labels(0), seen.epoch_labels(1)])
+    assert len(labels) == 600  # 300 draws with replacement per epoch
+    frac = float((labels == 0).mean())
+    assert 0.42 < frac < 0.58, frac  # 50 % +- 4 standard errors; the data themselves hold about 26 % normal
 
 
 def test_3d_training(tmp_path, data_root):
@@ -96,4 +149,11 @@ def test_3d_training(tmp_path, data_root):
                                                         "max_samples": 120},
                             model={"name": "fast_cnn3d", "params": {"widths": [4, 8, 8, 16]}}), progress_bar=False)
     meta = json.loads((run / "run.json").read_text())
-    assert meta["spatial_dims"] == 3 and meta["input_size"] == [28, 28, 28]
+    assert meta["preprocessing"]["spatial_dims"] == 3 and meta["input_size"] == [28, 28, 28]
+
+
+def test_trainer_keeps_deterministic_algorithms_on(tmp_path, data_root):
+    """seed_everything asks torch for deterministic kernels; the Trainer must not switch them off again."""
+    torch.use_deterministic_algorithms(False)
+    train(tiny_config(tmp_path, "det", train__epochs=1), progress_bar=False)
+    assert torch.are_deterministic_algorithms_enabled()

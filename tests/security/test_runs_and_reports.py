@@ -132,10 +132,27 @@ def _dom(report: Path, tmp_path: Path) -> str:
     return r.stdout
 
 
+def _elements(dom: str) -> list[tuple[str, dict]]:
+    """Every element Chromium built (tag, attributes), parsed from its serialised DOM."""
+    from html.parser import HTMLParser
+
+    found = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.append((tag, dict(attrs)))
+
+    P().feed(dom)
+    return found
+
+
 def _assert_no_injection(dom: str) -> None:
-    assert 'id="metrics"' in dom  # the page rendered
-    assert "data-pwned" not in dom
-    assert '<img src="x"' not in dom and "<script>alert" not in dom and 'id="injected"' not in dom
+    els = _elements(dom)
+    assert any(a.get("id") == "metrics" for _, a in els)  # the page rendered
+    assert not any("data-pwned" in a for _, a in els)  # no onerror handler ran
+    assert not any(t == "img" and (a.get("src") == "x" or a.get("id") == "injected") for t, a in els)
+    assert not any(t == "script" for t, _ in els) and not any(a.get("id") == "injected" for _, a in els)
+    assert not any(k.startswith("on") for _, a in els for k in a)  # no event-handler attribute anywhere
     assert "&lt;img src=x onerror=" in dom  # the hostile name is shown, as text
 
 
@@ -179,4 +196,4 @@ def test_hostile_class_names_and_sections_inject_nothing(tmp_path, data_root):
     assert r.returncode == 0 and "zz_raw.json (not a medlens section)" in r.stderr, r.stderr[-1000:]
     dom = _dom(run / "report.html", tmp_path)
     _assert_no_injection(dom)
-    assert "&lt;img id=\"injected\" src=x&gt;" in dom or "&lt;img id=&quot;injected&quot; src=x&gt;" in dom
+    assert '&lt;img id="injected" src=x&gt;' in dom  # the hand-edited method name, shown as text

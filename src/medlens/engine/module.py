@@ -8,7 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import lightning as L
 
-from medlens.data.catalog import BINARY, MULTILABEL
+from medlens.tasks import TaskType
+
+BINARY, MULTILABEL, ORDINAL = TaskType.BINARY, TaskType.MULTILABEL, TaskType.ORDINAL
 from medlens.models.transfer import freeze_norm_statistics
 from medlens.transforms.augment import BatchAugment
 
@@ -51,6 +53,32 @@ class ClassifierNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
+
+
+def validation_scores(task: str, prob: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """What training monitors (torchmetrics): ``val_auc`` (macro one-vs-rest; 0 when undefined), ``val_acc``
+    (the MedMNIST evaluator's: 0.5 / argmax, per-label for multilabel) and ``val_qwk`` for ordinal tasks.
+    The reported metrics with CIs are ``medlens.evaluation``'s, computed after training."""
+    import torchmetrics.functional as tmf
+
+    y = y.long()
+    if task == BINARY:
+        y = y.reshape(-1)
+        auc = tmf.auroc(prob, y, task="binary") if 0 < int(y.sum()) < len(y) else torch.tensor(0.0)
+        acc = tmf.accuracy(prob, y, task="binary", threshold=0.5)
+        out = {"val_auc": auc, "val_acc": acc}
+    elif task == MULTILABEL:
+        n = prob.shape[1]
+        out = {"val_auc": tmf.auroc(prob, y, task="multilabel", num_labels=n, average="macro"),
+               "val_acc": tmf.accuracy(prob, y, task="multilabel", num_labels=n, average="micro")}
+    else:
+        k = prob.shape[1]
+        y = y.reshape(-1)
+        out = {"val_auc": tmf.auroc(prob, y, task="multiclass", num_classes=k, average="macro"),
+               "val_acc": tmf.accuracy(prob, y, task="multiclass", num_classes=k, average="micro")}
+        if task == ORDINAL:
+            out["val_qwk"] = tmf.cohen_kappa(prob.argmax(1), y, task="multiclass", num_classes=k, weights="quadratic")
+    return {k: float(v) if torch.isfinite(torch.as_tensor(v)) else 0.0 for k, v in out.items()}
 
 
 class ClassifierModule(L.LightningModule):
@@ -120,15 +148,8 @@ class ClassifierModule(L.LightningModule):
         logits = torch.cat([o[0] for o in self._val_out])
         y = torch.cat([o[1] for o in self._val_out]).numpy()
         self._val_out.clear()
-        prob = outputs_to_probs(self.task, logits).numpy()
-        from medlens.evaluation.metrics import compute_metrics
-
-        m = compute_metrics(self.task, y, prob, threshold=0.5, n_boot=0)["metrics"]
-        auc = m["auc"]["value"]
-        self.log("val_auc", float(auc) if np.isfinite(auc) else 0.0)
-        self.log("val_acc", float(m["medmnist_acc"]["value"]))
-        if "qwk" in m:
-            self.log("val_qwk", float(m["qwk"]["value"]))
+        for name, value in validation_scores(self.task, outputs_to_probs(self.task, logits), torch.as_tensor(y)).items():
+            self.log(name, value)
 
     def configure_optimizers(self):
         c = self.cfg

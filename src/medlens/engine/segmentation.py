@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from medlens.engine.module import ClassifierModule
 from medlens.errors import ConfigError, MedlensWarning
-from medlens.evaluation.segmetrics import dice
 
 
 def make_loss(seg_cfg, n_outputs: int):
@@ -113,17 +112,6 @@ def postprocess(probs: np.ndarray, threshold: float = 0.5, largest_components: i
     return out
 
 
-def choose_threshold(prob_fg: list[np.ndarray], refs: list[np.ndarray], grid=None) -> tuple[float, float]:
-    """The foreground threshold with the best mean Dice over validation cases (never test)."""
-    grid = np.round(np.arange(0.1, 0.91, 0.05), 2) if grid is None else grid
-    best = (0.5, -1.0)
-    for t in grid:
-        d = [dice(p >= t, r) for p, r in zip(prob_fg, refs)]
-        if np.mean(d) > best[1] + 1e-9:
-            best = (float(t), float(np.mean(d)))
-    return best
-
-
 def augment_pair(augment, x: torch.Tensor, y: torch.Tensor, n_outputs: int, gen: torch.Generator):
     """Augment images (B, C, ...) and label maps (B, ...) together: the same geometry for both,
     intensity changes for the image only."""
@@ -136,6 +124,16 @@ def augment_pair(augment, x: torch.Tensor, y: torch.Tensor, n_outputs: int, gen:
         z = augment.geometric(torch.cat([x, onehot], 1), gen)
         y = z[:, c:].movedim(1, -1).contiguous().argmax(-1)
     return augment.intensity(z[:, :c], gen), y
+
+
+def foreground_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> float:
+    """Mean Dice over the foreground classes (MONAI's ``compute_dice``; both empty = 1), what training
+    monitors as ``val_dice``."""
+    from monai.metrics import compute_dice
+
+    onehot = lambda a: F.one_hot(torch.as_tensor(a.astype(np.int64)), n_classes).movedim(-1, 0)[None]  # noqa: E731
+    d = compute_dice(onehot(pred), onehot(ref), include_background=False, ignore_empty=False)
+    return float(d.mean())
 
 
 class SegmentationModule(ClassifierModule):
@@ -169,8 +167,7 @@ class SegmentationModule(ClassifierModule):
         x, y = batch
         probs = predict_probs(self.model, x[0], self.seg.patch_size, self.seg.overlap, self.seg.blend,
                               self.seg.sw_batch_size)
-        pred, ref = postprocess(probs), y[0].numpy()
-        self._dice.append(float(np.mean([dice(pred == k, ref == k) for k in range(1, probs.shape[0])])))
+        self._dice.append(foreground_dice(postprocess(probs), y[0].numpy(), probs.shape[0]))
 
     def on_validation_epoch_end(self) -> None:
         if self._dice:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlens.engine.module import ClassifierModule, ClassifierNet
+from medlens.engine.module import ClassifierModule, ClassifierNet, monitor_mode
 from medlens.engine.sampling import make_loader
 from medlens.errors import ConfigError, MedlensError
 from medlens.models import create_model
@@ -123,7 +123,7 @@ def _fit(cfg, module, train_loader, val_loader, run: Path, monitor: str, resume:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     ckpt_dir = run / "checkpoints"
-    mode_mm = "min" if monitor == "val_loss" else "max"
+    mode_mm = monitor_mode(monitor)
     cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode_mm, save_top_k=1,
                            save_last=True, enable_version_counter=False),
            HistoryWriter(run / "history.csv")]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from medlens.errors import MedlensError
+from medlens.run.meta import META_FILE
 
 MARKER = ".medlens-run"   # written first into every run folder; --overwrite deletes only folders holding it
 LOCK = ".lock"
@@ -24,7 +25,7 @@ class RunFolder:
 
     @property
     def is_run(self) -> bool:
-        return (self.path / MARKER).is_file() or (self.path / "run.json").is_file()
+        return (self.path / MARKER).is_file() or (self.path / META_FILE).is_file()
 
     def has_checkpoint(self) -> bool:
         return (self.path / "checkpoints" / "last.ckpt").is_file()
