@@ -197,3 +197,68 @@ def test_hostile_class_names_and_sections_inject_nothing(tmp_path, data_root):
     dom = _dom(run / "report.html", tmp_path)
     _assert_no_injection(dom)
     assert '&lt;img id="injected" src=x&gt;' in dom  # the hand-edited method name, shown as text
+
+
+class _Gadget:
+    """Pickles to a call that writes a file: what a malicious checkpoint would carry."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_torch_files_load_weights_only_including_lightning_resume(tmp_path, trained_run, data_root):
+    import ast
+
+    import torch
+
+    # every torch.load in the package says weights_only=True, and so does Lightning's resume call
+    src = REPO / "src" / "medlens"
+    for py in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("load", "fit") and \
+                    getattr(getattr(node.func, "value", None), "id", "") in ("torch", "trainer"):
+                kw = {k.arg: k.value for k in node.keywords}
+                assert "weights_only" in kw and getattr(kw["weights_only"], "value", None) is True, \
+                    f"{py.relative_to(REPO)}:{node.lineno}"
+    # and behaviourally: a pickled gadget as model.pt or as the resume checkpoint runs nothing
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    sentinel = tmp_path / "pwned"
+    torch.save({"state_dict": _Gadget(str(sentinel))}, run / "model.pt")
+    png = xray_png(data_root, tmp_path / "x.png")
+    one_line_error(medlens("predict", run, png), "model.pt", "cannot load weights")
+    assert not sentinel.exists()
+    (run / "model.pt").unlink()
+    torch.save({"state_dict": _Gadget(str(sentinel))}, run / "checkpoints" / "last.ckpt")
+    meta = json.loads((run / "run.json").read_text())
+    meta["status"] = "training"
+    (run / "run.json").write_text(json.dumps(meta))
+    r = medlens("train", run / "config.yaml", "--resume", "--run-dir", run, "--quiet")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert not sentinel.exists()
+
+
+def test_non_finite_inputs_are_refused_with_the_file_name(tmp_path, trained_run):
+    a = np.random.default_rng(0).random((28, 28)).astype(np.float32)
+    a[3:6, 3:6] = np.nan
+    bad = tmp_path / "nan_patch.npy"
+    np.save(bad, a)
+    one_line_error(medlens("predict", trained_run, bad), "nan_patch.npy", "NaN or infinite")
+    a[3:6, 3:6] = 0.5
+    a[10, 10] = np.inf
+    np.save(tmp_path / "inf_patch.npy", a)
+    one_line_error(medlens("predict", trained_run, tmp_path / "inf_patch.npy"), "inf_patch.npy")
+
+
+def test_same_stem_inputs_get_distinct_explanations(tmp_path, trained_run, data_root):
+    a = xray_png(data_root, tmp_path / "a" / "x.png", 0)
+    b = xray_png(data_root, tmp_path / "b" / "x.png", 5)
+    out = tmp_path / "maps"
+    r = medlens("explain", trained_run, a, b, "--out", out)
+    assert r.returncode == 0, r.stderr[-1500:]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["x-2_gradcam.png", "x_gradcam.png"]
+    assert not np.array_equal(np.load(out / "x_gradcam.npy"), np.load(out / "x-2_gradcam.npy"))
