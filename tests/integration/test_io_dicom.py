@@ -10,7 +10,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from medlens.errors import DataError, MedlensError
+from medlens.errors import DataError, MedlensError, MedlensWarning
 from medlens.io import load
 from medlens.io.dicom import list_series, read_dicom_series
 
@@ -103,7 +103,9 @@ def test_every_pydicom_test_file_loads_or_fails_clearly():
     for f in dicom_test_files():
         try:
             img = load(f)
-            assert np.isfinite(np.asarray(img.array, dtype=float)).all() or img.array.dtype.kind == "f"
+            # load() refuses NaN/inf (an error naming the file), so what it returns must be all finite
+            assert img.array.size > 0 and np.isfinite(img.array).all(), f.name
+            assert all(np.isfinite(img.spacing)) and min(img.spacing) > 0, f.name
             loaded.append(f.name)
         except MedlensError as e:
             assert f.name in str(e) and "\n" not in str(e)
@@ -133,6 +135,46 @@ def test_ct_hounsfield_and_multiframe_and_rgb():
     assert mf.array.ndim == 3 and mf.array.shape[0] == 10
     rgb = load(_test_file("SC_rgb.dcm"))
     assert rgb.is_rgb and rgb.array.shape[-1] == 3
+
+
+def _with_modality_lut(ds, lut: np.ndarray, first: int):
+    """A CT slice whose stored values map to HU through a Modality LUT Sequence instead of slope/intercept."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.add_new(0x00283002, "SS", [len(lut), first, 16])  # LUTDescriptor: entries, first stored value, bits
+    item.ModalityLUTType = "HU"
+    item.add_new(0x00283006, "US", lut.tolist())  # LUTData
+    ds.ModalityLUTSequence = [item]
+    for k in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+        if k in ds:
+            delattr(ds, k)
+    return ds
+
+
+def test_modality_lut_sequence_gives_the_values(data_root, tmp_path):
+    first, lut = -1024, ((np.arange(4096) ** 2) // 1000).astype(np.uint16)  # non-linear: no slope/intercept fits
+    files = sorted((data_root / "lidc-idri-0001").rglob("*.dcm"),
+                   key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))[40:43]
+    series = tmp_path / "series"
+    series.mkdir()
+    expected = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        stored = ds.pixel_array.astype(np.int64)
+        expected.append(lut[np.clip(stored - first, 0, len(lut) - 1)])  # PS3.3 C.11.1: clamp, then look up
+        _with_modality_lut(ds, lut, first).save_as(series / f.name)
+    one = load(series / files[0].name)
+    assert np.array_equal(one.array, expected[0]) and expected[0].max() > 1000
+    assert np.array_equal(load(series).array, np.stack(expected))
+    # pydicom's own test file with a Modality LUT Sequence (and no rescale): looked up by hand here
+    real = _test_file("mlut_18.dcm")
+    ds = pydicom.dcmread(real)
+    n, first, _ = (int(v) for v in ds.ModalityLUTSequence[0].LUTDescriptor)
+    table = np.asarray(ds.ModalityLUTSequence[0].LUTData)
+    stored = ds.pixel_array.astype(np.int64)
+    assert np.array_equal(load(real).array, table[np.clip(stored - first, 0, n - 1)])
+    assert not np.array_equal(load(real).array, stored)
 
 
 def test_monochrome1_is_inverted():
@@ -182,6 +224,15 @@ def test_nan_nifti_is_refused(tmp_path):
 
     p = tmp_path / "nan.nii.gz"
     nib.save(nib.Nifti1Image(np.full((4, 5, 6), np.nan, np.float32), np.eye(4)), p)
-    with pytest.raises(DataError, match="every voxel is NaN"):
+    with pytest.raises(DataError, match=r"nan.nii.gz: every value \(120\) is NaN"):
         load(p)
-    assert np.isnan(load(p, allow_nonfinite=True).array).all()
+    with pytest.raises(DataError, match="every value"):  # nothing finite: refused even when allowed
+        load(p, allow_nonfinite=True)
+    some = np.ones((4, 5, 6), np.float32)
+    some[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(some, np.eye(4)), p)
+    with pytest.raises(DataError, match="1 of 120 values are NaN or infinite"):
+        load(p)
+    with pytest.warns(MedlensWarning, match="nan.nii.gz: 1 of 120 values"):
+        img = load(p, allow_nonfinite=True)
+    assert np.isnan(img.array).sum() == 1 and np.nansum(img.array) == 119

@@ -10,7 +10,8 @@ from medlens.io import load, orientation_code, reorient, resample, save
 from medlens.io.image import Image
 from medlens.io.dicom import read_dicom_series
 from medlens.io.views import write_views
-from medlens.transforms.intensity import WINDOWS, apply_window, clahe, normalize
+from medlens.io.windows import WINDOWS, apply_window
+from medlens.transforms.intensity import clahe, normalize
 from medlens.transforms.preprocess import green_channel
 
 

@@ -19,8 +19,10 @@ def register(app: typer.Typer) -> None:
         """Apply a pipeline of classical steps (enhance, filter, denoise, segment, resample)."""
         from medlens.imaging.pipeline import load_steps, run_steps
         from medlens.io import load, save
+        from medlens.io.writers import check_output
 
         plan = load_steps(steps)  # validated before any work
+        check_output(dst)
         out = run_steps(load(src), plan)
         save(out, dst)
         console.print(f"[green]wrote[/] {dst} after {' -> '.join(n + (':' + a if a else '') for n, a in plan)}")
@@ -35,7 +37,15 @@ def register(app: typer.Typer) -> None:
         """Intensity-based registration (Mattes mutual information); the transform can be saved and applied to masks."""
         from medlens.imaging.register import register as do_register
         from medlens.io import load, save
+        from medlens.io.limits import require_utf8
+        from medlens.io.writers import check_output
 
+        mout = _mask_output(out) if mask else None
+        for p in (out, mout):
+            if p is not None:
+                check_output(p)
+        if transform:
+            require_utf8(transform, "transform path")  # checked before the work: SimpleITK aborts on such a path
         f, m = load(fixed), load(moving)
         reg = do_register(f, m, kind)
         save(reg.apply(m, f), out)
@@ -43,10 +53,6 @@ def register(app: typer.Typer) -> None:
         if transform:
             console.print(f"transform -> {reg.save(transform)}")
         if mask:
-            mout = out.with_name(out.name.replace(".nii", "_mask.nii").replace(".nrrd", "_mask.nrrd")
-                                 if "_mask" not in out.name else out.name)
-            if mout == out:
-                mout = out.with_name("mask_" + out.name)
             save(reg.apply(load(mask), f, mask=True), mout)
             console.print(f"mask -> {mout}")
 
@@ -72,6 +78,13 @@ def register(app: typer.Typer) -> None:
         for k, v in feats.items():
             t.add_row(k, f"{v:.6g}")
         console.print(t)
+
+
+def _mask_output(out: Path) -> Path:
+    """Where ``register --mask`` writes the carried mask: beside ``out``, with ``_mask`` in its name."""
+    mout = out.with_name(out.name.replace(".nii", "_mask.nii").replace(".nrrd", "_mask.nrrd")
+                         if "_mask" not in out.name else out.name)
+    return out.with_name("mask_" + out.name) if mout == out else mout
 
 
 def np_allclose(a, b) -> bool:

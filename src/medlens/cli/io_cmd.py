@@ -11,12 +11,29 @@ from rich.table import Table
 from medlens.cli.common import console, progress
 
 
-def _load(path: Path, series: Optional[str], allow_gaps: bool):
+_ALLOW_OUTSIDE_HELP = "read an .mhd/.nhdr whose data file lies outside its folder (only for headers you trust)"
+
+
+def _load(path: Path, series: Optional[str], allow_gaps: bool, allow_outside: bool = False):
     from medlens.io import load
 
     if path.is_dir():
         return load(path, series_uid=series, on_gap="warn" if allow_gaps else "error")
-    return load(path)
+    return load(path, allow_outside=allow_outside)
+
+
+def _world_point(text: str) -> list[float]:
+    import math
+
+    from medlens.errors import ConfigError
+
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"--point '{text}' must be three finite numbers x,y,z in mm")
+    return values
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +41,8 @@ def register(app: typer.Typer) -> None:
     def info(path: Path = typer.Argument(..., help="image file or DICOM folder"),
              series: Optional[str] = typer.Option(None, "--series", help="series id when a folder holds several"),
              show_phi: bool = typer.Option(False, "--show-phi", help="also print full UIDs (identifying)"),
-             allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices")) -> None:
+             allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices"),
+             allow_outside: bool = typer.Option(False, "--allow-outside", help=_ALLOW_OUTSIDE_HELP)) -> None:
         """Modality, size, spacing, orientation, intensity range, slices and series; no patient identifiers."""
         import numpy as np
 
@@ -45,7 +63,7 @@ def register(app: typer.Typer) -> None:
             if len(found) > 1 and series is None:
                 console.print("several series: pass --series ID to describe one")
                 return
-        img = _load(path, series, allow_gaps)
+        img = _load(path, series, allow_gaps, allow_outside)
         a = img.array
         t = Table(title=str(path.name), show_header=False)
         t.add_row("modality", img.modality)
@@ -69,11 +87,14 @@ def register(app: typer.Typer) -> None:
                 window: Optional[str] = typer.Option(None, "--window", help="for PNG: lung, bone, ... or 'L,W'"),
                 spacing: Optional[str] = typer.Option(None, "--spacing", help="resample first, e.g. '1,1,1' (z,y,x)"),
                 series: Optional[str] = typer.Option(None, "--series", help="series id in a multi-series folder"),
-                allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices")) -> None:
+                allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices"),
+                allow_outside: bool = typer.Option(False, "--allow-outside", help=_ALLOW_OUTSIDE_HELP)) -> None:
         """Convert between formats, keeping geometry (optionally resampling)."""
         from medlens.io import resample, save
+        from medlens.io.writers import check_output
 
-        img = _load(src, series, allow_gaps)
+        check_output(dst)  # before any work: a path save() cannot write is refused at once
+        img = _load(src, series, allow_gaps, allow_outside)
         if spacing:
             img = resample(img, [float(v) for v in spacing.split(",")])
         out = save(img, dst, window=window)
@@ -83,20 +104,24 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def deid(in_dir: Path = typer.Argument(..., help="folder of DICOM files"),
-             out_dir: Path = typer.Argument(..., help="output folder"),
+             out_dir: Path = typer.Argument(..., help="new (or empty) output folder"),
              key: Optional[str] = typer.Option(None, "--key", help="secret for consistent UID remapping across runs"),
-             date_shift: Optional[int] = typer.Option(None, "--date-shift", help="shift dates by N days instead of removing"),
+             date_shift: Optional[int] = typer.Option(None, "--date-shift",
+                                                      help="shift study dates by N days (other dates follow the profile)"),
              log_values: bool = typer.Option(False, "--log-values", help="log old values too (identifying!)")) -> None:
         """De-identify (PS3.15 basic profile): UIDs remapped, private tags removed, pixels untouched."""
+        from collections import Counter
+
         from medlens.io.deid import deidentify_folder
 
         with progress() as bar:
             task = bar.add_task("de-identifying", total=None)
             rep = deidentify_folder(in_dir, out_dir, key=key, date_shift_days=date_shift, log_values=log_values,
                                     progress=lambda d, t: bar.update(task, completed=d, total=t))
-        console.print(f"[green]{rep.files} files[/] de-identified, {rep.changes} attribute changes; log: {rep.log_path}")
-        if rep.skipped:
-            console.print(f"skipped {len(rep.skipped)} non-DICOM file(s)")
+        console.print(f"[green]{rep.files} files[/] de-identified of {rep.files_in} in, {len(rep.skipped)} skipped; "
+                      f"{rep.changes} attribute changes; log: {rep.log_path}")
+        for reason, n in Counter(r for _, r in rep.skip_reasons).most_common():
+            console.print(f"skipped {n} file(s): {reason}")
         if rep.burned_in:
             console.print(f"[yellow]{len(rep.burned_in)} image(s) have BurnedInAnnotation not 'NO'[/]: "
                           "their pixels may show identifiers; review them (listed in the log)")
@@ -106,11 +131,14 @@ def register(app: typer.Typer) -> None:
              out_dir: Path = typer.Argument(..., help="folder for the PNGs"),
              window: str = typer.Option("lung", "--window", help="preset or 'L,W'"),
              point: Optional[str] = typer.Option(None, "--point", help="world x,y,z (mm) to centre the slices on"),
-             allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices")) -> None:
+             allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices"),
+             allow_outside: bool = typer.Option(False, "--allow-outside", help=_ALLOW_OUTSIDE_HELP)) -> None:
         """Axial, coronal and sagittal slices and a coronal MIP as windowed PNGs."""
         from medlens.io.views import write_views
 
-        img = _load(src, None, allow_gaps)
-        center = img.world_to_voxel([float(v) for v in point.split(",")]) if point else None
+        center = _world_point(point) if point else None  # checked before the volume is read
+        img = _load(src, None, allow_gaps, allow_outside)
+        if center is not None:
+            center = img.world_to_voxel(center)
         for p in write_views(img, out_dir, window, center):
             console.print(f"wrote {p}")

@@ -53,7 +53,10 @@ def lidc(xml: Path = typer.Argument(..., help="LIDC-IDRI reader XML"),
     """Reader-marked nodules: clustered marks, readers, diameter, consensus volume, malignancy."""
     from medlens.data.lidc import cluster_nodules, parse_lidc_xml
     from medlens.io import load
+    from medlens.io.writers import check_output
 
+    if mask_out is not None:
+        check_output(mask_out)  # before the work: e.g. a path SimpleITK cannot take
     ann = parse_lidc_xml(xml)
     image = load(scan)
     t = Table(title=f"{xml.name}: {len(ann.readers)} readers, {len(ann.nodules)} nodule marks, "

@@ -107,6 +107,8 @@ def sample_negatives(image: Image, positives_world: np.ndarray, n: int, min_dist
     """``n`` random world points inside the lungs, at least ``min_distance_mm`` from every positive."""
     from medlens.imaging.segment import lung_mask
 
+    if n <= 0:  # the loop below stops at len == n: n = 0 would take every lung voxel
+        return np.zeros((0, 3))
     lungs = lung_mask(image)
     idx = np.argwhere(lungs[::2, ::4, ::4]) * np.array([2, 4, 4])
     if len(idx) == 0:
@@ -141,6 +143,24 @@ class ExtractReport:
     path: Path | None = None
 
 
+def _check_extract_args(dims, size, spacing, neg_ratio, seed, min_distance) -> None:
+    """Counts, sizes and ratios: refused in one line when negative, zero where that means nothing, or not finite."""
+    import math
+
+    from medlens.errors import ConfigError
+
+    if dims not in (2, 3):
+        raise ConfigError(f"dims (--dims) must be 2 or 3, not {dims}")
+    if size is not None and (int(size) != size or size < 1):
+        raise ConfigError(f"size (--size) must be a whole number of voxels >= 1, not {size}")
+    for name, value, low_ok in (("spacing (--spacing)", spacing, False), ("neg_ratio (--neg-ratio)", neg_ratio, True),
+                                ("min_negative_distance_mm", min_distance, True)):
+        if not math.isfinite(value) or value < 0 or (value == 0 and not low_ok):
+            raise ConfigError(f"{name} must be a finite number {'>= 0' if low_ok else '> 0'}, not {value}")
+    if seed < 0:
+        raise ConfigError(f"seed (--seed) must be >= 0, not {seed}")
+
+
 def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path, *, candidates: str | Path | None = None,
                     dims: int = 2, size: int | None = None, spacing: float = 1.0, neg_ratio: float = 5.0,
                     augment_positives: bool = True, seed: int = 0, min_negative_distance_mm: float = 20.0,
@@ -159,9 +179,8 @@ def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path,
     from medlens.utils import atomic_path
 
     t0 = time.time()
+    _check_extract_args(dims, size, spacing, neg_ratio, seed, min_negative_distance_mm)
     size = size or (50 if dims == 2 else 32)
-    if dims not in (2, 3):
-        raise DataError(f"dims must be 2 or 3, not {dims}")
     ann = read_candidates(annotations)
     cand = read_candidates(candidates) if candidates else None
     scan_map = find_scans(scans)
@@ -319,7 +338,7 @@ class PatchStoreDataset:
     def batch(self, idx):
         import torch
 
-        from medlens.transforms.intensity import apply_window
+        from medlens.io.windows import apply_window
 
         x = apply_window(self.read_hu(idx), self.window)
         return torch.from_numpy(x), torch.from_numpy(self.labels[np.asarray(idx)])

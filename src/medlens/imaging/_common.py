@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medlens.errors import DataError, ShapeError
+from medlens.errors import ConfigError, DataError, ShapeError
 from medlens.io.image import Image
 
 
@@ -30,3 +30,11 @@ def check_mask(image: np.ndarray, mask, name: str = "mask") -> np.ndarray:
     if not m.any():
         raise DataError(f"{name} is empty (no foreground voxel)")
     return m
+
+
+def positive(value, what: str, allow_zero: bool = False):
+    """A strength, size or count: a finite number > 0 (or >= 0), else one ConfigError line."""
+    v = np.asarray(value, float)
+    if v.size == 0 or not np.all(np.isfinite(v)) or np.any(v < 0) or (not allow_zero and np.any(v == 0)):
+        raise ConfigError(f"{what} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}")
+    return value

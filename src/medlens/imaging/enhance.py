@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from medlens.imaging._common import as_array, like
-from medlens.transforms.intensity import apply_window, clahe as _clahe
+from medlens.imaging._common import as_array, like, positive
+from medlens.io.windows import apply_window
+from medlens.transforms.intensity import clahe as _clahe
 
 
 def window(x, window="lung"):
@@ -31,6 +32,8 @@ def equalize(x, nbins: int = 256):
 
 def clahe(x, clip_limit: float = 2.0, tile: int = 8):
     """Contrast-limited adaptive histogram equalisation (OpenCV; 2D gray or RGB)."""
+    positive(clip_limit, "CLAHE clip limit")
+    positive(tile, "CLAHE tile count")
     return like(x, _clahe(as_array(x), clip_limit, tile))
 
 
@@ -38,5 +41,7 @@ def unsharp(x, radius: float = 2.0, amount: float = 1.0):
     """Unsharp masking: image + amount x (image - Gaussian(image))."""
     from scipy import ndimage
 
+    positive(radius, "unsharp radius")
+    positive(amount, "unsharp amount", allow_zero=True)
     a = as_array(x).astype(np.float32)
     return like(x, a + amount * (a - ndimage.gaussian_filter(a, radius)))

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from medlens.imaging._common import as_array, like
+from medlens.imaging._common import as_array, like, positive
 
 
 def gaussian(x, sigma: float = 1.0):
     from scipy import ndimage
 
+    positive(sigma, "gaussian sigma", allow_zero=np.ndim(sigma) > 0)  # per-axis sigmas may skip an axis
     return like(x, ndimage.gaussian_filter(as_array(x).astype(np.float32), sigma))
 
 
 def median(x, size: int = 3):
     from scipy import ndimage
 
+    positive(size, "median size")
     return like(x, ndimage.median_filter(as_array(x), size=size))
 
 
@@ -23,6 +25,7 @@ def bilateral(x, sigma_spatial: float = 2.0, sigma_range: float | None = None):
     """Edge-preserving bilateral filter (SimpleITK; 2D or 3D); ``sigma_range`` defaults to 10% of the range."""
     import SimpleITK as sitk
 
+    positive(sigma_spatial, "bilateral spatial sigma")
     a = as_array(x).astype(np.float32)
     sr = sigma_range if sigma_range is not None else 0.1 * float(np.ptp(a) or 1.0)
     out = sitk.GetArrayFromImage(sitk.Bilateral(sitk.GetImageFromArray(a), sigma_spatial, sr))
@@ -33,6 +36,8 @@ def anisotropic_diffusion(x, iterations: int = 10, conductance: float = 3.0, tim
     """Perona-Malik curvature-anisotropic diffusion (SimpleITK)."""
     import SimpleITK as sitk
 
+    positive(iterations, "diffusion iterations")
+    positive(conductance, "diffusion conductance")
     a = as_array(x).astype(np.float32)
     ts = time_step if time_step is not None else (0.0625 if a.ndim == 3 else 0.125)
     out = sitk.CurvatureAnisotropicDiffusion(sitk.GetImageFromArray(a), timeStep=ts, conductanceParameter=conductance,
@@ -42,6 +47,7 @@ def anisotropic_diffusion(x, iterations: int = 10, conductance: float = 3.0, tim
 
 def fft_filter(x, kind: str = "lowpass", cutoff: float = 0.1, high: float | None = None, order: int = 2):
     """Butterworth low/high/band-pass in the Fourier domain; cutoffs are fractions of the Nyquist frequency."""
+    positive(cutoff, "FFT cutoff")
     a = as_array(x).astype(np.float32)
     freqs = np.meshgrid(*[np.fft.fftfreq(n) * 2 for n in a.shape], indexing="ij")
     r = np.sqrt(sum(f ** 2 for f in freqs))

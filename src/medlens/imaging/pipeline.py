@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -11,8 +12,50 @@ from medlens.errors import ConfigError
 from medlens.io.image import Image
 
 
-def _f(s):
-    return float(s)
+# the argument each step takes: (cast, lowest value, lowest excluded?, what it is); None: no argument
+_NUMERIC_ARGS: dict[str, tuple[type, float, bool, str]] = {
+    "clahe": (float, 0.0, True, "clip limit"),
+    "unsharp": (float, 0.0, False, "amount"),
+    "gaussian": (float, 0.0, True, "sigma (voxels)"),
+    "median": (int, 1, False, "size (voxels)"),
+    "bilateral": (float, 0.0, True, "spatial sigma"),
+    "diffusion": (int, 1, False, "iterations"),
+    "lowpass": (float, 0.0, True, "cutoff (fraction of Nyquist)"),
+    "highpass": (float, 0.0, True, "cutoff (fraction of Nyquist)"),
+    "resample": (float, 0.0, True, "spacing (mm)"),
+}
+_NO_ARG = ("stretch", "equalize", "otsu", "lungs")
+_DENOISERS = ("nlm", "wavelet", "bayes", "visushrink", "tv", "median")
+
+
+def _number(name: str, arg: str):
+    """The step's numeric argument, refused in one line when it is not a finite number in range."""
+    cast, low, exclusive, what = _NUMERIC_ARGS[name]
+    bound = f"> {low:g}" if exclusive else f">= {low:g}"
+    try:
+        value = cast(arg)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < low or (exclusive and value == low):
+        kind = "a whole number" if cast is int else "a finite number"
+        raise ConfigError(f"step '{name}:{arg}': the {what} must be {kind} {bound}")
+    return value
+
+
+def _check_arg(name: str, arg: str | None) -> None:
+    """Validate a step's argument before any image is read."""
+    if arg is None:
+        return
+    if name in _NUMERIC_ARGS:
+        _number(name, arg)
+    elif name in _NO_ARG:
+        raise ConfigError(f"step '{name}' takes no argument, got '{name}:{arg}'")
+    elif name == "denoise" and arg not in _DENOISERS:
+        raise ConfigError(f"unknown denoiser '{arg}'; expected one of {list(_DENOISERS)}")
+    elif name == "window":
+        from medlens.io.windows import apply_window
+
+        apply_window(np.zeros(1, np.float32), arg.replace("/", ","))  # raises ConfigError for a bad window
 
 
 def _steps() -> dict[str, tuple[Callable[[Image, str | None], Image], str]]:
@@ -21,6 +64,9 @@ def _steps() -> dict[str, tuple[Callable[[Image, str | None], Image], str]]:
 
     def as_img(img, arr):
         return img.with_array(np.asarray(arr))
+
+    def num(name, arg, default):
+        return default if arg is None else _number(name, arg)
 
     den = {"nlm": denoise.nlm, "wavelet": denoise.wavelet, "bayes": denoise.wavelet,
            "visushrink": lambda x: denoise.wavelet(x, method="VisuShrink"), "tv": denoise.total_variation,
@@ -36,18 +82,20 @@ def _steps() -> dict[str, tuple[Callable[[Image, str | None], Image], str]]:
         "window": (lambda img, a: enhance.window(img, (a or "lung").replace("/", ",")), "window:lung or window:40/400"),
         "stretch": (lambda img, a: enhance.contrast_stretch(img), "percentile contrast stretch"),
         "equalize": (lambda img, a: enhance.equalize(img), "histogram equalisation"),
-        "clahe": (lambda img, a: enhance.clahe(img, _f(a) if a else 2.0), "CLAHE (clip limit)"),
-        "unsharp": (lambda img, a: enhance.unsharp(img, amount=_f(a) if a else 1.0), "unsharp masking (amount)"),
-        "gaussian": (lambda img, a: filters.gaussian(img, _f(a) if a else 1.0), "Gaussian (sigma, voxels)"),
-        "median": (lambda img, a: filters.median(img, int(a) if a else 3), "median (size)"),
-        "bilateral": (lambda img, a: filters.bilateral(img, _f(a) if a else 2.0), "bilateral (spatial sigma)"),
-        "diffusion": (lambda img, a: filters.anisotropic_diffusion(img, int(a) if a else 10), "anisotropic diffusion"),
-        "lowpass": (lambda img, a: filters.fft_filter(img, "lowpass", _f(a) if a else 0.1), "FFT low-pass (cutoff)"),
-        "highpass": (lambda img, a: filters.fft_filter(img, "highpass", _f(a) if a else 0.1), "FFT high-pass"),
+        "clahe": (lambda img, a: enhance.clahe(img, num("clahe", a, 2.0)), "CLAHE (clip limit)"),
+        "unsharp": (lambda img, a: enhance.unsharp(img, amount=num("unsharp", a, 1.0)), "unsharp masking (amount)"),
+        "gaussian": (lambda img, a: filters.gaussian(img, num("gaussian", a, 1.0)), "Gaussian (sigma, voxels)"),
+        "median": (lambda img, a: filters.median(img, num("median", a, 3)), "median (size)"),
+        "bilateral": (lambda img, a: filters.bilateral(img, num("bilateral", a, 2.0)), "bilateral (spatial sigma)"),
+        "diffusion": (lambda img, a: filters.anisotropic_diffusion(img, num("diffusion", a, 10)),
+                      "anisotropic diffusion (iterations)"),
+        "lowpass": (lambda img, a: filters.fft_filter(img, "lowpass", num("lowpass", a, 0.1)), "FFT low-pass (cutoff)"),
+        "highpass": (lambda img, a: filters.fft_filter(img, "highpass", num("highpass", a, 0.1)),
+                     "FFT high-pass (cutoff)"),
         "denoise": (denoise_step, "denoise:nlm|wavelet|visushrink|tv|median"),
         "otsu": (lambda img, a: as_img(img, segment.otsu(img).astype(np.uint8)), "Otsu mask"),
         "lungs": (lambda img, a: as_img(img, segment.lung_mask(img).astype(np.uint8)), "CT lung-field mask"),
-        "resample": (lambda img, a: resample(img, _f(a) if a else 1.0), "isotropic resample (mm)"),
+        "resample": (lambda img, a: resample(img, num("resample", a, 1.0)), "isotropic resample (mm)"),
     }
 
 
@@ -65,6 +113,7 @@ def parse_steps(spec: str | list) -> list[tuple[str, str | None]]:
             arg = arg or None
         if name not in known:
             raise ConfigError(f"unknown step '{name}'; available: {', '.join(known)}")
+        _check_arg(name, arg)
         steps.append((name, arg))
     if not steps:
         raise ConfigError("no processing steps given")
@@ -74,12 +123,16 @@ def parse_steps(spec: str | list) -> list[tuple[str, str | None]]:
 def load_steps(path_or_spec: str) -> list[tuple[str, str | None]]:
     p = Path(path_or_spec)
     if p.suffix in (".yaml", ".yml"):
-        import yaml
+        from medlens.config import safe_load_yaml
 
         if not p.exists():
             raise ConfigError("pipeline file not found", p)
-        d = yaml.safe_load(p.read_text())
-        return parse_steps(d.get("steps", d) if isinstance(d, dict) else d)
+        d = safe_load_yaml(p.read_text(), p)
+        d = d.get("steps", d) if isinstance(d, dict) else d
+        if not isinstance(d, list) or not all(isinstance(it, str) or (isinstance(it, dict) and len(it) == 1)
+                                              for it in d):
+            raise ConfigError("a pipeline file lists steps as 'name:arg' strings or one-key {name: arg} maps", p)
+        return parse_steps(d)
     return parse_steps(path_or_spec)
 
 

@@ -22,9 +22,15 @@ class Registration:
     kind: str
 
     def save(self, path: str | Path) -> Path:
+        """Write the transform (``.tfm``, ``.txt``, ``.h5``, ``.mat``) atomically."""
         import SimpleITK as sitk
 
-        sitk.WriteTransform(self.transform, str(path))
+        from medlens.io.limits import require_utf8
+        from medlens.utils import atomic_path
+
+        require_utf8(path, "transform path")  # SimpleITK aborts the process on such a path
+        with atomic_path(path) as tmp:
+            sitk.WriteTransform(self.transform, str(tmp))
         return Path(path)
 
     def apply(self, moving: Image, fixed: Image, mask: bool = False, default: float | None = None) -> Image:
@@ -43,9 +49,16 @@ class Registration:
 def load_transform(path: str | Path) -> Registration:
     import SimpleITK as sitk
 
+    from medlens.io.limits import require_utf8
+
     if not Path(path).exists():
         raise DataError("transform file not found", path)
-    return Registration(sitk.ReadTransform(str(path)), float("nan"), "loaded")
+    require_utf8(path, "transform path")
+    try:
+        tx = sitk.ReadTransform(str(path))
+    except RuntimeError as e:
+        raise DataError(f"unreadable transform ({' '.join(str(e).split())[-200:]})", path) from None
+    return Registration(tx, float("nan"), "loaded")
 
 
 def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int = 200, bspline_grid: int = 6,

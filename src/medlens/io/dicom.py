@@ -5,12 +5,17 @@
 - Series from a folder: grouped by SeriesInstanceUID; slices sorted by their position along the
   slice normal (ImagePositionPatient . (row x col cosines)), never by file name or InstanceNumber;
   missing, duplicate and unevenly spaced slices are refused with a message naming the gap (or
-  loaded with a warning when ``on_gap="warn"``); RescaleSlope/Intercept give Hounsfield units.
+  loaded with a warning when ``on_gap="warn"``); RescaleSlope/Intercept give Hounsfield units,
+  or the Modality LUT Sequence when a dataset has one (pydicom's ``apply_modality_lut``).
+- Sizes are checked from the header before decoding (Rows x Columns x NumberOfFrames x
+  SamplesPerPixel, times the slices of a series), and a deflated dataset is stream-inflated
+  against a byte cap before pydicom reads it (``medlens.io.limits``).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from medlens.errors import DataError, MedlensWarning
+from medlens.io.formats import DICOM_SUFFIXES
 from medlens.io.image import Image
+from medlens.io.limits import check_size, inflated_size, shown
 
 log = logging.getLogger(__name__)
 
-MAX_VOXELS = 2_000_000_000  # refuse decoding more than this (a corrupt Rows/Columns/NumberOfFrames)
+# what a malformed header can raise while pydicom parses it (anything else is a bug to report)
+_PARSE_ERRORS = (EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError,
+                 NotImplementedError, UnicodeError, OSError, struct.error)
 # Non-identifying attributes copied into Image.meta (never patient, study or institution data).
 SAFE_KEYWORDS = ("Modality", "SOPClassUID", "PhotometricInterpretation", "BitsStored", "Rows", "Columns",
                  "SliceThickness", "KVP", "ConvolutionKernel", "Manufacturer", "ManufacturerModelName",
@@ -35,32 +44,66 @@ def _read(path: Path, stop_before_pixels: bool = False):
     from pydicom.errors import InvalidDicomError
 
     if not path.exists():
-        raise DataError("file not found", path)
+        raise DataError("file not found", shown(path))
     if path.is_file() and path.stat().st_size == 0:
-        raise DataError("empty file (0 bytes)", path)
+        raise DataError("empty file (0 bytes)", shown(path))
+    _check_deflated(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
-        # Files without the 128-byte preamble (older ACR-NEMA style) are still DICOM if a forced
-        # parse finds image or SOP attributes; a text or other file does not pass this test.
+        return _read_without_preamble(path, stop_before_pixels)
+    except Exception as e:  # truncated or mangled headers: struct.error, EOFError, ValueError, ...
+        raise DataError(f"unreadable DICOM header ({type(e).__name__}: {_short(e)})", shown(path)) from e
+
+
+def _read_without_preamble(path: Path, stop_before_pixels: bool):
+    """Files without the 128-byte preamble (older ACR-NEMA style) are still DICOM if a forced parse
+    finds image or SOP attributes; a text or other file does not pass this test."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+            looks_dicom = ("SOPClassUID" in ds or "Rows" in ds) and len(ds) > 3
+    except (InvalidDicomError, *_PARSE_ERRORS) as e:
+        raise DataError(f"not a DICOM file (no 'DICM' preamble and no valid header: {type(e).__name__})",
+                        shown(path)) from None
+    if not looks_dicom:
+        raise DataError("not a DICOM file (no 'DICM' preamble and no valid header)", shown(path))
+    if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
+        ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR
+                                          else pydicom.uid.ExplicitVRLittleEndian if ds.is_little_endian
+                                          else pydicom.uid.ExplicitVRBigEndian)
+    return ds
+
+
+def _check_deflated(path: Path) -> None:
+    """A Deflated Explicit VR dataset is inflated whole by pydicom: stream it first against the byte cap."""
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    with open(path, "rb") as fp:
+        if fp.read(132)[128:132] != b"DICM":
+            fp.seek(0)
+        start = fp.tell()
+        if fp.read(2) != b"\x02\x00":  # no file meta group: cannot be deflated
+            return
+        fp.seek(start)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
-            if ("SOPClassUID" in ds or "Rows" in ds) and len(ds) > 3:
-                if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
-                    ds.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
-                    ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR
-                                                      else pydicom.uid.ExplicitVRLittleEndian if ds.is_little_endian
-                                                      else pydicom.uid.ExplicitVRBigEndian)
-                return ds
-        except Exception:
-            pass
-        raise DataError("not a DICOM file (no 'DICM' preamble and no valid header)", path) from None
-    except Exception as e:  # truncated or mangled headers: struct.error, EOFError, ValueError, ...
-        raise DataError(f"unreadable DICOM header ({type(e).__name__}: {_short(e)})", path) from e
+                meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                                    stop_when=lambda tag, vr, length: tag.group != 2)
+                deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        except _PARSE_ERRORS:
+            return  # a broken file meta group: the full read reports it
+        if deflated:
+            inflated_size(iter(lambda: fp.read(1 << 20), b""), path)
 
 
 def _short(e: Exception) -> str:
@@ -124,8 +167,9 @@ def _decode(ds, path) -> np.ndarray:
         spp = int(ds.get("SamplesPerPixel") or 1)
     except (TypeError, ValueError, AttributeError) as e:
         raise DataError(f"bad image dimensions ({_short(e)})", path) from None
-    if rows <= 0 or cols <= 0 or frames <= 0 or rows * cols * frames * spp > MAX_VOXELS:
-        raise DataError(f"implausible image size {frames}x{rows}x{cols}x{spp}", path)
+    if rows <= 0 or cols <= 0 or frames <= 0 or spp <= 0:
+        raise DataError(f"implausible image size {frames}x{rows}x{cols}x{spp}", shown(path))
+    check_size((frames, rows, cols) if frames > 1 else (rows, cols), path, samples=spp)
     ts = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
     try:
         with warnings.catch_warnings():
@@ -155,6 +199,26 @@ def _rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     out *= np.float32(slope)
     out += np.float32(intercept)
     return out
+
+
+def _apply_modality_lut(arr: np.ndarray, ds, path: Path) -> np.ndarray:
+    """Stored values through the dataset's Modality LUT Sequence (PS3.3 C.11.1), by pydicom."""
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        return np.asarray(apply_modality_lut(arr, ds))
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+        raise DataError(f"invalid Modality LUT Sequence ({type(e).__name__}: {_short(e)})", shown(path)) from None
+
+
+def _modality_units(arr: np.ndarray, ds, path: Path, modality: str) -> np.ndarray:
+    """Stored values -> modality units (HU for CT): the Modality LUT when present, else slope/intercept."""
+    if "ModalityLUTSequence" in ds:
+        return _apply_modality_lut(arr, ds, path)
+    slope, intercept = _slope_intercept(ds)
+    if (slope, intercept) != (1.0, 0.0) or modality == "CT":
+        return _rescale(arr, slope, intercept)
+    return arr
 
 
 def _slope_intercept(ds) -> tuple[float, float]:
@@ -202,8 +266,7 @@ def _image_from_dataset(ds, path: Path) -> Image:
     if frames > 1 and rgb:  # RGB cine (ultrasound): (frames, y, x, 3), no 3D geometry
         return Image(arr, spacing=(1.0, row_sp, col_sp), modality=modality, meta=meta, is_rgb=True)
     if not rgb:
-        slope, intercept = _slope_intercept(ds)
-        arr = _rescale(arr, slope, intercept) if (slope, intercept) != (1.0, 0.0) or modality == "CT" else arr
+        arr = _modality_units(arr, ds, path, modality)
     ipp = ds.get("ImagePositionPatient")
     origin = _float_list(ipp, 3, "ImagePositionPatient", path) if ipp is not None else [0.0, 0.0, 0.0]
     meta["origin_3d"] = origin
@@ -240,7 +303,9 @@ def _multiframe(ds, arr, direction, row_sp, col_sp, modality, meta, path) -> Ima
                          if pp is not None and "ImagePositionPatient" in pp else None)
         pv = lookup(i, "PixelValueTransformationSequence")
         slopes.append(_slope_intercept(pv) if pv is not None else _slope_intercept(ds))
-    if any(s != (1.0, 0.0) for s in slopes) or modality == "CT":
+    if "ModalityLUTSequence" in ds:
+        arr = _apply_modality_lut(arr, ds, path)
+    elif any(s != (1.0, 0.0) for s in slopes) or modality == "CT":
         if len(set(slopes)) == 1:
             arr = _rescale(arr, *slopes[0])
         else:
@@ -289,8 +354,10 @@ class SeriesInfo:
 
 
 def _dicom_candidates(folder: Path) -> list[Path]:
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    return [p for p in files if p.suffix.lower() in (".dcm", ".dicom", ".ima", "") or p.suffix[1:].isdigit()]
+    """Files under ``folder`` that may be DICOM; hidden files and folders (unfinished writes) are skipped."""
+    files = [p for p in sorted(folder.rglob("*"))
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return [p for p in files if p.suffix.lower() in DICOM_SUFFIXES | {""} or p.suffix[1:].isdigit()]
 
 
 def _scan(folder: Path, with_pixels: bool) -> dict[str, tuple[SeriesInfo, list]]:
@@ -401,6 +468,7 @@ def _assemble(series: SeriesInfo, slices: list, folder: Path, on_gap: str, toler
             warnings.warn(f"{folder}: {msg}; loaded with median spacing", MedlensWarning)
     else:
         dz = float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
+    check_size((len(entries), rows, cols), folder)
     # pixels: fast path for native little-endian uncompressed data, else pydicom's decoders
     arrays = []
     slopes = {_slope_intercept(e[3]) for e in entries}
@@ -413,7 +481,9 @@ def _assemble(series: SeriesInfo, slices: list, folder: Path, on_gap: str, toler
         arrays.append(arr)
     vol = np.stack(arrays)
     modality = str(ds0.get("Modality", "OT") or "OT")
-    if len(slopes) == 1:
+    if any("ModalityLUTSequence" in e[3] for e in entries):
+        vol = np.stack([_modality_units(a, e[3], e[2], modality) for a, e in zip(arrays, entries)])
+    elif len(slopes) == 1:
         slope, intercept = slopes.pop()
         if (slope, intercept) != (1.0, 0.0) or modality == "CT":
             vol = _rescale(vol, slope, intercept)
@@ -449,5 +519,5 @@ def _fast_native(ds) -> np.ndarray | None:
             else:
                 arr = arr & ((1 << bits_stored) - 1)
         return arr.astype(dtype.newbyteorder("="), copy=False)
-    except Exception:
+    except (AttributeError, KeyError, TypeError, ValueError):  # no file meta, odd attributes: the full decoder
         return None

@@ -15,8 +15,15 @@ def orthogonal_slices(image: Image, center_zyx=None) -> dict[str, tuple[np.ndarr
     if image.spatial_dims != 3 or image.is_rgb:
         raise DataError("orthogonal views need a scalar 3D volume")
     a = image.array
-    z, y, x = (np.asarray(center_zyx).round().astype(int) if center_zyx is not None else np.array(a.shape) // 2)
-    z, y, x = (int(np.clip(v, 0, n - 1)) for v, n in zip((z, y, x), a.shape))
+    if center_zyx is None:
+        z, y, x = (int(n) // 2 for n in a.shape)
+    else:
+        c = np.asarray(center_zyx, float)
+        if c.shape != (3,) or not np.all(np.isfinite(c)) or np.any(c < -0.5) or np.any(c > np.array(a.shape) - 0.5):
+            raise DataError(f"point at voxel (z, y, x) ({', '.join(f'{v:.1f}' for v in np.ravel(c))}) lies outside "
+                            f"the volume of {a.shape[0]} x {a.shape[1]} x {a.shape[2]} voxels",
+                            image.meta.get("source"))
+        z, y, x = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(c, a.shape))
     sz, sy, sx = image.spacing
     return {"axial": (a[z], sy / sx), "coronal": (a[:, y, :][::-1], sz / sx), "sagittal": (a[:, :, x][::-1], sz / sy)}
 
@@ -39,12 +46,12 @@ def write_views(image: Image, out_dir: str | Path, window="lung", center_zyx=Non
     """Write axial/coronal/sagittal slices and a coronal MIP as PNG (windowed, aspect-corrected)."""
     from PIL import Image as PILImage
 
-    from medlens.transforms.intensity import apply_window
+    from medlens.io.windows import apply_window
     from medlens.utils import atomic_path
 
+    views = orthogonal_slices(image, center_zyx)  # refuses a centre outside the volume before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    views = orthogonal_slices(image, center_zyx)
     sz, sy, sx = image.spacing
     views["mip_coronal"] = (mip(image, axis=1)[::-1], sz / sx)
     paths = []

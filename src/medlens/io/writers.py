@@ -9,8 +9,10 @@ import numpy as np
 
 from medlens.errors import DataError
 from medlens.io.image import Image
-from medlens.io.sitk_io import SITK_SUFFIXES, _suffix, write_sitk
-from medlens.utils import atomic_path
+from medlens.io.formats import SITK_SUFFIXES, suffix_of
+from medlens.io.limits import require_utf8, shown
+from medlens.io.sitk_io import write_sitk
+from medlens.utils import atomic_dir, atomic_path
 
 
 def write_png(image: Image | np.ndarray, path: str | Path, window: str | tuple[float, float] | None = None,
@@ -18,7 +20,7 @@ def write_png(image: Image | np.ndarray, path: str | Path, window: str | tuple[f
     """Write a 2D image (or one axial slice of a volume) as an 8-bit PNG, windowed for display."""
     from PIL import Image as PILImage
 
-    from medlens.transforms.intensity import apply_window, to_uint8
+    from medlens.io.windows import apply_window, to_uint8
 
     arr = image.array if isinstance(image, Image) else np.asarray(image)
     rgb = isinstance(image, Image) and image.is_rgb
@@ -43,16 +45,18 @@ def write_dicom_series(image: Image, folder: str | Path, modality: str | None = 
     ImageOrientationPatient comes from the direction matrix, PixelSpacing = (y, x) spacing.
     Values are stored as int16 with RescaleSlope/Intercept chosen to represent them. Patient
     attributes are placeholders ("ANONYMOUS"); new UIDs are generated.
+
+    ``folder`` must be new or empty. The slices are written into a hidden temporary folder beside it
+    that is renamed to ``folder`` only when every slice is written: a run killed part-way never
+    leaves a folder that reads as a complete, shorter series.
     """
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, SecondaryCaptureImageStorage, \
-        generate_uid
+    from pydicom.uid import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage, generate_uid
 
     if image.spatial_dims != 3 or image.is_rgb:
         raise DataError("a DICOM series needs a scalar 3D volume")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DataError("output folder exists and is not empty; choose a new or empty folder", shown(folder))
     modality = (modality or image.modality or "OT").upper()
     sop_class = {"CT": CTImageStorage, "MR": MRImageStorage}.get(modality, SecondaryCaptureImageStorage)
     arr = image.array
@@ -67,43 +71,70 @@ def write_dicom_series(image: Image, folder: str | Path, modality: str | None = 
     now = _dt.datetime.now()
     d = np.asarray(image.direction)
     iop = [*d[:, 0], *d[:, 1]]
-    paths = []
-    for k in range(arr.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        fname = folder / f"slice_{k:04d}.dcm"
-        ds = FileDataset(str(fname), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientName, ds.PatientID = "ANONYMOUS", "ANONYMOUS"
-        ds.Modality = modality
-        ds.SeriesDescription = series_description
-        ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in image.voxel_to_world([k, 0, 0])]
-        ds.PixelSpacing = [f"{image.spacing[1]:.6f}", f"{image.spacing[2]:.6f}"]
-        ds.SliceThickness = f"{image.spacing[0]:.6f}"
-        ds.SpacingBetweenSlices = f"{image.spacing[0]:.6f}"
-        ds.Rows, ds.Columns = int(arr.shape[1]), int(arr.shape[2])
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
-        if modality == "CT":
-            ds.RescaleType = "HU"
-        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
-        with atomic_path(fname) as tmp:
-            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
-        paths.append(fname)
-    return paths
+    names = []
+    with atomic_dir(folder) as tmp_folder:
+        for k in range(arr.shape[0]):
+            names.append(_write_slice(tmp_folder / f"slice_{k:04d}.dcm", image, k, stored[k], sop_class, modality,
+                                      series_description, (study, series, frame), now, iop, slope, intercept))
+    return [folder / n for n in names]
+
+
+def _write_slice(fname: Path, image: Image, k: int, pixels: np.ndarray, sop_class, modality: str,
+                 series_description: str, uids, now, iop, slope: float, intercept: float) -> str:
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    study, series, frame = uids
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(fname), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+    ds.PatientName, ds.PatientID = "ANONYMOUS", "ANONYMOUS"
+    ds.Modality = modality
+    ds.SeriesDescription = series_description
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+    ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in image.voxel_to_world([k, 0, 0])]
+    ds.PixelSpacing = [f"{image.spacing[1]:.6f}", f"{image.spacing[2]:.6f}"]
+    ds.SliceThickness = f"{image.spacing[0]:.6f}"
+    ds.SpacingBetweenSlices = f"{image.spacing[0]:.6f}"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
+    if modality == "CT":
+        ds.RescaleType = "HU"
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    pydicom.dcmwrite(fname, ds, enforce_file_format=True)
+    return fname.name
+
+
+_OUTPUT_HINT = "use .nii.gz, .nii, .mhd, .nrrd, .png, .npy or a folder for a DICOM series"
+
+
+def check_output(path: str | Path) -> None:
+    """Refuse, before any work is done, an output path that ``save`` could not write."""
+    path = Path(path)
+    sfx = suffix_of(path)
+    if sfx in SITK_SUFFIXES:
+        require_utf8(path, "output path")
+    elif sfx in ("", ".dcm"):
+        folder = path.with_suffix("") if sfx else path
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise DataError("output folder exists and is not empty; choose a new or empty folder", shown(folder))
+    elif sfx not in (".png", ".npy"):
+        raise DataError(f"unsupported output format '{sfx}' ({_OUTPUT_HINT})", shown(path))
 
 
 def save(image: Image, path: str | Path, window=None) -> Path | list[Path]:
     """Write ``image`` in the format named by the path's suffix; a path without suffix = a DICOM series folder."""
     path = Path(path)
-    sfx = _suffix(path)
+    sfx = suffix_of(path)
     if sfx in SITK_SUFFIXES:
         return write_sitk(image, path)
     if sfx in (".png",):
@@ -114,5 +145,4 @@ def save(image: Image, path: str | Path, window=None) -> Path | list[Path]:
         return path
     if sfx == "" or sfx == ".dcm" and image.spatial_dims == 3:
         return write_dicom_series(image, path.with_suffix("") if sfx else path)
-    raise DataError(f"unsupported output format '{sfx}' (use .nii.gz, .nii, .mhd, .nrrd, .png, .npy or a folder "
-                    "for a DICOM series)", path)
+    raise DataError(f"unsupported output format '{sfx}' ({_OUTPUT_HINT})", shown(path))
