@@ -1,13 +1,18 @@
 """Classical processing scored on real data, with floors (benchmarks/imaging.py prints the full tables)."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from medlens.errors import ConfigError, DataError, ShapeError
-from medlens.imaging import scores
 from medlens.imaging.features import first_order, glcm, shape
 from medlens.imaging.pipeline import load_steps, run_steps
 from medlens.io import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import imaging_scores as scores  # noqa: E402  (benchmark scoring, outside the library)
 
 NODULE = (56.20840547, 86.34341278, -115.8675792)
 
@@ -95,7 +100,7 @@ def test_classical_baseline_through_the_run_path(data_root, tmp_path):
     import json
 
     from conftest import tiny_config
-    from medlens.engine.train import train
+    from medlens.workflow.train import train
 
     run = train(tiny_config(tmp_path, "rf", model={"name": "random_forest", "params": {"n_estimators": 100}},
                             data={"source": "medmnist", "name": "pneumoniamnist", "max_samples": 800}), progress_bar=False)

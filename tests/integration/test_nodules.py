@@ -12,10 +12,10 @@ import pytest
 from matplotlib.path import Path as Polygon
 
 from medlens.data.lidc import cluster_nodules, parse_lidc_xml
-from medlens.data.nodules import (PatchStoreDataset, extract_patch_2d, extract_patch_3d, extract_patches,
-                                  load_patch_store, read_candidates)
+from medlens.data.nodules import PatchStoreDataset, extract_patch_2d, extract_patch_3d, load_patch_store, read_candidates
 from medlens.errors import DataError
 from medlens.io import load
+from medlens.workflow.nodules import extract_patches
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_store_contents_and_streaming(store):
 
 def test_seed_config_trains_from_the_store(store, tmp_path):
     from medlens.config import load_config
-    from medlens.engine.train import train
+    from medlens.workflow.train import train
     from pathlib import Path
 
     out, _ = store

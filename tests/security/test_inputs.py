@@ -414,7 +414,7 @@ def test_nodules_extract_refuses_negative_counts(tmp_path, data_root, option, va
 
 
 def test_zero_negatives_means_zero(data_root):
-    from medlens.data.nodules import sample_negatives
+    from medlens.workflow.nodules import sample_negatives
 
     ct = load(next((data_root / "luna16").glob("*.mhd")))
     rng = np.random.default_rng(0)

@@ -28,7 +28,7 @@ def extract(scans: Path = typer.Option(..., "--scans", help="folder of <seriesui
     """Extract nodule / non-nodule patches around world coordinates into an HDF5 store."""
     import warnings
 
-    from medlens.data.nodules import extract_patches
+    from medlens.workflow.nodules import extract_patches
 
     with warnings.catch_warnings(record=True) as caught, progress() as bar:
         warnings.simplefilter("always")

@@ -1,4 +1,5 @@
-"""Real-data scores of the classical toolkit, shared by ``benchmarks/imaging.py`` and the tests."""
+"""Real-data scores of the classical toolkit, shared by ``benchmarks/imaging.py`` and ``tests/integration/test_imaging.py``
+(benchmark scoring: it lives beside the benchmarks, outside the library)."""
 
 from __future__ import annotations
 
