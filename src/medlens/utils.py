@@ -90,26 +90,56 @@ def unique_stems(paths) -> list[str]:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours
+        return True
+    return True
+
+
+def _partial_prefix(path: Path) -> str:
+    return f".{path.name}.partial-"
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Remove the temporary folders that killed earlier writers of ``path`` left beside it."""
+    import re
+    import shutil
+
+    pat = re.compile(re.escape(_partial_prefix(path)) + r"(\d+)-[A-Za-z0-9_]+$")
+    for p in path.parent.iterdir():
+        m = pat.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
 
-    ``path`` must not exist, or be an empty folder. A crash leaves no folder that looks complete, and
-    an exception removes the temporary one.
+    ``path`` must not exist, or be an empty folder. A crash leaves no folder that looks complete, an
+    exception removes the temporary one, and the next writer of ``path`` removes what a killed one left.
     """
     import shutil
 
     from medlens.errors import MedlensError
 
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise MedlensError("output folder exists and is not empty; choose a new folder", path)
+    if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
+        raise MedlensError("output folder exists and is not empty; give a new or empty folder", path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    _remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(path)}{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            path.rmdir()
+            try:
+                path.rmdir()
+            except OSError:
+                raise MedlensError("output folder is no longer empty; nothing written", path) from None
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -149,3 +149,41 @@ def test_report_sections_are_data_and_unknown_ones_are_skipped(tmp_path):
     assert sorted(skipped) == ["bad.json (not JSON)", "raw.json (not a medlens section)"]
     with pytest.raises(ValueError):
         write_section(tmp_path, "html", "x", {})
+
+
+@pytest.mark.parametrize("color,clahe,bits", [("gray", False, 8), ("green", True, 8), ("rgb", False, 8),
+                                              ("gray", False, 16)])
+def test_training_data_and_predictor_prepare_identical_tensors(tmp_path, color, clahe, bits):
+    """One preparation path: a file loaded for training equals the same file prepared for prediction."""
+    from PIL import Image as PILImage
+
+    from medlens.config import config_from_dict
+    from medlens.run import Predictor, Run
+    from medlens.transforms.preprocess import prepared_data
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "imgs"
+    files = []
+    for k in range(12):
+        cls = root / ("a" if k % 2 else "b")
+        cls.mkdir(parents=True, exist_ok=True)
+        if bits == 16:
+            arr = (rng.random((37, 53)) * 60000).astype(np.uint16)
+        else:
+            arr = (rng.random((37, 53, 3)) * 255).astype(np.uint8) if color != "gray" else \
+                (rng.random((37, 53)) * 255).astype(np.uint8)
+        f = cls / f"img{k:02d}.png"
+        PILImage.fromarray(arr).save(f)
+        files.append(f)
+    cfg = config_from_dict({"data": {"source": "folder", "path": str(root), "size": 24, "color": color,
+                                     "clahe": clahe, "val_fraction": 0.25, "test_fraction": 0.25}})
+    data = prepared_data(cfg.data, seed=0)
+    c = data.train.in_channels
+    meta = RunMeta.model_validate(_meta_dict(in_channels=c, input_size=[24, 24], preprocessing={
+        "spatial_dims": 2, "size": [24, 24], "color": color, "clahe": clahe, "mean": [0.0] * c, "std": [1.0] * c}))
+    predictor = Predictor(Run(tmp_path, meta, cfg))
+    for split in ("train", "val", "test"):
+        ds = data.get(split)
+        x, _ = ds.batch(np.arange(len(ds)))
+        for i, src in enumerate(ds.sources):
+            np.testing.assert_array_equal(x[i].numpy(), predictor.prepare(src))

@@ -33,15 +33,13 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import hashlib
-import os
 import re
 import secrets
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlens.errors import DataError
+from medlens.utils import atomic_dir
 
 PROFILE_DB = "dicomfields_2026c"
 METHOD = "PS3.15 E.1 Basic Profile (medlens)"
@@ -364,29 +362,6 @@ def _read(path: Path):
     return ds, None
 
 
-def _partial_prefix(out_dir: Path) -> str:
-    return f".{out_dir.name}.deid-partial-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Remove temp folders that a killed earlier run into ``out_dir`` left beside it."""
-    pat = re.compile(re.escape(_partial_prefix(out_dir)) + r"(\d+)-[A-Za-z0-9_]+$")
-    for p in out_dir.parent.iterdir():
-        m = pat.match(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def _check_destination(in_dir: Path, out_dir: Path) -> None:
     if out_dir.resolve() == in_dir.resolve() or in_dir.resolve() in out_dir.resolve().parents:
         raise DataError("output folder must not be the input folder or inside it", out_dir)
@@ -394,16 +369,6 @@ def _check_destination(in_dir: Path, out_dir: Path) -> None:
         raise DataError("output exists and is not a folder", out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DataError("output folder is not empty; give a new or empty folder so two runs never mix", out_dir)
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the complete temp folder onto ``out_dir`` (which must be absent or empty)."""
-    if out_dir.exists():
-        try:
-            out_dir.rmdir()
-        except OSError:
-            raise DataError("output folder is no longer empty; nothing written", out_dir) from None
-    os.rename(tmp, out_dir)
 
 
 def _output_name(ds, index: int) -> Path:
@@ -453,18 +418,11 @@ def deidentify_folder(in_dir: str | Path, out_dir: str | Path, key: str | None =
     _check_destination(in_dir, out_dir)
     files = sorted(p for p in in_dir.rglob("*") if p.is_file())
     deid = Deidentifier(key, date_shift_days, log_values)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out_dir)
-    work = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as work:
         rep, rows = _run(deid, in_dir, files, work, log_values, progress)
         if rep.files == 0:
             raise DataError(f"no DICOM files found ({rep.files_in} file(s) skipped)", in_dir)
         _write_log(work / LOG_NAME, rep, rows, log_values)
-        _publish(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     rep.log_path = out_dir / LOG_NAME
     return rep
 

@@ -66,8 +66,9 @@ class Predictor:
     def prepare(self, source: str | Path | Image | np.ndarray, name: str | None = None) -> np.ndarray:
         """Model input (C, *spatial) float32 of one file, DICOM series folder, ``Image`` or raw array."""
         name = name or (str(source) if isinstance(source, (str, Path)) else None)
-        if isinstance(source, np.ndarray):
-            source = Image(source, spacing=(1.0,) * min(source.ndim, 3))
+        if isinstance(source, np.ndarray):  # a raw array: (y, x), (y, x, 3) or (z, y, x), in the file's values
+            rgb = self.spec.spatial_dims == 2 and source.ndim == 3 and source.shape[-1] == 3
+            source = Image(source, is_rgb=rgb)
         x = prepare_input(self.load(source), self.spec, name)
         if x.shape[0] != self.meta.in_channels:
             raise ShapeError(f"the image gives {x.shape[0]} channel(s), the model takes {self.meta.in_channels}",
