@@ -139,23 +139,6 @@ MEDMNIST: dict[str, MedMNISTInfo] = {i.name: i for i in [
        desc="Electron microscopy synapses, excitatory vs inhibitory."),
 ]}
 
-# Published MedMNIST v2 baselines (Yang et al., Sci Data 2023, Table 3): (AUC, ACC).
-PAPER_BASELINES: dict[str, dict[str, tuple[float, float]]] = {
-    "pneumoniamnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-18 (224)": (0.956, 0.864),
-                       "ResNet-50 (28)": (0.948, 0.854), "ResNet-50 (224)": (0.962, 0.884),
-                       "auto-sklearn": (0.942, 0.855), "AutoKeras": (0.947, 0.878),
-                       "Google AutoML Vision": (0.991, 0.946)},
-    "retinamnist": {"ResNet-18 (28)": (0.717, 0.524), "ResNet-18 (224)": (0.710, 0.493),
-                    "ResNet-50 (28)": (0.726, 0.528), "ResNet-50 (224)": (0.716, 0.511),
-                    "auto-sklearn": (0.690, 0.515), "AutoKeras": (0.719, 0.503),
-                    "Google AutoML Vision": (0.750, 0.531)},
-    "adrenalmnist3d": {"ResNet-18+2.5D (28)": (0.718, 0.772), "ResNet-18+3D (28)": (0.827, 0.721),
-                       "ResNet-18+ACS (28)": (0.839, 0.754), "ResNet-50+2.5D (28)": (0.735, 0.748),
-                       "ResNet-50+3D (28)": (0.828, 0.745), "ResNet-50+ACS (28)": (0.818, 0.758),
-                       "auto-sklearn": (0.828, 0.802), "AutoKeras": (0.804, 0.705)},
-}
-
-
 def get_info(name: str) -> MedMNISTInfo:
     from medlens.errors import DataError
 
