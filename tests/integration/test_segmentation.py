@@ -75,7 +75,8 @@ def test_chase_training_run_folder(chase_run, data_root):
     m = json.loads((chase_run / "metrics.json").read_text())
     meta = json.loads((chase_run / "run.json").read_text())
     assert m["task"] == "segmentation" and m["threshold"]["chosen_on"] == "val"
-    assert 0.1 <= m["threshold"]["value"] <= 0.9 and meta["threshold"] == m["threshold"]["value"]
+    assert 0.1 <= m["threshold"]["value"] <= 0.9 and meta["threshold"] == m["threshold"]  # one source: the run
+    assert meta["threshold"]["val_score"] > 0  # the mean validation Dice it was chosen for
     test = m["test"]["metrics"]
     for k in ("dice", "iou", "sensitivity", "precision", "hd95", "msd", "cldice"):
         v = test[k]
