@@ -32,7 +32,7 @@ run: $(STAMP)
 # The layer contract (pyproject's [tool.importlinter]) first: an upward import fails the suite.
 test: $(STAMP) browser
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 bench: $(STAMP)
 	$(PY) benchmarks/medmnist.py
