@@ -1,6 +1,5 @@
 """Explanations of trained runs on real data: every method, 2D (PneumoniaMNIST) and 3D (AdrenalMNIST3D)."""
 
-import json
 
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from medlens.config import load_config
 from medlens.data.base import SplitData
-from medlens.engine.train import TrainingInterrupted
 from medlens.errors import MedlensError
 from medlens.evaluation.evaluate import evaluate_run
 from medlens.evaluation.threshold import choose_threshold

@@ -71,7 +71,6 @@ def register(app: typer.Typer) -> None:
                 console.print(f"{Path(r['file']).name}: {method} for '{r['target']}' (p={r['probability']:.3f}) "
                               f"-> {r['png']}")
             if features:
-                import numpy as np
                 import torch
 
                 from medlens.explain.features import write_feature_views

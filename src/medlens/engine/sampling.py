@@ -8,7 +8,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medlens.data.catalog import MULTILABEL

@@ -7,7 +7,6 @@ evaluation, explanations and the report are the workflow's (``medlens.workflow.t
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from dataclasses import dataclass
