@@ -237,7 +237,12 @@ def test_mask_checks_name_the_file(tmp_path):
 
 
 def test_patient_split_never_shares_a_patient():
-    from medlens.data.segmentation import patient_of, split_cases
+    from medlens.data.segmentation import patient_of
+    from medlens.data.splits import patient_split
+
+    def split_cases(patients, val, test, seed):  # boolean masks over cases from the one splitter
+        idx = patient_split(None, patients, val=val, test=test, seed=seed)
+        return [np.isin(np.arange(len(patients)), i) for i in idx]
 
     names = [f"Image_{i:02d}{e}.jpg" for i in range(1, 15) for e in "LR"]
     pats = [patient_of(n, r"Image_(\d+)[LR]") for n in names]

@@ -187,17 +187,6 @@ def load_case(image_path: Path, mask_path: Path | None, cfg, label_values, patie
     return SegCase(_strip_ext(image_path.name), patient_id, x, mask, geometry, image_path, ref, display)
 
 
-def split_cases(patients: Sequence[str], val: float, test: float, seed: int, labels: Sequence[int] | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boolean masks (train, val, test) over cases from ``medlens.data.splits.patient_split`` (kept for
-    callers that want masks; there is no second splitter)."""
-    tr, va, te = patient_split(labels, patients, val=val, test=test, seed=seed)
-    masks = np.zeros((3, len(patients)), bool)
-    for row, idx in enumerate((tr, va, te)):
-        masks[row, idx] = True
-    return masks[0], masks[1], masks[2]
-
-
 def load_segmentation(cfg, seg_cfg, prepare: Preparer, seed: int = 0, progress: Callable | None = None) -> SegSplit:
     """Build the patient-level train/val/test split of a segmentation ``DataConfig``; images are prepared by
     ``prepare`` (``medlens.transforms.preprocess.prepared_segmentation`` passes the config's)."""

@@ -67,15 +67,6 @@ def resize2d(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return out if out.ndim == 3 else out[..., None]
 
 
-def prepare_2d(image: Image, size: int | tuple[int, int], color: str = "gray") -> np.ndarray:
-    """Model input (C, H, W): colour mode, resize, keep uint8 if the source is 8-bit else float [0, 1]."""
-    arr = set_color(image, color)
-    if arr.dtype != np.uint8:
-        arr = to_unit_range(arr)
-    arr = resize2d(arr, size)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
 @dataclass(frozen=True)
 class InputSpec:
     """How an image becomes the model's input; stored in the run (``RunMeta.preprocessing``).
