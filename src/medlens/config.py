@@ -300,6 +300,16 @@ class EvalConfig(_Strict):
     bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0, lt=1)
     tta: bool = False
+    # probability calibration fitted on validation: Platt (binary), temperature (multi-class), or none
+    calibration: Literal["auto", "platt", "temperature", "none"] = "auto"
+    calibration_bins: int = Field(15, ge=2, le=100)   # equal-width bins of ECE/MCE and the reliability diagram
+    # decision-curve analysis over threshold probabilities [low, high] (binary runs)
+    decision_curve: tuple[float, float] = (0.01, 0.60)
+    # CSV-manifest columns whose groups get their own metrics (sex, age band, site, scanner...)
+    subgroups: list[str] = Field(default_factory=list)
+    min_subgroup: int = Field(30, ge=1)    # groups smaller than this are flagged as unreliable
+    # a sensitivity/specificity drop from validation to test larger than this is flagged as threshold drift
+    shift_tolerance: float = Field(0.05, gt=0, lt=1)
 
     @field_validator("threshold")
     @classmethod
@@ -308,6 +318,13 @@ class EvalConfig(_Strict):
             parse_threshold_rule(v)
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("decision_curve")
+    @classmethod
+    def _dca_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] < v[1] < 1:
+            raise ValueError(f"evaluation.decision_curve {list(v)}: give [low, high] with 0 < low < high < 1")
         return v
 
 
@@ -391,6 +408,8 @@ class ExperimentConfig(_Strict):
             # those sources hold prepared arrays: a window or CLAHE here would apply at prediction only
             raise ValueError(f"data.clahe and data.window prepare image files (folder or CSV sources); the "
                              f"'{self.data.source}' source holds prepared arrays")
+        if self.evaluation.subgroups and (self.data.source != "csv" or self.task != "classification"):
+            raise ValueError("evaluation.subgroups names columns of a classification CSV manifest (data.source: csv)")
         return self
 
 

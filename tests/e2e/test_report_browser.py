@@ -23,6 +23,12 @@ def test_report_renders_in_chromium(trained_run, tmp_path):
     dom = _chromium("--dump-dom", report.as_uri(), tmp_path=tmp_path).stdout
     assert 'id="metrics"' in dom and "sensitivity" in dom and "chosen on the validation split" in dom
     assert dom.count("data:image/png;base64,") >= 3
+    # the clinical-rigor sections render: calibration table and reliability diagram, net benefit, shift,
+    # model card and the checklist rows
+    for anchor in ('id="calibration"', 'id="decision-curve"', 'id="shift"', 'id="model-card"', 'id="checklist"'):
+        assert anchor in dom
+    assert 'alt="Reliability diagram"' in dom and 'alt="Decision curve"' in dom
+    assert dom.count("not available from the run") >= 10 and "TRIPOD+AI" in dom
     shot = tmp_path / "shot.png"
     _chromium(f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri(), tmp_path=tmp_path)
     img = np.asarray(Image.open(shot).convert("L"), dtype=float)

@@ -23,6 +23,19 @@ def _metrics_table(results: dict, split: str, title: str | None = None) -> Table
     return t
 
 
+def _print_clinical(results: dict, split: str) -> None:
+    """Calibration before/after scaling and any validation-to-test drift, in plain words."""
+    cal = results.get("calibration")
+    if cal and cal.get(split):
+        c = cal[split]
+        line = f"calibration ({split}): ECE {c['before']['ece']['value']:.3f} uncalibrated"
+        if "after" in c:
+            line += f", {c['after']['ece']['value']:.3f} after {cal['method']} scaling (fitted on validation)"
+        console.print(line, markup=False, highlight=False)
+    for flag in results.get("shift", {}).get("flags", []):
+        console.print(f"warning: {flag}", style="yellow", markup=False, highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(config: Path = typer.Argument(..., help="experiment YAML"),
@@ -46,6 +59,7 @@ def register(app: typer.Typer) -> None:
         if "reference_observer" in results:
             console.print(_metrics_table({**results, "ref": results["reference_observer"]}, "ref",
                                          "second observer against the same reference (human level)"))
+        _print_clinical(results, "test")
         meta = Run.open(run).meta
         if meta.threshold is not None:
             console.print(f"threshold {meta.threshold.value:.4f} ({meta.threshold.rule}, chosen on validation)",
@@ -76,6 +90,37 @@ def register(app: typer.Typer) -> None:
             results = evaluate_run(run, split=split)
         write_report(run)
         console.print(_metrics_table(results, split))
+        _print_clinical(results, split)
+
+    @app.command()
+    def compare(runs: List[Path] = typer.Argument(..., help="two or more run folders; the first is the reference"),
+                out: Path = typer.Option(Path("comparison"), "--out", help="folder for compare.json, compare.html "
+                                                                             "and the ROC plot"),
+                bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples of the differences"),
+                seed: int = typer.Option(0, "--seed")) -> None:
+        """Compare runs on the same test cases: paired DeLong, McNemar, bootstrap CIs of differences."""
+        from medlens.report.compare import write_comparison
+
+        quiet_libraries()
+        res = write_comparison(runs, out, n_boot=bootstrap, seed=seed)
+        ci = int(round(res["ci_level"] * 100))
+        for pair in res["pairs"]:
+            t = Table(title=f"{pair['a']} - {pair['b']} on the same {res['n']} test cases ({ci}% CIs)")
+            for col in ("metric", "A - B", f"{ci}% CI"):
+                t.add_column(col, justify="left" if col == "metric" else "right")
+            for k, v in pair["differences"].items():
+                t.add_row(k, f"{v['value']:+.4f}", f"{v['ci_low']:+.4f} - {v['ci_high']:+.4f}")
+            console.print(t)
+            if "delong" in pair:
+                d = pair["delong"]
+                console.print(f"DeLong: AUC {d['auc_a']:.4f} vs {d['auc_b']:.4f}, difference {d['difference']:+.4f} "
+                              f"({ci}% CI {d['ci_low']:+.4f} to {d['ci_high']:+.4f}), z = {d['z']:.3f}, "
+                              f"p = {d['p_value']:.4g}", markup=False, highlight=False)
+            m = pair["mcnemar"]
+            console.print(f"McNemar at each run's operating point: {m['a_right_b_wrong']} cases only A right, "
+                          f"{m['a_wrong_b_right']} only B right, exact p = {m['p_value']:.4g}",
+                          markup=False, highlight=False)
+        console.print(f"comparison: [bold]{out / 'compare.html'}[/]")
 
     @app.command()
     def predict(run_dir: Path = typer.Argument(..., help="a run folder"),

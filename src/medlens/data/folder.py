@@ -131,3 +131,17 @@ def load_csv_manifest(csv_path: str | Path, prepare: Preparer, *, image_root: st
         return SplitData(*(ds.subset(parts[k], f"{ds.name}/{k}") for k in ("train", "val", "test")),
                          split_method="manifest 'split' column")
     return _split(ds, val, test, seed)
+
+
+def manifest_columns(csv_path: str | Path, columns: list[str], *, image_root: str | Path | None = None,
+                     path_column: str = "path", suffix: str = "",
+                     allow_outside_root: bool = False) -> dict[str, dict[str, str]]:
+    """Extra manifest columns (sex, age band, site...) by source path, as ``load_csv_manifest`` names
+    each sample's source: ``{source: {column: value}}``. A missing column is a one-line error."""
+    csv_path = Path(csv_path)
+    df = read_csv_checked(csv_path, [path_column, *columns], "manifest")
+    root = Path(image_root) if image_root else csv_path.parent
+    paths = confined_paths(root, [f"{p}{suffix}" for p in df[path_column].astype(str)], csv_path, path_column,
+                           allow_outside_root)
+    values = df[columns].astype(str).where(df[columns].notna(), "(blank)")
+    return {str(p): dict(zip(columns, row)) for p, row in zip(paths, values.itertuples(index=False))}

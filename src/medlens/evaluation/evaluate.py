@@ -1,4 +1,5 @@
-"""Evaluate a run folder: predictions, threshold from validation, metrics with CIs, plots."""
+"""Evaluate a run folder: predictions, threshold from validation, metrics with CIs, calibration, decision
+curve, validation-to-test shift, subgroups and plots."""
 
 from __future__ import annotations
 
@@ -35,48 +36,102 @@ def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predicto
         if meta.threshold is None:
             raise MedlensError("the run records no validation threshold (it did not finish training)", run.dir)
         threshold = meta.threshold.value
-    predictor = predictor.predict_dataset
     task, names = meta.task, meta.class_names
-    val = data.val
-    p_val = predictor(val)
+    cal = meta.calibration
     ev = cfg.evaluation
+
+    def probs(ds):  # (calibrated, raw): the model runs once
+        raw = predictor.predict_dataset(ds, calibrated=False)
+        return (cal.apply(raw) if cal is not None else raw), raw
+
+    val = data.val
+    p_val, raw_val = probs(val)
     results = {"task": str(task), "class_names": names, "dataset": meta.dataset,
                "split_method": meta.split_method, "evaluated_split": split,
-               "val": compute_metrics(task, val.labels, p_val, threshold, ev.bootstrap, ev.ci, cfg.seed)}
+               "calibrated": cal.method if cal else None,
+               "val": compute_metrics(task, val.labels, p_val, threshold, ev.bootstrap, ev.ci, cfg.seed, raw=raw_val)}
     if task == BINARY:
         results["threshold"] = meta.threshold.model_dump()  # a copy for the reader; the run holds it
     pred_frames = [_pred_frame("val", val, p_val, task, threshold, names)]
     if split != "val":
         ds = data.get(split)
-        p = predictor(ds)
-        results[split] = compute_metrics(task, ds.labels, p, threshold, ev.bootstrap, ev.ci, cfg.seed)
+        p, raw = probs(ds)
+        results[split] = compute_metrics(task, ds.labels, p, threshold, ev.bootstrap, ev.ci, cfg.seed, raw=raw)
         pred_frames.append(_pred_frame(split, ds, p, task, threshold, names))
     else:
-        ds, p = val, p_val
+        ds, p, raw = val, p_val, raw_val
+    pdir = run.dir / "plots"
+    if task != TaskType.MULTILABEL:
+        results.update(_clinical(run, ds, p, raw, val, p_val, raw_val, split, threshold, pdir))
     write_json_atomic(run.dir / "metrics.json", results)
     with atomic_path(run.dir / "predictions.csv") as tmp:
         pd.concat(pred_frames).to_csv(tmp, index=False)
-    pdir = run.dir / "plots"
     plots.plot_history(run.dir / "history.csv", pdir / "training_curves.png")
     plots.plot_roc(task, ds.labels, p, names, pdir / "roc.png", threshold, title=f"ROC ({split})")
-    if task == BINARY:  # galleries of the errors, as the LUNA16 seed system shows them
-        for kind, sel in (("fp", (ds.labels == 0) & (p >= threshold)), ("fn", (ds.labels == 1) & (p < threshold))):
+    if task == BINARY:  # all four outcome galleries, as the LUNA16 seed system shows them
+        y = ds.labels
+        for kind, sel, what in (("tp", (y == 1) & (p >= threshold), "true positives"),
+                                ("tn", (y == 0) & (p < threshold), "true negatives"),
+                                ("fp", (y == 0) & (p >= threshold), "false positives"),
+                                ("fn", (y == 1) & (p < threshold), "false negatives")):
             idx = np.flatnonzero(sel)
-            idx = idx[np.argsort(-p[idx] if kind == "fp" else p[idx])][:16]
+            idx = idx[np.argsort(-p[idx] if kind in ("tp", "fp") else p[idx])][:16]
             out = pdir / f"gallery_{kind}.png"
             if len(idx):
                 x, _ = ds.batch(np.sort(idx))
                 imgs = x.numpy()[:, 0]
                 if imgs.ndim == 4:  # 3D: the middle axial slice
                     imgs = imgs[:, imgs.shape[1] // 2]
-                plots.grid_png(imgs, out, f"{'false positives' if kind == 'fp' else 'false negatives'} ({split}, "
-                                    f"{int(sel.sum())} in all; most confident first)")
+                plots.grid_png(imgs, out, f"{what} ({split}, {int(sel.sum())} in all; most confident first)")
             elif out.exists():
                 out.unlink()
     if "confusion_matrix" in results[split]:
         plots.plot_confusion(results[split]["confusion_matrix"], names, pdir / "confusion_matrix.png",
                              title=f"Confusion matrix ({split})")
     return results
+
+
+def _clinical(run: Run, ds, p, raw, val, p_val, raw_val, split: str, threshold, pdir: Path) -> dict:
+    """Calibration (before and after scaling), decision curve, validation-to-test shift and subgroups."""
+    from medlens.evaluation import plots
+    from medlens.evaluation.calibration import calibration_with_ci, reliability_bins
+    from medlens.evaluation.decision import decision_curve
+    from medlens.evaluation.shift import shift_report
+
+    cfg, meta = run.config, run.meta
+    ev, cal = cfg.evaluation, meta.calibration
+    nb = ev.calibration_bins
+    out: dict = {}
+    calib: dict = {"method": cal.method if cal else None, "params": cal.params if cal else None,
+                   "fitted_on": "val" if cal else None, "n_bins": nb}
+    for name, y, pc, pr in (("val", val.labels, p_val, raw_val), (split, ds.labels, p, raw)):
+        calib[name] = {"before": calibration_with_ci(y, pr, nb, ev.bootstrap, ev.ci, cfg.seed)}
+        if cal is not None:
+            calib[name]["after"] = calibration_with_ci(y, pc, nb, ev.bootstrap, ev.ci, cfg.seed)
+    curves = {"before scaling" if cal else "model": reliability_bins(ds.labels, raw, nb)}
+    if cal is not None:
+        curves[f"after {cal.method} scaling"] = reliability_bins(ds.labels, pc, nb)
+    plots.plot_reliability(curves, pdir / "reliability.png", f"Reliability ({split})")
+    out["calibration"] = calib
+    if meta.task == BINARY:
+        lo, hi = ev.decision_curve
+        out["decision_curve"] = decision_curve(ds.labels, p, lo, hi)
+        plots.plot_decision_curve(out["decision_curve"], pdir / "decision_curve.png", f"Decision curve ({split})")
+    if split != "val":
+        out["shift"] = shift_report(meta.task, meta.class_names, val.labels, p_val, ds.labels, p, threshold,
+                                    ev.shift_tolerance, split)
+    if ev.subgroups:
+        from medlens.data.folder import manifest_columns
+        from medlens.evaluation.subgroups import subgroup_metrics
+
+        d = cfg.data
+        attrs = manifest_columns(d.resolved_path(), ev.subgroups, image_root=d.resolved_image_root(),
+                                 path_column=d.path_column, suffix=d.suffix, allow_outside_root=d.allow_outside_root)
+        groups = {c: np.array([attrs.get(str(s), {}).get(c, "(not in manifest)") for s in ds.sources])
+                  for c in ev.subgroups}
+        out["subgroups"] = subgroup_metrics(meta.task, ds.labels, p, threshold, groups, ev.bootstrap, ev.ci,
+                                            cfg.seed, ev.min_subgroup)
+    return out
 
 
 def _pred_frame(split: str, ds, prob: np.ndarray, task: str, threshold, names) -> pd.DataFrame:

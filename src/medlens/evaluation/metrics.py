@@ -18,8 +18,9 @@ def _div(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
 
-def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    """AUC, accuracy, sensitivity, specificity, PPV, NPV, F1 and balanced accuracy at ``threshold``."""
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float, raw: np.ndarray | None = None) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity, PPV, NPV, F1 and balanced accuracy at ``threshold``; the
+    MedMNIST ACC thresholds the model's uncalibrated output ``raw`` (default ``p``) at 0.5, as the paper does."""
     y = np.asarray(y).astype(int).ravel()
     p = np.asarray(p, float).ravel()
     pred = (p >= threshold).astype(int)
@@ -38,7 +39,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
         "npv": npv,
         "f1": _div(2 * tp, 2 * tp + fp + fn),
         "balanced_accuracy": (sens + spec) / 2,
-        "medmnist_acc": float(((p >= 0.5).astype(int) == y).mean()),
+        "medmnist_acc": float(((np.asarray(p if raw is None else raw, float).ravel() >= 0.5).astype(int) == y).mean()),
     }
 
 
@@ -99,17 +100,18 @@ def bootstrap_ci(fn: Callable[[np.ndarray], dict[str, float]], n: int, n_boot: i
 
 
 def compute_metrics(task: str, y: np.ndarray, prob: np.ndarray, threshold: float | None = None,
-                    n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
+                    n_boot: int = 1000, ci: float = 0.95, seed: int = 0, raw: np.ndarray | None = None) -> dict:
     """Point estimates, CIs and the confusion matrix for one split.
 
-    ``prob`` is (N,) positive-class probabilities for binary tasks, (N, K) otherwise.
+    ``prob`` is (N,) positive-class probabilities for binary tasks, (N, K) otherwise; ``raw``, the
+    uncalibrated output when ``prob`` is calibrated, feeds only the MedMNIST-evaluator ACC.
     Returns ``{"metrics": {name: {"value", "ci_low", "ci_high"}}, "confusion_matrix": [[...]], ...}``.
     """
     y = np.asarray(y)
     prob = np.asarray(prob, float)
     if task == BINARY:
         thr = 0.5 if threshold is None else float(threshold)
-        fn = lambda idx: binary_metrics(y[idx], prob[idx], thr)  # noqa: E731
+        fn = lambda idx: binary_metrics(y[idx], prob[idx], thr, None if raw is None else raw[idx])  # noqa: E731
         pred = (prob >= thr).astype(int)
         cm = confusion_matrix(y.astype(int), pred, labels=[0, 1])
     elif task in (MULTICLASS, ORDINAL):

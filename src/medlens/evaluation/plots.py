@@ -94,3 +94,43 @@ def grid_png(arrays: np.ndarray, path: str | Path, title: str, cols: int = 8, cm
         fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
     plt.close(fig)
     return Path(path)
+
+
+def plot_reliability(curves: dict[str, dict[str, list[float]]], out: Path, title: str) -> Path:
+    """Reliability diagram: observed frequency against mean predicted probability per bin, one line per
+    curve (e.g. before and after scaling), marker area by bin count."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    for label, b in curves.items():
+        c = np.asarray(b["count"], float)
+        ax.plot(b["confidence"], b["observed"], "-", lw=1.4, label=label)
+        ax.scatter(b["confidence"], b["observed"], s=12 + 200 * c / max(c.max(), 1), alpha=.6)
+    ax.set_xlim(0, 1); ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted probability"); ax.set_ylabel("observed frequency"); ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, out)
+
+
+def plot_decision_curve(dca: dict, out: Path, title: str = "Decision curve (test)") -> Path:
+    t = np.asarray(dca["thresholds"])
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    ax.plot(t, dca["model"], lw=2, label="model")
+    ax.plot(t, dca["treat_all"], lw=1.2, label="treat all")
+    ax.axhline(0, color="black", lw=1, label="treat none")
+    top = max(max(dca["model"]), dca["prevalence"], 0.01)
+    ax.set_ylim(-0.05 * top, top * 1.1)
+    ax.set_xlabel("threshold probability"); ax.set_ylabel("net benefit"); ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_roc_overlay(y: np.ndarray, probs: dict[str, np.ndarray], out: Path, title: str = "ROC (test)") -> Path:
+    """Binary ROC curves of several runs on the same cases."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    for name, p in probs.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=1.6, label=str(name)[:40])
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set_xlabel("1 - specificity"); ax.set_ylabel("sensitivity"); ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, out)

@@ -142,8 +142,9 @@ def write_report_section(run: Run | str | Path, method: str = "gradcam", k: int 
             x, _ = ds.batch([i])
             maps, info = explain(net, x, method)
             t = info["targets"][0]
-            cap = (f"#{i}: true {_label_name(run, int(r.label))}, predicted {_label_name(run, t)} "
-                   f"(p={info['probabilities'][0]:.2f})")
+            p = r["prob"] if "prob" in r else r["conf"]  # the run's (calibrated) probability and decision
+            cap = (f"#{i}: true {_label_name(run, int(r.label))}, predicted {_label_name(run, int(r.pred))} "
+                   f"(p={p:.2f}); map for '{_label_name(run, t)}'")
             png = overlay_png(x[0].numpy(), maps[0], out / f"{title.split()[0].lower()}_{i}.png", cap)
             cases.append({"caption": cap, "png": _b64(png)})
         data["groups"].append({"title": title, "cases": cases})

@@ -16,7 +16,8 @@ from medlens.errors import MedlensError, MedlensWarning
 from medlens.run import Run
 from medlens.run.sections import read_sections
 from medlens.tasks import TaskType
-from medlens.utils import write_text_atomic
+from medlens.report.checklist import checklist, model_card, model_card_markdown
+from medlens.utils import write_json_atomic, write_text_atomic
 
 PRETTY = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity (recall)", "specificity": "specificity",
           "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1", "balanced_accuracy": "balanced accuracy",
@@ -24,7 +25,8 @@ PRETTY = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity (rec
           "mae": "mean absolute grade error", "dice": "Dice", "iou": "IoU (Jaccard)", "precision": "precision",
           "hd95": "HD95", "msd": "mean surface distance", "cldice": "clDice (centre-line)"}
 FIGURES = [("training_curves.png", "Training curves", 760), ("roc.png", "ROC", 420),
-           ("confusion_matrix.png", "Confusion matrix", 420), ("gallery_fp.png", "False positives", 520),
+           ("confusion_matrix.png", "Confusion matrix", 420), ("gallery_tp.png", "True positives", 520),
+           ("gallery_tn.png", "True negatives", 520), ("gallery_fp.png", "False positives", 520),
            ("gallery_fn.png", "False negatives", 520)]
 
 
@@ -68,7 +70,15 @@ def write_report(run: Run | str | Path) -> Path:
     env = Environment(loader=PackageLoader("medlens.report", "templates"), autoescape=True)
     env.globals["num"] = _num
     is_seg = meta.task == TaskType.SEGMENTATION
+    items = checklist(run, metrics, {sec["kind"] for sec in sections})
+    write_json_atomic(folder / "checklist.json", items)
+    card = model_card(run, metrics)
+    write_text_atomic(folder / "model_card.md", model_card_markdown(card, run.name))
+    plot = lambda f: _b64(folder / "plots" / f) if (folder / "plots" / f).exists() else None  # noqa: E731
     html = env.get_template("report.html").render(
+        checklist=items, card=card, calibration=metrics.get("calibration"), shift=metrics.get("shift"),
+        decision=metrics.get("decision_curve"), subgroups=metrics.get("subgroups"),
+        reliability_png=plot("reliability.png"), shift_tolerance=run.config.evaluation.shift_tolerance, dca_png=plot("decision_curve.png"),
         name=run.name, version=__version__, created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         task=str(meta.task), model=meta.model, dataset=meta.dataset, class_names=meta.class_names,
         split_method=meta.split_method, n_samples=meta.n_samples,

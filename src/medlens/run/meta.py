@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medlens import __version__
@@ -15,7 +16,7 @@ from medlens.transforms.preprocess import InputSpec
 from medlens.utils import write_json_atomic
 
 #: bumped whenever a field changes meaning; runs of another version are refused with a clear error
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 META_FILE = "run.json"
 
 
@@ -50,6 +51,30 @@ class Threshold(_Strict):
     val_score: float | None = None    # the validation score at this threshold (segmentation: mean Dice)
 
 
+class Calibration(_Strict):
+    """Probability calibration fitted on the validation split only (``evaluation.calibration``).
+
+    ``platt`` (binary): ``p' = sigmoid(a * logit(p) + b)``; ``temperature`` (multi-class/ordinal):
+    ``p' = softmax(log(p) / t)``, which keeps the argmax. Both keep the ranking, so AUC is unchanged.
+    """
+
+    method: Literal["platt", "temperature"]
+    params: dict[str, float]
+    fitted_on: Literal["val"] = "val"
+    n: int
+
+    def apply(self, p: np.ndarray) -> np.ndarray:
+        p = np.asarray(p, np.float64)
+        if self.method == "platt":
+            q = np.clip(p, 1e-7, 1 - 1e-7)
+            z = self.params["a"] * np.log(q / (1 - q)) + self.params["b"]
+            return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        z = np.log(np.clip(p, 1e-12, 1.0)) / self.params["t"]
+        z -= z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 class RunMeta(_Strict):
     schema_version: int = SCHEMA_VERSION
     medlens_version: str = __version__
@@ -65,6 +90,7 @@ class RunMeta(_Strict):
     label_values: list[int] | None = None   # segmentation: raw mask values in class order
     preprocessing: InputPrep
     threshold: Threshold | None = None
+    calibration: Calibration | None = None
     dataset: str | None = None
     split_method: str = ""
     n_samples: dict[str, int] = Field(default_factory=dict)

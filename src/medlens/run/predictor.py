@@ -28,11 +28,12 @@ class Prediction:
     probabilities: dict[str, float]
     threshold: float | None = None
     decision_rule: str = ""
+    calibrated: str | None = None     # the calibration method when the probabilities are calibrated
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         d = {"file": self.source, "prediction": self.prediction, "probability": self.probability,
-             "probabilities": self.probabilities}
+             "probabilities": self.probabilities, "calibrated": self.calibrated or "no"}
         if self.threshold is not None:
             d["threshold"] = self.threshold
         return d
@@ -76,9 +77,20 @@ class Predictor:
         return x
 
     # ---------- classification ----------
+    @property
+    def calibration(self) -> str | None:
+        """The calibration method applied to probabilities (fitted on validation), or None."""
+        return self.meta.calibration.method if self.meta.calibration else None
+
+    def predict_arrays(self, x: np.ndarray | torch.Tensor, calibrated: bool = True) -> np.ndarray:
+        """Probabilities of prepared inputs (N, C, *spatial): (N,) binary, (N, K) otherwise; calibrated
+        with the run's validation-fitted calibration when it has one, unless ``calibrated=False``."""
+        p = self._raw_probs(x)
+        cal = self.meta.calibration
+        return cal.apply(p) if calibrated and cal is not None else p
+
     @torch.no_grad()
-    def predict_arrays(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Probabilities of prepared inputs (N, C, *spatial): (N,) binary, (N, K) otherwise."""
+    def _raw_probs(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         if self.run.is_classical:
             from medlens.engine.classical import features_of
 
@@ -95,9 +107,9 @@ class Predictor:
                             self.run.dir)
         return probs
 
-    def predict_dataset(self, ds) -> np.ndarray:
+    def predict_dataset(self, ds, calibrated: bool = True) -> np.ndarray:
         """Probabilities for every sample of a dataset (``len``/``batch(idx)`` interface)."""
-        out = [self.predict_arrays(ds.batch(np.arange(i, min(i + self.batch_size, len(ds))))[0])
+        out = [self.predict_arrays(ds.batch(np.arange(i, min(i + self.batch_size, len(ds))))[0], calibrated)
                for i in range(0, len(ds), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0,))
 
@@ -130,7 +142,8 @@ class Predictor:
             every = ({names[0]: float(1 - p), names[1]: float(p)} if task == TaskType.BINARY
                      else dict(zip(names, map(float, p))))
             rows.append(Prediction(str(f), cls, prob, every, th,
-                                   self.meta.threshold.rule if th is not None and self.meta.threshold else ""))
+                                   self.meta.threshold.rule if th is not None and self.meta.threshold else "",
+                                   self.calibration))
         return rows
 
     # ---------- segmentation ----------

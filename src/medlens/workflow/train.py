@@ -58,12 +58,14 @@ def _train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bo
     from medlens.transforms.preprocess import prepared_data
     from medlens.engine.classical import CLASSICAL_MODELS
     from medlens.engine.train import build_network, channel_stats, fit_classical_model, fit_classifier
+    from medlens.evaluation.calibration import calibration_method, fit_calibration
     from medlens.evaluation.evaluate import evaluate_run
 
     data = prepared_data(cfg.data, seed=cfg.seed)
     tr = data.train
     if len(tr) == 0 or len(data.val) == 0 or len(data.test) == 0:
         raise MedlensError(f"empty split: train {len(tr)}, val {len(data.val)}, test {len(data.test)}")
+    calibration_method(data.task, cfg.evaluation.calibration)  # a setting that does not fit the task fails now
     classical = cfg.model.name in CLASSICAL_MODELS
     c = tr.in_channels
     mean, std = (channel_stats(tr) if cfg.data.normalize == "dataset" and not classical
@@ -95,12 +97,15 @@ def _train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bo
     meta = meta.model_copy(update=fit.summary())
     run = Run(path, meta, cfg).use_model(model)
     predictor = Predictor(run)
+    # calibration first, then the threshold on the calibrated validation probabilities: both from validation only
+    raw_val = predictor.predict_dataset(data.val, calibrated=False)
+    run.meta.calibration = fit_calibration(meta.task, data.val.labels, raw_val, cfg.evaluation.calibration)
     if meta.task == TaskType.BINARY:
         from medlens.evaluation.threshold import choose_threshold
 
         rule = cfg.evaluation.threshold
-        run.meta.threshold = Threshold(rule=rule, value=choose_threshold(data.val.labels,
-                                                                         predictor.predict_dataset(data.val), rule))
+        p_val = run.meta.calibration.apply(raw_val) if run.meta.calibration else raw_val
+        run.meta.threshold = Threshold(rule=rule, value=choose_threshold(data.val.labels, p_val, rule))
     run.meta.status = "complete"
     run.save_meta()
     evaluate_run(run, data=data, predictor=predictor)
