@@ -169,12 +169,14 @@ def test_compare_refuses_runs_on_other_cases(trained_run, tmp_path, data_root):
     assert not (tmp_path / "cmp").exists()
 
 
-def test_subgroups_on_a_csv_of_real_images(tmp_path, data_root):
-    """A CSV manifest of real X-rays with a 'site' column: per-site metrics equal sklearn on predictions.csv."""
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory, data_root):
+    """A tiny run on a CSV manifest of real X-rays (PNG) with a 'site' column and evaluation.subgroups."""
     from medlens.config import config_from_dict
     from medlens.data.medmnist import load_medmnist
     from medlens.workflow.train import train
 
+    tmp_path = tmp_path_factory.mktemp("csvrun")
     src = load_medmnist("pneumoniamnist").test
     rows = []
     for i in range(240):
@@ -190,7 +192,12 @@ def test_subgroups_on_a_csv_of_real_images(tmp_path, data_root):
                             "model": {"name": "small_cnn", "params": {"widths": [8, 16]}},
                             "train": {"epochs": 2, "batch_size": 32, "precision": "32"},
                             "evaluation": {"bootstrap": 50, "subgroups": ["site"]}})
-    run = train(cfg, progress_bar=False)
+    return train(cfg, progress_bar=False), tmp_path, rows
+
+
+def test_subgroups_on_a_csv_of_real_images(csv_run):
+    """Per-site metrics equal sklearn on predictions.csv; small groups are flagged."""
+    run, tmp_path, rows = csv_run
     m = json.loads((run / "metrics.json").read_text())
     test = _preds(run, "test")
     site = {str(tmp_path / r["path"]): r["site"] for r in rows}
@@ -212,3 +219,57 @@ def test_subgroups_need_a_csv_manifest(tmp_path):
     p.write_text(yaml.safe_dump(cfg))
     r = medlens("train", p)
     assert r.returncode == 2 and "evaluation.subgroups" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _site_sample(folder: Path, images, labels, names, idx) -> Path:
+    rows = []
+    for i in idx:
+        f = folder / f"s{i:03d}.png"
+        Image.fromarray(images[i, 0]).save(f)
+        rows.append({"path": f.name, "label": names[labels[i]], "patient_id": f"site-{i}"})
+    pd.DataFrame(rows).to_csv(folder / "site.csv", index=False)
+    return folder / "site.csv"
+
+
+def test_recalibrate_on_a_site_sample(trained_run, tmp_path):
+    """Official test images the run never scored become a site's sample: calibration and threshold are
+    refitted on it into a new run folder; the original run is untouched."""
+    from medlens.data.medmnist import load_medmnist
+    from medlens.run import Predictor, Run
+
+    src = load_medmnist("pneumoniamnist").test
+    used = {int(s.split("[")[1].rstrip("]")) for s in _preds(trained_run, "test")["source"]}
+    idx = [i for i in range(len(src)) if i not in used][:150]
+    site = _site_sample(tmp_path, src.images, src.labels, src.class_names, idx)
+    before = (trained_run / "run.json").read_bytes()
+    r = medlens("recalibrate", trained_run, "--on", site, "--out", tmp_path / "site_run")
+    assert r.returncode == 0, r.stderr
+    assert (trained_run / "run.json").read_bytes() == before
+    meta = json.loads((tmp_path / "site_run" / "run.json").read_text())
+    assert meta["threshold"]["chosen_on"] == "site" and meta["calibration"]["fitted_on"] == "site"
+    assert meta["recalibrated_on"]["n"] == 150
+    orig = Run.open(trained_run)
+    assert Run.open(tmp_path / "site_run").weights_sha256 == orig.weights_sha256
+    pred = Predictor(orig)
+    raw = pred.predict_arrays(np.stack([pred.prepare(tmp_path / f"s{i:03d}.png") for i in idx]), calibrated=False)
+    y = src.labels[idx]
+    z = np.log(np.clip(raw, 1e-7, 1 - 1e-7) / (1 - np.clip(raw, 1e-7, 1 - 1e-7)))
+    a, b = meta["calibration"]["params"]["a"], meta["calibration"]["params"]["b"]
+    p = 1 / (1 + np.exp(-(a * z + b)))
+    assert abs((y - p).mean()) < 1e-3                         # the maximum-likelihood Platt fit on the site sample
+    fpr, tpr, thr = roc_curve(y, p)
+    assert meta["threshold"]["value"] == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0), abs=1e-6)
+    html = (tmp_path / "site_run" / "report.html").read_text()
+    assert "the site&#39;s own labelled sample" in html or "the site's own labelled sample" in html
+
+
+def test_recalibrate_refuses_a_sample_that_overlaps_the_test_split(csv_run, tmp_path):
+    run, folder, rows = csv_run
+    test = _preds(run, "test")
+    pd.DataFrame({"path": [Path(s).relative_to(folder).as_posix() for s in test["source"][:20]],
+                  "label": [["normal", "pneumonia"][k] for k in test["label"][:20]]}).to_csv(folder / "site.csv",
+                                                                                             index=False)
+    r = medlens("recalibrate", run, "--on", folder / "site.csv", "--out", tmp_path / "new")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "shares 20 file(s)" in lines[0] and "site.csv" in lines[0]
+    assert not (tmp_path / "new").exists()

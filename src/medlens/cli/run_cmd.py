@@ -93,6 +93,29 @@ def register(app: typer.Typer) -> None:
         _print_clinical(results, split)
 
     @app.command()
+    def recalibrate(run_dir: Path = typer.Argument(..., help="a trained classifier run"),
+                    on: Path = typer.Option(..., "--on", help="the site's labelled sample: a CSV manifest "
+                                                               "path,label[,patient_id], paths relative to it"),
+                    out: Path = typer.Option(..., "--out", help="the new run folder (the original is not changed)"),
+                    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder")) -> None:
+        """Refit calibration and threshold on a site's own labelled sample, into a new run folder."""
+        import json
+
+        from medlens.run import Run
+        from medlens.workflow.recalibrate import recalibrate as do_recalibrate
+
+        quiet_libraries()
+        new = do_recalibrate(run_dir, on, out, overwrite)
+        meta = Run.open(new).meta
+        if meta.threshold is not None:
+            console.print(f"threshold {meta.threshold.value:.4f} ({meta.threshold.rule}, chosen on the site sample "
+                          f"of {meta.recalibrated_on['n']} cases)", markup=False, highlight=False)
+        results = json.loads((new / "metrics.json").read_text())
+        console.print(_metrics_table(results, "test"))
+        _print_clinical(results, "test")
+        console.print(f"recalibrated run: [bold]{new}[/]")
+
+    @app.command()
     def compare(runs: List[Path] = typer.Argument(..., help="two or more run folders; the first is the reference"),
                 out: Path = typer.Option(Path("comparison"), "--out", help="folder for compare.json, compare.html "
                                                                              "and the ROC plot"),

@@ -103,7 +103,7 @@ def _clinical(run: Run, ds, p, raw, val, p_val, raw_val, split: str, threshold, 
     nb = ev.calibration_bins
     out: dict = {}
     calib: dict = {"method": cal.method if cal else None, "params": cal.params if cal else None,
-                   "fitted_on": "val" if cal else None, "n_bins": nb}
+                   "fitted_on": cal.fitted_on if cal else None, "n_bins": nb}
     for name, y, pc, pr in (("val", val.labels, p_val, raw_val), (split, ds.labels, p, raw)):
         calib[name] = {"before": calibration_with_ci(y, pr, nb, ev.bootstrap, ev.ci, cfg.seed)}
         if cal is not None:

@@ -47,7 +47,7 @@ class Threshold(_Strict):
 
     rule: str
     value: float
-    chosen_on: Literal["val"] = "val"
+    chosen_on: Literal["val", "site"] = "val"   # site: a site's own labelled sample (``medlens recalibrate``)
     val_score: float | None = None    # the validation score at this threshold (segmentation: mean Dice)
 
 
@@ -60,7 +60,7 @@ class Calibration(_Strict):
 
     method: Literal["platt", "temperature"]
     params: dict[str, float]
-    fitted_on: Literal["val"] = "val"
+    fitted_on: Literal["val", "site"] = "val"
     n: int
 
     def apply(self, p: np.ndarray) -> np.ndarray:
@@ -91,6 +91,7 @@ class RunMeta(_Strict):
     preprocessing: InputPrep
     threshold: Threshold | None = None
     calibration: Calibration | None = None
+    recalibrated_on: dict[str, Any] | None = None   # the site sample a recalibrated copy was adapted to
     dataset: str | None = None
     split_method: str = ""
     n_samples: dict[str, int] = Field(default_factory=dict)
