@@ -20,29 +20,34 @@ from medlens.run.meta import Calibration
 from medlens.tasks import TaskType
 
 
-def _conf_acc(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _binned(y: np.ndarray, p: np.ndarray, n_bins: int):
+    """Per non-empty equal-width bin: (count, mean confidence, mean accuracy). Binary tasks bin the
+    positive-class probability against the label; multi-class the top probability against correctness."""
     p = np.asarray(p, np.float64)
     y = np.asarray(y)
-    if p.ndim == 1:  # binary: the positive-class probability against the label
-        return p, y.astype(np.float64)
-    return p.max(1), (p.argmax(1) == y.astype(int)).astype(np.float64)
-
-
-def calibration_errors(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> dict[str, float]:
-    """``{"ece", "mce", "brier"}`` of probabilities ``p`` ((N,) binary or (N, K)) against labels ``y``."""
-    conf, acc = _conf_acc(y, p)
+    if p.ndim == 1:
+        conf, acc = p, y.astype(np.float64)
+    else:
+        conf, acc = p.max(1), (p.argmax(1) == y.astype(int)).astype(np.float64)
     bounds = np.linspace(0.0, 1.0, n_bins + 1)
     idx = np.clip(np.searchsorted(bounds, conf, side="right") - 1, 0, n_bins - 1)
     count = np.bincount(idx, minlength=n_bins).astype(np.float64)
     seen = count > 0
-    gap = np.abs(np.bincount(idx, acc, n_bins)[seen] / count[seen] - np.bincount(idx, conf, n_bins)[seen] / count[seen])
+    return (count[seen], np.bincount(idx, conf, n_bins)[seen] / count[seen],
+            np.bincount(idx, acc, n_bins)[seen] / count[seen])
+
+
+def calibration_errors(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> dict[str, float]:
+    """``{"ece", "mce", "brier"}`` of probabilities ``p`` ((N,) binary or (N, K)) against labels ``y``."""
+    count, conf, acc = _binned(y, p, n_bins)
+    gap = np.abs(acc - conf)
     p = np.asarray(p, np.float64)
     if p.ndim == 1:
         brier = float(np.mean((p - np.asarray(y, np.float64)) ** 2))
     else:
         onehot = np.eye(p.shape[1])[np.asarray(y, int)]
         brier = float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
-    return {"ece": float(np.sum(gap * count[seen]) / len(conf)), "mce": float(gap.max()), "brier": brier}
+    return {"ece": float(np.sum(gap * count) / count.sum()), "mce": float(gap.max()), "brier": brier}
 
 
 def calibration_with_ci(y: np.ndarray, p: np.ndarray, n_bins: int = 15, n_boot: int = 1000, ci: float = 0.95,
@@ -57,14 +62,8 @@ def calibration_with_ci(y: np.ndarray, p: np.ndarray, n_bins: int = 15, n_boot: 
 
 def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> dict[str, list[float]]:
     """Per-bin mean confidence, observed frequency/accuracy and count, for the reliability diagram."""
-    conf, acc = _conf_acc(y, p)
-    bounds = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(bounds, conf, side="right") - 1, 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
-    seen = count > 0
-    return {"confidence": (np.bincount(idx, conf, n_bins)[seen] / count[seen]).tolist(),
-            "observed": (np.bincount(idx, acc, n_bins)[seen] / count[seen]).tolist(),
-            "count": count[seen].tolist()}
+    count, conf, acc = _binned(y, p, n_bins)
+    return {"confidence": conf.tolist(), "observed": acc.tolist(), "count": count.astype(int).tolist()}
 
 
 def calibration_method(task: str, setting: str) -> str | None:
