@@ -7,7 +7,7 @@ STAMP := $(VENV)/.medlens-installed
 export MEDLENS_DATA ?= $(abspath ../shared/data)
 RUN_CONFIG ?= configs/pneumoniamnist_cnn.yaml
 
-.PHONY: run test install browser bench clean
+.PHONY: run test install browser system-deps bench clean
 
 install: $(STAMP)
 
@@ -20,17 +20,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
-# Headless Chromium renders report.html in the tests (Debian's package).
+# Headless Chromium renders report.html and runs the viewer of `medlens serve` in the tests (Debian's package;
+# the serve tests drive it with playwright from the test extra, pointed at /usr/bin/chromium: no browser download).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing: install Debian's 'chromium' package for the browser tests"; fi; }
 
+# The PACS round trip and the DICOM validator of the interop tests (Debian's packages): a real Orthanc with its
+# DICOMweb plugin, and dciodvfy from dicom3tools.
+system-deps:
+	@{ command -v Orthanc && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so && command -v dciodvfy; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools >/dev/null; \
+	  else echo "orthanc, orthanc-dicomweb or dicom3tools missing: install those Debian packages for the interop tests"; fi; }
+
 run: $(STAMP)
 	$(VENV)/bin/medlens train $(RUN_CONFIG) --overwrite
 
 # The layer contract (pyproject's [tool.importlinter]) first: an upward import fails the suite.
-test: $(STAMP) browser
+test: $(STAMP) browser system-deps
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra --durations=25
 

@@ -328,6 +328,22 @@ class EvalConfig(_Strict):
         return v
 
 
+class DicomCode(_Strict):
+    """A coded concept (e.g. SNOMED CT ``SCT``): code value, coding scheme designator, code meaning."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field("SCT", min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class SegmentDicomCodes(_Strict):
+    """DICOM SEG codes of one foreground class: segmented property category and type, anatomic region."""
+
+    category: DicomCode
+    type: DicomCode
+    region: DicomCode | None = None
+
+
 class SegmentationConfig(_Strict):
     """Patch sampling, loss, sliding-window inference and post-processing of segmentation runs."""
 
@@ -348,6 +364,8 @@ class SegmentationConfig(_Strict):
     class_names: list[str] | None = None
     val_every: int = Field(1, ge=1)    # epochs between full-image validations
     cldice: bool = False               # centre-line Dice (tubular structures: vessels)
+    # DICOM SEG/SR codes, one entry per foreground class in class order (e.g. SNOMED CT Blood vessel in Retina)
+    dicom_codes: list[SegmentDicomCodes] | None = Field(None, max_length=255)
 
     @model_validator(mode="after")
     def _check(self) -> "SegmentationConfig":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 import numpy as np
@@ -15,7 +15,8 @@ app = typer.Typer(help="Lung nodules: patch extraction (LUNA16) and LIDC reader 
 
 
 @app.command()
-def extract(scans: Path = typer.Option(..., "--scans", help="folder of <seriesuid>.mhd scans or DICOM series"),
+def extract(scans: List[Path] = typer.Option(..., "--scans", help="folder of <seriesuid>.mhd scans or DICOM series "
+                                              "(repeat for several folders)"),
             annotations: Path = typer.Option(..., "--annotations", help="LUNA16 annotations.csv"),
             out: Path = typer.Option(..., "--out", help="HDF5 store to write (.h5)"),
             candidates: Optional[Path] = typer.Option(None, "--candidates", help="LUNA16 candidates.csv (negatives)"),
@@ -24,6 +25,8 @@ def extract(scans: Path = typer.Option(..., "--scans", help="folder of <seriesui
             spacing: float = typer.Option(1.0, "--spacing", help="3D: isotropic spacing in mm"),
             neg_ratio: float = typer.Option(5.0, "--neg-ratio", help="negatives per positive (seed: 5)"),
             no_augment: bool = typer.Option(False, "--no-augment", help="no rotated copies of positives"),
+            negative_scans: bool = typer.Option(False, "--negative-scans", help="scans no CSV row names are "
+                                                "nodule-free (LUNA16): sample negatives from them too"),
             seed: int = typer.Option(0, "--seed")) -> None:
     """Extract nodule / non-nodule patches around world coordinates into an HDF5 store."""
     import warnings
@@ -34,7 +37,7 @@ def extract(scans: Path = typer.Option(..., "--scans", help="folder of <seriesui
         warnings.simplefilter("always")
         task = bar.add_task("scans", total=None)
         rep = extract_patches(scans, annotations, out, candidates=candidates, dims=dims, size=size, spacing=spacing,
-                              neg_ratio=neg_ratio, augment_positives=not no_augment, seed=seed,
+                              neg_ratio=neg_ratio, augment_positives=not no_augment, seed=seed, negative_scans=negative_scans,
                               progress=lambda i, n, uid: bar.update(task, completed=i, total=n))
     for w in caught:
         if "skipped" in str(w.message):
@@ -49,14 +52,33 @@ def lidc(xml: Path = typer.Argument(..., help="LIDC-IDRI reader XML"),
          small: bool = typer.Option(False, "--small", help="include < 3 mm nodules (centre marks)"),
          mask_out: Optional[Path] = typer.Option(None, "--mask-out",
                                                  help="write the consensus nodule mask on the scan's grid "
-                                                      "(.nii.gz, .nrrd, .mhd): a segmentation target")) -> None:
+                                                      "(.nii.gz, .nrrd, .mhd): a segmentation target"),
+         outputs: Optional[str] = typer.Option(None, "--outputs", help="DICOM series: 'sr,seg,fhir': a TID 1500 SR "
+                                               "(a volumetric group per nodule), a DICOM SEG, a FHIR R5 Bundle"),
+         out: Optional[Path] = typer.Option(None, "--out", help="new folder for --outputs"),
+         deidentify: bool = typer.Option(False, "--deidentify", help="build the exports from PS3.15 de-identified "
+                                         "source attributes"),
+         deid_key: Optional[str] = typer.Option(None, "--deid-key", help="UID remapping key (as medlens deid)")
+         ) -> None:
     """Reader-marked nodules: clustered marks, readers, diameter, consensus volume, malignancy."""
     from medlens.data.lidc import cluster_nodules, parse_lidc_xml
+    from medlens.errors import MedlensError
     from medlens.io import load
     from medlens.io.writers import check_output
 
     if mask_out is not None:
         check_output(mask_out)  # before the work: e.g. a path SimpleITK cannot take
+    if outputs or deidentify:
+        from medlens.workflow.interop import export_nodules, parse_outputs
+
+        if out is None:
+            raise MedlensError("--outputs needs --out FOLDER")
+        ex = export_nodules(xml, scan, out, parse_outputs(outputs or "sr,seg", True), include_small=small,
+                            deidentify=deidentify, deid_key=deid_key)
+        for f in ex.values.get("findings", []):
+            console.print(f"{f['label']}: {f['volume_mm3']:.1f} mm3, maximum 3D diameter {f['max_diameter_mm']:.2f} mm, "
+                          f"mean {f['mean']:.1f} (SD {f['sd']:.1f})", markup=False, highlight=False)
+        console.print(f"wrote [bold]{out}[/]: " + ", ".join(Path(p).name for p in ex.files.values()))
     ann = parse_lidc_xml(xml)
     image = load(scan)
     t = Table(title=f"{xml.name}: {len(ann.readers)} readers, {len(ann.nodules)} nodule marks, "

@@ -147,12 +147,37 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
-                files: List[Path] = typer.Argument(..., help="PNG/JPEG/TIFF/NPZ/NPY (DICOM, NIfTI, MHD, NRRD)")) -> None:
-        """Predict image files with a trained run."""
+                files: Optional[List[Path]] = typer.Argument(None, help="PNG/JPEG/TIFF/NPZ/NPY (DICOM, NIfTI, MHD, NRRD)"),
+                out: Optional[Path] = typer.Option(None, "--out", help="new folder: predictions.csv (+ --outputs)"),
+                outputs: Optional[str] = typer.Option(None, "--outputs", help="DICOM inputs: 'sr,fhir' (segmentation "
+                                                      "runs: 'sr,seg,fhir') TID 1500 SR, DICOM SEG, FHIR R5 Bundle"),
+                from_pacs: Optional[str] = typer.Option(None, "--from-pacs", help="pull --study from this PACS "
+                                                        "(DICOMweb root or dimse://AET@host:port) and predict it"),
+                study: Optional[str] = typer.Option(None, "--study", help="Study Instance UID (with --from-pacs)"),
+                push: bool = typer.Option(False, "--push", help="store the SR (and SEG) back to the --from-pacs PACS"),
+                deidentify: bool = typer.Option(False, "--deidentify", help="build every export from PS3.15 "
+                                                "de-identified source attributes"),
+                deid_key: Optional[str] = typer.Option(None, "--deid-key", help="UID remapping key (as medlens deid)")
+                ) -> None:
+        """Predict image files with a trained run (a segmentation run with --from-pacs segments the study)."""
+        from medlens.errors import MedlensError
         from medlens.run import Predictor, Run
 
         quiet_libraries()
-        rows = Predictor(Run.open(run_dir, expect="classification")).predict_files([str(f) for f in files])
+        if from_pacs or study or push:
+            return _from_pacs(run_dir, from_pacs, study, push, out, outputs, deidentify, deid_key)
+        if not files:
+            raise MedlensError("give image files to predict, or --from-pacs URL --study UID")
+        run = Run.open(run_dir, expect="classification")
+        if out is not None or outputs:
+            from medlens.workflow.interop import parse_outputs, predict_export
+
+            if out is None:
+                raise MedlensError("--outputs needs --out FOLDER")
+            rows, done = predict_export(run, files, out, parse_outputs(outputs, False), deidentify=deidentify,
+                                        deid_key=deid_key)
+        else:
+            rows, done = Predictor(run).predict_files([str(f) for f in files]), []
         t = Table(title=f"predictions ({run_dir})")
         for col in ("file", "prediction", "probability", "all classes"):
             t.add_column(col)
@@ -160,6 +185,27 @@ def register(app: typer.Typer) -> None:
             t.add_row(Path(r.source).name, r.prediction, f"{r.probability:.3f}",
                       ", ".join(f"{k}: {v:.3f}" for k, v in r.probabilities.items()))
         console.print(t)
+        if out is not None:
+            console.print(f"wrote [bold]{out}[/] (predictions.csv{_listing(done)})")
+
+    def _listing(done) -> str:
+        n = {}
+        for ex in done:
+            for k in ex.files:
+                n[k] = n.get(k, 0) + 1
+        return "".join(f", {v} {k.upper()}" for k, v in n.items())
+
+    def _from_pacs(run_dir, url, study, push, out, outputs, deidentify, deid_key) -> None:
+        from medlens.errors import MedlensError
+        from medlens.workflow.interop import pacs_round_trip
+
+        if not url or not study:
+            raise MedlensError("--from-pacs URL and --study UID go together (--push stores the results back)")
+        if out is None:
+            raise MedlensError("--from-pacs needs --out FOLDER for the local copy of the results")
+        res = pacs_round_trip(run_dir, url, study, out, outputs, push=push, deidentify=deidentify, deid_key=deid_key)
+        console.print(f"{res.n_inputs} input(s) from study {study}: wrote [bold]{out}[/] ({_listing(res.exported)[2:]})"
+                      + (f"; stored {res.pushed} instance(s) at {url}" if push else ""))
 
     @app.command()
     def segment(run_dir: Path = typer.Argument(..., help="a segmentation run folder"),
@@ -169,20 +215,35 @@ def register(app: typer.Typer) -> None:
                 overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="also write an overlay PNG"),
                 dicom_seg: bool = typer.Option(False, "--dicom-seg", help="DICOM series inputs: also write a DICOM "
                                                "SEG (it copies the source's patient/study attributes, as the "
-                                               "standard requires)")) -> None:
+                                               "standard requires)"),
+                outputs: Optional[str] = typer.Option(None, "--outputs", help="DICOM series inputs: 'sr,seg,fhir': "
+                                                      "TID 1500 SR, DICOM SEG (codes from the config), FHIR Bundle"),
+                deidentify: bool = typer.Option(False, "--deidentify", help="build every export from PS3.15 "
+                                                "de-identified source attributes"),
+                deid_key: Optional[str] = typer.Option(None, "--deid-key", help="UID remapping key (as medlens deid)")
+                ) -> None:
         """Segment files with a trained U-Net: a mask per input in its geometry (PNG 2D, NIfTI 3D) + overlay."""
         from medlens.workflow.segment import segment_files
 
         quiet_libraries()
-        rows = segment_files(run_dir, [Path(f) for f in files], out, tta=tta, overlay=overlay, dicom_seg=dicom_seg)
+        if outputs or deidentify:
+            from medlens.run import Run
+            from medlens.workflow.interop import parse_outputs, segment_export
+
+            wanted = parse_outputs(outputs or "seg", True) | ({"seg"} if dicom_seg else set())
+            rows, _ = segment_export(Run.open(run_dir, expect="segmentation"), [Path(f) for f in files], out, wanted,
+                                     tta=tta, overlay=overlay, deidentify=deidentify, deid_key=deid_key)
+        else:
+            rows = segment_files(run_dir, [Path(f) for f in files], out, tta=tta, overlay=overlay,
+                                 dicom_seg=dicom_seg)
         t = Table(title=f"segmentation ({run_dir})")
         for col in ("file", "mask", "foreground voxels", "area / volume"):
             t.add_column(col)
         for r in rows:
             size = (f"{r['foreground_mm3']:.0f} mm3" if "foreground_mm3" in r else
                     f"{r['foreground_mm2']:.1f} mm2" if "foreground_mm2" in r else "-")
-            t.add_row(Path(r["file"]).name, r["mask"] + (f" + {r['dicom_seg']}" if "dicom_seg" in r else ""),
-                      str(r["foreground_voxels"]), size)
+            extra = "".join(f" + {r[k]}" for k in ("dicom_seg", "dicom_sr", "fhir") if k in r)
+            t.add_row(Path(r["file"]).name, r["mask"] + extra, str(r["foreground_voxels"]), size)
         console.print(t)
 
     @app.command()

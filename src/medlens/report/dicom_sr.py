@@ -1,0 +1,221 @@
+"""DICOM Structured Reports, TID 1500 "Measurement Report" (highdicom ``Comprehensive3DSR``).
+
+The AI-results form IHE AIR and the HL7 SR-to-FHIR guide expect:
+
+- classification: one TID 1501 group per finding (class): a qualitative evaluation (the finding Present or
+  Absent, decided at the run's validation-chosen threshold), the probability (calibrated where the run has a
+  calibration), the threshold and the validation operating point (sensitivity, specificity);
+- segmentation and nodules: one TID 1411 volumetric group per segment: volume (mm3), maximum 3D diameter
+  (mm), mean and standard deviation of intensity (HU for CT), a tracking identifier and UID, and a reference
+  to the matching DICOM SEG segment;
+- algorithm identification (TID 4019) in every group: ``medlens <model>``, the medlens version, and the
+  SHA-256 of the run's weights as an algorithm parameter; the evidence: the source SOP instances.
+
+Codes without a standard concept (decision threshold, validation sensitivity/specificity) use the private
+coding scheme ``99MEDLENS``, declared in the Coding Scheme Identification Sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medlens.errors import DataError
+from medlens.io.dicom_seg import SegmentCodes, prepare_sources, save_dataset
+
+LOCAL_SCHEME = "99MEDLENS"
+TEMPLATE = "1500"
+
+
+def _code(value: str, scheme: str, meaning: str):
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning[:64])
+
+
+def local(value: str, meaning: str):
+    return _code(value[:16], LOCAL_SCHEME, meaning)
+
+
+THRESHOLD = ("threshold", "Decision threshold")
+SENSITIVITY = ("val-sensitivity", "Sensitivity at threshold on validation")
+SPECIFICITY = ("val-specificity", "Specificity at threshold on validation")
+
+
+def class_code(name: str):
+    """A class of the run as a coded finding (private scheme; the meaning is the class name)."""
+    value = "".join(ch if ch.isalnum() else "-" for ch in name.strip().lower())[:16] or "class"
+    return local(value, name)
+
+
+@dataclass
+class Algorithm:
+    """TID 4019 algorithm identification of a run."""
+
+    name: str
+    version: str
+    weights_sha256: str
+    model: str
+    parameters: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of_run(cls, run) -> "Algorithm":
+        from medlens import __version__
+
+        params = [f"weights SHA-256 {run.weights_sha256}"]
+        cal = getattr(run.meta, "calibration", None)
+        if cal is not None:
+            params.append(f"probabilities calibrated ({cal.method}, fitted on {'validation' if cal.fitted_on == 'val' else 'a site sample'})")
+        return cls(f"medlens {run.meta.model}", __version__, run.weights_sha256, run.meta.model, params)
+
+    def template(self):
+        from highdicom.sr import AlgorithmIdentification
+
+        return AlgorithmIdentification(name=self.name[:64], version=self.version[:64], parameters=self.parameters)
+
+    @property
+    def device_uid(self) -> str:
+        """A UID fixed by the weights: the same model is the same observer device in every report."""
+        return f"2.25.{int(hashlib.sha256(('medlens|' + self.weights_sha256).encode()).hexdigest()[:32], 16)}"
+
+
+@dataclass
+class RoiFinding:
+    """One segment's measurements for a TID 1411 group."""
+
+    label: str
+    segment_number: int
+    codes: SegmentCodes
+    volume_mm3: float
+    max_diameter_mm: float
+    mean: float
+    sd: float
+    hounsfield: bool
+    tracking_id: str
+    tracking_uid: str
+
+
+def _report(groups, algorithm: Algorithm, sources: list, seg=None, title_series: str = "medlens results",
+            procedure=None):
+    import highdicom as hd
+    from highdicom.sr import (Comprehensive3DSR, DeviceObserverIdentifyingAttributes, MeasurementReport,
+                              ObservationContext, ObserverContext)
+    from pydicom.dataset import Dataset
+    from pydicom.sr.codedict import codes
+
+    prepare_sources(sources)
+    device = DeviceObserverIdentifyingAttributes(uid=algorithm.device_uid, name=algorithm.name[:64],
+                                                 manufacturer_name="medlens", model_name=algorithm.model[:64])
+    context = ObservationContext(observer_device_context=ObserverContext(observer_type=codes.cid270.Device,
+                                                                         observer_identifying_attributes=device))
+    report = MeasurementReport(observation_context=context, procedure_reported=procedure or codes.SCT.ImagingProcedure,
+                               imaging_measurements=groups, title=codes.DCM.ImagingMeasurementReport)
+    evidence = list(sources) + ([seg] if seg is not None else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sr = Comprehensive3DSR(evidence=evidence, content=report[0], series_instance_uid=hd.UID(),
+                               series_number=9002, sop_instance_uid=hd.UID(), instance_number=1,
+                               manufacturer="medlens", is_complete=True, series_description=title_series[:64])
+    sr.SoftwareVersions = algorithm.version[:64]
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = LOCAL_SCHEME
+    scheme.CodingSchemeName = "medlens local codes"
+    scheme.CodingSchemeResponsibleOrganization = "medlens"
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
+
+
+def classification_sr(sources: list, prediction, class_names: list[str], algorithm: Algorithm,
+                      threshold: float | None, operating_point: dict[str, float] | None = None):
+    """A TID 1500 SR of one classifier prediction on ``sources`` (the DICOM instances it read).
+
+    Binary: one group for the positive class (``class_names[1]``): Present when its probability reaches
+    ``threshold``. Multi-class: one group per class, Present for the predicted class."""
+    import highdicom as hd
+    from highdicom.sr import (Measurement, MeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
+                              SourceImageForMeasurementGroup, TrackingIdentifier)
+    from pydicom.sr.codedict import codes
+
+    one = codes.UCUM.NoUnits
+    binary = threshold is not None and len(class_names) == 2
+    chosen = class_names[1:] if binary else list(class_names)
+    groups = []
+    for name in chosen:
+        p = float(prediction.probabilities[name])
+        present = (p >= threshold) if binary else (name == prediction.prediction)
+        meas = [Measurement(name=codes.DCM.Probability, value=p, unit=one)]
+        if binary:
+            meas.append(Measurement(name=local(*THRESHOLD), value=float(threshold), unit=one))
+            for key, code in (("sensitivity", SENSITIVITY), ("specificity", SPECIFICITY)):
+                if operating_point and operating_point.get(key) is not None:
+                    meas.append(Measurement(name=local(*code), value=float(operating_point[key]), unit=one))
+        finding = class_code(name)
+        groups.append(MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=f"finding: {name}"[:64]),
+            finding_type=finding, algorithm_id=algorithm.template(), measurements=meas,
+            qualitative_evaluations=[QualitativeEvaluation(finding, codes.SCT.Present if present else codes.SCT.Absent)],
+            source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]))
+    return _report(groups, algorithm, sources, title_series=f"{algorithm.name} classification")
+
+
+def segmentation_sr(sources: list, seg, findings: list[RoiFinding], algorithm: Algorithm):
+    """A TID 1500 SR with one TID 1411 volumetric group per segment of ``seg`` (the written DICOM SEG)."""
+    from highdicom.sr import (FindingSite, Measurement, ReferencedSegment, SourceSeriesForSegmentation,
+                              TrackingIdentifier, VolumetricROIMeasurementsAndQualitativeEvaluations)
+    from pydicom.sr.codedict import codes
+
+    groups = []
+    for f in findings:
+        category, typ, region = f.codes.coded()
+        unit = codes.UCUM.HounsfieldUnit if f.hounsfield else codes.UCUM.NoUnits
+        meas = [Measurement(name=codes.SCT.Volume, value=float(f.volume_mm3), unit=codes.UCUM.CubicMillimeter),
+                Measurement(name=codes.SCT.Diameter, value=float(f.max_diameter_mm), unit=codes.UCUM.Millimeter,
+                            derivation=codes.SCT.Maximum),
+                Measurement(name=codes.SCT.Mean, value=float(f.mean), unit=unit),
+                Measurement(name=codes.SCT.StandardDeviation, value=float(f.sd), unit=unit)]
+        groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=f.tracking_uid, identifier=f.tracking_id[:64]),
+            referenced_segment=ReferencedSegment(seg.SOPClassUID, seg.SOPInstanceUID, f.segment_number,
+                                                 source_series=SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)),
+            finding_type=typ, finding_category=category, algorithm_id=algorithm.template(),
+            finding_sites=[FindingSite(region)] if region is not None else None, measurements=meas))
+    return _report(groups, algorithm, sources, seg, title_series=f"{algorithm.name} measurements")
+
+
+def write_sr(sr, path: str | Path) -> Path:
+    return save_dataset(sr, path)
+
+
+def read_tid1500(path: str | Path):
+    """Read a DICOM SR and check that it is a TID 1500 measurement report; a one-line error otherwise."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path)
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, Exception) as e:  # truncated or foreign files raise many types
+        raise DataError(f"not a readable DICOM file ({type(e).__name__})", path) from None
+    if str(ds.get("Modality", "")) != "SR" or "ContentSequence" not in ds:
+        raise DataError(f"not a DICOM structured report (modality {ds.get('Modality', 'none')})", path)
+    templates = [str(t.get("TemplateIdentifier", "")) for t in ds.get("ContentTemplateSequence", [])]
+    title = ds.get("ConceptNameCodeSequence", [None])[0]
+    is_1500 = TEMPLATE in templates or (title is not None and (title.get("CodeValue"), title.get(
+        "CodingSchemeDesignator")) == ("126000", "DCM"))
+    if not is_1500:
+        sop = getattr(ds.SOPClassUID, "name", str(ds.SOPClassUID))
+        raise DataError(f"not a TID 1500 measurement report ({sop}, template {', '.join(templates) or 'none'})", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sr = hd.sr.srread(path)
+            _ = sr.content
+    except Exception as e:  # highdicom refuses malformed content trees with several exception types
+        raise DataError(f"malformed TID 1500 content ({type(e).__name__}: {' '.join(str(e).split())[:120]})",
+                        path) from None
+    return sr

@@ -1,0 +1,380 @@
+"""Clinical interoperability: results as DICOM SR (TID 1500) + DICOM SEG + a FHIR R5 Bundle, and the PACS
+round trip (pull a study, run the model, push the results back).
+
+Everything a call writes goes into one output folder that appears only when complete; inputs are read and
+checked (series geometry, frames of reference) before any model runs or any file is written. With
+``deidentify`` every exported object is built from source attributes de-identified with the project's
+PS3.15 profile (``io.deid.Deidentifier``; the same ``deid_key`` gives the same UIDs as ``medlens deid``).
+Nothing here logs or raises with a patient's name or ID.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medlens.errors import ConfigError, DataError
+from medlens.io.image import Image
+from medlens.utils import atomic_dir, atomic_path, unique_stems
+
+OUTPUTS = ("sr", "seg", "fhir")
+
+
+def parse_outputs(text: str | None, segmentation: bool) -> set[str]:
+    """``"sr,seg,fhir"`` -> a set; ``seg`` only for segmenters; ``fhir`` is made from the SR, so it needs it."""
+    if not text:
+        return set()
+    out = {t.strip().lower() for t in text.split(",") if t.strip()}
+    bad = sorted(out - set(OUTPUTS))
+    if bad:
+        raise ConfigError(f"--outputs: unknown output(s) {', '.join(bad)}; choose from {', '.join(OUTPUTS)}")
+    if "seg" in out and not segmentation:
+        raise ConfigError("--outputs seg: a classifier has no segments (seg is for segmentation runs and nodules)")
+    if "fhir" in out:
+        out.add("sr")
+    if segmentation and "sr" in out:
+        out.add("seg")  # the SR's groups reference SEG segments
+    return out
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def dicom_sources(path: str | Path, image: Image | None = None) -> list:
+    """The DICOM instances an input was read from (no pixel data), ordered like its z axis for a series."""
+    import pydicom
+
+    path = Path(path)
+    if path.is_dir():
+        if image is None or "series_uid" not in image.meta:
+            raise DataError("not a DICOM series folder", path)
+        from medlens.io.dicom_seg import source_slices
+
+        return source_slices(path, image)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # not DICOM: the caller decides
+        raise DataError("not a DICOM file (SR/SEG/FHIR outputs need DICOM input)", path) from None
+    if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
+        raise DataError("DICOM file without SOP/study instance UIDs", path)
+    return [ds]
+
+
+def is_dicom_input(path: str | Path, image: Image | None) -> bool:
+    p = Path(path)
+    if p.is_dir():
+        return image is not None and "series_uid" in image.meta
+    return image is not None and "SOPClassUID" in image.meta
+
+
+def deidentified(sources: list, key: str | None) -> list:
+    """Copies of ``sources`` with the PS3.15 basic profile applied (the originals are untouched)."""
+    from medlens.io.deid import Deidentifier
+
+    d = Deidentifier(key=key)
+    out = []
+    for ds in sources:
+        c = copy.deepcopy(ds)
+        d.dataset(c)
+        out.append(c)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ measurements
+
+
+def roi_findings(image: Image, labels: np.ndarray, names: list[str], codes: list, prefix: str = "") -> list:
+    """Volume, maximum 3D diameter and intensity mean/SD of each label 1..N of ``labels`` on ``image``'s grid
+    (the same functions as ``medlens features``); empty labels are left out."""
+    import highdicom as hd
+
+    from medlens.imaging.features import first_order, shape
+    from medlens.report.dicom_sr import RoiFinding
+
+    hu = image.modality == "CT"
+    out = []
+    for k, (name, c) in enumerate(zip(names, codes), start=1):
+        m = labels == k
+        if not m.any():
+            continue
+        s = shape(m, spacing=tuple(image.spacing))
+        fo = first_order(image.array, m)
+        out.append(RoiFinding(name, k, c, s["volume_mm3"], s["max_diameter_mm"], fo["mean"], fo["std"], hu,
+                              f"{prefix}{name}", hd.UID()))
+    return out
+
+
+@dataclass
+class Exported:
+    """What one input gave: local paths of the written objects (final locations)."""
+
+    source: str
+    files: dict[str, Path] = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+
+
+def _write_roi_outputs(work: Path, final: Path, stem: str, image: Image, sources: list, labels: np.ndarray,
+                       names: list[str], codes: list, algorithm, outputs: set[str], prefix: str = "") -> Exported:
+    from medlens.io.dicom_seg import build_dicom_seg, save_dataset
+    from medlens.report.dicom_sr import segmentation_sr, write_sr
+
+    ex = Exported(stem)
+    findings = roi_findings(image, labels, names, codes, prefix)
+    present = [f.segment_number for f in findings]
+    if not findings:
+        warnings.warn(f"{stem}: nothing segmented; no DICOM SEG or SR written", stacklevel=2)
+        return ex
+    # segments renumbered 1..n over the non-empty labels, so every segment of the SEG holds voxels
+    relabel = np.zeros(int(labels.max()) + 1, np.uint8)
+    for i, k in enumerate(present, start=1):
+        relabel[k] = i
+    lab = relabel[labels]
+    for i, f in enumerate(findings, start=1):
+        f.segment_number = i
+    seg = build_dicom_seg(lab, sources, [f.label for f in findings], [f.codes for f in findings],
+                          algorithm.name, tracking=[(f.tracking_id, f.tracking_uid) for f in findings])
+    if "seg" in outputs:
+        save_dataset(seg, work / f"{stem}_seg.dcm")
+        ex.files["seg"] = final / f"{stem}_seg.dcm"
+    if "sr" in outputs:
+        sr = segmentation_sr(sources, seg, findings, algorithm)
+        write_sr(sr, work / f"{stem}_sr.dcm")
+        ex.files["sr"] = final / f"{stem}_sr.dcm"
+        if "fhir" in outputs:
+            _write_bundle(work / f"{stem}_sr.dcm", work / f"{stem}_fhir.json")
+            ex.files["fhir"] = final / f"{stem}_fhir.json"
+    ex.values = {"findings": [{"label": f.label, "volume_mm3": f.volume_mm3, "max_diameter_mm": f.max_diameter_mm,
+                               "mean": f.mean, "sd": f.sd} for f in findings]}
+    return ex
+
+
+def _write_bundle(sr_file: Path, path: Path) -> Path:
+    """The FHIR Bundle of the SR as written (read back, as any reader of the file would)."""
+    from medlens.report.dicom_sr import read_tid1500
+    from medlens.report.fhir import sr_to_bundle
+
+    bundle = sr_to_bundle(read_tid1500(sr_file))
+    with atomic_path(path) as tmp:
+        tmp.write_text(bundle.model_dump_json(indent=2, exclude_none=True), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ nodules
+
+
+def export_nodules(xml: str | Path, scan: str | Path, out: str | Path, outputs: set[str], *,
+                   include_small: bool = False, deidentify: bool = False, deid_key: str | None = None) -> Exported:
+    """LIDC reader nodules of a DICOM series as one SEG (a segment per nodule), a TID 1500 SR (a volumetric
+    group per nodule, measured on the consensus mask) and a FHIR Bundle, in the new folder ``out``."""
+    from medlens import __version__
+    from medlens.data.lidc import cluster_nodules, parse_lidc_xml
+    from medlens.io import load
+    from medlens.io.dicom_seg import LUNG_NODULE
+    from medlens.report.dicom_sr import Algorithm
+
+    scan = Path(scan)
+    ann = parse_lidc_xml(xml)
+    image = load(scan)
+    sources = dicom_sources(scan, image)
+    if deidentify:
+        sources = deidentified(sources, deid_key)
+    nodules = [p for p in cluster_nodules(ann, image, include_small=include_small)
+               if p.consensus_mask is not None and p.consensus_mask.any()]
+    if not nodules:
+        raise DataError("no nodule with a consensus contour in these annotations", xml)
+    labels = np.zeros(image.shape, np.uint8)
+    for i, p in enumerate(nodules, start=1):
+        labels[p.consensus_mask & (labels == 0)] = i
+    digest = hashlib.sha256(Path(xml).read_bytes()).hexdigest()
+    algo = Algorithm("medlens LIDC reader consensus", __version__, digest, "lidc-consensus",
+                     [f"annotations SHA-256 {digest}", "consensus of >= 50% of the readers who marked the nodule"])
+    names = [f"Nodule {i}" for i in range(1, len(nodules) + 1)]
+    final = Path(out)
+    with atomic_dir(final) as work:
+        ex = _write_roi_outputs(work, final, scan.name, image, sources, labels, names, [LUNG_NODULE] * len(names),
+                                algo, outputs)
+    return ex
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def _operating_point(run) -> dict[str, float]:
+    """Sensitivity and specificity at the threshold on validation, from the run's metrics.json."""
+    import json
+
+    p = run.dir / "metrics.json"
+    if not p.is_file():
+        return {}
+    try:
+        val = json.loads(p.read_text(encoding="utf-8")).get("val", {}).get("metrics", {})
+    except ValueError:
+        return {}
+    out = {}
+    for k in ("sensitivity", "specificity"):
+        v = val.get(k)
+        v = v.get("value") if isinstance(v, dict) else v
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+    return out
+
+
+def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[str], *, deidentify: bool = False,
+                   deid_key: str | None = None) -> tuple[list, list[Exported]]:
+    """Classify files (or DICOM series folders) with a run: ``predictions.csv`` in the new folder ``out``, and
+    for DICOM inputs the outputs asked for (an SR per input, a FHIR Bundle made from it)."""
+    import pandas as pd
+
+    from medlens.report.dicom_sr import Algorithm, classification_sr, write_sr
+    from medlens.run import Predictor
+    from medlens.tasks import TaskType
+
+    predictor = Predictor(run)
+    files = [Path(f) for f in files]
+    images = [predictor.load(f) for f in files]
+    sources = []
+    for f, img in zip(files, images):  # every input checked before anything runs or is written
+        if outputs and not is_dicom_input(f, img):
+            raise DataError("SR/FHIR outputs need DICOM input (a DICOM file or series folder)", f)
+        src = dicom_sources(f, img) if outputs else []
+        sources.append(deidentified(src, deid_key) if deidentify and src else src)
+    rows = predictor.predict_files([str(f) for f in files])
+    algo = Algorithm.of_run(run) if outputs else None
+    th = predictor.binary_threshold() if run.meta.task == TaskType.BINARY else None
+    op = _operating_point(run)
+    final = Path(out)
+    done = []
+    with atomic_dir(final) as work:
+        table = []
+        for f, stem, r, src in zip(files, unique_stems(files), rows, sources):
+            table.append({"file": str(f), "prediction": r.prediction, "probability": r.probability,
+                          "threshold": r.threshold, "calibrated": getattr(r, "calibrated", None) or "no",
+                          **{f"p_{k}": v for k, v in r.probabilities.items()}})
+            ex = Exported(str(f))
+            if outputs:
+                sr = classification_sr(src, r, run.class_names, algo, th, op)
+                write_sr(sr, work / f"{stem}_sr.dcm")
+                ex.files["sr"] = final / f"{stem}_sr.dcm"
+                if "fhir" in outputs:
+                    _write_bundle(work / f"{stem}_sr.dcm", work / f"{stem}_fhir.json")
+                    ex.files["fhir"] = final / f"{stem}_fhir.json"
+            done.append(ex)
+        with atomic_path(work / "predictions.csv") as tmp:
+            pd.DataFrame(table).to_csv(tmp, index=False)
+    return rows, done
+
+
+def segment_export(run, files: list[str | Path], out: str | Path, outputs: set[str], *, tta: bool | None = None,
+                   overlay: bool = True, deidentify: bool = False, deid_key: str | None = None
+                   ) -> tuple[list[dict], list[Exported]]:
+    """``segment_files`` (masks and overlays) plus, for DICOM series inputs, a SEG coded from the run's config
+    (``segmentation.dicom_codes``), an SR with a volumetric group per class, and a FHIR Bundle; all in ``out``,
+    which appears only when complete."""
+    from medlens.io import load
+    from medlens.io.dicom_seg import codes_from_config
+    from medlens.report.dicom_sr import Algorithm
+    from medlens.run import Predictor
+    from medlens.workflow.segment import segment_files
+
+    files = [Path(f) for f in files]
+    predictor = Predictor(run, tta=tta)
+    images = [predictor.load(f) for f in files]
+    sources = []
+    for f, img in zip(files, images):
+        if not is_dicom_input(f, img) or not f.is_dir():
+            raise DataError("SR/SEG/FHIR outputs need a DICOM series folder as input", f)
+        src = dicom_sources(f, img)
+        sources.append(deidentified(src, deid_key) if deidentify else src)
+    names = [str(n) for n in run.class_names[1:]]
+    codes = codes_from_config(run.config.segmentation.dicom_codes, len(names))
+    algo = Algorithm.of_run(run)
+    final = Path(out)
+    done = []
+    with atomic_dir(final) as work:
+        stage = work / ".masks"
+        rows = segment_files(run, files, stage, tta=tta, overlay=overlay)
+        for p in sorted(stage.iterdir()):
+            p.rename(work / p.name)
+        stage.rmdir()
+        for r in rows:
+            for k in ("mask", "overlay"):
+                if k in r:
+                    r[k] = str(final / Path(r[k]).name)
+        for f, stem, img, src, r in zip(files, unique_stems(files), images, sources, rows):
+            labels = np.asarray(load(work / Path(r["mask"]).name).array).astype(np.uint8)
+            ex = _write_roi_outputs(work, final, stem, img, src, labels, names, codes, algo, outputs)
+            for k, v in ex.files.items():
+                r[f"dicom_{k}" if k != "fhir" else "fhir"] = str(v)
+            done.append(ex)
+    return rows, done
+
+
+def write_bundle_file(sr_path: str | Path, out: str | Path) -> Path:
+    """``medlens fhir``: any TID 1500 SR -> a FHIR R5 transaction Bundle (JSON)."""
+    return _write_bundle(Path(sr_path), Path(out))
+
+
+# ------------------------------------------------------------------------------------------ PACS round trip
+
+
+@dataclass
+class RoundTrip:
+    study_uid: str
+    n_inputs: int
+    exported: list[Exported]
+    pushed: int = 0
+    rows: list = field(default_factory=list)
+
+
+#: modalities that are results, not images to run a model on
+_NOT_IMAGES = {"SR", "SEG", "PR", "KO", "RTSTRUCT", "DOC", "REG"}
+
+
+def pacs_round_trip(run_dir, url: str, study_uid: str, out: str | Path, outputs: str | None = None, *,
+                    push: bool = False, deidentify: bool = False, deid_key: str | None = None) -> RoundTrip:
+    """Pull ``study_uid`` from the PACS at ``url``, run the model (a segmenter on each image series; a classifier
+    on each series, or on each instance for 2D models), write the results into ``out`` and, with ``push``,
+    store the SRs (and SEGs) back in the same PACS."""
+    import tempfile
+
+    from medlens.io.dicom import list_series
+    from medlens.io.pacs import connect
+    from medlens.run import Run
+    from medlens.tasks import TaskType
+
+    run = Run.open(run_dir)
+    seg = run.task == TaskType.SEGMENTATION
+    wanted = parse_outputs(outputs or ("sr,seg" if seg else "sr"), seg)
+    if deidentify and push:
+        raise ConfigError("--deidentify with --push would store de-identified results next to the identified "
+                          "study; push a de-identified copy of the study first, or leave out one of the two")
+    client = connect(url)
+    client.require_study(study_uid)  # a one-line error before any model runs
+    with tempfile.TemporaryDirectory(prefix=".medlens-pacs-") as tmp:
+        folder = client.pull(study_uid, Path(tmp) / "study")
+        series = [s for s in list_series(folder) if s.modality.upper() not in _NOT_IMAGES]
+        if not series:
+            raise DataError(f"study {study_uid} holds no image series", url)
+        inputs: list[Path] = []
+        for s in series:
+            d = s.files[0].parent
+            if seg or run.meta.spatial_dims == 3 or len(s.files) == 1:
+                inputs.append(d)
+            else:
+                inputs += sorted(s.files)
+        if seg:
+            rows, done = segment_export(run, inputs, out, wanted, deidentify=deidentify, deid_key=deid_key)
+        else:
+            rows, done = predict_export(run, inputs, out, wanted, deidentify=deidentify, deid_key=deid_key)
+    res = RoundTrip(study_uid, len(inputs), done, rows=rows)
+    if push:
+        import pydicom
+
+        objs = [pydicom.dcmread(ex.files[k]) for ex in done for k in ("seg", "sr") if k in ex.files]
+        res.pushed = client.push(objs) if objs else 0
+    return res
