@@ -39,9 +39,10 @@ def segment_files(run: Run | str | Path, files: list[str | Path], out_dir: str |
                 if "series_uid" not in img.meta or not f.is_dir():
                     warnings.warn(f"{f.name} is not a DICOM series folder; no DICOM SEG written", MedlensWarning)
                 else:
-                    from medlens.io.dicom_seg import write_dicom_seg
+                    from medlens.io.dicom_seg import codes_from_config, write_dicom_seg
 
-                    seg = write_dicom_seg(pred, geometry, f, out / f"{stem}_seg.dcm", run.class_names)
+                    codes = codes_from_config(run.config.segmentation.dicom_codes, len(run.class_names) - 1)
+                    seg = write_dicom_seg(pred, geometry, f, out / f"{stem}_seg.dcm", run.class_names, codes=codes)
                     row["dicom_seg"] = str(final / Path(seg).name)
             if overlay:
                 ov = write_overlay(display_image(img, predictor.spec), pred, None, out / f"{stem}_overlay.png")
