@@ -7,7 +7,8 @@ What the config guards, so that no later stage has to:
 - ``name`` is one path component (it becomes ``output_dir/<name>``): no ``/``, ``\\``, ``..``, NUL.
 - ``data.path`` and ``data.image_root`` keep ``$MEDLENS_DATA`` as written, so the saved ``config.yaml``
   records no local path; ``DataConfig.resolved_path()`` / ``resolved_image_root()`` expand it.
-  No other environment variable is read.
+  No other environment variable is read from a config; ``$MEDLENS_MAX_EPOCHS`` and ``$MEDLENS_SMOKE`` (test
+  aids, unset in use) cap epochs, samples, bootstrap resamples and patches of every config file loaded.
 - Counts, strengths and fractions are range-checked; NaN and infinity are refused for every float.
 """
 
@@ -215,6 +216,25 @@ class DataConfig(_Strict):
     intensity: Literal["unit", "zscore", "percentile"] = "unit"  # per-image scaling of segmentation inputs
     window: str | None = None            # CT window (name or "level,width") applied before scaling
     pixel_spacing: float | None = Field(None, gt=0)  # mm per pixel for 2D files that do not record it
+    # classification labels: source label (class name or index) -> task label; null drops those samples
+    label_map: dict[str | int, str | None] | None = None
+    positive_class: str | None = None    # binary: the task label that is the positive class (index 1)
+    test_patient: str | None = None      # hdf5 store: hold this patient (seriesuid) out as the test split
+
+    @field_validator("label_map")
+    @classmethod
+    def _label_map(cls, v):
+        if v is None:
+            return v
+        out = {str(k): (None if t is None else str(t)) for k, t in v.items()}
+        if len(out) != len(v):
+            raise ValueError("data.label_map names a source label twice (e.g. 1 and '1')")
+        kept = {t for t in out.values() if t is not None}
+        if len(kept) < 2:
+            raise ValueError("data.label_map must keep at least two task labels (null drops a label)")
+        if any(not t.strip() for t in kept):
+            raise ValueError("data.label_map: task labels must not be empty")
+        return out
 
 
     @field_validator("path", "image_root")
@@ -264,6 +284,7 @@ class AugmentConfig(_Strict):
     rotate: float = Field(0.0, ge=0, le=180)  # max degrees
     translate: float = Field(0.0, ge=0, le=0.5)  # fraction of size
     scale: float = Field(0.0, ge=0, le=0.5)      # max relative zoom
+    shear: float = Field(0.0, ge=0, le=45)       # max shear angle in degrees (2D: x; 3D: x in each axial plane)
     brightness: float = Field(0.0, ge=0, le=1)
     contrast: float = Field(0.0, ge=0, le=1)
     noise: float = Field(0.0, ge=0, le=1)
@@ -274,7 +295,10 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
+    momentum: float | None = Field(None, ge=0, lt=1)  # sgd (default 0.9) and rmsprop (default 0, as Keras)
+    nesterov: bool = True                        # sgd: Nesterov momentum (needs momentum > 0)
+    rmsprop_alpha: float = Field(0.9, gt=0, lt=1)  # rmsprop: decay of the squared-gradient average (Keras rho 0.9)
     scheduler: Literal["cosine", "none", "plateau"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     imbalance: Literal["none", "weighted_loss", "balanced_sampler", "undersample"] = "none"
@@ -295,6 +319,14 @@ class TrainConfig(_Strict):
         return self
 
 
+class PublishedFigures(_Strict):
+    """A published result to show beside the run's own (metric keys as in metrics.json: auc, ppv, sensitivity...)."""
+
+    source: str = Field(min_length=1, max_length=300)   # the citation
+    metrics: dict[str, float]
+    note: str = Field("", max_length=500)                # how it differs (data, split, image size...)
+
+
 class EvalConfig(_Strict):
     threshold: str = "youden"   # youden | sensitivity:0.9 | specificity:0.9 | fixed:0.5 | f1
     bootstrap: int = Field(1000, ge=0)
@@ -310,6 +342,7 @@ class EvalConfig(_Strict):
     min_subgroup: int = Field(30, ge=1)    # groups smaller than this are flagged as unreliable
     # a sensitivity/specificity drop from validation to test larger than this is flagged as threshold drift
     shift_tolerance: float = Field(0.05, gt=0, lt=1)
+    published: PublishedFigures | None = None   # e.g. a seed system's figures, shown beside ours in the report
 
     @field_validator("threshold")
     @classmethod
@@ -426,6 +459,18 @@ class ExperimentConfig(_Strict):
             # those sources hold prepared arrays: a window or CLAHE here would apply at prediction only
             raise ValueError(f"data.clahe and data.window prepare image files (folder or CSV sources); the "
                              f"'{self.data.source}' source holds prepared arrays")
+        if self.task == "segmentation" and (self.data.label_map or self.data.positive_class):
+            raise ValueError("data.label_map and data.positive_class relabel classifiers; segmentation classes "
+                             "come from segmentation.label_values")
+        if self.data.source == "hdf5" and self.data.label_map:
+            raise ValueError("data.label_map: a patch store has the fixed classes non-nodule/nodule "
+                             "(data.positive_class may still choose)")
+        if self.data.test_patient is not None and self.data.source != "hdf5":
+            raise ValueError("data.test_patient holds out one patient of a patch store (data.source: hdf5)")
+        if self.data.label_map and self.data.positive_class is not None and \
+                self.data.positive_class not in set(self.data.label_map.values()):
+            raise ValueError(f"data.positive_class {self.data.positive_class!r} is not one of the task labels of "
+                             f"data.label_map {sorted({t for t in self.data.label_map.values() if t})}")
         if self.evaluation.subgroups and (self.data.source != "csv" or self.task != "classification"):
             raise ValueError("evaluation.subgroups names columns of a classification CSV manifest (data.source: csv)")
         return self
@@ -497,7 +542,39 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError("a config is a YAML mapping of sections (data, model, train, evaluation)", path)
     for ov in overrides or []:
         apply_override(d, ov, path)
-    return config_from_dict(d, path)
+    cfg = config_from_dict(d, path)
+    cap = max_epochs_cap()
+    if cap is not None and cfg.train.epochs > cap:
+        train = cfg.train.model_copy(update={"epochs": cap,
+                                             "warmup_epochs": min(cfg.train.warmup_epochs, cap - 1)})
+        cfg = cfg.model_copy(update={"train": train})
+    if os.environ.get(SMOKE_ENV, "").strip() == "1":
+        cfg = cfg.model_copy(update={
+            "data": cfg.data.model_copy(update={"max_samples": min(cfg.data.max_samples or SMOKE_SAMPLES,
+                                                                   SMOKE_SAMPLES)}),
+            "evaluation": cfg.evaluation.model_copy(update={"bootstrap": min(cfg.evaluation.bootstrap, 20)}),
+            "segmentation": cfg.segmentation.model_copy(update={
+                "patches_per_epoch": min(cfg.segmentation.patches_per_epoch, 16)})})
+    return cfg
+
+
+MAX_EPOCHS_ENV = "MEDLENS_MAX_EPOCHS"
+#: ``$MEDLENS_SMOKE=1``, the README test's other aid: every config loaded from a file also uses at most
+#: ``SMOKE_SAMPLES`` samples per split, 20 bootstrap resamples and 16 segmentation patches per epoch, so each
+#: documented command proves it runs in seconds. Its figures mean nothing; unset in use.
+SMOKE_ENV = "MEDLENS_SMOKE"
+SMOKE_SAMPLES = 96
+
+
+def max_epochs_cap() -> int | None:
+    """``$MEDLENS_MAX_EPOCHS``: a test aid that caps ``train.epochs`` of every config loaded from a file (the
+    README test runs each documented training in seconds). Unset: no cap. Read here and nowhere else."""
+    raw = os.environ.get(MAX_EPOCHS_ENV, "").strip()
+    if not raw:
+        return None
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
+        raise ConfigError(f"${MAX_EPOCHS_ENV} must be a positive whole number, not {raw[:20]!r}")
+    return int(raw)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

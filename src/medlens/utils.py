@@ -21,11 +21,26 @@ def data_dir() -> Path:
     return Path(env).expanduser().resolve() if env else Path.home() / ".medlens" / "data"
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: the only way POSIX offers)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path, directory: bool = False) -> None:
+    """Give a file made by ``mkstemp``/``mkdtemp`` (always 0600/0700) the mode a plain ``open``/``mkdir``
+    would have given it: 0666/0777 less the user's umask."""
+    if path.exists() and not path.is_symlink():
+        os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    A crash or an exception leaves any previous file untouched and no half-written file behind.
+    A crash or an exception leaves any previous file untouched and no half-written file behind. The
+    file ends with the mode the user's umask gives new files (``mkstemp``'s 0600 is not kept).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +49,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            _apply_umask(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -135,6 +152,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(path)}{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
+        _apply_umask(tmp, directory=True)
         if path.exists():
             try:
                 path.rmdir()

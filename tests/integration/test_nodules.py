@@ -186,6 +186,7 @@ def test_seed_config_trains_from_the_store(store, tmp_path):
     repo = Path(__file__).resolve().parents[2]
     cfg = load_config(repo / "configs" / "luna16_seed_cnn.yaml",
                       [f"data.path={out}", f"output_dir={tmp_path}", "train.epochs=2", "evaluation.bootstrap=20",
+                       "data.test_patient=null",  # this store holds LIDC-IDRI-0001 only
                        "data.val_fraction=0.3", "data.test_fraction=0.3"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
@@ -71,3 +73,18 @@ def fetch(name: str, size: int = typer.Option(28, "--size", help="28, 64, 128 or
         task = bar.add_task(f"{i.filename(size)}", total=None)
         path = do_fetch(name, size, progress=lambda done, total: bar.update(task, completed=done, total=total))
     console.print(f"[green]ok[/] {path} (MD5 verified)")
+
+
+@app.command()
+def samples(out: Path = typer.Argument(..., help="new or empty folder for the sample files")) -> None:
+    """Write a few real example files from $MEDLENS_DATA (X-ray PNGs, a DICOM slice and series, fundus photos,
+    NIfTI volumes with masks): the files the README's commands name."""
+    from medlens.data.samples import write_samples
+
+    made = write_samples(out)
+    t = Table(title=f"samples in {out}")
+    t.add_column("file", no_wrap=True, style="bold")
+    t.add_column("what")
+    for name, what in made.items():
+        t.add_row(name, what)
+    console.print(t)

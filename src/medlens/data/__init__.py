@@ -38,7 +38,12 @@ def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Ca
     else:  # hdf5 patch store written by `medlens nodules extract`
         from medlens.data.nodules import load_patch_store
 
-        data = load_patch_store(path, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed)
+        data = load_patch_store(path, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed,
+                                test_patient=cfg.test_patient)
+    if cfg.label_map is not None or cfg.positive_class is not None:
+        from medlens.data.labels import apply_label_map
+
+        data = apply_label_map(data, cfg.label_map, cfg.positive_class)
     if cfg.max_samples:
         data = SplitData(*(_cap(d, cfg.max_samples, seed) for d in (data.train, data.val, data.test)),
                          split_method=data.split_method + f" (capped at {cfg.max_samples} per split)")

@@ -150,3 +150,14 @@ def get_info(name: str) -> MedMNISTInfo:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise DataError(f"unknown MedMNIST dataset '{name}'{hint}; see `medlens data list`")
     return MEDMNIST[key]
+
+
+#: DICOM modality of each MedMNIST source (for the run's input profile: a CT slice given to a chest X-ray
+#: model is flagged). SM: microscopy; OP: fundus photography; OPT: optical coherence tomography; XC:
+#: dermatoscopy photographs; vesselmnist3d is MRA; synapsemnist3d is electron microscopy (no DICOM tag).
+MEDMNIST_MODALITY: dict[str, str | None] = {
+    "pathmnist": "SM", "chestmnist": "DX", "dermamnist": "XC", "octmnist": "OPT", "pneumoniamnist": "DX",
+    "retinamnist": "OP", "breastmnist": "US", "bloodmnist": "SM", "tissuemnist": "SM", "organamnist": "CT",
+    "organcmnist": "CT", "organsmnist": "CT", "organmnist3d": "CT", "nodulemnist3d": "CT", "adrenalmnist3d": "CT",
+    "fracturemnist3d": "CT", "vesselmnist3d": "MR", "synapsemnist3d": None,
+}

@@ -40,20 +40,55 @@ def read_candidates(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def find_scans(scans: str | Path) -> dict[str, Path]:
-    """Map seriesuid -> scan: ``<seriesuid>.mhd`` files, and DICOM series folders (by SeriesInstanceUID)."""
+def find_scans(scans: str | Path | list) -> dict[str, Path]:
+    """Map seriesuid -> scan: ``<seriesuid>.mhd`` files, else DICOM series folders (by SeriesInstanceUID).
+
+    ``scans`` is one folder or several (e.g. the LUNA16 ``.mhd`` folder and a DICOM series folder); a
+    seriesuid found in an earlier folder is not replaced by a later one.
+    """
     from medlens.io.dicom import list_series
 
-    scans = Path(scans)
-    if not scans.exists():
-        raise DataError("scan folder not found", scans)
-    out: dict[str, Path] = {p.stem: p for p in scans.rglob("*.mhd")}
-    if not out:
-        for s in list_series(scans):
-            out[s.series_uid] = s.files[0].parent
-    if not out:
-        raise DataError("no .mhd scans or DICOM series found", scans)
+    out: dict[str, Path] = {}
+    for root in ([scans] if isinstance(scans, (str, Path)) else list(scans)):
+        root = Path(root)
+        if not root.exists():
+            raise DataError("scan folder not found", root)
+        found: dict[str, Path] = {p.stem: p for p in root.rglob("*.mhd")}
+        if not found:
+            for s in list_series(root):
+                found[s.series_uid] = s.files[0].parent
+        if not found:
+            raise DataError("no .mhd scans or DICOM series found", root)
+        for uid, p in found.items():
+            out.setdefault(uid, p)
     return out
+
+
+DEFAULT_NODULE_RADIUS_MM = 5.0  # a candidate row without a diameter is the same nodule within this distance
+
+
+def merge_positives(annotated: np.ndarray, diameters: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """One world point per nodule: the annotations, plus the positive candidates that are not already
+    one of them.
+
+    LUNA16's ``candidates.csv`` lists ``class == 1`` rows at (or near) the nodules of ``annotations.csv``;
+    a candidate inside an annotated nodule (within its radius, ``diameter_mm / 2``, or
+    ``DEFAULT_NODULE_RADIUS_MM`` when the diameter is not given) is that nodule again and is dropped,
+    as are repeated candidates of one nodule.
+    """
+    annotated = np.asarray(annotated, float).reshape(-1, 3)
+    candidates = np.asarray(candidates, float).reshape(-1, 3)
+    radius = np.asarray(diameters, float).reshape(-1) / 2.0
+    radius = np.where(np.isfinite(radius) & (radius > 0), radius, DEFAULT_NODULE_RADIUS_MM)
+    kept_pts, kept_r = list(annotated), list(radius)
+    for c in candidates:
+        if kept_pts:
+            d = np.linalg.norm(np.asarray(kept_pts) - c, axis=1)
+            if (d <= np.asarray(kept_r)).any():
+                continue
+        kept_pts.append(c)
+        kept_r.append(DEFAULT_NODULE_RADIUS_MM)
+    return np.asarray(kept_pts, float).reshape(-1, 3)
 
 
 def load_scan(path: Path) -> Image:
@@ -187,23 +222,58 @@ class PatchStoreDataset:
         return torch.from_numpy(x), torch.from_numpy(self.labels[np.asarray(idx)])
 
 
-def load_patch_store(path: str | Path, val: float = 0.15, test: float = 0.25, seed: int = 0) -> SplitData:
-    """Split a store by patient; with fewer than 3 patients, fall back (loudly) to a patch-level split
-    in which augmented copies of one nodule stay together."""
+def load_patch_store(path: str | Path, val: float = 0.15, test: float = 0.25, seed: int = 0,
+                     test_patient: str | None = None) -> SplitData:
+    """Split a store by patient.
+
+    - 3 or more patients and no ``test_patient``: the stratified patient-level split.
+    - ``test_patient`` given, or exactly 2 patients: leave-one-scan-out. The test split is that patient
+      (by default, of two, the one with fewer nodule patches: the other must train); validation is a
+      patient-level split of the others when there are at least two, else a patch-level split of the
+      one training scan (rotated copies of its nodules can then sit in both train and validation).
+    - 1 patient: a patch-level split in which augmented copies of one nodule stay together.
+    Every fallback says so in ``split_method`` and warns: its metrics are a pipeline check.
+    """
     from medlens.data.splits import patient_split
 
     full = PatchStoreDataset(path)
     pids = full.patient_ids
-    if len(np.unique(pids)) >= 3:
+    patients = sorted(np.unique(pids).tolist())
+    if test_patient is not None and test_patient not in patients:
+        shown = ", ".join(p[-12:] for p in patients[:5])
+        raise DataError(f"data.test_patient {test_patient!r} is not a patient of the store (patients end in "
+                        f"{shown})", path)
+    if len(patients) >= 3 and test_patient is None:
         tr, va, te = patient_split(full.labels, pids, val, test, seed)
         how = f"patient-level split of the patch store (seed {seed})"
+    elif len(patients) >= 2:
+        if test_patient is None:
+            positives = {p: int(full.labels[pids == p].sum()) for p in patients}
+            test_patient = min(patients, key=lambda p: (positives[p], p))
+        te = np.flatnonzero(pids == test_patient)
+        rest = np.flatnonzero(pids != test_patient)
+        val_share = min(0.5, val / max(1.0 - test, 1e-6)) if val > 0 else 0.0
+        rest_patients = np.unique(pids[rest])
+        if len(rest_patients) >= 2:
+            a, b, _ = patient_split(full.labels[rest], pids[rest], val_share, 0.0, seed)
+            inner = "validation a patient-level split of the other patients"
+        else:
+            a, b, _ = patient_split(full.labels[rest], np.arange(len(rest)).astype(str), val_share, 0.0, seed)
+            inner = ("validation a patch-level split of the one training scan (rotated copies of a nodule can be "
+                     "in both training and validation)")
+        tr, va = rest[a], rest[b]
+        n_test_pos = int(full.labels[te].sum())
+        how = (f"leave-one-scan-out: test = patient {test_patient} ({len(te)} patches, {n_test_pos} nodule "
+               f"patches); {inner}. With {len(patients)} patients the metrics are a pipeline check, not a result")
+        warnings.warn(how, MedlensWarning)
     else:
         groups = np.array([f"{s}|{w[0]:.2f},{w[1]:.2f},{w[2]:.2f}" for s, w in zip(pids, full.world_mm)])
         tr, va, te = patient_split(full.labels, groups, val, test, seed)
         how = ("patch-level split: the store holds fewer than 3 patients, so train/val/test share patients "
                "(augmented copies of a nodule stay together); metrics are optimistic")
         warnings.warn(how, MedlensWarning)
-    return SplitData(full.subset(tr, "train"), full.subset(va, "val"), full.subset(te, "test"), split_method=how)
+    return SplitData(full.subset(np.sort(tr), "train"), full.subset(np.sort(va), "val"),
+                     full.subset(np.sort(te), "test"), split_method=how)
 
 
 def nodule_mask_patches(image: Image, mask: np.ndarray, world_xyz, dims: int = 2, size: int = 50,

@@ -80,6 +80,16 @@ def validation_scores(task: str, prob: torch.Tensor, y: torch.Tensor) -> dict[st
     return {k: float(v) if torch.isfinite(torch.as_tensor(v)) else 0.0 for k, v in out.items()}
 
 
+def train_accuracy(task: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Accuracy of a training batch (as augmented) at 0.5 / argmax: Keras's ``acc``, beside ``val_acc``."""
+    prob = outputs_to_probs(task, logits)
+    if task == BINARY:
+        return ((prob >= 0.5).long() == y.reshape(-1).long()).float().mean()
+    if task == MULTILABEL:
+        return ((prob >= 0.5).float() == y.float()).float().mean()
+    return (prob.argmax(1) == y.reshape(-1).long()).float().mean()
+
+
 class ClassifierModule(L.LightningModule):
     def __init__(self, model: ClassifierNet, task: str, train_cfg, seed: int = 0,
                  class_weights: torch.Tensor | None = None, pos_weight: float | None = None) -> None:
@@ -131,8 +141,11 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         x = self.augment(x, self._gen)
-        loss = self.loss(self(x), y)
+        logits = self(x)
+        loss = self.loss(logits, y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        self.log("train_acc", train_accuracy(self.task, logits.detach(), y), on_step=False, on_epoch=True,
+                 batch_size=len(x))
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -154,7 +167,12 @@ class ClassifierModule(L.LightningModule):
         c = self.cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
         if c.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True)
+            momentum = 0.9 if c.momentum is None else c.momentum
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=momentum, weight_decay=c.weight_decay,
+                                  nesterov=c.nesterov and momentum > 0)
+        elif c.optimizer == "rmsprop":  # the Keras DICOM tutorial's optimiser (rho 0.9, no momentum by default)
+            opt = torch.optim.RMSprop(params, lr=c.lr, alpha=c.rmsprop_alpha, momentum=c.momentum or 0.0,
+                                      weight_decay=c.weight_decay)
         elif c.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         else:

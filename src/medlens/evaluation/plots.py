@@ -22,17 +22,39 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def history_panels(columns) -> list[tuple[str, list[str]]]:
+    """The panels of the training curves: loss (train and validation), then each metric logged for both
+    training and validation (``train_acc`` beside ``val_acc``), then validation-only metrics (AUC, QWK, Dice)."""
+    cols = [c for c in columns if c != "epoch"]
+    panels = [("loss", [c for c in ("train_loss", "val_loss") if c in cols] +
+               [c for c in cols if c.endswith("loss") and c not in ("train_loss", "val_loss")])]
+    paired = []
+    for c in cols:
+        if c.startswith("train_") and not c.endswith("loss") and f"val_{c[6:]}" in cols:
+            paired.append(c[6:])
+            panels.append((f"{c[6:]}: train vs validation", [c, f"val_{c[6:]}"]))
+    rest = [c for c in cols if c.startswith("val_") and not c.endswith("loss") and c[4:] not in paired]
+    if rest:
+        panels.append(("validation metrics", rest))
+    return [p for p in panels if p[1]]
+
+
 def plot_history(history_csv: Path, out: Path) -> Path | None:
+    """Training curves: training and validation side by side in each panel (loss; accuracy), so a gap
+    (over-fitting) or a validation curve that never moves is visible, then validation-only metrics."""
     if not Path(history_csv).exists():
         return None
     h = pd.read_csv(history_csv)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for col in [c for c in h.columns if c.endswith("loss")]:
-        axes[0].plot(h["epoch"], h[col], marker=".", label=col)
-    axes[0].set_xlabel("epoch"); axes[0].set_title("loss"); axes[0].legend()
-    for col in [c for c in h.columns if c.startswith("val_") and not c.endswith("loss")]:
-        axes[1].plot(h["epoch"], h[col], marker=".", label=col)
-    axes[1].set_xlabel("epoch"); axes[1].set_title("validation metrics"); axes[1].legend()
+    panels = history_panels(h.columns)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, cols) in zip(axes[0], panels):
+        for col in cols:
+            ok = h[col].notna()
+            ax.plot(h.loc[ok, "epoch"], h.loc[ok, col], marker=".", label=col,
+                    linestyle="--" if col.startswith("train_") else "-")
+        ax.set_xlabel("epoch"); ax.set_title(title); ax.legend(fontsize=8)
     return _save(fig, out)
 
 

@@ -48,19 +48,22 @@ def _dense_head_cnn(features: nn.Sequential, in_channels: int, num_outputs: int,
 
 
 @register_model("fundus_dr_cnn", dims=(2,))
-def fundus_dr_cnn(in_channels: int, num_outputs: int, input_size=None, width: int = 32, dense: int = 128,
-                  dropout: float = 0.5) -> nn.Module:
-    """Seed diabetic-retinopathy fundus CNN: 4 conv (3x3, ReLU, max-pool) + 2 dense; meant for the green channel.
+def fundus_dr_cnn(in_channels: int, num_outputs: int, input_size=None, widths=(64, 64, 128, 128),
+                  kernels=(7, 5, 5, 5), dense: int = 1024, dropout: float = 0.0) -> nn.Module:
+    """Seed diabetic-retinopathy CNN: Conv 64@7x7, 64@5x5, 128@5x5, 128@5x5 (ReLU, max-pool), Dense 1024, output.
 
-    Four conv blocks of ``width, width, 2*width, 2*width`` filters, each followed by 2x2 max-pooling,
-    then Dense(``dense``) with dropout and the output layer, as the Keras fundus classifier it
-    reproduces. Use ``data.color: green`` so the input is the green channel.
+    The seed's Keras network, layer for layer: four convolutions ('same' padding, ReLU), each followed by
+    2x2 max-pooling, flatten, Dense(1024) + ReLU, and one output unit (the seed's Dense(1, sigmoid): the
+    sigmoid is applied by the binary loss and by prediction). No batch normalisation, as in the seed;
+    ``dropout`` (default 0, the seed has none) goes before the output layer. Meant for the green channel
+    scaled by 1/255 (``data.color: green``, ``data.normalize: none``), Adam at 1e-5.
     """
-    chans = [width, width, 2 * width, 2 * width]
+    if len(widths) != len(kernels):
+        raise ValueError(f"fundus_dr_cnn: {len(widths)} widths but {len(kernels)} kernel sizes")
     layers, c = [], in_channels
-    for w in chans:
-        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-        c = w
+    for w, k in zip(widths, kernels):
+        layers += [nn.Conv2d(c, int(w), int(k), padding=int(k) // 2), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        c = int(w)
     return _dense_head_cnn(nn.Sequential(*layers), in_channels, num_outputs, input_size, "fundus_dr_cnn", dense,
                            dropout)
 

@@ -54,14 +54,33 @@ def _strip(key: str) -> str:
     return key
 
 
+def adapt_input_channels(src: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+    """A first-layer convolution weight from an RGB model for a one-channel model (the RGB filters summed,
+    which gives a gray image the response the RGB model gives its gray replica), or the reverse (the
+    filter split in three); None when the shapes differ otherwise."""
+    if src.ndim < 3 or src.ndim != own.ndim or src.shape[0] != own.shape[0] or src.shape[2:] != own.shape[2:]:
+        return None
+    if src.shape[1] == 3 and own.shape[1] == 1:
+        return src.sum(dim=1, keepdim=True)
+    if src.shape[1] == 1 and own.shape[1] == 3:
+        return src.repeat(1, 3, *[1] * (src.ndim - 2)) / 3
+    return None
+
+
 def apply_transfer(net: nn.Module, weights: str | Path | None, freeze: list[str]) -> dict:
     """Load matching tensors from ``weights`` (same name and shape) and freeze parameters.
+
+    Names are matched as saved (torchvision's ImageNet layout for ``vgg16``/``inception_v3``), after
+    stripping ``model.``/``net.``/``module.`` prefixes. A convolution weight that differs only in its input
+    channels (RGB weights, one-channel data, or the reverse) is adapted (``adapt_input_channels``) and
+    listed under ``adapted``; other tensors whose name or shape differ (a 1000-class output layer) are
+    skipped and listed.
 
     ``freeze`` lists parameter-name prefixes; ``["backbone"]`` freezes everything except the
     final classification layer (the last ``Linear`` module). Frozen BatchNorm layers must also keep
     their running statistics: ``freeze_norm_statistics`` puts them in eval mode after ``train()``.
     """
-    loaded, skipped = 0, []
+    loaded, skipped, adapted = 0, [], []
     if weights:
         src = {_strip(k): v for k, v in load_state_dict_file(weights).items()}
         own = net.state_dict()
@@ -69,6 +88,9 @@ def apply_transfer(net: nn.Module, weights: str | Path | None, freeze: list[str]
         for k, v in src.items():
             if k in own and own[k].shape == v.shape:
                 take[k] = v
+            elif k in own and (a := adapt_input_channels(v, own[k])) is not None:
+                take[k] = a
+                adapted.append(k)
             else:
                 skipped.append(k)
         if not take:
@@ -96,5 +118,6 @@ def apply_transfer(net: nn.Module, weights: str | Path | None, freeze: list[str]
                 if any(n.startswith(pre) for pre in prefixes):
                     p.requires_grad_(False)
                     frozen += 1
-    return {"weights": str(weights) if weights else None, "loaded": loaded, "skipped": skipped[:20],
+    return {"weights": str(weights) if weights else None, "loaded": loaded, "adapted": adapted[:20],
+            "n_skipped": len(skipped), "skipped": skipped[:20],
             "frozen": frozen, "freeze": list(freeze)}

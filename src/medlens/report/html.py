@@ -76,6 +76,7 @@ def write_report(run: Run | str | Path) -> Path:
     write_text_atomic(folder / "model_card.md", model_card_markdown(card, run.name))
     plot = lambda f: _b64(folder / "plots" / f) if (folder / "plots" / f).exists() else None  # noqa: E731
     html = env.get_template("report.html").render(
+        published=run.config.evaluation.published, test_metrics=test, pretty=PRETTY,
         checklist=items, card=card, recalibrated=meta.recalibrated_on, calibration=metrics.get("calibration"), shift=metrics.get("shift"),
         decision=metrics.get("decision_curve"), subgroups=metrics.get("subgroups"),
         reliability_png=plot("reliability.png"), shift_tolerance=run.config.evaluation.shift_tolerance, dca_png=plot("decision_curve.png"),

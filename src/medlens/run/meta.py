@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medlens import __version__
 from medlens.errors import DataError, MedlensError
+from medlens.run.profile import InputProfile
 from medlens.tasks import TaskType
 from medlens.transforms.preprocess import InputSpec
 from medlens.utils import write_json_atomic
@@ -103,6 +104,9 @@ class RunMeta(_Strict):
     epochs_run: int | None = None
     best_epoch_metric: dict[str, float | None] | None = None
     environment: dict[str, Any] | None = None
+    # what the training inputs looked like (modality, colour, size, intensity histogram): predict warns
+    # when an input falls outside it (``medlens.run.profile``); absent in runs written before it existed
+    input_profile: InputProfile | None = None
 
     @property
     def spatial_dims(self) -> int:

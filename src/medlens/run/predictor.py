@@ -36,6 +36,8 @@ class Prediction:
              "probabilities": self.probabilities, "calibrated": self.calibrated or "no"}
         if self.threshold is not None:
             d["threshold"] = self.threshold
+        if "input_warnings" in self.extra:
+            d["input_warnings"] = list(self.extra["input_warnings"])
         return d
 
 
@@ -75,6 +77,17 @@ class Predictor:
             raise ShapeError(f"the image gives {x.shape[0]} channel(s), the model takes {self.meta.in_channels}",
                              name)
         return x
+
+    def input_warnings(self, image: Image, prepared: np.ndarray) -> list[str]:
+        """Why an input falls outside the run's training input profile (modality, colour, size, intensity
+        histogram); empty when it does not, or when the run records no profile."""
+        from medlens.run.profile import check_input
+
+        profile = self.meta.input_profile
+        if profile is None:
+            return []
+        return check_input(profile, prepared, image.modality, image.is_rgb,
+                           tuple(int(v) for v in image.shape[:image.spatial_dims]))
 
     # ---------- classification ----------
     @property
@@ -132,18 +145,31 @@ class Predictor:
         return th.value
 
     def predict_files(self, files: list[str | Path]) -> list[Prediction]:
-        """Predict image files (or DICOM series folders) with the validation-chosen threshold."""
-        xs = np.stack([self.prepare(f) for f in files])
+        """Predict image files (or DICOM series folders) with the validation-chosen threshold.
+
+        An input outside the training input profile is predicted all the same, with the reasons in
+        ``Prediction.extra["input_warnings"]`` and a ``MedlensWarning`` naming the file."""
+        xs, checks = [], []
+        for f in files:
+            image = self.load(f)
+            x = self.prepare(image, name=str(f))
+            xs.append(x)
+            reasons = self.input_warnings(image, x)
+            checks.append(reasons)
+            if reasons:
+                warnings.warn(f"{f}: outside the training inputs ({'; '.join(reasons)}): treat the prediction "
+                              "with caution", MedlensWarning, stacklevel=2)
+        xs = np.stack(xs)
         probs = self.predict_arrays(xs)
         names, task = self.meta.class_names, self.meta.task
         th = self.binary_threshold() if task == TaskType.BINARY else None
         rows = []
-        for f, p, (cls, prob) in zip(files, probs, self.decide(probs)):
+        for f, p, (cls, prob), reasons in zip(files, probs, self.decide(probs), checks):
             every = ({names[0]: float(1 - p), names[1]: float(p)} if task == TaskType.BINARY
                      else dict(zip(names, map(float, p))))
             rows.append(Prediction(str(f), cls, prob, every, th,
                                    self.meta.threshold.rule if th is not None and self.meta.threshold else "",
-                                   self.calibration))
+                                   self.calibration, extra={"input_warnings": reasons}))
         return rows
 
     # ---------- segmentation ----------

@@ -28,6 +28,7 @@ class GeometricParams:
     angle: torch.Tensor | None = None      # (B,) radians, in-plane rotation (about the slice axis in 3D)
     scale: torch.Tensor | None = None      # (B,) isotropic zoom factor (> 1 magnifies)
     translate: torch.Tensor | None = None  # (B, nd) shift as a fraction of each axis' size, order (x, y[, z])
+    shear: torch.Tensor | None = None      # (B,) radians: x shifted by tan(shear) * y (Keras shear_range)
 
 
 @dataclass
@@ -92,10 +93,12 @@ class BatchAugment:
             square = shape[-1] == shape[-2]
             k = torch.randint(0, 4 if square else 2, (b,), generator=g)
             p.rot90 = k if square else 2 * k
-        if c.rotate or c.translate or c.scale:
+        if c.rotate or c.translate or c.scale or c.shear:
             p.angle = _uniform(b, math.radians(c.rotate), g)
             p.scale = 1 + _uniform(b, c.scale, g)
             p.translate = _uniform(b * nd, c.translate, g).view(b, nd)
+        if c.shear:  # drawn after the others, so configs without shear draw exactly what they drew before
+            p.shear = _uniform(b, math.radians(c.shear), g)
         return p
 
     def apply_geometric(self, x: torch.Tensor, p: GeometricParams) -> torch.Tensor:
@@ -107,7 +110,7 @@ class BatchAugment:
         if p.rot90 is not None:
             x = torch.stack([torch.rot90(x[i], int(p.rot90[i]), dims=(-2, -1)) for i in range(len(x))])
         if p.angle is not None:
-            x = affine(x, p.angle, p.scale, p.translate)
+            x = affine(x, p.angle, p.scale, p.translate, p.shear)
         return x
 
     # intensity ----------------------------------------------------------------------------------
@@ -145,9 +148,11 @@ class BatchAugment:
         return x
 
 
-def affine(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, translate: torch.Tensor) -> torch.Tensor:
+def affine(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, translate: torch.Tensor,
+           shear: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate in the (H, W) plane by ``angle`` (radians), zoom by ``scale`` about the centre and shift by
     ``translate`` (fraction of each axis' size, order x, y[, z]), per sample, bilinear, border padding.
+    ``shear`` (radians) shears x along y in pixel units before the rotation: ``x' = x + tan(shear) y``.
 
     The rotation is rigid in pixel units: ``affine_grid`` works in normalised coordinates, where a
     non-square image's axes have different units, so the pixel-space matrix ``A`` is conjugated by
@@ -157,6 +162,10 @@ def affine(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, translate:
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     a = torch.zeros(b, nd, nd)
     a[:, 0, 0], a[:, 0, 1], a[:, 1, 0], a[:, 1, 1] = cos, -sin, sin, cos
+    if shear is not None:  # R @ [[1, tan s], [0, 1]]: the second column gains tan(s) times the first
+        t = torch.tan(shear)
+        a[:, 0, 1] = a[:, 0, 1] + t * cos
+        a[:, 1, 1] = a[:, 1, 1] + t * sin
     if nd == 3:
         a[:, 2, 2] = 1 / scale
     half = torch.tensor(x.shape[2:][::-1], dtype=torch.float64) / 2  # (W, H[, D]): the x, y[, z] order

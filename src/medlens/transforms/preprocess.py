@@ -160,8 +160,12 @@ class Preparer:
 
     def __init__(self, spec: InputSpec, scale: bool = False) -> None:
         self.spec, self.scale = spec, scale
+        self.seen: dict[str, tuple[tuple[int, ...], bool, str]] = {}  # name -> (spatial shape, rgb, modality)
 
     def __call__(self, image: Image, name: str | None = None) -> np.ndarray:
+        if name is not None:  # what the source looked like, for the run's input profile
+            self.seen[name] = (tuple(int(v) for v in image.shape[:image.spatial_dims]), bool(image.is_rgb),
+                               image.modality)
         return prepare_input(image, self.spec, name) if self.scale else prepare_raw(image, self.spec, name)
 
     def display(self, image: Image) -> np.ndarray:
@@ -183,7 +187,11 @@ def prepared_data(cfg_data, seed: int = 0, progress=None):
     evaluation and explanation all load, so they see the same tensors as ``Predictor.prepare``."""
     from medlens.data import build_data
 
-    return build_data(cfg_data, seed=seed, prepare=Preparer(classifier_spec(cfg_data)), progress=progress)
+    prep = Preparer(classifier_spec(cfg_data))
+    data = build_data(cfg_data, seed=seed, prepare=prep, progress=progress)
+    if prep.seen:  # the training images as they were on disk (size, colour, modality): the run's input profile
+        data.train.meta["raw_inputs"] = [prep.seen[s] for s in data.train.sources if s in prep.seen]
+    return data
 
 
 class _SegPreparer(Preparer):

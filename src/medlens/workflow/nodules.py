@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from medlens.data.nodules import extract_patch_2d, extract_patch_3d, find_scans, load_scan, read_candidates
+from medlens.data.nodules import (extract_patch_2d, extract_patch_3d, find_scans, load_scan, merge_positives,
+                                  read_candidates)
 from medlens.errors import DataError, MedlensWarning
 from medlens.io.image import Image
 
@@ -80,7 +81,7 @@ def _check_extract_args(dims, size, spacing, neg_ratio, seed, min_distance) -> N
 def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path, *, candidates: str | Path | None = None,
                     dims: int = 2, size: int | None = None, spacing: float = 1.0, neg_ratio: float = 5.0,
                     augment_positives: bool = True, seed: int = 0, min_negative_distance_mm: float = 20.0,
-                    progress: Callable | None = None) -> ExtractReport:
+                    progress: Callable | None = None, negative_scans: bool = False) -> ExtractReport:
     """Write an HDF5 patch store from LUNA16-style scans and annotations.
 
     Positives are the annotations (or ``class == 1`` candidates); negatives are ``class == 0``
@@ -106,6 +107,8 @@ def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path,
     uids = [u for u in dict.fromkeys(ann.seriesuid) if u in scan_map]
     if cand is not None:
         uids += [u for u in dict.fromkeys(cand.seriesuid) if u in scan_map and u not in uids]
+    if negative_scans:  # LUNA16 lists every nodule: a scan with no row has none, so it gives negatives only
+        uids += [u for u in scan_map if u not in uids]
     if missing:
         rep.skipped_no_scan = int(ann.seriesuid.isin(missing).sum())
         warnings.warn(f"{rep.skipped_no_scan} annotation(s) name a seriesuid with no scan in {scans} "
@@ -119,10 +122,12 @@ def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path,
         if progress:
             progress(si, len(uids), uid)
         image = load_scan(scan_map[uid])
-        pos = ann[(ann.seriesuid == uid) & (ann.label == 1)][["coordX", "coordY", "coordZ"]].to_numpy()
-        if cand is not None:
-            pos = np.concatenate([pos, cand[(cand.seriesuid == uid) & (cand.label == 1)][["coordX", "coordY",
-                                                                                            "coordZ"]].to_numpy()])
+        rows = ann[(ann.seriesuid == uid) & (ann.label == 1)]
+        pos = rows[["coordX", "coordY", "coordZ"]].to_numpy()
+        if cand is not None:  # a nodule in both CSVs is extracted once
+            pos = merge_positives(pos, rows["diameter_mm"].to_numpy(),
+                                  cand[(cand.seriesuid == uid) & (cand.label == 1)][["coordX", "coordY",
+                                                                                     "coordZ"]].to_numpy())
         n_neg = int(round(neg_ratio * max(len(pos), 1)))
         if cand is not None and (cand.seriesuid == uid).any():
             negs = cand[(cand.seriesuid == uid) & (cand.label == 0)][["coordX", "coordY", "coordZ"]].to_numpy()

@@ -75,10 +75,16 @@ def _train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bo
         model_params=cfg.model.params, in_channels=c, n_outputs=tr.n_outputs, input_size=list(tr.image_shape),
         class_names=data.class_names,
         preprocessing=InputPrep(spatial_dims=tr.spatial_dims, size=list(tr.image_shape), color=cfg.data.color,
-                                clahe=cfg.data.clahe, window=cfg.data.window, mean=mean, std=std),
+                                clahe=cfg.data.clahe, mean=mean, std=std,
+                                # a patch store windows its HU patches itself (lung): predict must window too
+                                window=getattr(tr, "window", None) or cfg.data.window),
         split_method=data.split_method, dataset=cfg.data.name or cfg.data.path,
         n_samples={s: len(data.get(s)) for s in ("train", "val", "test")},
         class_counts={s: data.get(s).class_counts().tolist() for s in ("train", "val", "test")})
+    # issue 19: the training inputs' profile, against which predict and serve check each input
+    from medlens.run.profile import profile_of
+
+    meta.input_profile = profile_of(data, cfg.data)
     _write_start(cfg, meta, path)
     if classical:
         model, n_features, fit = fit_classical_model(cfg, data, path)

@@ -1,0 +1,102 @@
+"""Task labels from source labels: ``data.label_map`` (source label -> task label, ``null`` drops) and
+``data.positive_class`` (which of two task labels is the positive class, index 1).
+
+The seed's binary diabetic-retinopathy task is the example: Kaggle's (and RetinaMNIST's) five grades
+become "No DR" (grade 0) against "Severe/Proliferative" (grades 3 and 4), the middle grades dropped:
+
+    label_map: {0: No DR, 1: null, 2: null, 3: Severe/Proliferative, 4: Severe/Proliferative}
+    positive_class: Severe/Proliferative
+
+Without ``positive_class`` two classes keep their source order (alphabetical for folders and CSV
+manifests), which made "Normal" the positive class of an Abnormal/Normal manifest: name it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medlens.data.base import ArrayDataset, SplitData
+from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL, ORDINAL
+from medlens.errors import DataError
+
+
+def task_classes(class_names: list[str], label_map: dict[str, str | None] | None,
+                 positive_class: str | None, source_task: str) -> tuple[list[str], str, np.ndarray]:
+    """``(task class names, task type, lookup)``: ``lookup[i]`` is the task index of source class ``i``
+    (-1: dropped). Source classes are matched by name, else by index (``0``, ``1``...)."""
+    n = len(class_names)
+    if label_map is None:
+        names = list(class_names)
+        lookup = np.arange(n)
+    else:
+        unknown = [k for k in label_map if k not in class_names and not (k.isdigit() and int(k) < n)]
+        if unknown:
+            raise DataError(f"data.label_map names source label(s) {unknown} that the data does not have "
+                            f"(it has {class_names})")
+        targets = []
+        lookup = np.full(n, -1, np.int64)
+        missing = []
+        for i, c in enumerate(class_names):
+            key = c if c in label_map else (str(i) if str(i) in label_map else None)
+            if key is None:
+                missing.append(c)
+                continue
+            t = label_map[key]
+            if t is None:
+                continue
+            if t not in targets:
+                targets.append(t)
+            lookup[i] = targets.index(t)
+        if missing:
+            raise DataError(f"data.label_map does not say what source label(s) {missing} become; map each to a "
+                            "task label, or to null to drop it")
+        names = targets
+    if positive_class is not None:
+        if len(names) != 2:
+            raise DataError(f"data.positive_class needs two task classes, the data has {len(names)}: {names}")
+        if positive_class not in names:
+            raise DataError(f"data.positive_class {positive_class!r} is not a class of the data ({names})")
+        if names[1] != positive_class:
+            names = [names[1], names[0]]
+            lookup = np.where(lookup >= 0, 1 - lookup, -1)
+    if len(names) == 2:
+        task = BINARY
+    elif source_task == ORDINAL and label_map is not None:
+        task = ORDINAL if list(lookup[lookup >= 0]) == sorted(lookup[lookup >= 0]) else MULTICLASS
+    else:
+        task = source_task if label_map is None else MULTICLASS
+    return names, task, lookup
+
+
+def _relabel(ds: ArrayDataset, names: list[str], task: str, lookup: np.ndarray) -> ArrayDataset:
+    new = lookup[ds.labels]
+    keep = np.flatnonzero(new >= 0)
+    sub = ds.subset(keep)
+    return ArrayDataset(sub.images, new[keep], task, list(names), sub.patient_ids, sub.sources, ds.name,
+                        dict(ds.meta, label_map=True))
+
+
+def apply_label_map(data: SplitData, label_map: dict[str, str | None] | None,
+                    positive_class: str | None) -> SplitData:
+    """``data`` with its labels mapped (dropped samples removed from every split) and the positive class
+    moved to index 1. A split left with fewer than two classes is an error naming the split."""
+    if label_map is None and positive_class is None:
+        return data
+    if data.task == MULTILABEL:
+        raise DataError("data.label_map / data.positive_class do not apply to multi-label data")
+    names, task, lookup = task_classes(list(data.class_names), label_map, positive_class, data.task)
+    if not isinstance(data.train, ArrayDataset):  # the patch store: two fixed classes, positive swapped
+        if list(lookup) == [0, 1]:
+            return data
+        raise DataError("a patch store's positive class is 'nodule'; data.positive_class cannot change it")
+    parts = [_relabel(d, names, task, lookup) for d in (data.train, data.val, data.test)]
+    for split, d in zip(("train", "val", "test"), parts):
+        if len(np.unique(d.labels)) < 2:
+            raise DataError(f"after data.label_map the {split} split holds {len(d)} sample(s) of "
+                            f"{len(np.unique(d.labels))} class(es); it needs both classes")
+    how = data.split_method + (f"; labels mapped to {names}" if label_map else "") + \
+        (f"; positive class {positive_class!r}" if positive_class else "")
+    return SplitData(*parts, split_method=how)
+
+
+__all__ = ["apply_label_map", "task_classes", "BINARY", "MULTICLASS"]

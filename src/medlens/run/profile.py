@@ -1,0 +1,134 @@
+"""The training input's profile and the out-of-distribution check of ``Predictor``.
+
+A run stores what its training inputs looked like (``RunMeta.input_profile``): their modality, whether
+the source images were colour, their size before resizing, and the histogram of the prepared model
+inputs, with how far training images themselves fall from it. ``check_input`` compares one input with
+that profile and returns plain-language reasons when it falls outside: a CT slice given to a chest
+X-ray model is then answered with a warning beside the prediction, not silently. It is a simple check
+(a wrong modality tag, a colour mismatch, a size far from the training sizes, an intensity histogram
+farther, by earth mover's distance, from the training one than the training images' own 99.5th
+percentile), not a guarantee: a CT slice is told apart by its modality tag and size, not by its intensities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+N_BINS = 32
+SIZE_FACTOR = 2.0          # an input more than 2x larger or smaller than every training image is flagged
+DISTANCE_MARGIN = 0.05     # added to the training images' 99.5th-percentile histogram distance
+# modality tags that raster files get without knowing what they hold (io.raster: OT, or XC for colour)
+UNKNOWN_MODALITIES = {None, "", "OT", "XC"}
+# tags that are one kind of picture for this check
+MODALITY_FAMILIES = {"DX": "X-ray", "CR": "X-ray", "DR": "X-ray", "RG": "X-ray", "MG": "mammography",
+                     "CT": "CT", "MR": "MR", "US": "ultrasound", "OP": "fundus photo", "OPT": "OCT",
+                     "SM": "microscopy", "PT": "PET", "NM": "nuclear medicine"}
+
+
+class InputProfile(BaseModel):
+    """What the training inputs looked like (``RunMeta.input_profile``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: str | None = None           # DICOM modality tag of the training images, when known
+    source_rgb: bool | None = None        # were the source images colour (before the colour mode)?
+    size_min: list[int] | None = None     # smallest training image before resizing (spatial axes)
+    size_max: list[int] | None = None
+    hist_range: list[float]               # [low, high] of the histogram bins (model-input scale)
+    hist: list[float]                     # mean normalised histogram of training inputs (+ 2 overflow bins)
+    distance_limit: float                 # histogram distance above which an input is flagged
+    n: int                                # training images profiled
+
+
+def _family(modality: str | None) -> str | None:
+    if modality in UNKNOWN_MODALITIES:
+        return None
+    return MODALITY_FAMILIES.get(str(modality).upper(), str(modality).upper())
+
+
+def histogram(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Normalised histogram of one prepared input: ``N_BINS`` bins on [lo, hi] plus below/above bins."""
+    v = np.asarray(x, np.float64).ravel()
+    inside, _ = np.histogram(np.clip(v, lo, hi), bins=N_BINS, range=(lo, hi))
+    inside = inside.astype(np.float64)
+    below, above = float((v < lo).sum()), float((v > hi).sum())
+    inside[0] -= below  # clipped values were counted in the edge bins
+    inside[-1] -= above
+    h = np.concatenate([[below], inside, [above]])
+    return h / max(h.sum(), 1.0)
+
+
+def distance(h: np.ndarray, ref: np.ndarray) -> float:
+    """Earth mover's distance of two normalised histograms, as a fraction of the histogram range (0 =
+    identical; 1 = all mass moved from one end to the other). Unlike a bin-by-bin distance it does not
+    grow with the pixel noise of single small images, only with how far their intensities shift."""
+    h, ref = np.asarray(h, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(np.cumsum(h) - np.cumsum(ref)).sum() / (len(ref) - 2))
+
+
+def build_profile(ds, modality: str | None, source_rgb: bool | None, sizes: list[tuple[int, ...]] | None,
+                  max_images: int = 2048, seed: int = 0) -> InputProfile:
+    """The profile of a training dataset (``len``/``batch(idx)``), from up to ``max_images`` images."""
+    n = len(ds)
+    idx = np.sort(np.random.default_rng(seed).choice(n, min(n, max_images), replace=False))
+    xs = np.concatenate([ds.batch(idx[i:i + 256])[0].numpy() for i in range(0, len(idx), 256)])
+    lo, hi = (float(v) for v in np.quantile(xs, [0.001, 0.999]))
+    if hi <= lo:
+        hi = lo + 1.0
+    hists = np.stack([histogram(x, lo, hi) for x in xs])
+    ref = hists.mean(0)
+    d = np.array([distance(h, ref) for h in hists])
+    limit = float(np.quantile(d, 0.995)) + DISTANCE_MARGIN
+    smin = smax = None
+    if sizes:
+        arr = np.array([s[-2:] for s in sizes])
+        smin, smax = arr.min(0).astype(int).tolist(), arr.max(0).astype(int).tolist()
+    return InputProfile(modality=modality, source_rgb=source_rgb, size_min=smin, size_max=smax,
+                        hist_range=[lo, hi], hist=ref.round(6).tolist(), distance_limit=round(limit, 6),
+                        n=int(len(xs)))
+
+
+def check_input(profile: InputProfile, prepared: np.ndarray, modality: str | None = None,
+                is_rgb: bool | None = None, shape: tuple[int, ...] | None = None) -> list[str]:
+    """Reasons an input falls outside the training profile (empty when it does not)."""
+    out = []
+    want, got = _family(profile.modality), _family(modality)
+    if want and got and want != got:
+        out.append(f"modality {modality} ({got}) but the model was trained on {profile.modality} ({want}) images")
+    if profile.source_rgb is not None and is_rgb is not None and bool(is_rgb) != profile.source_rgb:
+        out.append(f"a {'colour' if is_rgb else 'gray-scale'} image, but the model was trained on "
+                   f"{'colour' if profile.source_rgb else 'gray-scale'} images")
+    if shape is not None and profile.size_min and profile.size_max:
+        s = np.asarray(shape[-2:], float)
+        if (s > SIZE_FACTOR * np.asarray(profile.size_max)).any() or (s * SIZE_FACTOR < np.asarray(profile.size_min)).any():
+            span = ("x".join(map(str, profile.size_min)) if profile.size_min == profile.size_max else
+                    f"{'x'.join(map(str, profile.size_min))} to {'x'.join(map(str, profile.size_max))}")
+            out.append(f"size {'x'.join(str(int(v)) for v in shape[-2:])} px, training images were {span} px")
+    d = distance(histogram(prepared, *profile.hist_range), np.asarray(profile.hist))
+    if d > profile.distance_limit:
+        out.append(f"intensity histogram distance {d:.2f} from the training inputs (training images reach "
+                   f"{profile.distance_limit - DISTANCE_MARGIN:.2f})")
+    return out
+
+
+def profile_of(data, cfg_data) -> InputProfile | None:
+    """The input profile of a classifier's training split (``SplitData``), from its source (MedMNIST
+    catalogue, patch store) or from the image files as loaded (``prepared_data`` records them)."""
+    tr = data.train
+    if len(tr) == 0:
+        return None
+    raw = getattr(tr, "meta", {}).get("raw_inputs")
+    if cfg_data.source == "medmnist":
+        from medlens.data.catalog import MEDMNIST_MODALITY, get_info
+
+        info = get_info(cfg_data.name)
+        return build_profile(tr, MEDMNIST_MODALITY.get(info.name), info.n_channels == 3, [tr.image_shape])
+    if cfg_data.source == "hdf5":  # CT patches in Hounsfield units
+        return build_profile(tr, "CT", False, [tr.image_shape])
+    if raw:
+        mods = {m for _, _, m in raw if m not in UNKNOWN_MODALITIES}
+        rgbs = {r for _, r, _ in raw}
+        return build_profile(tr, mods.pop() if len(mods) == 1 else None, rgbs.pop() if len(rgbs) == 1 else None,
+                             [s for s, _, _ in raw if len(s) >= 2])
+    return build_profile(tr, None, None, None)
