@@ -14,7 +14,7 @@ app = typer.Typer(name="medlens", help="Deep learning on medical images: data to
 
 def _register() -> None:
     from medlens.cli import (data_cmd, explain_cmd, imaging_cmd, interop_cmd, io_cmd, models_cmd, nodules_cmd, run_cmd,
-                             system_cmd)
+                             serve_cmd, system_cmd)
 
     system_cmd.register(app)
     app.add_typer(data_cmd.app, name="data")
@@ -25,6 +25,7 @@ def _register() -> None:
     explain_cmd.register(app)
     imaging_cmd.register(app)
     interop_cmd.register(app)   # fhir, pacs
+    serve_cmd.register(app)     # export, serve
 
 
 _register()

@@ -1,0 +1,217 @@
+"""A served run: its ``Predictor`` (ONNX Runtime when the run has an export, PyTorch otherwise), a worker thread
+that owns all model work, and a micro-batcher that groups concurrent classifier requests into one call.
+
+Every input goes through ``Predictor.prepare`` (the one preparation path) and every classifier answer through
+``Predictor.predict_arrays`` and ``Predictor.decide`` (validation threshold, calibration). Heatmaps are Grad-CAM
+on the PyTorch network (ONNX Runtime has no gradients); masks come from ``Predictor.segment_probs`` (sliding
+windows) and ``Predictor.labels`` (validation threshold, post-processing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medlens.run import Predictor, Run
+from medlens.tasks import TaskType
+
+
+#: batches up to this many input values run on the event loop (ONNX Runtime, e.g. 32 images of 28 x 28 px)
+INLINE_ELEMENTS = 32 * 28 * 28
+
+
+class QueueFull(Exception):
+    """The model's bounded request queue is full (HTTP 503 with Retry-After)."""
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+
+
+class ServedModel:
+    """One run behind the server."""
+
+    def __init__(self, run_dir: str | Path, name: str | None = None, backend: str = "auto",
+                 max_batch: int = 32, max_wait_ms: float = 2.0, max_queue: int = 64, threads: int | None = None,
+                 metrics=None) -> None:
+        from medlens.workflow.export import onnx_path, open_onnx_run
+
+        self.torch_run = Run.open(run_dir)
+        self.torch_run.require_weights()
+        self.name = name or self.torch_run.name
+        exported = onnx_path(run_dir).is_file()
+        if backend == "onnx" or (backend == "auto" and exported and not self.torch_run.is_classical):
+            self.backend = "onnxruntime"
+            self.predictor = Predictor(open_onnx_run(run_dir, threads=threads))
+        else:
+            self.backend = "pytorch" if not self.torch_run.is_classical else "classical"
+            self.predictor = Predictor(self.torch_run)
+        self.torch_predictor = Predictor(self.torch_run)
+        self.meta = self.torch_run.meta
+        self.is_segmentation = self.meta.task == TaskType.SEGMENTATION
+        self.max_batch, self.max_wait = max(1, int(max_batch)), max_wait_ms / 1000.0
+        self.max_queue = max(1, int(max_queue))
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{self.name}")
+        self.queue: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+        self.pending = 0
+        self.stats = BatchStats()
+        self.metrics = metrics
+
+    # ---------------------------------------------------------------- description
+    def info(self) -> dict:
+        m, th = self.meta, self.meta.threshold
+        prep = m.preprocessing.model_dump(mode="json")
+        cal = getattr(m, "calibration", None)
+        return {"name": self.name, "task": str(m.task), "classes": list(m.class_names), "model": m.model,
+                "backend": self.backend, "spatial_dims": m.spatial_dims, "in_channels": m.in_channels,
+                "input_size": list(m.input_size), "input_spec": prep,
+                "operating_point": ({"threshold": th.value, "rule": th.rule, "chosen_on": th.chosen_on,
+                                     "val_score": th.val_score} if th else None),
+                "calibration": cal.method if cal is not None else None,
+                "endpoints": ["segment"] if self.is_segmentation else ["predict"]}
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self.queue = asyncio.Queue(maxsize=self.max_queue)
+        self.worker = asyncio.create_task(self._batch_loop())
+        await self.run_in_worker(self._warm_up)
+
+    async def stop(self) -> None:
+        if self.worker:
+            self.worker.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _warm_up(self) -> None:
+        m = self.meta
+        x = np.zeros((1, m.in_channels, *m.input_size), np.float32)
+        if self.is_segmentation:
+            self.predictor.segment_probs(x[0], "warm-up")
+        else:
+            self.predictor.predict_arrays(x)
+            if self.backend != "classical":   # the first Grad-CAM imports captum: pay for it before serving
+                self.heatmap(x[0])
+
+    async def run_in_worker(self, fn, *args):
+        """Run model work on this model's single worker thread (torch modules and hooks are not shared)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def admit(self) -> None:
+        """Count one request in; ``QueueFull`` when the bound is reached."""
+        if self.pending >= self.max_queue:
+            if self.metrics:
+                self.metrics.rejected.labels(self.name).inc()
+            raise QueueFull(self.name)
+        self.pending += 1
+
+    def release(self) -> None:
+        self.pending = max(0, self.pending - 1)
+
+    # ---------------------------------------------------------------- classifier: micro-batching
+    async def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities of one prepared input (C, *spatial), computed in a batch with concurrent requests."""
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait((x, fut))
+        except asyncio.QueueFull:
+            raise QueueFull(self.name) from None
+        return await fut
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch:
+                try:
+                    items.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            items = [(x, f) for x, f in items if not f.cancelled()]
+            if not items:
+                continue
+            xs = np.stack([x for x, _ in items])
+            try:
+                if xs.size <= INLINE_ELEMENTS and self.backend == "onnxruntime":
+                    probs = self.predictor.predict_arrays(xs)   # well under a millisecond: no thread hop
+                else:
+                    probs = await self.run_in_worker(self.predictor.predict_arrays, xs)
+            except Exception as e:  # every waiter gets the error; the loop keeps serving
+                for _, f in items:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            self.stats.batches += 1
+            self.stats.items += len(items)
+            if self.metrics:
+                self.metrics.batch_size.labels(self.name).observe(len(items))
+            for (_, f), p in zip(items, probs):
+                if not f.done():
+                    f.set_result(p)
+
+    def answer(self, p: np.ndarray) -> dict:
+        """Probabilities and the decision at the validation threshold, as ``Predictor.predict_files`` gives them."""
+        pr = self.predictor
+        names, task = self.meta.class_names, self.meta.task
+        cls, prob = pr.decide(np.asarray(p)[None])[0]
+        every = ({names[0]: float(1 - p), names[1]: float(p)} if task == TaskType.BINARY
+                 else dict(zip(names, map(float, np.atleast_1d(p)))))
+        out = {"prediction": cls, "probability": prob, "probabilities": every,
+               "calibrated": pr.calibration if hasattr(pr, "calibration") else None}
+        if task == TaskType.BINARY:
+            th = self.meta.threshold
+            out["threshold"] = th.value if th else 0.5
+            out["decision_rule"] = th.rule if th else "0.5 (no validation threshold recorded)"
+        return out
+
+    def result_sr(self, sources: list, p: np.ndarray):
+        """The TID 1500 DICOM SR of one answer (``medlens.report.dicom_sr``) on its DICOM source instances."""
+        from medlens.report.dicom_sr import Algorithm, classification_sr
+        from medlens.run import Prediction
+        from medlens.workflow.interop import _operating_point
+
+        a = self.answer(p)
+        pred = Prediction("upload", a["prediction"], a["probability"], a["probabilities"], a.get("threshold"))
+        th = a.get("threshold") if self.meta.task == TaskType.BINARY else None
+        return classification_sr(sources, pred, list(self.meta.class_names), Algorithm.of_run(self.torch_run), th,
+                                 _operating_point(self.torch_run))
+
+    # ---------------------------------------------------------------- heatmap and masks
+    def heatmap(self, x: np.ndarray, target: int | None = None) -> tuple[np.ndarray, dict]:
+        """Grad-CAM (PyTorch network) of one prepared input for the predicted (or given) class; (*spatial) in [0, 1]."""
+        import torch
+
+        from medlens.explain import explain
+
+        maps, info = explain(self.torch_run.model, torch.from_numpy(x[None]), "gradcam", target)
+        m = maps[0]
+        hi = float(m.max())
+        return (m / hi if hi > 0 else m).astype(np.float32), info
+
+    def segment(self, x: np.ndarray, name: str = "upload") -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (K, *spatial), post-processed label map) by sliding windows."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probs = self.predictor.segment_probs(x, name)
+        return probs, self.predictor.labels(probs)
+
+
+def elapsed_ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 2)
