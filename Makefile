@@ -7,7 +7,7 @@ STAMP := $(VENV)/.medlens-installed
 export MEDLENS_DATA ?= $(abspath ../shared/data)
 RUN_CONFIG ?= configs/pneumoniamnist_cnn.yaml
 
-.PHONY: run test install browser system-deps bench clean
+.PHONY: run test install browser system-deps viewer bench clean
 
 install: $(STAMP)
 
@@ -34,11 +34,25 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools >/dev/null; \
 	  else echo "orthanc, orthanc-dicomweb or dicom3tools missing: install those Debian packages for the interop tests"; fi; }
 
-run: $(STAMP)
+# The viewer's NiiVue build (BSD-2-Clause; see src/medlens/serve/static/NIIVUE_LICENSE.txt) is fetched from the
+# npm registry at set-up and checked against its sha256, rather than kept in git.
+NIIVUE := src/medlens/serve/static/niivue.umd.js
+NIIVUE_SHA256 := 47b896b77ec4a5be3ef1949c33ad393b6f45629921f326c279000bcf51bdb4af
+viewer: $(NIIVUE)
+$(NIIVUE):
+	@command -v npm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; \
+	  else echo "npm missing: install Node.js and npm to fetch the viewer's NiiVue build"; exit 1; fi; }
+	@tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent @niivue/niivue@0.69.0 >/dev/null && \
+	  tar -xzf niivue-niivue-0.69.0.tgz package/dist/niivue.umd.js) && \
+	  echo "$(NIIVUE_SHA256)  $$tmp/package/dist/niivue.umd.js" | sha256sum -c --quiet && \
+	  mv $$tmp/package/dist/niivue.umd.js $(NIIVUE).part && mv $(NIIVUE).part $(NIIVUE); rc=$$?; rm -rf $$tmp; exit $$rc
+
+run: $(STAMP) viewer
 	$(VENV)/bin/medlens train $(RUN_CONFIG) --overwrite
 
 # The layer contract (pyproject's [tool.importlinter]) first: an upward import fails the suite.
-test: $(STAMP) browser system-deps
+test: $(STAMP) browser system-deps viewer
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra --durations=25
 
