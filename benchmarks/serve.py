@@ -6,8 +6,11 @@
 
 For each server configuration it starts ``medlens serve`` as a separate process (uvicorn, localhost, no API
 key), warms it up for ``--warmup`` seconds under the same load, reads its RSS, then runs ``--clients``
-concurrent clients (an async httpx loop each: POST one real test image, wait, repeat; no think time) for
-``--duration`` seconds. Inputs are the PneumoniaMNIST test images as PNG (28 px) and AdrenalMNIST3D test
+concurrent closed-loop clients (each one keep-alive HTTP/1.1 connection on asyncio streams: POST one real test
+image as a multipart upload, read the whole answer, check it is a 200 with a prediction, repeat; no think time)
+for ``--duration`` seconds. The requests are encoded once, before the clock starts: the clients share the 2 cores
+with the server, and an httpx client spent more CPU per request than the server itself, which made the figures
+about the client. The table prints both processes' CPU time per request, so the load generator's share shows. Inputs are the PneumoniaMNIST test images as PNG (28 px) and AdrenalMNIST3D test
 volumes as NIfTI (28^3), cycled. Requests ask for probabilities and the decision only (``heatmap=false``);
 a last row times the 2D model with Grad-CAM heatmaps on.
 
@@ -47,6 +50,13 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,6 +76,8 @@ class Result:
     rss_peak: float = 0.0
     rss_end: float = 0.0
     batches: str = ""
+    server_cpu_ms: float = float("nan")   # server process CPU time (user + system) per answered request
+    client_cpu_ms: float = float("nan")   # this (client) process's CPU time per answered request
 
     def q(self, p: float) -> float:
         import numpy as np
@@ -112,44 +124,77 @@ class ServerProcess:
         self.log.close()
 
 
+def _request_bytes(port: int, model: str, name: str, body: bytes, heatmap: bool) -> bytes:
+    """One complete HTTP/1.1 request: ``POST .../predict`` with the image as the multipart ``file`` part."""
+    b = "medlens-bench-" + os.urandom(8).hex()
+    part = (f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + body + f"\r\n--{b}--\r\n".encode()
+    head = (f"POST /v1/models/{model}/predict?heatmap={'true' if heatmap else 'false'} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary={b}\r\n"
+            f"Content-Length: {len(part)}\r\n\r\n")
+    return head.encode() + part
+
+
+async def _exchange(reader, writer, request: bytes) -> bool:
+    """Send one request on a keep-alive connection, read the whole response; True for a 200 with a prediction."""
+    writer.write(request)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next((int(v) for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-length"),
+                  None)
+    if length is None:
+        raise ConnectionError("response without Content-Length")
+    payload = await reader.readexactly(length)
+    return status == 200 and b'"prediction"' in payload
+
+
 async def _load(url: str, model: str, bodies: list[tuple[str, bytes]], clients: int, seconds: float,
                 heatmap: bool, pid: int | None = None, res: Result | None = None) -> None:
-    import httpx
+    """``clients`` closed-loop clients (send, wait for the whole answer, repeat; no think time).
 
+    Each client is one keep-alive HTTP/1.1 connection (asyncio streams) sending pre-encoded multipart requests:
+    the load generator shares the 2 cores with the server, and httpx spent more CPU per request than the server
+    did, so a lean client keeps the figures about the server."""
+    port = int(url.rsplit(":", 1)[1])
+    requests = [_request_bytes(port, model, n, b, heatmap) for n, b in bodies]
     stop_at = time.perf_counter() + seconds
-    params = {"heatmap": "true" if heatmap else "false"}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
-    async def client(i: int, c: httpx.AsyncClient) -> None:
+    async def client(i: int) -> None:
         k = i
-        while time.perf_counter() < stop_at:
-            name, body = bodies[k % len(bodies)]
-            k += clients
-            t0 = time.perf_counter()
-            try:
-                r = await c.post(f"/v1/models/{model}/predict", params=params, files={"file": (name, body)})
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if res is not None:
-                if ok:
-                    res.latencies.append((time.perf_counter() - t0) * 1000.0)
-                else:
-                    res.errors += 1
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < stop_at:
+                req = requests[k % len(requests)]
+                k += clients
+                t0 = time.perf_counter()
+                try:
+                    ok = await _exchange(reader, writer, req)
+                except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    ok = False
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                if res is not None:
+                    if ok:
+                        res.latencies.append((time.perf_counter() - t0) * 1000.0)
+                    else:
+                        res.errors += 1
+        finally:
+            writer.close()
 
     async def sample_rss() -> None:
         while time.perf_counter() < stop_at:
             res.rss_peak = max(res.rss_peak, _rss_mb(pid))
             await asyncio.sleep(0.25)
 
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-        tasks = [client(i, c) for i in range(clients)]
-        if res is not None and pid is not None:
-            tasks.append(sample_rss())
-        t0 = time.perf_counter()
-        await asyncio.gather(*tasks)
-        if res is not None:
-            res.seconds = time.perf_counter() - t0
+    tasks = [client(i) for i in range(clients)]
+    if res is not None and pid is not None:
+        tasks.append(sample_rss())
+    t0 = time.perf_counter()
+    await asyncio.gather(*tasks)
+    if res is not None:
+        res.seconds = time.perf_counter() - t0
 
 
 def _batch_stats(url: str, model: str) -> tuple[float, float]:
@@ -172,8 +217,13 @@ def measure(name: str, run: Path, backend: str, batching: str, bodies, args, ext
         res = Result(name, model, {"onnx": "ONNX Runtime", "torch": "PyTorch"}[backend], batching)
         res.rss_warm = res.rss_peak = _rss_mb(srv.proc.pid)
         b0 = _batch_stats(srv.url, model)
+        c0, m0 = _cpu_s(srv.proc.pid), time.process_time()
         asyncio.run(_load(srv.url, model, bodies, args.clients, args.duration, heatmap, srv.proc.pid, res))
+        c1, m1 = _cpu_s(srv.proc.pid), time.process_time()
         b1 = _batch_stats(srv.url, model)
+        if res.latencies:
+            res.server_cpu_ms = 1000 * (c1 - c0) / len(res.latencies)
+            res.client_cpu_ms = 1000 * (m1 - m0) / len(res.latencies)
         res.rss_end = _rss_mb(srv.proc.pid)
         n = b1[0] - b0[0]
         res.batches = f"{(b1[1] - b0[1]) / n:.1f}" if n else "-"
@@ -266,12 +316,12 @@ def main() -> None:
                     bodies["2d"], args, batched, heatmap=True)]
     load1 = os.getloadavg()
     print(f"\n| configuration | requests | throughput (req/s) | p50 ms | p95 ms | p99 ms | errors | mean batch | "
-          f"RSS warm / peak / end MB | end vs warm |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"RSS warm / peak / end MB | end vs warm | CPU ms/request server / clients |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {len(r.latencies)} | {r.throughput:.1f} | {r.q(50):.1f} | {r.q(95):.1f} | {r.q(99):.1f} "
               f"| {r.errors} | {r.batches} | {r.rss_warm:.0f} / {r.rss_peak:.0f} / {r.rss_end:.0f} | "
-              f"{100 * (r.rss_end / r.rss_warm - 1):+.1f}% |")
+              f"{100 * (r.rss_end / r.rss_warm - 1):+.1f}% | {r.server_cpu_ms:.2f} / {r.client_cpu_ms:.2f} |")
     b, u, pt, o3, p3 = rows[0], rows[1], rows[2], rows[3], rows[4]
     print("\n| ratio (same run) | throughput | p99 latency |")
     print("|---|---|---|")

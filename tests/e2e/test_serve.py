@@ -434,3 +434,22 @@ def test_viewer_volume_slices_window_presets_and_cursor(server, browser, files):
         assert page.evaluate("window.medlensViewer.state()")["plane"] == int(plane)
     assert not errors, errors
     page.context.close()
+
+
+def test_a_request_over_the_timeout_gets_504_and_the_server_keeps_serving(trained_run, files):
+    """In-process (the app object under starlette's TestClient, lifespan included): with a 1 ms per-request
+    timeout a prediction with its Grad-CAM heatmap cannot finish, so the answer is a JSON 504; a health check and
+    the model list still answer afterwards."""
+    from starlette.testclient import TestClient
+
+    from medlens.serve import ServeSettings, create_app
+
+    app = create_app([trained_run], ServeSettings(timeout_s=0.001, backend="torch"))
+    name = next(iter(app.state.models))
+    with TestClient(app) as c:
+        r = c.post(f"/v1/models/{name}/predict", files={"file": ("x.png", files["png"].read_bytes())})
+        assert r.status_code == 504, r.text[:300]
+        err = r.json()["error"]
+        assert err["type"] == "Timeout" and "longer than 0.001 s" in err["message"] and "Traceback" not in r.text
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert [m["name"] for m in c.get("/v1/models").json()["models"]] == [name]

@@ -183,13 +183,13 @@ class ServedModel:
         """The TID 1500 DICOM SR of one answer (``medlens.report.dicom_sr``) on its DICOM source instances."""
         from medlens.report.dicom_sr import Algorithm, classification_sr
         from medlens.run import Prediction
-        from medlens.workflow.interop import _operating_point
+        from medlens.workflow.interop import operating_point
 
         a = self.answer(p)
         pred = Prediction("upload", a["prediction"], a["probability"], a["probabilities"], a.get("threshold"))
         th = a.get("threshold") if self.meta.task == TaskType.BINARY else None
         return classification_sr(sources, pred, list(self.meta.class_names), Algorithm.of_run(self.torch_run), th,
-                                 _operating_point(self.torch_run))
+                                 operating_point(self.torch_run))
 
     # ---------------------------------------------------------------- heatmap and masks
     def heatmap(self, x: np.ndarray, target: int | None = None) -> tuple[np.ndarray, dict]:

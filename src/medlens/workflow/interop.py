@@ -204,7 +204,7 @@ def export_nodules(xml: str | Path, scan: str | Path, out: str | Path, outputs: 
 # ------------------------------------------------------------------------------------------ runs
 
 
-def _operating_point(run) -> dict[str, float]:
+def operating_point(run) -> dict[str, float]:
     """Sensitivity and specificity at the threshold on validation, from the run's metrics.json."""
     import json
 
@@ -246,7 +246,7 @@ def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[s
     rows = predictor.predict_files([str(f) for f in files])
     algo = Algorithm.of_run(run) if outputs else None
     th = predictor.binary_threshold() if run.meta.task == TaskType.BINARY else None
-    op = _operating_point(run)
+    op = operating_point(run)
     final = Path(out)
     done = []
     with atomic_dir(final) as work:
