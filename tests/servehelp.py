@@ -25,7 +25,7 @@ def _config(kind: str, out: Path):
              "train": {"epochs": 1, "batch_size": 16, "precision": "32"}}
     elif kind == "unet2d":   # CHASE_DB1 fundus vessels (4 children, both eyes): a 2D U-Net
         d = {"name": "unet2d", "task": "segmentation",
-             "data": {"source": "folder", "path": str(_chase_subset(out / "chase")), "mask_suffix": "_1stHO.png",
+             "data": {"source": "folder", "path": str(chase_subset(out / "chase")), "mask_suffix": "_1stHO.png",
                       "patient_pattern": "Image_(\\d+)[LR]", "color": "green", "val_fraction": 0.25,
                       "test_fraction": 0.25},
              "model": {"name": "unet", "params": {"channels": [4, 8], "num_res_units": 0}},
@@ -44,8 +44,8 @@ def _config(kind: str, out: Path):
     return config_from_dict({**common, **d})
 
 
-def _chase_subset(folder: Path, children=("01", "02", "03", "04")) -> Path:
-    """The real CHASE_DB1 images and first-observer masks of a few children, copied (the full set is slow)."""
+def chase_subset(folder: Path, children=("01", "02", "03", "04"), masks=("_1stHO.png",)) -> Path:
+    """The real CHASE_DB1 images and observer masks of a few children, copied (the full set is slow)."""
     import shutil
 
     from medlens.utils import data_dir
@@ -54,7 +54,7 @@ def _chase_subset(folder: Path, children=("01", "02", "03", "04")) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for c in children:
         for eye in "LR":
-            for name in (f"Image_{c}{eye}.jpg", f"Image_{c}{eye}_1stHO.png"):
+            for name in (f"Image_{c}{eye}.jpg", *(f"Image_{c}{eye}{m}" for m in masks)):
                 shutil.copy(src / name, folder / name)
     return folder
 

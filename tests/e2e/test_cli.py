@@ -1,7 +1,6 @@
-"""The medlens command line, run as a user would (subprocess), on real data."""
+"""The medlens command line, run as a user would (in-process through the entry point; one test runs the\ninstalled script as a process), on real data."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,13 +14,19 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 
 
-def medlens(*args, cwd=None, check=False):
-    env = dict(os.environ)
-    r = subprocess.run([sys.executable, "-m", "medlens.cli.main", *map(str, args)], capture_output=True, text=True,
-                       cwd=cwd, env=env, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"medlens {args} failed ({r.returncode}): {r.stderr[-2000:]}")
-    return r
+from clirun import medlens  # in-process: the console script's entry point, without 3-10 s of imports per call
+
+
+def test_console_script_runs_as_a_process(tmp_path):
+    """The installed ``medlens`` script in a real process: exit codes and one-line errors on stderr."""
+    exe = Path(sys.executable).parent / "medlens"
+    r = subprocess.run([str(exe), "models", "list"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "luna16_nodule_cnn" in r.stdout
+    r = subprocess.run([str(exe), "train", str(tmp_path / "missing.yaml")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "missing.yaml" in lines[0] and "not found" in lines[0]
 
 
 def _one_line_error(r, *needles):

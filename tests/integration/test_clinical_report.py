@@ -1,9 +1,6 @@
 """Calibration, decision curve, shift, subgroups, checklist and `medlens compare` on real PneumoniaMNIST runs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +12,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from conftest import tiny_config
+from clirun import medlens  # in-process: the console script's entry point
 
 pytestmark = pytest.mark.integration
-
-
-def medlens(*args):
-    return subprocess.run([sys.executable, "-m", "medlens.cli.main", *map(str, args)], capture_output=True,
-                          text=True, env=dict(os.environ), timeout=600)
 
 
 def _preds(run: Path, split: str) -> pd.DataFrame:

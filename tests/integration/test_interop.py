@@ -7,7 +7,6 @@ checked field by field (tests/interop_checks.py)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,18 +20,12 @@ import pydicom
 import pytest
 
 from interop_checks import check_bundle, dciodvfy, resources
+from clirun import medlens  # in-process: the console script's entry point
 
 REPO = Path(__file__).resolve().parents[2]
 THIRD_PARTY_SR = REPO / "tests" / "data" / "interop" / "dcmqi_tid1500_sr.dcm"  # QIICR/dcmqi data/sr-example/sr.dcm
 NAME, PID = "Quixotewright^Zebulonia", "PID-ZQ-739104"  # a distinctive patient, to hunt for in every output
 
-
-def medlens(*args, check=False):
-    r = subprocess.run([sys.executable, "-m", "medlens.cli.main", *map(str, args)], capture_output=True, text=True,
-                       env=dict(os.environ), timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"medlens {args} failed ({r.returncode}): {r.stderr[-2000:]}")
-    return r
 
 
 def one_line_error(r, *needles) -> str:
