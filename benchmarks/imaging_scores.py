@@ -39,15 +39,17 @@ def denoising(ct_slice: np.ndarray, sigma: float = 50.0, seed: int = 0) -> list[
     return rows
 
 
-def vessels(chase_dir: Path) -> list[dict]:
-    """Frangi + threshold on every CHASE_DB1 image: Dice against the first observer, and the second
-    observer's Dice against the first (the human reference)."""
+def vessels(chase_dir: Path, children: tuple[str, ...] | None = None) -> list[dict]:
+    """Frangi + threshold on every CHASE_DB1 image (or those of ``children``, e.g. ("01", "07")): Dice against
+    the first observer, and the second observer's Dice against the first (the human reference)."""
     from PIL import Image as PILImage
 
     from medlens.imaging.segment import frangi_vessels
 
     rows = []
     for img_path in sorted(Path(chase_dir).glob("Image_*.jpg")):
+        if children is not None and img_path.stem[6:8] not in children:
+            continue
         rgb = np.asarray(PILImage.open(img_path).convert("RGB"))
         gt1 = np.asarray(PILImage.open(img_path.with_name(img_path.stem + "_1stHO.png"))) > 0
         gt2 = np.asarray(PILImage.open(img_path.with_name(img_path.stem + "_2ndHO.png"))) > 0

@@ -30,9 +30,11 @@ def test_denoising_gains(ct):
     assert rows["non-local means"]["ssim"] > rows["noisy input"]["ssim"]
 
 
-def test_frangi_vessels_on_all_chase_images(data_root):
-    rows = scores.vessels(data_root / "chasedb1" / "CHASEDB1")
-    assert len(rows) == 28
+def test_frangi_vessels_on_chase_images(data_root):
+    """Both eyes of three children (benchmarks/imaging.py scores all 28 images)."""
+    rows = scores.vessels(data_root / "chasedb1" / "CHASEDB1", children=("03", "07", "11"))
+    assert sorted(r["image"] for r in rows) == ["Image_03L", "Image_03R", "Image_07L", "Image_07R", "Image_11L",
+                                                "Image_11R"]
     frangi = np.mean([r["frangi_dice"] for r in rows])
     human = np.mean([r["observer2_dice"] for r in rows])
     assert 0.74 <= human <= 0.83
@@ -125,6 +127,7 @@ def test_bad_input_errors(data_root):
 
 
 def test_process_pipeline(ct):
-    out = run_steps(ct, load_steps("window:lung,denoise:tv,gaussian:0.5"))
-    assert out.array.shape == ct.array.shape and 0 <= out.array.min() and out.array.max() <= 1.01
-    assert out.spacing == ct.spacing
+    slab = ct.with_array(ct.array[80:96])   # 16 slices of the real CT: total variation on all of it takes a minute
+    out = run_steps(slab, load_steps("window:lung,denoise:tv,gaussian:0.5"))
+    assert out.array.shape == slab.array.shape and 0 <= out.array.min() and out.array.max() <= 1.01
+    assert out.spacing == slab.spacing and out.array.std() > 0.05
