@@ -1,4 +1,5 @@
-"""``medlens nodules extract|lidc``: LUNA16/LIDC patch stores and reader annotations."""
+"""``medlens nodules extract|lidc|detect|froc``: LUNA16/LIDC patch stores, reader annotations, whole-scan detection and
+the LUNA16 FROC."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from medlens.cli.common import console, progress
 
-app = typer.Typer(help="Lung nodules: patch extraction (LUNA16) and LIDC reader annotations.", no_args_is_help=True)
+app = typer.Typer(help="Lung nodules: patch extraction (LUNA16), LIDC reader annotations, whole-scan detection and FROC.", no_args_is_help=True)
 
 
 @app.command()
@@ -99,3 +100,108 @@ def lidc(xml: Path = typer.Argument(..., help="LIDC-IDRI reader XML"),
         save(m, mask_out)
         vol = float(m.array.sum() * np.prod(image.spacing))
         console.print(f"consensus mask: {int(m.array.sum())} voxels, {vol:.0f} mm3 -> [bold]{mask_out}[/]")
+
+
+@app.command()
+def detect(scans: List[Path] = typer.Argument(..., help="chest CTs: <seriesuid>.mhd files or DICOM series folders"),
+           out: Path = typer.Option(..., "--out", help="new folder: candidates.csv, sr/, gallery/, detections.json"),
+           run: Optional[Path] = typer.Option(None, "--run", help="a trained patch classifier run (false-positive "
+                                              "reduction); it must not have seen these scans. Without it: the "
+                                              "classical blob ranking"),
+           annotations: Optional[Path] = typer.Option(None, "--annotations", help="LUNA16 annotations.csv: score "
+                                                      "the result (FROC)"),
+           excluded: Optional[Path] = typer.Option(None, "--excluded", help="LUNA16 annotations_excluded.csv"),
+           max_candidates: int = typer.Option(300, "--max-candidates", help="strongest blobs kept per scan"),
+           no_sr: bool = typer.Option(False, "--no-sr", help="no DICOM SR"),
+           bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap samples over scans (FROC CI)"),
+           seed: int = typer.Option(0, "--seed")) -> None:
+    """Whole-scan nodule detection: LoG blob candidates in the lungs, scored by a patch classifier run."""
+    import warnings
+
+    from medlens.workflow.detect import PIPELINE_CHECK, detect_scans
+
+    with warnings.catch_warnings(record=True) as caught, progress() as bar:
+        warnings.simplefilter("always")
+        task = bar.add_task("scans", total=None)
+        rep = detect_scans(scans, out, run, max_candidates=max_candidates, sr=not no_sr, annotations=annotations,
+                           excluded=excluded, n_boot=bootstrap, seed=seed,
+                           progress=lambda i, n, what: bar.update(task, completed=i, total=n))
+    for w in caught:
+        if "scan" in str(w.message):
+            console.print(f"warning: {w.message}", markup=False, highlight=False)
+    t = Table(title=f"classifier: {rep.classifier}; threshold "
+                    f"{'none' if rep.threshold is None else format(rep.threshold, '.3f')}")
+    for c in ("scan (seriesuid end)", "slices", "candidates", ">= threshold", "candidates s", "classifier s", "total s"):
+        t.add_column(c, justify="right")
+    thr = rep.threshold if rep.threshold is not None else 0.5
+    for d in rep.scans:
+        t.add_row("..." + d.seriesuid[-12:], str(d.slices), str(len(d.candidates)),
+                  str(int((d.candidates.probability >= thr).sum())), f"{d.seconds_candidates:.1f}",
+                  f"{d.seconds_classifier:.1f}", f"{d.seconds:.1f}")
+    console.print(t)
+    if rep.froc is not None:
+        _print_froc(rep.froc)
+    for n in rep.notes:
+        if rep.froc is None or n != PIPELINE_CHECK:  # _print_froc said it already
+            console.print(n, markup=False, highlight=False)
+    console.print(f"wrote [bold]{out}[/]: candidates.csv, detections.json, gallery/index.html"
+                  + (", sr/" if any(d.sr for d in rep.scans) else "") + (", froc.json, froc.png" if rep.froc else ""))
+
+
+def _print_froc(res) -> None:
+    from medlens.workflow.detect import PIPELINE_CHECK
+
+    uids = [s.seriesuid for s in res.scans]
+    ci = res.ci.get("cpm", (float("nan"),) * 2)
+    t = Table(title=f"FROC (LUNA16 rules): CPM {res.cpm:.3f} (95% CI over scans {ci[0]:.3f}-{ci[1]:.3f}); "
+                    f"{res.n_scans} scan(s), {res.n_nodules} nodule(s), {res.n_candidates} candidates, "
+                    f"{res.n_ignored} on excluded findings (ignored)")
+    for c in ["FPs/scan", "sensitivity", "threshold"] + [f"FPs ...{u[-8:]}" for u in uids] + \
+             [f"hits ...{u[-8:]}" for u in uids]:
+        t.add_column(c, justify="right")
+    for o in res.operating_points:
+        t.add_row(f"{o['fp_rate']:g}", f"{o['sensitivity']:.3f}", f"{o['threshold']:.3f}",
+                  *[str(o["fps"][u]) for u in uids], *[f"{o['nodules_hit'][u]}/{len(s.nodule_scores)}"
+                                                       for u, s in zip(uids, res.scans)])
+    console.print(t)
+    if res.n_scans < 10:
+        console.print(PIPELINE_CHECK, markup=False, highlight=False)
+
+
+@app.command()
+def froc(candidates: Path = typer.Argument(..., help="LUNA16 candidates CSV: seriesuid,coordX,coordY,coordZ,probability"),
+         annotations: Path = typer.Argument(..., help="LUNA16 annotations.csv (seriesuid,coordX,coordY,coordZ,diameter_mm)"),
+         excluded: Optional[Path] = typer.Option(None, "--excluded", help="annotations_excluded.csv: findings that "
+                                                 "are neither hits nor false positives"),
+         also: List[Path] = typer.Option([], "--also", help="more candidates CSVs, scored together (repeatable)"),
+         scans_csv: Optional[Path] = typer.Option(None, "--scans", help="CSV with a seriesuid column: the scans "
+                                                  "scored (scans without candidates count too); default: the "
+                                                  "scans the candidates name"),
+         plot: Optional[Path] = typer.Option(None, "--plot", help="write the FROC plot (.png)"),
+         json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures as JSON"),
+         bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap samples over scans"),
+         seed: int = typer.Option(0, "--seed")) -> None:
+    """LUNA16 FROC: hits within the nodule radius, excluded findings ignored, CPM with a bootstrap CI over scans."""
+    import json
+    import warnings
+
+    from medlens.evaluation.froc import froc_files
+    from medlens.utils import atomic_path
+
+    scans = None
+    if scans_csv is not None:
+        from medlens.data.base import read_csv_checked
+
+        scans = read_csv_checked(scans_csv, ["seriesuid"], "scan list CSV (seriesuid)")["seriesuid"].astype(str).tolist()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = froc_files([candidates, *also], annotations, excluded, scans, n_boot=bootstrap, seed=seed, plot=plot)
+    for w in caught:
+        if "no row" in str(w.message):
+            console.print(f"warning: {w.message}", markup=False, highlight=False)
+    _print_froc(res)
+    if json_out is not None:
+        with atomic_path(json_out) as tmp:
+            Path(tmp).write_text(json.dumps(res.as_dict(), indent=2, default=float))
+    if plot is not None:
+        console.print(f"FROC plot: [bold]{plot}[/]")

@@ -219,3 +219,50 @@ def read_tid1500(path: str | Path):
         raise DataError(f"malformed TID 1500 content ({type(e).__name__}: {' '.join(str(e).split())[:120]})",
                         path) from None
     return sr
+
+
+@dataclass
+class DetectedNodule:
+    """One detection for a TID 1410 planar ROI group: its centre (world LPS mm), the diameter estimated by the
+    candidate detector, the classifier's probability and the run's validation threshold."""
+
+    label: str
+    centre_mm: tuple[float, float, float]
+    diameter_mm: float
+    probability: float
+    threshold: float | None
+    tracking_uid: str
+
+
+def detection_sr(sources: list, findings: list[DetectedNodule], algorithm: Algorithm, frame_of_reference_uid: str):
+    """A TID 1500 SR with one TID 1410 planar ROI group per detected nodule: the axial circle of its estimated
+    diameter around its centre (SCOORD3D polygon in the scan's frame of reference), the diameter, the probability
+    and the decision threshold, and the finding Nodule Present."""
+    import highdicom as hd
+    import numpy as np
+    from highdicom.sr import (ImageRegion3D, Measurement, PlanarROIMeasurementsAndQualitativeEvaluations,
+                              QualitativeEvaluation, TrackingIdentifier)
+    from pydicom.sr.codedict import codes
+
+    one = codes.UCUM.NoUnits
+    angles = np.linspace(0, 2 * np.pi, 25)
+    groups = []
+    for f in findings:
+        r = max(float(f.diameter_mm) / 2, 0.5)
+        x, y, z = (float(v) for v in f.centre_mm)
+        ring = np.column_stack([x + r * np.cos(angles), y + r * np.sin(angles), np.full(len(angles), z)])
+        ring[-1] = ring[0]  # a closed polygon
+        meas = [Measurement(name=codes.SCT.Diameter, value=float(f.diameter_mm), unit=codes.UCUM.Millimeter),
+                Measurement(name=codes.DCM.Probability, value=float(f.probability), unit=one)]
+        if f.threshold is not None:
+            meas.append(Measurement(name=local(*THRESHOLD), value=float(f.threshold), unit=one))
+        present = f.threshold is None or f.probability >= f.threshold
+        groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=f.tracking_uid, identifier=f.label[:64]),
+            referenced_region=ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+                                            graphic_data=ring,
+                                            frame_of_reference_uid=frame_of_reference_uid),
+            finding_type=codes.SCT.Nodule, algorithm_id=algorithm.template(), measurements=meas,
+            qualitative_evaluations=[QualitativeEvaluation(codes.SCT.Nodule,
+                                                           codes.SCT.Present if present else codes.SCT.Absent)]))
+    return _report(groups, algorithm, sources, title_series=f"{algorithm.name} nodule detection")
