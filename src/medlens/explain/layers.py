@@ -43,9 +43,10 @@ def conv_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]
 
 def find_target_layer(model: nn.Module, x: torch.Tensor, name: str | None = None,
                       strip: str = "") -> tuple[str, nn.Module]:
-    """The named layer, or by default the last spatial block: the last module (in execution order) whose
-    output is a spatial map with more than one voxel; a module that runs several times per forward
-    pass (a shared ReLU) is replaced by its enclosing block."""
+    """The named layer, or by default the last spatial block: the module the model marks ``cam_target``
+    (the ViT's patch-token grid), else the last module (in execution order) whose output is a spatial map
+    with more than one voxel; a module that runs several times per forward pass (a shared ReLU) is
+    replaced by its enclosing block."""
     trace = _trace(model, x)
     mods = dict(model.named_modules())
     valid = [n for n, _, shape, _ in trace if len(shape) == x.ndim and max(shape[2:]) > 1 and n != ""]
@@ -58,6 +59,9 @@ def find_target_layer(model: nn.Module, x: torch.Tensor, name: str | None = None
         return name, mods[name]
     if not valid:
         raise ConfigError("this model has no spatial layer to explain")
+    marked = [n for n in valid if getattr(mods[n], "cam_target", False)]  # a model's declared CAM layer (ViT)
+    if marked:
+        return marked[-1], mods[marked[-1]]
     last = valid[-1]
     calls = {n: c for n, _, _, c in trace}
     while calls.get(last, 1) > 1 and "." in last:

@@ -58,14 +58,15 @@ class Method:
     dims: tuple[int, ...]
     uses_layer: bool
     summary: str
+    attention: bool = False   # needs a transformer (self-attention blocks): ViT only
 
 
 METHODS: dict[str, Method] = {}
 
 
-def _register(name, dims=(2, 3), uses_layer=False):
+def _register(name, dims=(2, 3), uses_layer=False, attention=False):
     def deco(fn):
-        METHODS[name] = Method(name, fn, dims, uses_layer, (fn.__doc__ or "").strip().splitlines()[0])
+        METHODS[name] = Method(name, fn, dims, uses_layer, (fn.__doc__ or "").strip().splitlines()[0], attention)
         return fn
 
     return deco
@@ -125,6 +126,9 @@ def layercam(model, x, target, layer, layer_name, **kw):
 @_register("cam", uses_layer=True)
 def cam(model, x, target, layer, layer_name, **kw):
     """CAM: final linear weights of the class x last feature maps (needs global-pool + linear head)."""
+    if attention_blocks(model):
+        raise ConfigError("CAM needs a global-average-pooled linear head; a ViT classifies from its CLS token, "
+                          "use gradcam or attention_rollout / attention_gradcam")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     acts = {}
     h = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
@@ -246,6 +250,97 @@ def kernelshap(model, x, target, n_samples: int = 200, n_segments: int = 40, **k
     from captum.attr import KernelShap
 
     return _perturbation(KernelShap, model, x, target, n_samples, n_segments)
+
+
+def attention_blocks(model: nn.Module) -> list[nn.Module]:
+    """The self-attention blocks (MONAI ``SABlock``) of a model, in order; empty for convolutional models."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    return [m for m in model.modules() if isinstance(m, SABlock)]
+
+
+def applicable(method: str, net: nn.Module) -> bool:
+    """Whether ``method`` can explain ``net``: attention methods need self-attention blocks, and CAM a
+    pooled linear head, which a ViT (CLS token) does not have."""
+    has_attention = bool(attention_blocks(net))
+    return has_attention if METHODS[method].attention else not (method == "cam" and has_attention)
+
+
+def _token_grid(model: nn.Module, method: str) -> tuple[list[nn.Module], tuple[int, ...]]:
+    from medlens.models.vit import ViTClassifier
+
+    blocks = attention_blocks(model)
+    vits = [m for m in model.modules() if isinstance(m, ViTClassifier)]
+    if not blocks or not vits:
+        raise ConfigError(f"method '{method}' needs a transformer model (model: vit); this model has no "
+                          "self-attention layers, use gradcam")
+    return blocks, vits[0].grid
+
+
+def _attention_maps(model, x, target, blocks, need_grad: bool):
+    """Each block's attention (N, heads, T, T) on ``x`` and, when ``need_grad``, its gradient w.r.t. the
+    target score. MONAI's ``save_attn`` keeps a detached copy (``SABlock.att_mat``); the gradient needs the
+    live tensor, taken by a hook on the attention dropout (identity in eval mode), whose input it is."""
+    atts = []
+    hooks = [b.drop_weights.register_forward_hook(lambda m, i, o: atts.append(i[0])) for b in blocks]
+    try:
+        with torch.set_grad_enabled(need_grad):
+            out = model(x)
+            if need_grad:
+                for a in atts:
+                    a.retain_grad()
+                model.zero_grad()
+                out.gather(1, target.view(-1, 1)).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(atts) != len(blocks):
+        raise MedlensError(f"expected {len(blocks)} attention maps, the forward pass gave {len(atts)}")
+    grads = [a.grad for a in atts] if need_grad else None
+    return [a.detach() for a in atts], grads
+
+
+def _tokens_to_map(cls_row: torch.Tensor, grid: tuple[int, ...], size) -> torch.Tensor:
+    """CLS-to-patch relevance (N, T-1) -> map (N, *size), upsampled from the patch grid."""
+    cam = cls_row.reshape((len(cls_row), 1) + tuple(grid))
+    return _upsample(cam.float(), size)[:, 0]
+
+
+@_register("attention_rollout", attention=True)
+def attention_rollout(model, x, target, **kw):
+    """Attention rollout (Abnar & Zuidema 2020): head-averaged attention + identity, multiplied over blocks (ViT).
+
+    Class-agnostic: rollout follows how information flows to the CLS token, whatever the class; the
+    target is ignored.
+    """
+    blocks, grid = _token_grid(model, "attention_rollout")
+    atts, _ = _attention_maps(model, x, target, blocks, need_grad=False)
+    n, t = atts[0].shape[0], atts[0].shape[-1]
+    eye = torch.eye(t).expand(n, t, t)
+    rollout = eye
+    for a in atts:
+        a = 0.5 * a.mean(1) + 0.5 * eye           # residual connection: half the signal skips attention
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a @ rollout
+    return _tokens_to_map(rollout[:, 0, 1:], grid, x.shape[2:])
+
+
+@_register("attention_gradcam", attention=True)
+def attention_gradcam(model, x, target, **kw):
+    """Gradient-weighted attention (Chefer et al. 2021): rollout of head-averaged ReLU(grad x attention) (ViT).
+
+    Grad-CAM's idea on attention: each block's attention is weighted by the gradient of the target class
+    score with respect to it, positive parts kept, averaged over heads, and accumulated over blocks with the
+    residual (R <- R + A R, R starting at the identity). Class-specific.
+    """
+    blocks, grid = _token_grid(model, "attention_gradcam")
+    atts, grads = _attention_maps(model, x, target, blocks, need_grad=True)
+    n, t = atts[0].shape[0], atts[0].shape[-1]
+    rel = torch.eye(t).expand(n, t, t).clone()
+    for a, g in zip(atts, grads):
+        cam = F.relu(g * a).mean(1)
+        rel = rel + cam @ rel
+    return _tokens_to_map(rel[:, 0, 1:], grid, x.shape[2:])
 
 
 def explain(net: nn.Module, x: torch.Tensor, method: str, target=None, layer: str | None = None,

@@ -56,3 +56,38 @@ def overlay_png(img: np.ndarray, heat: np.ndarray, path: str | Path, title: str,
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
     return Path(path)
+
+
+def panels_png(img: np.ndarray, panels: list[tuple[str, np.ndarray | None, str]], path: str | Path, title: str,
+               alpha: float = 0.45) -> Path:
+    """One row of panels: ``(title, array, kind)`` with kind ``image`` (shown in gray, [0, 1]) or ``heat``
+    (over ``img``, scaled to its own range; ``None``: the panel says 'not available'). 3D: the axial slice
+    through the first heat map's maximum."""
+    base = _base(img)
+    heats = [a for _, a, k in panels if k == "heat" and a is not None]
+    z = None
+    if base.ndim == 3 and img.shape[0] != 3:  # a volume
+        z = int(np.unravel_index(int(np.argmax(heats[0])), heats[0].shape)[0]) if heats else base.shape[0] // 2
+        base = base[z]
+    fig, ax = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+    for a, (name, arr, kind) in zip(np.ravel(ax), panels):
+        a.axis("off")
+        a.set_title(name, fontsize=8)
+        if arr is None:
+            a.text(0.5, 0.5, "not available", ha="center", va="center", fontsize=8, transform=a.transAxes)
+            continue
+        arr = np.asarray(arr, np.float32)
+        if z is not None:
+            arr = arr[0][z] if kind == "image" and arr.ndim == 4 else arr[z]
+        elif kind == "image" and arr.ndim == 3:
+            arr = _base(arr)
+        if kind == "image":
+            a.imshow(np.clip(arr, 0, 1), cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1)
+        else:
+            a.imshow(base, cmap="gray" if base.ndim == 2 else None, vmin=0, vmax=1)
+            a.imshow(_norm(arr), cmap="jet", alpha=alpha, vmin=0, vmax=1)
+    fig.suptitle(title + (f" (axial slice z={z})" if z is not None else ""), fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)

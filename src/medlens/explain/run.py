@@ -13,7 +13,7 @@ import torch
 
 from medlens.errors import ConfigError, MedlensError
 from medlens.explain.faithfulness import deletion_insertion, map_similarity, randomized_copy
-from medlens.explain.methods import METHODS, explain
+from medlens.explain.methods import METHODS, applicable, explain
 from medlens.explain.render import overlay_png
 from medlens.run.sections import write_section
 from medlens.run import Predictor, Run
@@ -70,7 +70,9 @@ def evaluate_faithfulness(run_dir: str | Path, methods: list[str] | None = None,
     _require_torch(run)
     net = run.model
     ds = _test_data(run)
-    methods = methods or list(METHODS)
+    # by default every method that fits the model (attention methods: transformers only, CAM: not them);
+    # a method named explicitly that does not fit fails with its one-line reason
+    methods = methods or [m for m in METHODS if applicable(m, net)]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ConfigError(f"unknown method(s) {bad}; choose from: {', '.join(METHODS)}")
