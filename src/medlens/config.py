@@ -309,6 +309,10 @@ class TrainConfig(_Strict):
     monitor: str = "val_auc"
     early_stopping_patience: int | None = Field(None, ge=1)
     num_threads: int | None = Field(None, ge=1)
+    # issue 15: data-parallel processes per node x nodes (docs/distributed.md); auto = ddp when more than one
+    devices: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "single", "ddp"] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")
@@ -425,9 +429,19 @@ class SegmentationConfig(_Strict):
         return self
 
 
+class AnomalyConfig(_Strict):
+    """Unsupervised anomaly detection (``task: anomaly``): an autoencoder learns the normal class only."""
+
+    normal_class: str = "normal"     # the class name (or index) the autoencoder learns; every other is anomalous
+    # the anomaly score: reconstruction error (mse, l1), SSIM dissimilarity, or auto: the best validation AUC
+    score: Literal["auto", "mse", "l1", "ssim"] = "auto"
+    compare_run: str | None = None   # a supervised run folder on the same data, reported beside (AUC, Grad-CAM)
+    cases: int = Field(3, ge=1, le=12)  # report: test cases per group (anomaly map beside the supervised Grad-CAM)
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"        # the run folder is output_dir/<name>: one path component
-    task: Literal["classification", "segmentation"] = "classification"
+    task: Literal["classification", "segmentation", "anomaly"] = "classification"
     seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy and Lightning take unsigned 32-bit seeds
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -435,6 +449,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
 
     @field_validator("name")
     @classmethod

@@ -26,6 +26,9 @@ def _register() -> None:
     imaging_cmd.register(app)
     interop_cmd.register(app)   # fhir, pacs
     serve_cmd.register(app)     # export, serve
+    from medlens.cli import federate_cmd
+
+    federate_cmd.register(app)  # federate (simulation), federate server, federate client (issue 15)
 
 
 _register()

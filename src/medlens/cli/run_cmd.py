@@ -43,7 +43,14 @@ def register(app: typer.Typer) -> None:
               overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
               run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: <output_dir>/<name>"),
               set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. train.epochs=5"),
-              quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
+              quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+              devices: Optional[int] = typer.Option(None, "--devices", help="data-parallel processes per node "
+                                                    "(train.devices)"),
+              num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="nodes (train.num_nodes; started "
+                                                      "by torchrun or srun, docs/distributed.md)"),
+              strategy: Optional[str] = typer.Option(None, "--strategy", help="auto, single or ddp (train.strategy)"),
+              dry_run: bool = typer.Option(False, "--dry-run", help="check the config and print the distributed "
+                                           "layout this process would join; train nothing")) -> None:
         """Train, evaluate on the test split and write the report of one experiment."""
         import json
 
@@ -51,9 +58,22 @@ def register(app: typer.Typer) -> None:
         from medlens.run import Run
         from medlens.workflow.train import train as do_train
         quiet_libraries()
-        cfg = load_config(config, set_)
+        extra = [f"train.{k}={v}" for k, v in (("devices", devices), ("num_nodes", num_nodes),
+                                               ("strategy", strategy)) if v is not None]
+        cfg = load_config(config, list(set_) + extra)
+        if dry_run:
+            from medlens.engine.distributed import plan
+
+            p = plan(cfg.train)
+            console.print(json.dumps({"config": str(config), "rank": p.rank, **p.summary()}), markup=False,
+                          highlight=False)
+            return
         run = do_train(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite, progress_bar=not quiet,
                        log=lambda s: console.print(s, markup=False, highlight=False))
+        from medlens.engine.distributed import global_rank
+
+        if global_rank() != 0:  # data parallel under torchrun/srun: rank 0 reports
+            return
         results = json.loads((run / "metrics.json").read_text())
         console.print(_metrics_table(results, "test"))
         if "reference_observer" in results:

@@ -3,6 +3,12 @@
 A loader yields whole batches sliced from the dataset's array (no per-sample collate). The order
 of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same batches as an
 uninterrupted one.
+
+Data-parallel training (``num_replicas`` processes) keeps that contract: every process draws the same
+epoch order, cuts it into global batches of ``batch_size x num_replicas`` and takes its own slice of each,
+so the processes together see exactly the batches of one process with the effective batch size, and every
+process has the same number of steps (the last global batch is split evenly, padded from the epoch's start
+when it has fewer samples than processes).
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ class EpochBatchSampler(Sampler):
     """Yields index batches. ``mode``: ``sequential``, ``shuffle``, ``balanced`` or ``undersample``."""
 
     def __init__(self, labels: np.ndarray, task: str, batch_size: int, mode: str = "shuffle", seed: int = 0,
-                 undersample_ratio: float = 1.0) -> None:
+                 undersample_ratio: float = 1.0, num_replicas: int = 1, rank: int | None = None) -> None:
         self.labels = np.asarray(labels)
+        # rank None: this process's rank in the process group, read when iterating (the sampler is built
+        # before the worker processes exist)
+        self.num_replicas, self._rank = int(num_replicas), rank
         self.task, self.batch_size, self.mode, self.seed = task, batch_size, mode, seed
         self.ratio = undersample_ratio
         self.epoch = 0
@@ -59,16 +68,37 @@ class EpochBatchSampler(Sampler):
                 keep.append(rng.choice(idx, size=k, replace=False))
         return rng.permutation(np.concatenate(keep))
 
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return int(self._rank)
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
     def __iter__(self):
         idx = self._indices()
-        for i in range(0, len(idx), self.batch_size):
-            yield idx[i : i + self.batch_size]
+        if self.num_replicas == 1:
+            for i in range(0, len(idx), self.batch_size):
+                yield idx[i : i + self.batch_size]
+            return
+        g = self.batch_size * self.num_replicas
+        for i in range(0, len(idx), g):
+            chunk = idx[i : i + g]
+            if len(chunk) == g:
+                yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+                continue
+            if len(chunk) < self.num_replicas:  # too few for one each: pad from the start of the epoch
+                chunk = np.concatenate([chunk, idx[: self.num_replicas - len(chunk)]])
+            yield np.array_split(chunk, self.num_replicas)[self.rank]
 
     def __len__(self) -> int:
         n = len(self._indices()) if self.mode == "undersample" else len(self.labels)
-        return (n + self.batch_size - 1) // self.batch_size
+        g = self.batch_size * self.num_replicas
+        return (n + g - 1) // g
 
 
-def make_loader(ds, batch_size: int, mode: str = "sequential", seed: int = 0, undersample_ratio: float = 1.0) -> DataLoader:
-    sampler = EpochBatchSampler(ds.labels, ds.task, batch_size, mode, seed, undersample_ratio)
+def make_loader(ds, batch_size: int, mode: str = "sequential", seed: int = 0, undersample_ratio: float = 1.0,
+                num_replicas: int = 1, rank: int | None = None) -> DataLoader:
+    sampler = EpochBatchSampler(ds.labels, ds.task, batch_size, mode, seed, undersample_ratio, num_replicas, rank)
     return DataLoader(_BatchView(ds), sampler=sampler, batch_size=None, num_workers=0)

@@ -7,6 +7,7 @@ evaluation, explanations and the report are the workflow's (``medlens.workflow.t
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -37,10 +38,12 @@ class FitResult:
     epochs_run: int
     monitor: str
     seconds: float
+    distributed: dict | None = None   # the data-parallel layout (engine.distributed), when more than one process
 
     def summary(self) -> dict:
+        env = environment() | ({"distributed": self.distributed} if self.distributed else {})
         return {"train_seconds": round(self.seconds, 1), "epochs_run": self.epochs_run,
-                "best_epoch_metric": {self.monitor: self.best_score}, "environment": environment()}
+                "best_epoch_metric": {self.monitor: self.best_score}, "environment": env}
 
 
 def environment() -> dict:
@@ -88,12 +91,17 @@ def fit_classifier(cfg, data, net: ClassifierNet, run: Path, resume: bool, callb
     cw, pw = class_weights(tr.class_counts(), data.task, cfg.train.imbalance)
     module = ClassifierModule(net, data.task, cfg.train, seed=cfg.seed, class_weights=cw, pos_weight=pw)
     mode = IMBALANCE_MODES[cfg.train.imbalance]
-    train_loader = make_loader(tr, cfg.train.batch_size, mode, cfg.seed, cfg.train.undersample_ratio)
+    from medlens.engine.distributed import plan
+
+    # data parallel: train.batch_size per process, each process its slice of the same (seed, epoch) order
+    dist = plan(cfg.train)
+    train_loader = make_loader(tr, cfg.train.batch_size, mode, cfg.seed, cfg.train.undersample_ratio,
+                               num_replicas=dist.world_size)
     val_loader = make_loader(data.val, max(cfg.train.batch_size, 256), "sequential")
     best, epochs = _fit(cfg, module, train_loader, val_loader, run, monitor, resume, callbacks, progress_bar)
     _save_best(module, run)
-    return module.model.to(memory_format=torch.contiguous_format).eval(), FitResult(best, epochs, monitor,
-                                                                                  time.time() - t0)
+    return module.model.to(memory_format=torch.contiguous_format).eval(), FitResult(
+        best, epochs, monitor, time.time() - t0, dist.summary() if dist.distributed else None)
 
 
 def fit_segmentation(cfg, data, net: ClassifierNet, n_outputs: int, run: Path, resume: bool, callbacks=None,
@@ -121,6 +129,12 @@ def _fit(cfg, module, train_loader, val_loader, run: Path, monitor: str, resume:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+    from medlens.engine.distributed import plan, trainer_arguments
+
+    dist = plan(cfg.train)
+    if dist.distributed and not isinstance(module, ClassifierModule):
+        raise ConfigError("train.devices x train.num_nodes > 1 is for classifier runs; segmentation trains in one "
+                          "process")
     ckpt_dir = run / "checkpoints"
     mode_mm = monitor_mode(monitor)
     cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode_mm, save_top_k=1,
@@ -128,12 +142,20 @@ def _fit(cfg, module, train_loader, val_loader, run: Path, monitor: str, resume:
            HistoryWriter(run / "history.csv")]
     if cfg.train.early_stopping_patience:
         cbs.append(EarlyStopping(monitor=monitor, mode=mode_mm, patience=cfg.train.early_stopping_patience))
-    trainer = L.Trainer(max_epochs=cfg.train.epochs, accelerator="cpu" if not torch.cuda.is_available() else "auto",
-                        devices=1, precision=cfg.train.precision, callbacks=cbs + list(callbacks or []),
+    if dist.distributed:  # the machine's threads shared between this node's processes
+        cbs.append(_ThreadsPerProcess(max(1, (cfg.train.num_threads or os.cpu_count() or 1) // dist.devices)))
+    trainer = L.Trainer(max_epochs=cfg.train.epochs, **trainer_arguments(dist),
+                        precision=cfg.train.precision, callbacks=cbs + list(callbacks or []),
                         logger=False, enable_progress_bar=progress_bar, enable_model_summary=False,
                         deterministic="warn", num_sanity_val_steps=0, use_distributed_sampler=False)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None,
                 weights_only=True)
+    if dist.launcher == "medlens (spawn)":
+        # the workers have joined; this process saw only their final state, the checkpoints hold the rest
+        if trainer.interrupted:
+            raise TrainingInterrupted(f"training stopped; resume with `medlens train {run / 'config.yaml'} "
+                                      f"--resume`", run)
+        return _spawned_result(ckpt_dir, monitor)
     if trainer.interrupted or trainer.current_epoch < cfg.train.epochs and not trainer.should_stop:
         raise TrainingInterrupted(f"training stopped at epoch {trainer.current_epoch}; resume with "
                                   f"`medlens train {run / 'config.yaml'} --resume`", run)
@@ -141,13 +163,29 @@ def _fit(cfg, module, train_loader, val_loader, run: Path, monitor: str, resume:
     return (float(score) if score is not None else None), int(trainer.current_epoch)
 
 
+def _spawned_result(ckpt_dir: Path, monitor: str) -> tuple[float | None, int]:
+    """(best monitored value, epochs run) of spawned workers, read from their checkpoints."""
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    best = None
+    for k, v in last.get("callbacks", {}).items():
+        if k.startswith("ModelCheckpoint") and v.get("best_model_score") is not None:
+            best = float(v["best_model_score"])
+    return best, int(last["epoch"]) + 1
+
+
+
 def _save_best(module, run: Path) -> None:
-    """Load the best checkpoint (else the last) into ``module`` and write its weights as ``model.pt``."""
+    """Load the best checkpoint (else the last) into ``module`` and write its weights as ``model.pt``
+    (global rank 0 only: the other data-parallel processes write nothing)."""
+    from medlens.engine.distributed import global_rank
+
     ckpt_dir = run / "checkpoints"
     best = ckpt_dir / "best.ckpt"
     state = torch.load(best if best.exists() else ckpt_dir / "last.ckpt", map_location="cpu",
                        weights_only=True)["state_dict"]
     module.load_state_dict(state)
+    if global_rank() != 0:
+        return
     with atomic_path(run / "model.pt") as tmp:
         torch.save(module.model.to(memory_format=torch.contiguous_format).state_dict(), tmp)
 
@@ -186,7 +224,19 @@ class HistoryWriter(_cb.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         import pandas as pd
 
+        if not trainer.is_global_zero:  # data parallel: one writer
+            return
         rows = pd.read_csv(self.path).to_dict("records") if self.path.exists() else []
         rows = [r for r in rows if r["epoch"] < trainer.current_epoch] + [_history_row(trainer)]
         with atomic_path(self.path) as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+class _ThreadsPerProcess(_cb.Callback):
+    """Each data-parallel process uses its share of the node's threads."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        torch.set_num_threads(self.n)

@@ -107,6 +107,8 @@ class RunMeta(_Strict):
     # what the training inputs looked like (modality, colour, size, intensity histogram): predict warns
     # when an input falls outside it (``medlens.run.profile``); absent in runs written before it existed
     input_profile: InputProfile | None = None
+    # task: anomaly (issue 18): the autoencoder learnt only this class; the score and how it was chosen
+    anomaly: dict[str, Any] | None = None
 
     @property
     def spatial_dims(self) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from medlens.utils import write_json_atomic
 
 SECTION_DIR = "report_sections"
-KINDS = ("explanations", "segmentation")
+KINDS = ("explanations", "segmentation", "anomaly", "federated")
 
 
 def write_section(run_dir: str | Path, kind: str, title: str, data: dict) -> Path:

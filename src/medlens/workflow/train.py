@@ -30,7 +30,13 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
           overwrite: bool = False, callbacks: list | None = None, progress_bar: bool = True,
           log: Callable[[str], None] = print) -> Path:
     """Train, evaluate, explain and report one experiment; return its run folder."""
+    from medlens.engine.distributed import plan
+
     path = resolve_run_dir(cfg, run_dir)
+    if plan(cfg.train).rank != 0:  # a data-parallel process started by torchrun/srun: fit, write nothing
+        seed_everything(cfg.seed)
+        _train_classifier(cfg, path, resume, callbacks, False, log, writer=False)
+        return path
     folder = RunFolder(path)
     folder.check(resume, overwrite)
     with run_lock(path):
@@ -44,6 +50,10 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
         if cfg.task == "segmentation":
             run = _train_segmentation(cfg, path, from_ckpt, callbacks, progress_bar)
+        elif cfg.task == "anomaly":  # issue 18: autoencoder on the normal class (workflow.anomaly)
+            from medlens.workflow.anomaly import train_anomaly
+
+            run = train_anomaly(cfg, path, from_ckpt, callbacks, progress_bar, log)
         else:
             run = _train_classifier(cfg, path, from_ckpt, callbacks, progress_bar, log)
     return run.dir
@@ -54,19 +64,11 @@ def _write_start(cfg: ExperimentConfig, meta: RunMeta, path: Path) -> None:
     meta.save(path)
 
 
-def _train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log) -> Run:
-    from medlens.transforms.preprocess import prepared_data
-    from medlens.engine.classical import CLASSICAL_MODELS
-    from medlens.engine.train import build_network, channel_stats, fit_classical_model, fit_classifier
-    from medlens.evaluation.calibration import calibration_method, fit_calibration
-    from medlens.evaluation.evaluate import evaluate_run
+def classifier_meta(cfg, data, classical: bool = False) -> RunMeta:
+    """The run contract of a classifier about to be fitted on ``data`` (normalisation from its training split)."""
+    from medlens.engine.train import channel_stats
 
-    data = prepared_data(cfg.data, seed=cfg.seed)
     tr = data.train
-    if len(tr) == 0 or len(data.val) == 0 or len(data.test) == 0:
-        raise MedlensError(f"empty split: train {len(tr)}, val {len(data.val)}, test {len(data.test)}")
-    calibration_method(data.task, cfg.evaluation.calibration)  # a setting that does not fit the task fails now
-    classical = cfg.model.name in CLASSICAL_MODELS
     c = tr.in_channels
     mean, std = (channel_stats(tr) if cfg.data.normalize == "dataset" and not classical
                  else ([0.0] * c, [1.0] * c))
@@ -81,11 +83,30 @@ def _train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bo
         split_method=data.split_method, dataset=cfg.data.name or cfg.data.path,
         n_samples={s: len(data.get(s)) for s in ("train", "val", "test")},
         class_counts={s: data.get(s).class_counts().tolist() for s in ("train", "val", "test")})
+    return meta
+
+
+def _train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log,
+                      writer: bool = True) -> Run | None:
+    from medlens.transforms.preprocess import prepared_data
+    from medlens.engine.classical import CLASSICAL_MODELS
+    from medlens.engine.train import build_network, fit_classical_model, fit_classifier
+    from medlens.evaluation.calibration import calibration_method
+
+    data = prepared_data(cfg.data, seed=cfg.seed)
+    tr = data.train
+    if len(tr) == 0 or len(data.val) == 0 or len(data.test) == 0:
+        raise MedlensError(f"empty split: train {len(tr)}, val {len(data.val)}, test {len(data.test)}")
+    calibration_method(data.task, cfg.evaluation.calibration)  # a setting that does not fit the task fails now
+    classical = cfg.model.name in CLASSICAL_MODELS
+    meta = classifier_meta(cfg, data, classical)
+    c, mean, std = tr.in_channels, meta.preprocessing.mean, meta.preprocessing.std
     # issue 19: the training inputs' profile, against which predict and serve check each input
     from medlens.run.profile import profile_of
 
-    meta.input_profile = profile_of(data, cfg.data)
-    _write_start(cfg, meta, path)
+    if writer:  # global rank 0 (issue 15: the other data-parallel processes only fit)
+        meta.input_profile = profile_of(data, cfg.data)
+        _write_start(cfg, meta, path)
     if classical:
         model, n_features, fit = fit_classical_model(cfg, data, path)
         meta.n_features = n_features
@@ -100,7 +121,17 @@ def _train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bo
             log(f"transfer: loaded {meta.transfer['loaded']} tensors, skipped {len(meta.transfer['skipped'])}, "
                 f"frozen {meta.transfer['frozen']} parameters")
         model, fit = fit_classifier(cfg, data, model, path, resume, callbacks, progress_bar)
-    meta = meta.model_copy(update=fit.summary())
+    if not writer:
+        return None
+    return finish_classifier(cfg, meta.model_copy(update=fit.summary()), path, data, model, classical)
+
+
+def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bool = False) -> Run:
+    """A fitted classifier -> calibration and threshold on validation -> evaluation -> explanations -> report
+    (``medlens train``, and ``medlens federate`` with the global model)."""
+    from medlens.evaluation.calibration import fit_calibration
+    from medlens.evaluation.evaluate import evaluate_run
+
     run = Run(path, meta, cfg).use_model(model)
     predictor = Predictor(run)
     # calibration first, then the threshold on the calibrated validation probabilities: both from validation only

@@ -1,0 +1,116 @@
+"""Distributed data-parallel settings: ``train.devices`` x ``train.num_nodes`` processes through Lightning's
+DDP strategy (gloo on CPU, NCCL on GPUs).
+
+Two ways the processes come to exist:
+- **started by medlens** (``medlens train CFG --devices N --strategy ddp`` on one machine): the command's
+  process starts N workers with Lightning's ``spawn`` launcher and stays outside them; it alone writes the
+  run folder, evaluates and reports after they join.
+- **started by a launcher** (``torchrun``, ``srun``): Lightning's cluster environments read the launcher's
+  variables (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, ``SLURM_PROCID``/``SLURM_NTASKS``...); every process runs
+  the same command, and only global rank 0 writes the run folder; the others fit and exit.
+
+Nothing here is a second engine: it turns the config into Lightning ``Trainer`` arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from medlens.errors import ConfigError
+
+
+def launcher_environment():
+    """Lightning's cluster environment when a launcher (torchrun, SLURM's srun) started this process, else None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return TorchElasticEnvironment()
+    if SLURMEnvironment.detect():
+        return SLURMEnvironment()
+    return None
+
+
+def global_rank() -> int:
+    """This process's global rank under a launcher; 0 when no launcher started it."""
+    env = launcher_environment()
+    return int(env.global_rank()) if env is not None else 0
+
+
+def machine_devices(accelerator: str) -> int:
+    """How many devices of this kind the machine has (GPUs, or CPU cores for CPU processes)."""
+    return torch.cuda.device_count() if accelerator == "gpu" else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class DistributedPlan:
+    strategy: str        # "single" or "ddp"
+    accelerator: str     # "cpu" or "gpu"
+    devices: int         # processes per node
+    num_nodes: int
+    backend: str | None  # "gloo" (CPU) or "nccl" (GPU); None for one process
+    launcher: str        # "none", "medlens (spawn)", "torchrun", "slurm"
+    rank: int
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy == "ddp"
+
+    def summary(self) -> dict:
+        return {"strategy": self.strategy, "world_size": self.world_size, "devices": self.devices,
+                "num_nodes": self.num_nodes, "accelerator": self.accelerator, "backend": self.backend,
+                "launcher": self.launcher}
+
+
+def plan(train_cfg) -> DistributedPlan:
+    """The distributed layout of ``train`` (``devices``, ``num_nodes``, ``strategy``) on this machine; a
+    layout the machine cannot hold is a one-line ``ConfigError``."""
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    devices, nodes, strategy = train_cfg.devices, train_cfg.num_nodes, train_cfg.strategy
+    if strategy == "auto":
+        strategy = "ddp" if devices * nodes > 1 else "single"
+    if strategy == "single" and devices * nodes > 1:
+        raise ConfigError(f"train.strategy single runs one process, but devices x num_nodes = {devices * nodes}")
+    have = machine_devices(accelerator)
+    if devices > have:
+        unit = "GPU(s)" if accelerator == "gpu" else "CPU core(s)"
+        raise ConfigError(f"train.devices {devices} is more than this machine has ({have} {unit})")
+    env = launcher_environment()
+    launcher = "none"
+    if env is not None:
+        launcher = "torchrun" if type(env).__name__ == "TorchElasticEnvironment" else "slurm"
+        if strategy == "ddp" and int(env.world_size()) != devices * nodes:
+            raise ConfigError(f"the launcher started {env.world_size()} processes, but train.devices x "
+                              f"train.num_nodes = {devices} x {nodes}")
+    elif strategy == "ddp":
+        if nodes > 1:
+            raise ConfigError(f"train.num_nodes {nodes} needs a launcher on each node (torchrun or srun; see "
+                              "docs/distributed.md)")
+        launcher = "medlens (spawn)"
+    backend = ("nccl" if accelerator == "gpu" else "gloo") if strategy == "ddp" else None
+    return DistributedPlan(strategy, accelerator, devices, nodes, backend, launcher,
+                           int(env.global_rank()) if env is not None else 0)
+
+
+def trainer_arguments(p: DistributedPlan) -> dict:
+    """``L.Trainer`` keyword arguments of a plan."""
+    if not p.distributed:
+        return {"accelerator": "cpu" if p.accelerator == "cpu" else "auto", "devices": 1}
+    from lightning.pytorch.strategies import DDPStrategy
+
+    start = "popen" if p.launcher in ("torchrun", "slurm") else "spawn"
+    if start == "spawn":
+        os.environ.pop("MASTER_PORT", None)  # a fresh free port for each launch (a previous one may linger)
+        # the module goes to the workers pickled; torch's default fd sharing fails on its empty buffers here
+        torch.multiprocessing.set_sharing_strategy("file_system")
+    # BatchNorm statistics synchronised across processes where torch can (SyncBatchNorm is GPU-only); on CPU each
+    # process normalises its own slice of the global batch
+    return {"accelerator": p.accelerator, "devices": p.devices, "num_nodes": p.num_nodes,
+            "sync_batchnorm": p.accelerator == "gpu",
+            "strategy": DDPStrategy(process_group_backend=p.backend, start_method=start)}
