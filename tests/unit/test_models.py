@@ -13,13 +13,14 @@ BIG = {"inception_v3", "vgg16"}
 @pytest.mark.parametrize("entry", list_models(), ids=lambda e: e.name)
 def test_every_model_runs_forward_and_backward(entry):
     seg = entry.task == "segmentation"
+    k = 1 if entry.task == "anomaly" else 3   # an autoencoder gives one anomaly score per image
     for dims in entry.dims:
         # the ImageNet architectures need more than 28 px (Inception v3: >= 75; VGG16: five poolings)
         size = (16, 16, 16) if dims == 3 else (32, 32) if seg else (80, 80) if entry.name in BIG else (28, 28)
-        m = create_model(entry.name, 1, 3, dims, size)
+        m = create_model(entry.name, 1, k, dims, size)
         x = torch.randn(2, 1, *size)
         out = m(x)
-        assert out.shape == ((2, 3, *size) if seg else (2, 3))  # per-voxel logits for segmenters
+        assert out.shape == ((2, k, *size) if seg else (2, k))  # per-voxel logits for segmenters
         out.sum().backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
