@@ -23,7 +23,6 @@ from interop_checks import check_bundle, dciodvfy, resources
 from clirun import medlens  # in-process: the console script's entry point
 
 REPO = Path(__file__).resolve().parents[2]
-THIRD_PARTY_SR = REPO / "tests" / "data" / "interop" / "dcmqi_tid1500_sr.dcm"  # QIICR/dcmqi data/sr-example/sr.dcm
 NAME, PID = "Quixotewright^Zebulonia", "PID-ZQ-739104"  # a distinctive patient, to hunt for in every output
 
 
@@ -295,27 +294,63 @@ def test_deidentify_and_no_phi_in_logs_or_errors(trained_run, phi_slice, tmp_pat
 # ---------------------------------------------------------------------------------------------- FHIR
 
 
-def test_third_party_sr_to_fhir(tmp_path):
-    """dcmqi's TID 1500 SR (QIN-HEADNECK, written by dcmqi/DCMTK): every measurement becomes an Observation."""
+def _independent_sr(data_root: Path, out: Path) -> Path:
+    """A TID 1500 SR built here with highdicom's own classes (not medlens's builders) on a real LIDC slice: two
+    planar ROI groups with their measurements, and a device observer, as another vendor's SR would carry them."""
+    import highdicom as hd
+    import numpy as np
+    from pydicom.sr.codedict import codes
+
+    src = pydicom.dcmread(next(lidc_series(data_root).rglob("*.dcm")))
+    z = float(src.ImagePositionPatient[2])
+    groups = []
+    for k, (x, y, d) in enumerate([(40.0, 60.0, 8.5), (-70.0, 20.0, 12.25)]):
+        a = np.linspace(0, 2 * np.pi, 13)
+        ring = np.column_stack([x + d / 2 * np.cos(a), y + d / 2 * np.sin(a), np.full(13, z)])
+        ring[-1] = ring[0]
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"lesion {k + 1}"),
+            referenced_region=hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYGON, graphic_data=ring,
+                                                  frame_of_reference_uid=src.FrameOfReferenceUID),
+            finding_type=codes.SCT.Nodule,
+            measurements=[hd.sr.Measurement(name=codes.SCT.Diameter, value=d, unit=codes.UCUM.Millimeter),
+                          hd.sr.Measurement(name=codes.SCT.Area, value=round(np.pi * d * d / 4, 3),
+                                            unit=codes.UCUM.SquareMillimeter)]))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), name="independent-reader-device")
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device, observer_identifying_attributes=device))
+    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.SCT.ImagingProcedure,
+                                     imaging_measurements=groups)
+    sr = hd.sr.Comprehensive3DSR(evidence=[src], content=report[0], series_instance_uid=hd.UID(), series_number=7,
+                                 sop_instance_uid=hd.UID(), instance_number=1, manufacturer="independent")
+    path = out / "independent_sr.dcm"
+    sr.save_as(path)
+    return path
+
+
+def test_independent_sr_to_fhir(tmp_path, data_root):
+    """A TID 1500 SR written by highdicom directly (not through medlens): every measurement becomes an Observation."""
     import highdicom as hd
 
-    r = medlens("fhir", THIRD_PARTY_SR, "-o", tmp_path / "b.json", check=True)
+    sr_path = _independent_sr(data_root, tmp_path)
+    r = medlens("fhir", sr_path, "-o", tmp_path / "b.json", check=True)
     assert "transaction Bundle" in r.stdout
-    sr = pydicom.dcmread(THIRD_PARTY_SR)
+    sr = pydicom.dcmread(sr_path)
     js = check_bundle(tmp_path / "b.json", sr)
     res = resources(js)
     values = num_items(sr)
+    assert sorted(values.get("Diameter", [])) == [8.5, 12.25]
     got: dict[str, list[float]] = {}
     for o in res["Observation"]:
         if "valueQuantity" in o:
             got.setdefault(o["code"]["text"], []).append(o["valueQuantity"]["value"])
     assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in values.items()}
-    groups = hd.sr.srread(THIRD_PARTY_SR).content.get_volumetric_roi_measurement_groups()
+    groups = hd.sr.srread(sr_path).content.get_planar_roi_measurement_groups()
     grouping = [o for o in res["Observation"] if "hasMember" in o]
-    assert len(grouping) == len(groups) and len(res["DiagnosticReport"][0]["result"]) == len(groups)
+    assert len(grouping) == len(groups) == 2 and len(res["DiagnosticReport"][0]["result"]) == len(groups)
     assert {o["identifier"][0]["value"] for o in grouping} == {f"urn:oid:{g.tracking_uid}" for g in groups}
     (dev,) = res["Device"]
-    assert dev["name"][0]["value"] == "https://github.com/QIICR/Iowa2DICOM.git"
+    assert dev["name"][0]["value"] == "independent-reader-device"
 
 
 def test_not_tid1500_and_bad_files_are_one_line_errors(tmp_path):
@@ -357,9 +392,10 @@ FHIR_SERVER = textwrap.dedent('''
 ''')
 
 
-def test_post_bundle_to_a_fhir_endpoint(tmp_path):
+def test_post_bundle_to_a_fhir_endpoint(tmp_path, data_root):
     from orthanc import free_port
 
+    sr_path = _independent_sr(data_root, tmp_path)
     port = free_port()
     (tmp_path / "server.py").write_text(FHIR_SERVER)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "server.py"), str(port), str(tmp_path / "posted.json")])
@@ -372,13 +408,13 @@ def test_post_bundle_to_a_fhir_endpoint(tmp_path):
                 break
             except OSError:
                 time.sleep(0.1)
-        r = medlens("fhir", THIRD_PARTY_SR, "--post", f"http://127.0.0.1:{port}/fhir", check=True)
+        r = medlens("fhir", sr_path, "--post", f"http://127.0.0.1:{port}/fhir", check=True)
         posted = json.loads((tmp_path / "posted.json").read_text())
         assert posted["type"] == "transaction" and f"posted {len(posted['entry'])} resources" in r.stdout
-        check_bundle(tmp_path / "posted.json", pydicom.dcmread(THIRD_PARTY_SR))
-        one_line_error(medlens("fhir", THIRD_PARTY_SR, "--post", f"http://127.0.0.1:{port}/refuse"),
+        check_bundle(tmp_path / "posted.json", pydicom.dcmread(sr_path))
+        one_line_error(medlens("fhir", sr_path, "--post", f"http://127.0.0.1:{port}/refuse"),
                        "refused the transaction", "HTTP 422", "transaction rejected by test server")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    one_line_error(medlens("fhir", THIRD_PARTY_SR, "--post", f"http://127.0.0.1:{port}/fhir"), "unreachable")
+    one_line_error(medlens("fhir", sr_path, "--post", f"http://127.0.0.1:{port}/fhir"), "unreachable")
