@@ -204,6 +204,8 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     check_md5: bool = True
     max_samples: int | None = Field(None, ge=1)  # cap each split (quick experiments, tests)
+    # issue 17: a stratified share of the training labels kept (seeded; low-label studies); val/test untouched
+    label_fraction: float = Field(1.0, gt=0, le=1)
     normalize: Literal["dataset", "none"] = "dataset"
     # segmentation pairs (task: segmentation)
     mask_suffix: str | None = None       # folder: mask of <stem><image_suffix>.<ext> is <stem><mask_suffix>
@@ -280,6 +282,7 @@ class ModelConfig(_Strict):
 class AugmentConfig(_Strict):
     hflip: float = Field(0.0, ge=0, le=1)
     vflip: float = Field(0.0, ge=0, le=1)
+    dflip: float = Field(0.0, ge=0, le=1)   # 3D only: flip the depth (slice) axis
     rot90: bool = False
     rotate: float = Field(0.0, ge=0, le=180)  # max degrees
     translate: float = Field(0.0, ge=0, le=0.5)  # fraction of size
@@ -288,6 +291,13 @@ class AugmentConfig(_Strict):
     brightness: float = Field(0.0, ge=0, le=1)
     contrast: float = Field(0.0, ge=0, le=1)
     noise: float = Field(0.0, ge=0, le=1)
+
+
+class ProgressiveConfig(_Strict):
+    """Progressive resizing: early epochs train on downsampled inputs, the size rising linearly to full."""
+
+    start: float = Field(0.5, gt=0, lt=1)     # the first epoch's input size, as a fraction of the full size
+    fraction: float = Field(0.5, gt=0, le=1)  # share of the epochs over which the size reaches full
 
 
 class TrainConfig(_Strict):
@@ -314,6 +324,15 @@ class TrainConfig(_Strict):
     num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "single", "ddp"] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # issue 17: accuracy tools (each off by default)
+    ema: float | None = Field(None, gt=0, lt=1)   # decay of an exponential moving average of the weights; the
+    #                                               average is what is validated, checkpointed as best and saved
+    mixup: float = Field(0.0, ge=0, le=10)        # Beta(a, a) of mixup (0: off)
+    cutmix: float = Field(0.0, ge=0, le=10)       # Beta(a, a) of cutmix (0: off); with mixup, one of the two per batch
+    progressive: ProgressiveConfig | None = None  # progressive resizing (models with global pooling)
+    ensemble: int = Field(1, ge=1, le=20)         # members trained with seeds seed, seed+1, ...; soft voting
+    max_minutes: float | None = Field(None, gt=0)  # wall-clock limit of fitting (all members); each member keeps
+    #                                                its best checkpoint when its share runs out
 
     @model_validator(mode="after")
     def _warmup(self) -> "TrainConfig":
@@ -335,7 +354,7 @@ class EvalConfig(_Strict):
     threshold: str = "youden"   # youden | sensitivity:0.9 | specificity:0.9 | fixed:0.5 | f1
     bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0, lt=1)
-    tta: bool = False
+    tta: bool = False   # classifiers: average the probabilities over the flips that train.augment uses
     # probability calibration fitted on validation: Platt (binary), temperature (multi-class), or none
     calibration: Literal["auto", "platt", "temperature", "none"] = "auto"
     calibration_bins: int = Field(15, ge=2, le=100)   # equal-width bins of ECE/MCE and the reliability diagram
@@ -450,6 +469,9 @@ class ExperimentConfig(_Strict):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
+    # issue 17: what `medlens plan` recorded (fingerprint, measured speed, each decision with its reason).
+    # Data about the config, never read by training.
+    plan: dict[str, Any] | None = None
 
     @field_validator("name")
     @classmethod
@@ -461,8 +483,9 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":
-        if self.data.source == "medmnist" and not self.data.name:
-            raise ValueError("data.name is required for source 'medmnist' (e.g. pneumoniamnist)")
+        if self.data.source == "medmnist" and not self.data.name and not self.data.path:
+            raise ValueError("data.name (e.g. pneumoniamnist) or data.path (a MedMNIST-format .npz) is required "
+                             "for source 'medmnist'")
         if self.data.source in ("folder", "csv", "hdf5") and not self.data.path:
             raise ValueError(f"data.path is required for source '{self.data.source}'")
         if self.task == "segmentation":
@@ -486,6 +509,11 @@ class ExperimentConfig(_Strict):
                 self.data.positive_class not in set(self.data.label_map.values()):
             raise ValueError(f"data.positive_class {self.data.positive_class!r} is not one of the task labels of "
                              f"data.label_map {sorted({t for t in self.data.label_map.values() if t})}")
+        if self.task == "classification" and self.evaluation.tta:
+            a = self.train.augment
+            if not (a.hflip or a.vflip or a.dflip):
+                raise ValueError("evaluation.tta averages over the flips that training uses; train.augment has no "
+                                 "hflip, vflip or dflip")
         if self.evaluation.subgroups and (self.data.source != "csv" or self.task != "classification"):
             raise ValueError("evaluation.subgroups names columns of a classification CSV manifest (data.source: csv)")
         return self

@@ -16,7 +16,7 @@ def test_unknown_key_names_the_key_and_suggests(tmp_path):
 def test_bad_value_and_missing_name():
     with pytest.raises(ConfigError, match="train.epochs"):
         config_from_dict({"data": {"name": "pneumoniamnist"}, "train": {"epochs": 0}})
-    with pytest.raises(ConfigError, match="data.name is required"):
+    with pytest.raises(ConfigError, match=r"data.name \(e.g. pneumoniamnist\) or data.path .* is required"):
         config_from_dict({"data": {"source": "medmnist"}})
     with pytest.raises(ConfigError, match="threshold"):
         config_from_dict({"data": {"name": "pneumoniamnist"}, "evaluation": {"threshold": "magic"}})

@@ -47,7 +47,26 @@ def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Ca
     if cfg.max_samples:
         data = SplitData(*(_cap(d, cfg.max_samples, seed) for d in (data.train, data.val, data.test)),
                          split_method=data.split_method + f" (capped at {cfg.max_samples} per split)")
+    if cfg.label_fraction < 1:
+        data = SplitData(label_subset(data.train, cfg.label_fraction, seed), data.val, data.test,
+                         split_method=data.split_method + f" (training labels: {cfg.label_fraction:g} kept, "
+                                                          "stratified)")
     return data
+
+
+def label_subset(ds: ArrayDataset, fraction: float, seed: int) -> ArrayDataset:
+    """A stratified, seeded share of a training split: ``ceil(fraction x n)`` samples of each class (at least
+    one), for low-label studies. Multi-label rows are stratified by their first positive label."""
+    import numpy as np
+
+    y = np.asarray(ds.labels)
+    key = y.argmax(1) if y.ndim == 2 else y.reshape(-1)
+    rng = np.random.default_rng(seed + 17)
+    keep = []
+    for c in np.unique(key):
+        idx = np.flatnonzero(key == c)
+        keep.append(rng.choice(idx, max(1, int(np.ceil(fraction * len(idx)))), replace=False))
+    return ds.subset(np.sort(np.concatenate(keep)))
 
 
 def _cap(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:

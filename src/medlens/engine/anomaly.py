@@ -71,7 +71,7 @@ def fit_autoencoder(cfg, train_normal, val_normal, net: ClassifierNet, run: Path
     module = AutoencoderModule(net, cfg.train, seed=cfg.seed)
     train_loader = make_loader(train_normal, cfg.train.batch_size, "shuffle", cfg.seed)
     val_loader = make_loader(val_normal, max(cfg.train.batch_size, 256), "sequential")
-    best, epochs = _fit(cfg, module, train_loader, val_loader, run, "val_loss", resume, callbacks, progress_bar)
+    best, epochs, _ = _fit(cfg, module, train_loader, val_loader, run, "val_loss", resume, callbacks, progress_bar)
     _save_best(module, run)
     return module.model.eval(), FitResult(best, epochs, "val_loss", time.time() - t0)
 

@@ -11,7 +11,7 @@ from medlens.tasks import TaskType
 
 BINARY, MULTILABEL, ORDINAL = TaskType.BINARY, TaskType.MULTILABEL, TaskType.ORDINAL
 from medlens.models.transfer import freeze_norm_statistics
-from medlens.transforms.augment import BatchAugment
+from medlens.transforms.augment import BatchAugment, apply_mix, sample_mix
 
 
 def monitor_mode(monitor: str) -> str:
@@ -90,6 +90,36 @@ def train_accuracy(task: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Te
     return (prob.argmax(1) == y.reshape(-1).long()).float().mean()
 
 
+def ema_update(decay: float):
+    """The EMA step of ``AveragedModel``: ``ema <- d ema + (1 - d) w`` with ``d = min(decay, (1 + n) / (10 + n))``
+    after ``n`` updates, so the average follows the weights closely at first instead of keeping the random
+    initialisation for hundreds of steps."""
+
+    def update(ema_params, params, num_averaged):
+        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        if ema_params[0].is_floating_point():
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        else:  # counters (BatchNorm's num_batches_tracked) are copied
+            for e, p in zip(ema_params, params):
+                e.copy_(p)
+
+    return update
+
+
+def progressive_size(cfg, epoch: int, full: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Progressive resizing: the training input size at ``epoch`` (None at full size). The size rises
+    linearly from ``start x full`` at epoch 0 to full after ``fraction`` of the epochs; at least 8 voxels."""
+    pr = cfg.progressive
+    if pr is None:
+        return None
+    ramp = max(1, round(pr.fraction * cfg.epochs))
+    if epoch >= ramp:
+        return None
+    s = pr.start + (1 - pr.start) * epoch / ramp
+    size = tuple(max(8, int(round(s * n))) for n in full)
+    return None if size == tuple(full) else size
+
+
 class ClassifierModule(L.LightningModule):
     def __init__(self, model: ClassifierNet, task: str, train_cfg, seed: int = 0,
                  class_weights: torch.Tensor | None = None, pos_weight: float | None = None) -> None:
@@ -100,6 +130,20 @@ class ClassifierModule(L.LightningModule):
         self.pos_weight = pos_weight
         self._val_out: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._gen = torch.Generator()
+        # train.ema: an exponential moving average of the weights (BatchNorm statistics included) is what
+        # validation sees, what the best checkpoint is chosen on and what is saved
+        self.ema = None
+        if train_cfg.ema:
+            from torch.optim.swa_utils import AveragedModel
+
+            self.ema = AveragedModel(model, multi_avg_fn=ema_update(train_cfg.ema), use_buffers=True)
+            self.ema.requires_grad_(False)
+
+    def final_network(self) -> ClassifierNet:
+        """The trained network: the EMA weights when ``train.ema`` is on, else the weights themselves."""
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
+        return self.model
 
     def train(self, mode: bool = True):
         """Train mode, except for frozen BatchNorm layers: their running statistics stay as loaded."""
@@ -141,16 +185,30 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         x = self.augment(x, self._gen)
+        size = progressive_size(self.cfg, int(self.current_epoch), tuple(x.shape[2:]))
+        if size is not None:  # train.progressive: early epochs on downsampled inputs
+            x = F.interpolate(x, size=size, mode="area")
+        mix = sample_mix(x.shape, self.cfg.mixup, self.cfg.cutmix, self._gen)
+        if mix is not None:  # train.mixup / train.cutmix: the loss mixes the two targets in the images' share
+            x = apply_mix(x, mix)
         logits = self(x)
-        loss = self.loss(logits, y)
+        if mix is None:
+            loss = self.loss(logits, y)
+        else:
+            loss = mix.lam * self.loss(logits, y) + (1 - mix.lam) * self.loss(logits, y[mix.perm])
+            y = y if mix.lam >= 0.5 else y[mix.perm]
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
         self.log("train_acc", train_accuracy(self.task, logits.detach(), y), on_step=False, on_epoch=True,
                  batch_size=len(x))
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x)
+        logits = self.ema(x) if self.ema is not None else self(x)
         self._val_out.append((logits.float().detach(), y))
         self.log("val_loss", self.loss(logits, y), on_step=False, on_epoch=True, batch_size=len(x))
 

@@ -39,11 +39,13 @@ class FitResult:
     monitor: str
     seconds: float
     distributed: dict | None = None   # the data-parallel layout (engine.distributed), when more than one process
+    time_limited: bool = False        # stopped by the time limit (train.max_minutes) before its last epoch
 
     def summary(self) -> dict:
         env = environment() | ({"distributed": self.distributed} if self.distributed else {})
         return {"train_seconds": round(self.seconds, 1), "epochs_run": self.epochs_run,
-                "best_epoch_metric": {self.monitor: self.best_score}, "environment": env}
+                "best_epoch_metric": {self.monitor: self.best_score}, "environment": env,
+                "time_limited": self.time_limited}
 
 
 def environment() -> dict:
@@ -79,13 +81,16 @@ def class_weights(counts: np.ndarray, task: str, mode: str):
 
 
 def fit_classifier(cfg, data, net: ClassifierNet, run: Path, resume: bool, callbacks=None,
-                   progress_bar: bool = True) -> tuple[ClassifierNet, FitResult]:
-    """Train a classifier on ``data.train`` monitoring ``data.val``; returns the best network."""
+                   progress_bar: bool = True, max_seconds: float | None = None) -> tuple[ClassifierNet, FitResult]:
+    """Train a classifier on ``data.train`` monitoring ``data.val``; returns the best network (the EMA weights
+    with ``train.ema``). ``max_seconds`` stops fitting at that wall time, keeping the best checkpoint."""
     t0 = time.time()
     monitor = cfg.train.monitor
     if monitor not in CLASSIFIER_MONITORS:
         raise ConfigError(f"train.monitor '{monitor}' is not one of {', '.join(CLASSIFIER_MONITORS)}")
     tr = data.train
+    if cfg.train.progressive is not None:
+        _check_progressive(cfg, net, tr)
     if cfg.train.channels_last and tr.spatial_dims == 2:
         net = net.to(memory_format=torch.channels_last)
     cw, pw = class_weights(tr.class_counts(), data.task, cfg.train.imbalance)
@@ -98,10 +103,29 @@ def fit_classifier(cfg, data, net: ClassifierNet, run: Path, resume: bool, callb
     train_loader = make_loader(tr, cfg.train.batch_size, mode, cfg.seed, cfg.train.undersample_ratio,
                                num_replicas=dist.world_size)
     val_loader = make_loader(data.val, max(cfg.train.batch_size, 256), "sequential")
-    best, epochs = _fit(cfg, module, train_loader, val_loader, run, monitor, resume, callbacks, progress_bar)
-    _save_best(module, run)
-    return module.model.to(memory_format=torch.contiguous_format).eval(), FitResult(
-        best, epochs, monitor, time.time() - t0, dist.summary() if dist.distributed else None)
+    best, epochs, limited = _fit(cfg, module, train_loader, val_loader, run, monitor, resume, callbacks,
+                                 progress_bar, max_seconds)
+    net = _save_best(module, run)
+    return net.to(memory_format=torch.contiguous_format).eval(), FitResult(
+        best, epochs, monitor, time.time() - t0, dist.summary() if dist.distributed else None, limited)
+
+
+def _check_progressive(cfg, net: ClassifierNet, tr) -> None:
+    """``train.progressive`` needs a network that takes smaller inputs (global pooling): refuse others now."""
+    from medlens.engine.module import progressive_size
+
+    small = progressive_size(cfg.train, 0, tuple(tr.image_shape))
+    if small is None:
+        return
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(2, tr.in_channels, *small))
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"train.progressive: model '{cfg.model.name}' does not take {small} inputs (it needs a "
+                          f"fixed input size: {str(e).splitlines()[0][:120]}); use a model with global pooling "
+                          "such as small_cnn or fast_cnn3d") from None
+    finally:
+        net.train()
 
 
 def fit_segmentation(cfg, data, net: ClassifierNet, n_outputs: int, run: Path, resume: bool, callbacks=None,
@@ -118,14 +142,18 @@ def fit_segmentation(cfg, data, net: ClassifierNet, n_outputs: int, run: Path, r
     module = SegmentationModule(net, cfg.train, seg, n_outputs, seed=cfg.seed, sampler=sampler)
     train_loader = DataLoader(sampler, batch_size=cfg.train.batch_size, shuffle=False, drop_last=False)
     val_loader = DataLoader(WholeImages(data.val), batch_size=1, shuffle=False)
-    best, epochs = _fit(cfg, module, train_loader, val_loader, run, "val_dice", resume, callbacks, progress_bar)
-    _save_best(module, run)
-    return module.model.eval(), FitResult(best, epochs, "val_dice", time.time() - t0)
+    best, epochs, limited = _fit(cfg, module, train_loader, val_loader, run, "val_dice", resume, callbacks,
+                                 progress_bar)
+    net = _save_best(module, run)
+    return net.eval(), FitResult(best, epochs, "val_dice", time.time() - t0, time_limited=limited)
 
 
 def _fit(cfg, module, train_loader, val_loader, run: Path, monitor: str, resume: bool,
-         callbacks: list | None, progress_bar: bool) -> tuple[float | None, int]:
-    """Lightning fit with best/last checkpoints and history; returns (best monitored value, epochs run)."""
+         callbacks: list | None, progress_bar: bool, max_seconds: float | None = None) -> tuple[float | None, int, bool]:
+    """Lightning fit with best/last checkpoints and history; returns (best monitored value, epochs run, whether
+    the time limit ``max_seconds`` stopped it)."""
+    from datetime import timedelta
+
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -145,6 +173,7 @@ def _fit(cfg, module, train_loader, val_loader, run: Path, monitor: str, resume:
     if dist.distributed:  # the machine's threads shared between this node's processes
         cbs.append(_ThreadsPerProcess(max(1, (cfg.train.num_threads or os.cpu_count() or 1) // dist.devices)))
     trainer = L.Trainer(max_epochs=cfg.train.epochs, **trainer_arguments(dist),
+                        max_time=timedelta(seconds=max(1.0, max_seconds)) if max_seconds else None,
                         precision=cfg.train.precision, callbacks=cbs + list(callbacks or []),
                         logger=False, enable_progress_bar=progress_bar, enable_model_summary=False,
                         deterministic="warn", num_sanity_val_steps=0, use_distributed_sampler=False)
@@ -155,12 +184,17 @@ def _fit(cfg, module, train_loader, val_loader, run: Path, monitor: str, resume:
         if trainer.interrupted:
             raise TrainingInterrupted(f"training stopped; resume with `medlens train {run / 'config.yaml'} "
                                       f"--resume`", run)
-        return _spawned_result(ckpt_dir, monitor)
+        return _spawned_result(ckpt_dir, monitor) + (False,)
     if trainer.interrupted or trainer.current_epoch < cfg.train.epochs and not trainer.should_stop:
         raise TrainingInterrupted(f"training stopped at epoch {trainer.current_epoch}; resume with "
                                   f"`medlens train {run / 'config.yaml'} --resume`", run)
     score = cbs[0].best_model_score
-    return (float(score) if score is not None else None), int(trainer.current_epoch)
+    limited = bool(max_seconds) and trainer.current_epoch < cfg.train.epochs and not any(
+        isinstance(c, EarlyStopping) and c.stopped_epoch for c in trainer.callbacks)
+    if score is None and limited:
+        raise ConfigError(f"train.max_minutes: the time limit ({max_seconds:.0f} s) ran out before the first "
+                          "validation; give more time or fewer samples")
+    return (float(score) if score is not None else None), int(trainer.current_epoch), limited
 
 
 def _spawned_result(ckpt_dir: Path, monitor: str) -> tuple[float | None, int]:
@@ -174,9 +208,9 @@ def _spawned_result(ckpt_dir: Path, monitor: str) -> tuple[float | None, int]:
 
 
 
-def _save_best(module, run: Path) -> None:
-    """Load the best checkpoint (else the last) into ``module`` and write its weights as ``model.pt``
-    (global rank 0 only: the other data-parallel processes write nothing)."""
+def _save_best(module, run: Path):
+    """Load the best checkpoint (else the last) into ``module``, write its weights as ``model.pt`` (global rank 0
+    only: the other data-parallel processes write nothing) and return the network (its EMA with ``train.ema``)."""
     from medlens.engine.distributed import global_rank
 
     ckpt_dir = run / "checkpoints"
@@ -184,10 +218,12 @@ def _save_best(module, run: Path) -> None:
     state = torch.load(best if best.exists() else ckpt_dir / "last.ckpt", map_location="cpu",
                        weights_only=True)["state_dict"]
     module.load_state_dict(state)
+    net = module.final_network() if hasattr(module, "final_network") else module.model
     if global_rank() != 0:
-        return
+        return net
     with atomic_path(run / "model.pt") as tmp:
-        torch.save(module.model.to(memory_format=torch.contiguous_format).state_dict(), tmp)
+        torch.save(net.to(memory_format=torch.contiguous_format).state_dict(), tmp)
+    return net
 
 
 def fit_classical_model(cfg, data, run: Path):

@@ -49,11 +49,15 @@ def plot_history(history_csv: Path, out: Path) -> Path | None:
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    # an ensemble's history holds each member's rows (train.ensemble): one curve per member
+    groups = list(h.groupby("member")) if "member" in h.columns else [(None, h)]
     for ax, (title, cols) in zip(axes[0], panels):
-        for col in cols:
-            ok = h[col].notna()
-            ax.plot(h.loc[ok, "epoch"], h.loc[ok, col], marker=".", label=col,
-                    linestyle="--" if col.startswith("train_") else "-")
+        for member, g in groups:
+            for col in cols:
+                ok = g[col].notna()
+                ax.plot(g.loc[ok, "epoch"], g.loc[ok, col], marker=".",
+                        label=col if member is None else f"{col} (member {member})",
+                        linestyle="--" if col.startswith("train_") else "-")
         ax.set_xlabel("epoch"); ax.set_title(title); ax.legend(fontsize=8)
     return _save(fig, out)
 

@@ -104,6 +104,8 @@ class RunMeta(_Strict):
     epochs_run: int | None = None
     best_epoch_metric: dict[str, float | None] | None = None
     environment: dict[str, Any] | None = None
+    time_limited: bool = False        # fitting stopped early at train.max_minutes (the best checkpoint was kept)
+    members: list[dict[str, Any]] | None = None   # train.ensemble: seed, epochs, best score, time limit per member
     # what the training inputs looked like (modality, colour, size, intensity histogram): predict warns
     # when an input falls outside it (``medlens.run.profile``); absent in runs written before it existed
     input_profile: InputProfile | None = None

@@ -44,7 +44,8 @@ class Prediction:
 class Predictor:
     """Prepare inputs exactly as the run was trained and run its model.
 
-    ``tta`` (segmentation) overrides the run's test-time augmentation setting.
+    ``tta`` overrides the run's test-time augmentation setting (``segmentation.tta``; for classifiers
+    ``evaluation.tta``: the probabilities averaged over every combination of the flips training used).
     """
 
     def __init__(self, run: Run, tta: bool | None = None, batch_size: int = 256) -> None:
@@ -52,8 +53,14 @@ class Predictor:
         self.meta = run.meta
         self.spec: InputSpec = run.meta.preprocessing.spec()
         self.batch_size = batch_size
-        seg = run.config.segmentation
-        self.tta = seg.tta if tta is None else tta
+        cfg = run.config
+        segmenter = run.meta.task == TaskType.SEGMENTATION
+        self.tta = (cfg.segmentation.tta if segmenter else cfg.evaluation.tta) if tta is None else tta
+        self.flips: list[tuple[int, ...]] = [()]
+        if self.tta and not segmenter and not run.is_classical:
+            from medlens.transforms.augment import tta_flips
+
+            self.flips = tta_flips(cfg.train.augment, self.spec.spatial_dims)
 
     # ---------- input preparation: the one path ----------
     def load(self, source: str | Path | Image, name: str | None = None) -> Image:
@@ -113,7 +120,12 @@ class Predictor:
 
         net = self.run.model
         x = torch.as_tensor(x)
-        out = [outputs_to_probs(self.meta.task, net(x[i:i + self.batch_size])) for i in range(0, len(x), self.batch_size)]
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            xb = x[i:i + self.batch_size]
+            # flip TTA (evaluation.tta): the mean probability over the flips training used; [()] without it
+            out.append(torch.stack([outputs_to_probs(self.meta.task, net(xb.flip(f) if f else xb))
+                                    for f in self.flips]).mean(0))
         probs = torch.cat(out).numpy()
         if not np.isfinite(probs).all():
             raise DataError("the model produced non-finite probabilities; the input or the weights are unusable",

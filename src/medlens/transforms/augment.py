@@ -29,6 +29,7 @@ class GeometricParams:
     scale: torch.Tensor | None = None      # (B,) isotropic zoom factor (> 1 magnifies)
     translate: torch.Tensor | None = None  # (B, nd) shift as a fraction of each axis' size, order (x, y[, z])
     shear: torch.Tensor | None = None      # (B,) radians: x shifted by tan(shear) * y (Keras shear_range)
+    dflip: torch.Tensor | None = None      # (B,) bool: flip the third-to-last (depth) axis of 3D inputs
 
 
 @dataclass
@@ -99,6 +100,8 @@ class BatchAugment:
             p.translate = _uniform(b * nd, c.translate, g).view(b, nd)
         if c.shear:  # drawn after the others, so configs without shear draw exactly what they drew before
             p.shear = _uniform(b, math.radians(c.shear), g)
+        if c.dflip and nd == 3:  # drawn last, likewise
+            p.dflip = torch.rand(b, generator=g) < c.dflip
         return p
 
     def apply_geometric(self, x: torch.Tensor, p: GeometricParams) -> torch.Tensor:
@@ -107,6 +110,8 @@ class BatchAugment:
             x = torch.where(_per_sample(p.hflip, x.ndim), x.flip(-1), x)
         if p.vflip is not None:
             x = torch.where(_per_sample(p.vflip, x.ndim), x.flip(-2), x)
+        if p.dflip is not None:
+            x = torch.where(_per_sample(p.dflip, x.ndim), x.flip(-3), x)
         if p.rot90 is not None:
             x = torch.stack([torch.rot90(x[i], int(p.rot90[i]), dims=(-2, -1)) for i in range(len(x))])
         if p.angle is not None:
@@ -173,3 +178,72 @@ def affine(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, translate:
     theta = torch.cat([a * ratio, 2 * translate[:, :, None]], dim=2)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def flip_axes(cfg: AugmentConfig, spatial_dims: int) -> list[int]:
+    """The tensor axes that training flips (hflip: -1, vflip: -2, dflip: -3 in 3D): those flip test-time
+    augmentation may average over, since the model was trained not to care about them."""
+    axes = [a for a, on in ((-1, cfg.hflip), (-2, cfg.vflip), (-3, cfg.dflip and spatial_dims == 3)) if on]
+    return axes
+
+
+def tta_flips(cfg: AugmentConfig, spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every combination of the training flips, the identity first: ``[(), (-1,), (-2,), (-1, -2)]`` for a
+    config that flips both in-plane axes."""
+    from itertools import combinations
+
+    axes = flip_axes(cfg, spatial_dims)
+    return [c for r in range(len(axes) + 1) for c in combinations(axes, r)]
+
+
+# batch mixing (mixup / cutmix) ------------------------------------------------------------------
+
+@dataclass
+class MixParams:
+    """One batch's mixing: which method, the partner of each sample and the share ``lam`` of its own image
+    (for cutmix, the share of the area outside the pasted box)."""
+
+    method: str                      # "mixup" or "cutmix"
+    perm: torch.Tensor               # (B,) index of the partner sample
+    lam: float
+    box: tuple[tuple[int, int], ...] = ()  # cutmix: (start, stop) per spatial axis
+
+
+def sample_mix(shape, mixup: float, cutmix: float, generator: torch.Generator) -> MixParams | None:
+    """Draw one batch's mixing: mixup with Beta(mixup, mixup), cutmix with Beta(cutmix, cutmix), one of the
+    two at random when both are on; None when both are off. All draws come from ``generator``."""
+    methods = [m for m, a in (("mixup", mixup), ("cutmix", cutmix)) if a > 0]
+    if not methods:
+        return None
+    g = generator
+    method = methods[int(torch.randint(len(methods), (1,), generator=g))]
+    alpha = mixup if method == "mixup" else cutmix
+    # torch's Beta sampler takes no generator: a seed drawn from the generator seeds numpy's Beta
+    import numpy as np
+
+    seed = int(torch.randint(2**31 - 1, (1,), generator=g))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(shape[0], generator=g)
+    if method == "mixup":
+        return MixParams(method, perm, lam)
+    sizes = shape[2:]
+    side = (1 - lam) ** (1 / len(sizes))           # the box's side as a fraction of each axis
+    box = []
+    for n in sizes:
+        w = int(round(n * side))
+        start = int(torch.randint(0, n - w + 1, (1,), generator=g))
+        box.append((start, start + w))
+    area = 1.0
+    for (a, b), n in zip(box, sizes):
+        area *= (b - a) / n
+    return MixParams(method, perm, 1 - area, tuple(box))
+
+
+def apply_mix(x: torch.Tensor, p: MixParams) -> torch.Tensor:
+    """Apply drawn mixing (deterministic): ``lam x + (1 - lam) x[perm]``, or ``x[perm]`` pasted in the box."""
+    if p.method == "mixup":
+        return p.lam * x + (1 - p.lam) * x[p.perm]
+    out = x.clone()
+    region = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in p.box)
+    out[region] = x[p.perm][region]
+    return out

@@ -111,19 +111,91 @@ def _train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bo
         model, n_features, fit = fit_classical_model(cfg, data, path)
         meta.n_features = n_features
     else:
-        torch.manual_seed(cfg.seed)
-        model = build_network(meta.model, c, meta.n_outputs, tr.spatial_dims, meta.input_size, meta.model_params,
-                              mean, std)
-        if cfg.model.pretrained or cfg.model.freeze:
-            from medlens.models.transfer import apply_transfer
+        def network(seed: int):
+            torch.manual_seed(seed)
+            net = build_network(cfg.model.name, c, meta.n_outputs, tr.spatial_dims, meta.input_size,
+                                cfg.model.params, mean, std)
+            if cfg.model.pretrained or cfg.model.freeze:
+                from medlens.models.transfer import apply_transfer
 
-            meta.transfer = apply_transfer(model.net, cfg.model.pretrained, cfg.model.freeze)
-            log(f"transfer: loaded {meta.transfer['loaded']} tensors, skipped {len(meta.transfer['skipped'])}, "
-                f"frozen {meta.transfer['frozen']} parameters")
-        model, fit = fit_classifier(cfg, data, model, path, resume, callbacks, progress_bar)
+                meta.transfer = apply_transfer(net.net, cfg.model.pretrained, cfg.model.freeze)
+                log(f"transfer: loaded {meta.transfer['loaded']} tensors, skipped "
+                    f"{len(meta.transfer['skipped'])}, frozen {meta.transfer['frozen']} parameters")
+            return net
+
+        limit = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
+        if cfg.train.ensemble > 1:
+            model, fit, members = _fit_ensemble(cfg, data, network, path, resume, callbacks, progress_bar, limit,
+                                                log)
+            meta.model = "ensemble"
+            meta.model_params = {"member": cfg.model.name, "member_params": cfg.model.params,
+                                 "k": cfg.train.ensemble, "combine": model.net.combine}
+            meta.members = members
+        else:
+            model, fit = fit_classifier(cfg, data, network(cfg.seed), path, resume, callbacks, progress_bar, limit)
     if not writer:
         return None
     return finish_classifier(cfg, meta.model_copy(update=fit.summary()), path, data, model, classical)
+
+
+def _fit_ensemble(cfg, data, network, path: Path, resume: bool, callbacks, progress_bar: bool,
+                  limit: float | None, log):
+    """``train.ensemble``: fit k members with seeds ``seed .. seed+k-1``, each in ``members/<i>/`` (its own
+    checkpoints, history and weights; a finished member is kept on ``--resume``), sharing the time limit
+    (each member gets an equal share of what is left), then put them behind one soft-voting module."""
+    import json
+    import time
+
+    import pandas as pd
+
+    from medlens.engine.distributed import plan
+    from medlens.engine.module import ClassifierNet
+    from medlens.engine.train import FitResult, fit_classifier
+    from medlens.models.ensemble import SoftVote
+    from medlens.utils import atomic_path, write_json_atomic
+
+    if plan(cfg.train).distributed:
+        raise ConfigError("train.ensemble trains its members one after another in one process; use "
+                          "train.devices: 1 with it")
+    k, t0 = cfg.train.ensemble, time.time()
+    nets, members, histories = [], [], []
+    for i in range(k):
+        mdir = path / "members" / str(i)
+        mdir.mkdir(parents=True, exist_ok=True)
+        mcfg = cfg.model_copy(update={"seed": cfg.seed + i})
+        done = mdir / "member.json"
+        net = network(mcfg.seed)
+        if resume and done.exists() and (mdir / "model.pt").exists():
+            net.load_state_dict(torch.load(mdir / "model.pt", map_location="cpu", weights_only=True))
+            info = json.loads(done.read_text(encoding="utf-8"))
+            log(f"ensemble member {i + 1}/{k} (seed {mcfg.seed}) already trained")
+        else:
+            share = None if limit is None else max(1.0, (limit - (time.time() - t0)) / (k - i))
+            log(f"ensemble member {i + 1}/{k} (seed {mcfg.seed})"
+                + (f", up to {share / 60:.1f} min" if share else ""))
+            net, fit = fit_classifier(mcfg, data, net, mdir, resume and (mdir / "checkpoints" / "last.ckpt").exists(),
+                                      callbacks, progress_bar, share)
+            info = {"member": i, "seed": mcfg.seed, "epochs_run": fit.epochs_run,
+                    "best_epoch_metric": {fit.monitor: fit.best_score}, "train_seconds": round(fit.seconds, 1),
+                    "time_limited": fit.time_limited}
+            write_json_atomic(done, info)
+        nets.append(net)
+        members.append(info)
+        if (mdir / "history.csv").exists():
+            histories.append(pd.read_csv(mdir / "history.csv").assign(member=i))
+    combine = "softmax" if data.task in (TaskType.MULTICLASS, TaskType.ORDINAL) else "sigmoid"
+    # one normalisation in front: every member was fitted with the training split's statistics
+    model = ClassifierNet(SoftVote([n.net for n in nets], combine), nets[0].normalize.mean,
+                          nets[0].normalize.std).eval()
+    with atomic_path(path / "model.pt") as tmp:
+        torch.save(model.state_dict(), tmp)
+    if histories:
+        with atomic_path(path / "history.csv") as tmp:
+            pd.concat(histories, ignore_index=True).to_csv(tmp, index=False)
+    scores = [v for m in members for v in m["best_epoch_metric"].values() if v is not None]
+    fit = FitResult(max(scores) if scores else None, max(m["epochs_run"] for m in members), cfg.train.monitor,
+                    time.time() - t0, time_limited=any(m["time_limited"] for m in members))
+    return model, fit, members
 
 
 def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bool = False) -> Run:
