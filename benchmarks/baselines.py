@@ -87,3 +87,42 @@ def sources(used: list[MedMNISTBaseline]) -> str:
 def baselines_for(dataset: str | None) -> dict[str, MedMNISTBaseline]:
     """The published rows of one MedMNIST dataset (empty when the paper's tables are not copied here)."""
     return PAPER_BASELINES.get((dataset or "").lower(), {})
+
+
+# MedMNIST+ (issue 17)
+# --------------------
+# Doerrich S, Di Salvo F, Brockmann J, Ledig C. "Rethinking model prototyping through the MedMNIST+ dataset
+# collection". Scientific Reports (2025); arXiv:2404.15786. The best test AUC / ACC any of its models and
+# training schemes reached per 2D dataset at 28 px (the MedMNIST+ 2D table; the 3D datasets are not in it).
+MEDMNIST_PLUS = ("Doerrich et al., Rethinking model prototyping through the MedMNIST+ dataset collection, "
+                 "Sci Rep (2025), arXiv:2404.15786")
+
+
+@dataclass(frozen=True)
+class MedMNISTPlusBest:
+    """The best published 28 px cell pair of MedMNIST+ for one 2D dataset."""
+
+    dataset: str
+    size: int
+    auc: float
+    acc: float
+
+    @property
+    def source(self) -> str:
+        return f"{MEDMNIST_PLUS}, best at {self.size} px (test AUC / ACC)"
+
+
+MEDMNIST_PLUS_28: dict[str, MedMNISTPlusBest] = {
+    "pneumoniamnist": MedMNISTPlusBest("pneumoniamnist", 28, 0.973, 0.866),
+    "retinamnist": MedMNISTPlusBest("retinamnist", 28, 0.754, 0.543),
+}
+
+
+def medmnist_plus_for(dataset: str | None) -> MedMNISTPlusBest | None:
+    """MedMNIST+'s best 28 px row of a 2D dataset (None for datasets outside its 2D table, e.g. 3D ones)."""
+    return MEDMNIST_PLUS_28.get((dataset or "").lower())
+
+
+#: issue 17's targets for `medlens train --auto` (test AUC, ACC) within its budget on the 2-core machine
+AUTO_TARGETS: dict[str, tuple[float, float]] = {
+    "pneumoniamnist": (0.991, 0.946), "retinamnist": (0.754, 0.543), "adrenalmnist3d": (0.88, 0.82)}

@@ -29,8 +29,9 @@ def _register() -> None:
     from medlens.cli import federate_cmd
 
     federate_cmd.register(app)  # federate (simulation), federate server, federate client (issue 15)
-    from medlens.cli import pretrain_cmd
+    from medlens.cli import plan_cmd, pretrain_cmd
 
+    plan_cmd.register(app)      # plan (issue 17; train --auto is in run_cmd)
     pretrain_cmd.register(app)  # pretrain (issue 17)
 
 

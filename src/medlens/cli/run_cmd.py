@@ -36,9 +36,35 @@ def _print_clinical(results: dict, split: str) -> None:
         console.print(f"warning: {flag}", style="yellow", markup=False, highlight=False)
 
 
+def _auto_plan(source: Path, budget: str | None, seed: int, sets: list[str], run_dir: Path | None):
+    """``train --auto``: the plan of ``source`` (its clock started now), written beside the run folder."""
+    import time
+
+    from medlens.cli.plan_cmd import print_plan
+    from medlens.errors import ConfigError
+    from medlens.workflow.plan import make_plan, write_plan
+    from medlens.workflow.train import resolve_run_dir
+
+    started = time.monotonic()
+    if budget is None:
+        raise ConfigError("--auto needs --budget (e.g. --budget 15m): the plan is fitted to it")
+    cfg = make_plan(str(source), budget, seed=seed, overrides=sets, started=started,
+                    log=lambda s: console.print(s, markup=False, highlight=False))
+    run = resolve_run_dir(cfg, run_dir)
+    out = write_plan(cfg, run.parent / f"{run.name}.plan.yaml")
+    print_plan(cfg, out)
+    return cfg
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
-    def train(config: Path = typer.Argument(..., help="experiment YAML"),
+    def train(config: Path = typer.Argument(..., help="experiment YAML (with --auto: the data, as `medlens plan` "
+                                            "takes it)"),
+              auto: bool = typer.Option(False, "--auto", help="plan (medlens plan) and train in one go within "
+                                        "--budget"),
+              budget: Optional[str] = typer.Option(None, "--budget", help="with --auto: wall time of the whole "
+                                                   "command, e.g. 15m"),
+              seed: Optional[int] = typer.Option(None, "--seed", help="with --auto: the plan's seed (default 0)"),
               resume: bool = typer.Option(False, "--resume", help="continue from checkpoints/last.ckpt"),
               overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
               run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: <output_dir>/<name>"),
@@ -60,7 +86,15 @@ def register(app: typer.Typer) -> None:
         quiet_libraries()
         extra = [f"train.{k}={v}" for k, v in (("devices", devices), ("num_nodes", num_nodes),
                                                ("strategy", strategy)) if v is not None]
-        cfg = load_config(config, list(set_) + extra)
+        if auto:
+            cfg = _auto_plan(config, budget, seed or 0, list(set_) + extra, run_dir)
+        else:
+            if budget is not None or seed is not None:
+                from medlens.errors import ConfigError
+
+                raise ConfigError("--budget and --seed are for --auto (plan and train); a config sets its own "
+                                  "seed and time limit (seed, train.max_minutes)")
+            cfg = load_config(config, list(set_) + extra)
         if dry_run:
             from medlens.engine.distributed import plan
 

@@ -107,22 +107,75 @@ def _channels_first(images: np.ndarray, info: MedMNISTInfo, path: Path) -> np.nd
                     f"{info.n_channels} channel(s), {n} images)", path)
 
 
-def load_medmnist(name: str, size: int = 28, root: str | Path | None = None, *,
+def infer_info(arrays: dict[str, np.ndarray], path: Path, size: int | None = None) -> MedMNISTInfo:
+    """What a MedMNIST-format file of a dataset outside the catalogue holds, read from its arrays.
+
+    2D if the images are ``(n, h, w)`` or ``(n, h, w, 1|3)``, 3D if ``(n, d, h, w)`` (or ``(n, 1|3, d, h, w)``);
+    labels ``(n,)`` / ``(n, 1)`` are classes (2: binary, more: multi-class), ``(n, k)`` with several 0/1 columns
+    multi-label. Class names are ``"0"``, ``"1"``, ... ."""
+    from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL
+
+    im = arrays["train_images"]
+    if im.ndim == 3:
+        dims, ch = 2, 1
+    elif im.ndim == 4 and im.shape[-1] in (1, 3) and im.shape[1] > 3:
+        dims, ch = 2, int(im.shape[-1])
+    elif im.ndim == 4:
+        dims, ch = 3, 1
+    elif im.ndim == 5 and im.shape[1] in (1, 3):
+        dims, ch = 3, int(im.shape[1])
+    else:
+        raise DataError(f"train_images of shape {im.shape} are neither 2D (n, h, w[, c]) nor 3D (n, d, h, w) images",
+                        path)
+    labels = [np.asarray(arrays[f"{s}_labels"]) for s in SPLITS]
+    y = labels[0]
+    if y.ndim == 2 and y.shape[1] > 1:
+        if not all(np.isin(lab, (0, 1)).all() for lab in labels):
+            raise DataError(f"labels of shape {y.shape} have several columns but are not 0/1 (multi-label)", path)
+        task, names = MULTILABEL, [str(i) for i in range(y.shape[1])]
+    else:
+        allv = np.concatenate([lab.reshape(-1) for lab in labels])
+        if allv.size == 0 or not np.all(np.equal(np.mod(allv, 1), 0)) or allv.min() < 0:
+            raise DataError("labels must be non-negative class indices (0, 1, ...)", path)
+        n_classes = int(allv.max()) + 1
+        seen = np.unique(labels[0].reshape(-1))
+        if len(seen) < 2:
+            raise DataError(f"the training split has one class only ({int(seen[0]) if len(seen) else 'none'}); a "
+                            "classifier needs at least two", path)
+        task, names = (BINARY if n_classes == 2 else MULTICLASS), [str(i) for i in range(n_classes)]
+    n = {s: int(len(arrays[f"{s}_images"])) for s in SPLITS}
+    side = int(im.shape[1] if (dims == 2 or im.ndim == 4) else im.shape[2])
+    stem = path.name[:-4] if path.name.endswith(".npz") else path.stem
+    return MedMNISTInfo(name=stem, task=task, labels=tuple(names), n_channels=ch, n_samples=n, md5={}, dims=dims,
+                        description="a MedMNIST-format file outside the catalogue", license="unknown",
+                        sizes=(size or side,))
+
+
+def load_medmnist(name: str | None, size: int = 28, root: str | Path | None = None, *,
                   check_md5: bool = True, path: str | Path | None = None) -> SplitData:
     """Load a MedMNIST dataset with its official train/val/test split.
 
     Args:
-        name: dataset name, e.g. ``"pneumoniamnist"``.
+        name: dataset name, e.g. ``"pneumoniamnist"``; None for a MedMNIST-format file outside the catalogue
+            (``path`` required; dimensions, channels, task and class names inferred: ``infer_info``).
         size: 28, 64, 128 or 224 (2D) / 28 or 64 (3D).
         root: folder holding the npz files (default ``$MEDLENS_DATA/medmnist``).
         check_md5: verify the file against the official MD5 (cached once verified).
         path: read this npz instead of the catalogue location (MD5 not checked).
     """
-    info = get_info(name)
-    if path is None:
-        path = verify(name, size, root) if check_md5 else medmnist_path(name, size, root)
-    path = Path(path)
-    arrays = read_npz(path)
+    if name is None:
+        if path is None:
+            raise DataError("a MedMNIST-format file needs data.name (a catalogue dataset) or data.path (an .npz)")
+        path = Path(path)
+        arrays = read_npz(path)
+        info = infer_info(arrays, path)
+        size = info.sizes[0]   # the file's own side, whatever the config's default
+    else:
+        info = get_info(name)
+        if path is None:
+            path = verify(name, size, root) if check_md5 else medmnist_path(name, size, root)
+        path = Path(path)
+        arrays = read_npz(path)
     out = {}
     for split in SPLITS:
         images = _channels_first(arrays[f"{split}_images"], info, path)

@@ -122,6 +122,8 @@ def profile_of(data, cfg_data) -> InputProfile | None:
     if cfg_data.source == "medmnist":
         from medlens.data.catalog import MEDMNIST_MODALITY, get_info
 
+        if not cfg_data.name:  # a MedMNIST-format file outside the catalogue: colour as loaded, modality unknown
+            return build_profile(tr, None, tr.in_channels == 3, [tr.image_shape])
         info = get_info(cfg_data.name)
         return build_profile(tr, MEDMNIST_MODALITY.get(info.name), info.n_channels == 3, [tr.image_shape])
     if cfg_data.source == "hdf5":  # CT patches in Hounsfield units
