@@ -87,7 +87,12 @@ def run_hand(name: str, out: Path, threads: int, quick: bool, hand_runs: Path | 
         run_dir = hand_runs / cfg.name
         if not (run_dir / "run.json").exists():
             return {"error": f"no run folder {run_dir}", "label": f"{path.name} (re-evaluated)"}
-        evaluate_run(Run.open(run_dir), split="test")
+        from medlens.errors import MedlensError
+
+        try:
+            evaluate_run(Run.open(run_dir), split="test")
+        except MedlensError as e:   # e.g. a run written by an older medlens: say so, and go on
+            return {"error": f"cannot re-evaluate: {str(e)[:200]}", "label": f"{path.name} (re-evaluated)"}
         m = json.loads((run_dir / "metrics.json").read_text())
         return {"metrics": m, "wall": None, "label": f"{path.name} (re-evaluated: {run_provenance(run_dir)})"}
     from medlens.workflow.train import train
