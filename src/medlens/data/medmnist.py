@@ -91,20 +91,36 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise DataError(f"not a readable .npz file ({type(e).__name__}: {e})", path) from e
 
 
-def _channels_first(images: np.ndarray, info: MedMNISTInfo, path: Path) -> np.ndarray:
-    n = images.shape[0]
-    if info.dims == 3:
+def image_dims(images: np.ndarray) -> int | None:
+    """The spatial dimensions of a MedMNIST-format images array, read from its shape: 2 for ``(n, h, w)`` or
+    ``(n, h, w, 1|3)``, 3 for ``(n, d, h, w)`` or ``(n, 1|3, d, h, w)``; None for any other shape."""
+    if images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] > 3):
+        return 2
+    if images.ndim == 4 or (images.ndim == 5 and images.shape[1] in (1, 3)):
+        return 3
+    return None
+
+
+def channels_first(images: np.ndarray, dims: int | None, path: Path, what: str = "") -> np.ndarray:
+    """MedMNIST-format images of ``dims`` spatial dimensions as ``(n, c, *spatial)``; a one-line DataError
+    (naming ``what`` the file should hold) when the shape does not fit."""
+    if dims == 3:
         if images.ndim == 4:
             return images[:, None]
         if images.ndim == 5 and images.shape[1] in (1, 3):
             return images
-    else:
+    elif dims == 2:
         if images.ndim == 3:
             return images[:, None]
         if images.ndim == 4 and images.shape[-1] in (1, 3):
             return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    raise DataError(f"images of shape {images.shape} do not fit {info.name} ({info.dims}D, "
-                    f"{info.n_channels} channel(s), {n} images)", path)
+    what = what or "a 2D (n, h, w[, c]) or 3D (n, d, h, w) image array"
+    raise DataError(f"images of shape {images.shape} do not fit {what}", path)
+
+
+def _channels_first(images: np.ndarray, info: MedMNISTInfo, path: Path) -> np.ndarray:
+    return channels_first(images, info.dims, path,
+                          f"{info.name} ({info.dims}D, {info.n_channels} channel(s), {images.shape[0]} images)")
 
 
 def infer_info(arrays: dict[str, np.ndarray], path: Path, size: int | None = None) -> MedMNISTInfo:
@@ -116,17 +132,11 @@ def infer_info(arrays: dict[str, np.ndarray], path: Path, size: int | None = Non
     from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL
 
     im = arrays["train_images"]
-    if im.ndim == 3:
-        dims, ch = 2, 1
-    elif im.ndim == 4 and im.shape[-1] in (1, 3) and im.shape[1] > 3:
-        dims, ch = 2, int(im.shape[-1])
-    elif im.ndim == 4:
-        dims, ch = 3, 1
-    elif im.ndim == 5 and im.shape[1] in (1, 3):
-        dims, ch = 3, int(im.shape[1])
-    else:
+    dims = image_dims(im)
+    if dims is None:
         raise DataError(f"train_images of shape {im.shape} are neither 2D (n, h, w[, c]) nor 3D (n, d, h, w) images",
                         path)
+    ch = int(channels_first(im[:1], dims, path).shape[1])
     labels = [np.asarray(arrays[f"{s}_labels"]) for s in SPLITS]
     y = labels[0]
     if y.ndim == 2 and y.shape[1] > 1:

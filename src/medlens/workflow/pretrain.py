@@ -48,26 +48,17 @@ def _medmnist_name(path: Path) -> str | None:
 
 
 def _npz_train_images(path: Path) -> np.ndarray:
-    """``train_images`` of a MedMNIST-layout npz as (N, C, *spatial); the channel layout is inferred."""
-    from medlens.data.medmnist import read_npz
+    """``train_images`` of a MedMNIST-layout npz as (N, C, *spatial): the catalogue's layout for a catalogue
+    file, else the layout read from the array's shape (``data.medmnist``)."""
+    from medlens.data.medmnist import channels_first, image_dims, read_npz
 
     x = read_npz(path)["train_images"]
     name = _medmnist_name(path)
     if name is not None:
         from medlens.data.catalog import get_info
 
-        dims = get_info(name).dims
-    else:  # (N, H, W) gray, (N, H, W, 1|3) 2D, (N, D, H, W) 3D gray: read the shape
-        dims = 2 if x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3)) else 3
-    if dims == 2 and x.ndim == 3:
-        return x[:, None]
-    if dims == 2 and x.ndim == 4 and x.shape[-1] in (1, 3):
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    if dims == 3 and x.ndim == 4:
-        return x[:, None]
-    if dims == 3 and x.ndim == 5 and x.shape[1] in (1, 3):
-        return x
-    raise DataError(f"train_images of shape {x.shape} are not 2D or 3D images", path)
+        return channels_first(x, get_info(name).dims, path, f"{name} ({get_info(name).dims}D images)")
+    return channels_first(x, image_dims(x), path)
 
 
 def load_source(spec: str, size: int, seed: int = 0) -> Source:
