@@ -106,7 +106,8 @@ def probe(train_cfg, data, model: str, params: dict, *, batches: int = 4, max_se
                         enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=None if full_epoch else 1)
     vbs = max(bs, 256) if full_epoch else len(va_s)
-    trainer.fit(module, make_loader(tr_s, bs, "shuffle", seed), make_loader(va_s, vbs, "sequential"))
+    trainer.fit(module, make_loader(tr_s, bs, "shuffle", seed), make_loader(va_s, vbs, "sequential"),
+                weights_only=True)  # no checkpoint is read here; the house rule holds for every fit call
     steps = np.diff(timer.train_ends)
     timed = steps[1:] if len(steps) > 1 else steps
     train_speed = float(bs / max(float(np.median(timed)), 1e-9))
