@@ -521,3 +521,24 @@ def _fast_native(ds) -> np.ndarray | None:
         return arr.astype(dtype.newbyteorder("="), copy=False)
     except (AttributeError, KeyError, TypeError, ValueError):  # no file meta, odd attributes: the full decoder
         return None
+
+
+# ------------------------------------------------------------------------------------- one subject
+
+# The attributes that must hold one value across the instances of a series before any result is
+# issued for it: an SR/SEG/FHIR resource names one patient, one study and one frame of reference.
+SUBJECT_KEYWORDS = ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID")
+
+
+def require_single_subject(datasets, what: str | Path = "series") -> None:
+    """Refuse instances that belong to more than one patient, study or frame of reference.
+
+    ``datasets`` are pydicom datasets (headers are enough). A missing attribute counts as one more
+    value only when some other instance has it. The message names the attribute and the number of
+    distinct values, never a value (no identifier leaves medlens in an error).
+    """
+    for key in SUBJECT_KEYWORDS:
+        values = {str(getattr(ds, key, "") or "").strip() for ds in datasets}
+        if len(values) > 1:
+            raise DataError(f"instances carry {len(values)} different {key} values; one series must belong "
+                            "to one patient, study and frame of reference, so no result is issued for it", what)
