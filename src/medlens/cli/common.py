@@ -18,7 +18,11 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def quiet_libraries() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "nibabel", "pydicom"):
+    # Lightning resets the level of its package loggers when it is imported (after this runs), but not of the
+    # child loggers its rank-zero messages go through ("GPU available", the litlogger tip, AMP, fit stopped).
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "nibabel", "pydicom",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning_utilities.core.rank_zero"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     from medlens.errors import MedlensWarning
