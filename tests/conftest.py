@@ -31,8 +31,14 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.getbasetemp() / "home"
     home.mkdir(exist_ok=True)
     monkeypatch.setenv("HOME", str(home))
-    if "MEDLENS_DATA" not in os.environ:
-        monkeypatch.setenv("MEDLENS_DATA", str(_data_root()))
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that reads the real data (the ``data_root`` fixture, directly or through a fixture built on it,
+    like ``trained_run``) is an integration test: ``pytest -m "not integration"`` runs without a data folder."""
+    for item in items:
+        if "data_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
 
 
 def tiny_config(tmp: Path, name: str = "tiny", **over):
