@@ -119,7 +119,7 @@ def test_models_health_docs_and_metrics(server):
         assert models["unet3d"]["task"] == "segmentation"
         spec = c.get("/openapi.json").json()
         assert "/v1/models/{name}/predict" in spec["paths"] and "/v1/models/{name}/segment" in spec["paths"]
-        assert c.get("/docs").status_code == 200
+        assert c.get("/docs").status_code == 404     # no Swagger UI: it would load from a CDN (issue 25)
         metrics = c.get("/metrics")
         assert metrics.status_code == 200 and "medlens_requests_total" in metrics.text
     with _client(server, key=None) as anon:
@@ -357,7 +357,10 @@ def test_viewer_401_without_key_then_login(server, browser):
 
 def _viewer(server, browser):
     ctx = browser.new_context(viewport={"width": 1000, "height": 640})
-    ctx.add_cookies([{"name": "medlens_key", "value": KEY, "url": server.url}])
+    import httpx
+
+    login = httpx.post(server.url + "/login", data={"key": KEY}, timeout=30)   # a session token, not the key
+    ctx.add_cookies([{"name": "medlens_session", "value": login.cookies["medlens_session"], "url": server.url}])
     page = ctx.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -446,7 +449,7 @@ def test_a_request_over_the_timeout_gets_504_and_the_server_keeps_serving(traine
 
     app = create_app([trained_run], ServeSettings(timeout_s=0.001, backend="torch"))
     name = next(iter(app.state.models))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:    # a Host the allow-list accepts
         r = c.post(f"/v1/models/{name}/predict", files={"file": ("x.png", files["png"].read_bytes())})
         assert r.status_code == 504, r.text[:300]
         err = r.json()["error"]

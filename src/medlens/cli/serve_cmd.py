@@ -17,13 +17,15 @@ def register(app: typer.Typer) -> None:
                format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
                quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: also write an INT8 "
                                                       "dynamically quantised ONNX model and report its test AUC/Dice"),
-               n: int = typer.Option(200, "--n", help="test images for the parity check")) -> None:
+               n: int = typer.Option(200, "--n", help="test images for the parity check"),
+               allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="export a run whose "
+                                                     "training did not finish (status not 'complete')")) -> None:
         """Export a run (ONNX / TorchScript) with its preprocessing, threshold and class names; check parity."""
         from medlens.workflow.export import export_dir, export_run
 
         quiet_libraries()
         r = export_run(run_dir, format, quantize, n_parity=n,
-                       log=lambda s: console.print(s, markup=False, highlight=False))
+                       log=lambda s: console.print(s, markup=False, highlight=False), allow_incomplete=allow_incomplete)
         t = Table(title=f"export of {r['run']} ({r['format']})")
         for col in ("file", "parity data", "max |prob diff| vs PyTorch", "test score"):
             t.add_column(col)
@@ -50,8 +52,17 @@ def register(app: typer.Typer) -> None:
               max_queue: int = typer.Option(64, "--max-queue", help="requests in progress per model before 503"),
               max_upload_mb: float = typer.Option(256.0, "--max-upload-mb", help="request size limit (413)"),
               timeout: float = typer.Option(120.0, "--timeout", help="per-request timeout in seconds (504)"),
-              threads: Optional[int] = typer.Option(None, "--threads", help="torch / ONNX Runtime threads")) -> None:
-        """Serve runs over HTTP: REST API, viewer at /, /docs, /healthz, /readyz, /metrics."""
+              threads: Optional[int] = typer.Option(None, "--threads", help="torch / ONNX Runtime threads"),
+              read_timeout: float = typer.Option(60.0, "--read-timeout", help="seconds a client may take to send "
+                                                 "its request headers, and its whole body (408 / closed)"),
+              allowed_host: List[str] = typer.Option([], "--allowed-host", help="a Host header name to answer "
+                                                     "besides localhost and the bind address (repeatable; '*': any)"),
+              tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS"),
+              tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
+              allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="serve a run whose "
+                                                    "training did not finish (status not 'complete')")
+              ) -> None:
+        """Serve runs over HTTP(S): REST API, viewer at /, /openapi.json, /healthz, /readyz, /metrics."""
         from medlens.errors import ConfigError
         from medlens.serve import ServeSettings, load_api_keys, serve as run_server
 
@@ -65,5 +76,7 @@ def register(app: typer.Typer) -> None:
         settings = ServeSettings(host=host, port=port, api_keys=load_api_keys(api_key_file),
                                  max_upload_bytes=int(max_upload_mb * 1024 * 1024), timeout_s=timeout,
                                  max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads,
-                                 backend=backend)
+                                 backend=backend, read_timeout_s=read_timeout, allowed_hosts=tuple(allowed_host),
+                                 tls_cert=str(tls_cert) if tls_cert else None,
+                                 tls_key=str(tls_key) if tls_key else None, allow_incomplete=allow_incomplete)
         run_server([str(r) for r in runs], settings)

@@ -5,18 +5,6 @@ exported model (``medlens export``, ONNX Runtime) is used when a run has one, Py
 prepared by ``medlens.run.Predictor`` only. ``standalone_loader.py`` runs an ONNX export without medlens.
 """
 
-from medlens.serve.app import ServeSettings, create_app, load_api_keys
+from medlens.serve.app import ServeSettings, create_app, load_api_keys, serve
 
 __all__ = ["ServeSettings", "create_app", "load_api_keys", "serve"]
-
-
-def serve(runs, settings: ServeSettings) -> None:
-    """Run the server in this process until interrupted (uvicorn, JSON logs, no access log)."""
-    import uvicorn
-
-    from medlens.serve.logs import configure
-
-    configure()
-    app = create_app(runs, settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=5)

@@ -8,19 +8,29 @@ Routes:
 - ``?format=dicom-sr|fhir`` on predict, for DICOM input: the TID 1500 SR (``application/dicom``) or the FHIR R5
   Bundle made from it (``medlens.report``); segmentation objects (SEG + SR) answer 501 for now.
 - ``GET /healthz`` (process up), ``GET /readyz`` (models loaded and warmed up), ``GET /metrics`` (Prometheus).
-- ``GET /`` the viewer; ``/static/*`` its files; ``/docs`` and ``/openapi.json`` the API documentation.
+- ``GET /`` the viewer; ``/static/*`` its files; ``/openapi.json`` the API description (no ``/docs``: Swagger UI
+  would load its script from a CDN, and no PyPI package ships a Swagger UI that renders FastAPI's OpenAPI 3.1).
 
-Every refusal is JSON ``{"error": {"status", "type", "message"}}`` with the right status (401, 404, 413, 415,
-422, 501, 503 + Retry-After, 504) and never a traceback. Authentication: API keys (``X-API-Key`` header,
-``Authorization: Bearer``, or the viewer's cookie set by ``POST /login``), required whenever the server is bound
-to anything but localhost.
+Every refusal is JSON ``{"error": {"status", "type", "message"}}`` with the right status (400, 401, 404, 408,
+413, 415, 422, 501, 503 + Retry-After, 504), never a traceback and never a server path. Authentication: API keys
+(``X-API-Key`` header, ``Authorization: Bearer``, or the viewer's session cookie set by ``POST /login``: a random
+token mapped to the key on the server, never the key itself), required whenever the server is bound to anything
+but localhost.
+
+Exits guarded by ``Gate`` (the outermost middleware): a ``Host`` header outside the allow-list is 400 (DNS
+rebinding); the request body is counted while it streams and refused with 413 as soon as it passes
+``--max-upload-mb`` (chunked or not, nothing past the limit is read); the body must arrive within
+``--read-timeout`` (408). The request headers get the same time limit and a size bound in ``serve()``
+(``HeaderGuard``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -40,9 +50,12 @@ from medlens.serve.logs import log
 from medlens.serve.models import QueueFull, ServedModel
 
 API_KEYS_ENV = "MEDLENS_API_KEYS"
-KEY_COOKIE = "medlens_key"
+SESSION_COOKIE = "medlens_session"
+SESSION_TTL_S = 12 * 3600
+MAX_SESSIONS = 10_000
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "ip6-localhost"}
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -58,10 +71,26 @@ class ServeSettings:
     threads: int | None = None
     backend: str = "auto"
     names: dict[str, str] = field(default_factory=dict)
+    read_timeout_s: float = 60.0                # request headers, and the whole body, must arrive within this
+    allowed_hosts: tuple[str, ...] = ()         # Host header values accepted besides localhost and the bind address
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    allow_incomplete: bool = False
 
     @property
     def auth(self) -> bool:
         return bool(self.api_keys)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def host_allowed(self) -> set[str]:
+        """Host names (lower case, no port) that the Host header may carry; ``*`` accepts any."""
+        hosts = {*DEFAULT_ALLOWED_HOSTS, *(h.strip().lower().strip("[]").rstrip(".") for h in self.allowed_hosts)}
+        if self.host not in ("0.0.0.0", "::", ""):
+            hosts.add(self.host.lower().strip("[]"))
+        return hosts
 
 
 def is_local(host: str) -> bool:
@@ -88,6 +117,41 @@ def check_binding(settings: ServeSettings) -> None:
     if not is_local(settings.host) and not settings.auth:
         raise ConfigError(f"serving on {settings.host} (not localhost) requires API keys: set {API_KEYS_ENV} or "
                           "give --api-key-file")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if not settings.read_timeout_s > 0:
+        raise ConfigError(f"--read-timeout must be a positive number of seconds, not {settings.read_timeout_s}")
+    if not settings.max_upload_bytes > 0:
+        raise ConfigError("--max-upload-mb must be positive")
+
+
+def host_of(header: str) -> str:
+    """The host name of a Host header value, lower case, without port, brackets or a trailing dot."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else ""
+    if h.count(":") == 1:
+        h = h.split(":", 1)[0]
+    return h.rstrip(".")
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~-])(/[A-Za-z0-9._~+@%-]+)((?:/[^\s'\"`,;:()<>\[\]{}]*)*)")
+
+
+def redact_paths(message: str, roots: tuple[str, ...] = ()) -> str:
+    """``message`` without any server path: the given roots (run folders, the temporary folder) and any
+    absolute path whose first folder exists on this machine become their last name (``…/name``)."""
+    for r in sorted({str(x).rstrip("/") for x in roots if x and len(str(x)) > 1}, key=len, reverse=True):
+        message = re.sub(re.escape(r) + r"(/[^\s'\"`,;:()<>\[\]{}]*)?",
+                         lambda mt, r=r: "…/" + (mt.group(1) or "/" + Path(r).name).rstrip("/").rsplit("/", 1)[-1],
+                         message)
+
+    def one(mt: re.Match) -> str:
+        if not os.path.isdir(mt.group(1)):   # '/v1/models': an API route, not a folder of this machine
+            return mt.group(0)
+        return "…/" + (mt.group(0).rstrip("/").rsplit("/", 1)[-1] or "")
+
+    return _ABS_PATH.sub(one, message)
 
 
 class HttpError(Exception):
@@ -125,7 +189,11 @@ class Metrics:
 
 
 def _route_template(request) -> str:
-    return getattr(request.scope.get("route"), "path", None) or "unmatched"
+    return _route_template_of(request.scope)
+
+
+def _route_template_of(scope) -> str:
+    return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
 def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
@@ -140,7 +208,7 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
     models: dict[str, ServedModel] = {}
     for r in runs:
         m = ServedModel(r, settings.names.get(str(r)), settings.backend, settings.max_batch, settings.max_wait_ms,
-                        settings.max_queue, settings.threads, metrics)
+                        settings.max_queue, settings.threads, metrics, allow_incomplete=settings.allow_incomplete)
         if m.name in models:
             raise ConfigError(f"two runs are named '{m.name}'; give distinct run folders")
         models[m.name] = m
@@ -160,7 +228,7 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
         for m in models.values():
             await m.stop()
 
-    app = FastAPI(title="medlens", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="medlens", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Predictions, heatmaps and masks from trained medlens runs. Send images as "
                               "multipart/form-data `file` parts (several parts = one DICOM series). "
                               + ("An API key is required (`X-API-Key` or `Authorization: Bearer`)."
@@ -168,10 +236,15 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
     app.state.models = models
     app.state.settings = settings
 
-    # ------------------------------------------------------------ errors: JSON, never a traceback
+    # ------------------------------------------------------------ errors: JSON, never a traceback or a path
+    import tempfile
+
+    server_roots = (*(str(Path(r)) for r in runs), *(str(Path(r).resolve()) for r in runs),
+                    tempfile.gettempdir(), os.getcwd(), str(Path.home()))
+
     def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"status": status, "type": kind, "message": message}}, status_code=status,
-                            headers=headers)
+        return JSONResponse({"error": {"status": status, "type": kind, "message": redact_paths(message, server_roots)}},
+                            status_code=status, headers=headers)
 
     @app.exception_handler(HttpError)
     async def _http_error(request: Request, e: HttpError):
@@ -192,15 +265,47 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
         log("error", 40, route=_route_template(request), error=type(e).__name__, status=500)
         return error_response(500, "InternalError", "internal error (the server log has the error type)")
 
-    # ------------------------------------------------------------ middleware: size limit, auth, logs, metrics
+    # ------------------------------------------------------------ sessions of the viewer (cookie -> key identity)
+    def _key_id(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
     def _valid(key: str | None) -> bool:
         return bool(key) and any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)
 
-    public = ("/healthz", "/readyz", "/static/", "/docs", "/openapi.json", "/login", "/favicon.ico")
+    sessions: dict[str, tuple[str, float]] = {}   # random token -> (sha256 of the key, expiry on time.monotonic)
+
+    def _new_session(key: str) -> str:
+        now = time.monotonic()
+        for t in [t for t, (_, exp) in sessions.items() if exp <= now]:
+            del sessions[t]
+        while len(sessions) >= MAX_SESSIONS:      # oldest first (dicts keep insertion order)
+            del sessions[next(iter(sessions))]
+        token = secrets.token_urlsafe(32)
+        sessions[token] = (_key_id(key), now + SESSION_TTL_S)
+        return token
+
+    def _session_valid(token: str | None) -> bool:
+        entry = sessions.get(token or "")
+        if entry is None:
+            return False
+        kid, exp = entry
+        if exp <= time.monotonic() or not any(hmac.compare_digest(kid, _key_id(k)) for k in settings.api_keys):
+            sessions.pop(token, None)
+            return False
+        return True
+
+    # ------------------------------------------------------------ middleware: host, size, time, auth, logs
+    public = ("/healthz", "/readyz", "/static/", "/openapi.json", "/login", "/logout", "/favicon.ico")
+    allowed_hosts = settings.host_allowed()
+    limit = settings.max_upload_bytes
+
+    class _Refused(Exception):
+        """Raised into the application when its request body is refused (too large or too slow)."""
 
     class Gate:
-        """Pure ASGI middleware (no extra task per request): request size limit (413), API keys (401),
-        the request id header, one JSON log line and the metrics of every request."""
+        """Pure ASGI middleware (no extra task per request): the Host allow-list (400), the request size limit
+        counted while the body streams (413), the body read timeout (408), API keys (401), the request id
+        header, one JSON log line and the metrics of every request."""
 
         def __init__(self, inner) -> None:
             self.inner = inner
@@ -216,38 +321,92 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
             path = scope["path"]
             headers = Headers(scope=scope)
             status = [500]
+            started = [False]
+            refused: list = [None]          # (status, kind, message) once the body is refused
+            seen = [0]
+            body_done = [False]
+            deadline = time.monotonic() + settings.read_timeout_s
 
             async def send_with_id(message):
+                if refused[0] is not None and not started[0]:
+                    return                   # the application's answer to a refused body: ours is sent instead
                 if message["type"] == "http.response.start":
+                    started[0] = True
                     status[0] = message["status"]
                     message.setdefault("headers", [])
                     message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
                 await send(message)
 
+            async def limited_receive():
+                """The body counted as it arrives: refused past the byte limit or the read deadline, before
+                any more of it is read (nothing past the limit is spooled or parsed)."""
+                if refused[0] is not None:
+                    raise _Refused()
+                if body_done[0]:
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+                except asyncio.TimeoutError:
+                    refused[0] = (408, "RequestTimeout", f"the request body did not arrive within "
+                                  f"{settings.read_timeout_s:g} s (--read-timeout)")
+                    raise _Refused() from None
+                if message["type"] == "http.request":
+                    seen[0] += len(message.get("body", b""))
+                    if seen[0] > limit:
+                        refused[0] = (413, "PayloadTooLarge", f"request body over the limit of {limit} bytes "
+                                      "(--max-upload-mb)")
+                        raise _Refused()
+                    body_done[0] = not message.get("more_body", False)
+                else:
+                    body_done[0] = True
+                return message
+
+            async def refuse(status_code: int, kind: str, message: str, extra: dict | None = None) -> None:
+                await error_response(status_code, kind, message, {"Connection": "close", **(extra or {})})(
+                    scope, receive, send_with_id)
+
             try:
                 length = headers.get("content-length")
                 resp = None
-                if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
-                    resp = error_response(413, "PayloadTooLarge", f"request body of {int(length)} bytes is over "
-                                          f"the limit of {settings.max_upload_bytes} bytes (--max-upload-mb)")
-                elif settings.auth and not path.startswith(public):
+                if host_of(headers.get("host", "")) not in allowed_hosts and "*" not in allowed_hosts:
+                    await refuse(400, "BadHost", "the Host header names a host this server does not answer to "
+                                 "(start serve with --allowed-host NAME to accept one)")
+                    return
+                if length is not None and length.isdigit() and int(length) > limit:
+                    await refuse(413, "PayloadTooLarge", f"request body of {int(length)} bytes is over the limit "
+                                 f"of {limit} bytes (--max-upload-mb)")
+                    return
+                authed = True
+                if settings.auth:
                     key = headers.get("x-api-key")
                     auth = headers.get("authorization", "")
                     if not key and auth.lower().startswith("bearer "):
                         key = auth[7:].strip()
-                    key = key or cookie_parser(headers.get("cookie", "")).get(KEY_COOKIE)
-                    if not _valid(key):
+                    authed = _valid(key) or (
+                        not key and _session_valid(cookie_parser(headers.get("cookie", "")).get(SESSION_COOKIE)))
+                    if not authed and not path.startswith(public):
                         if path == "/" and "text/html" in headers.get("accept", ""):
                             resp = HTMLResponse(_page("401.html"), status_code=401)
                         else:
                             resp = error_response(401, "Unauthorized", "an API key is required (X-API-Key header "
                                                   "or Authorization: Bearer)", {"WWW-Authenticate": "Bearer"})
+                scope["medlens.authorized"] = authed
                 if resp is not None:
                     await resp(scope, receive, send_with_id)
-                else:
-                    await self.inner(scope, receive, send_with_id)
+                    return
+                try:
+                    await self.inner(scope, limited_receive, send_with_id)
+                except Exception:
+                    if refused[0] is None:
+                        raise
+                if refused[0] is not None:
+                    if not started[0]:
+                        s_, kind, msg = refused[0]
+                        refused[0], started[0] = None, False
+                        await refuse(s_, kind, msg)
+                    log("refused", 30, route=_route_template_of(scope), status=status[0], bytes=seen[0])
             finally:
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                route = _route_template_of(scope)
                 ms = round((time.perf_counter() - t0) * 1000, 2)
                 if not path.startswith("/static/"):
                     name = (scope.get("path_params") or {}).get("name")
@@ -257,7 +416,7 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
                         ms=ms, model=name if name in models else None)
 
     async def _read_body_limited(files: list) -> list[Upload]:
-        """Upload parts as bytes; 413 past the limit (for bodies sent without a Content-Length)."""
+        """Upload parts as bytes (their sum is bounded by the Gate's streaming limit; checked again here)."""
         out, total = [], 0
         for f in files:
             data = await f.read()
@@ -401,10 +560,12 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Models loaded and warmed up")
-    async def readyz():
+    @app.get("/readyz", summary="Models loaded and warmed up (model names and backends only with a key)")
+    async def readyz(request: Request):
         if not state["ready"]:
             return error_response(503, "NotReady", "models are loading")
+        if not request.scope.get("medlens.authorized"):
+            return {"status": "ready"}
         return {"status": "ready", "models": {k: m.backend for k, m in models.items()}}
 
     @app.get("/metrics", summary="Prometheus metrics")
@@ -425,7 +586,18 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
         if not _valid(key):
             return HTMLResponse(_page("401.html"), status_code=401)
         resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict", secure=False, path="/")
+        # a random session token (the key stays in the browser's form, never in a cookie or on disk)
+        resp.set_cookie(SESSION_COOKIE, _new_session(key), max_age=SESSION_TTL_S, httponly=True,
+                        samesite="strict", secure=settings.tls, path="/")
+        return resp
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request):
+        from starlette.requests import cookie_parser
+
+        sessions.pop(cookie_parser(request.headers.get("cookie", "")).get(SESSION_COOKIE, ""), None)
+        resp = RedirectResponse("/", status_code=303)
+        resp.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict", secure=settings.tls, path="/")
         return resp
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -435,6 +607,114 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
 
 def _page(name: str) -> str:
     return (STATIC / name).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- the server process
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def header_guard(read_timeout_s: float, max_header_bytes: int = MAX_HEADER_BYTES):
+    """uvicorn's HTTP protocol (httptools or h11, as uvicorn picks) with a deadline and a size bound on the
+    request headers: a connection that has not sent a complete request head within ``read_timeout_s`` of
+    opening (or of its previous answer, on keep-alive), or sends more than ``max_header_bytes`` of it, is
+    closed. uvicorn has a keep-alive timeout but none for the header phase (a slow-header client is otherwise
+    held for ever), and its httptools parser has no header size limit."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderGuard(AutoHTTPProtocol):   # type: ignore[misc, valid-type]
+        _head_timer = None
+        _head_bytes = 0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_watch()
+
+        def data_received(self, data: bytes) -> None:
+            idle = self._idle()
+            super().data_received(data)
+            if idle and self._idle():         # still reading a request head
+                self._head_bytes += len(data)
+                if self._head_bytes > max_header_bytes and not self.transport.is_closing():
+                    self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+                                         b"connection: close\r\n\r\n")
+                    self.transport.close()
+            self._head_watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._head_watch()
+
+        def connection_lost(self, exc) -> None:
+            self._head_disarm()
+            super().connection_lost(exc)
+
+        def _idle(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _head_watch(self) -> None:
+            """Arm the deadline while waiting for a request head (never re-armed by the bytes of that head);
+            disarm it once a request is under way (its body has the Gate's deadline)."""
+            if self.transport is None or self.transport.is_closing():
+                self._head_disarm()
+            elif not self._idle():
+                self._head_disarm()
+                self._head_bytes = 0
+            elif self._head_timer is None:
+                self._head_bytes = 0
+                self._head_timer = self.loop.call_later(read_timeout_s, self._head_timeout)
+
+        def _head_disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self._idle() and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderGuard
+
+
+def check_tls(cert: str | None, key: str | None) -> None:
+    """The certificate and key load (one line naming the problem, not uvicorn's traceback at start-up)."""
+    import ssl
+
+    if not cert:
+        return
+    for what, f in (("--tls-cert", cert), ("--tls-key", key)):
+        if not Path(f).is_file():
+            raise ConfigError(f"{what}: file not found", f)
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise ConfigError(f"the TLS certificate and key do not load together ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]})", cert) from None
+
+
+def serve(runs, settings: ServeSettings) -> None:
+    """Run the server in this process until interrupted (uvicorn, JSON logs, no access log). Stale upload
+    folders of dead medlens processes are removed first, this process's own at exit."""
+    import uvicorn
+
+    from medlens.serve.inputs import remove_own_spool, remove_stale_spools
+    from medlens.serve.logs import configure
+
+    configure()
+    check_binding(settings)
+    check_tls(settings.tls_cert, settings.tls_key)
+    removed = remove_stale_spools()
+    if removed:
+        log("stale-uploads-removed", files=removed)
+    if not is_local(settings.host) and not settings.tls:
+        log("no-tls", 30, host=settings.host)   # keys and images travel in the clear: say so in the log
+    app = create_app(runs, settings)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=5, http=header_guard(settings.read_timeout_s),
+                    ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
+    finally:
+        remove_own_spool()
 
 
 # ---------------------------------------------------------------- work done off the event loop

@@ -3,14 +3,22 @@ client's content type), the bytes are written to a private temporary folder unde
 ``medlens.io.load``, so the server reads exactly what the command line reads, with the same size limits.
 
 Kinds: PNG, JPEG, TIFF, DICOM (a file, or several files of one series), NIfTI (``.nii`` or gzip). Anything
-else is ``UnsupportedMedia`` (HTTP 415). Client file names never reach the disk or the logs.
+else is ``UnsupportedMedia`` (HTTP 415). Client file names never reach the disk or the logs. The files of a
+series must belong to one patient, study and frame of reference (``medlens.io.dicom.require_single_subject``).
+
+Temporary files are named ``medlens-upload-<pid>-*`` (``medlens-out-<pid>-*`` for answers) in the system's
+temporary folder and removed when the request ends, whatever way it ends; ``remove_stale_spools`` removes at
+start-up those of medlens processes that no longer run (a ``kill -9`` mid-upload), ``remove_own_spool`` this
+process's at exit.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -72,6 +80,65 @@ def nifti_channels(head: bytes) -> int:
     return n
 
 
+SPOOL_RE = re.compile(r"^medlens-(?:upload|out)-(\d+)-")
+
+
+def spool_prefix(kind: str = "upload") -> str:
+    """The name prefix of this process's temporary files (its PID in it, so a later start can tell them stale)."""
+    return f"medlens-{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
+
+
+def _remove_spools(which, root: str | Path | None = None) -> int:
+    root = Path(root or tempfile.gettempdir())
+    removed = 0
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return 0
+    for e in entries:
+        m = SPOOL_RE.match(e.name)
+        if not m or not which(int(m.group(1))):
+            continue
+        try:
+            st = os.lstat(e.path)
+            if st.st_uid != os.geteuid():          # not ours: leave it
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(e.path)
+            elif stat.S_ISREG(st.st_mode):
+                os.unlink(e.path)
+            else:                                   # a link or anything else: never followed
+                continue
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def remove_stale_spools(root: str | Path | None = None) -> int:
+    """Remove the temporary upload/answer files and folders of medlens processes that no longer run (only
+    names ``medlens-upload-<pid>-*`` / ``medlens-out-<pid>-*`` owned by this user, whose PID is not a live
+    process; links are never followed). Returns how many were removed."""
+    me = os.getpid()
+    return _remove_spools(lambda pid: pid != me and not _alive(pid), root)
+
+
+def remove_own_spool(root: str | Path | None = None) -> int:
+    """Remove this process's temporary files (at exit; requests remove their own as they end)."""
+    me = os.getpid()
+    return _remove_spools(lambda pid: pid == me, root)
+
+
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "dicom": ".dcm", "nifti": ".nii", "nifti-gz": ".nii.gz"}
 
 
@@ -97,7 +164,7 @@ def read_uploads(uploads: list[Upload], in_channels: int | None = None, sources:
         if c > 1 and c != in_channels:
             raise ShapeError(f"the image has {c} values (channels) per voxel; the model takes {in_channels}")
     if len(uploads) == 1:   # one private file (a temporary folder per request costs more than the model)
-        fd, name = tempfile.mkstemp(prefix="medlens-upload-", suffix=SUFFIX[kind])
+        fd, name = tempfile.mkstemp(prefix=spool_prefix(), suffix=SUFFIX[kind])
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -110,12 +177,13 @@ def read_uploads(uploads: list[Upload], in_channels: int | None = None, sources:
         finally:
             path.unlink(missing_ok=True)
         return image, kind
-    tmp = Path(tempfile.mkdtemp(prefix="medlens-upload-"))
+    tmp = Path(tempfile.mkdtemp(prefix=spool_prefix()))
+    folder = tmp / "series"
     try:
-        folder = tmp / "series"
         folder.mkdir()
         for i, u in enumerate(uploads):
             (folder / f"{i:05d}.dcm").write_bytes(u.data)
+        _one_subject(folder)
         image = load(folder)
         if sources is not None:
             sources.extend(_dicom_sources(folder, image, "dicom"))
@@ -124,6 +192,23 @@ def read_uploads(uploads: list[Upload], in_channels: int | None = None, sources:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return image, "dicom-series"
+
+
+def _one_subject(folder: Path) -> None:
+    """Refuse a series whose files carry more than one PatientID, StudyInstanceUID or FrameOfReferenceUID
+    (headers only, before any pixel is decoded; the message names the attribute, never a value)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from medlens.io.dicom import SUBJECT_KEYWORDS, require_single_subject
+
+    datasets = []
+    for f in sorted(folder.iterdir()):
+        try:
+            datasets.append(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(SUBJECT_KEYWORDS)))
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue    # io.load names the file that does not read
+    require_single_subject(datasets, "upload")
 
 
 def _dicom_sources(path: Path, image: Image, kind: str) -> list:

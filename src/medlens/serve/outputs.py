@@ -18,7 +18,9 @@ def nifti_b64(image: Image) -> str:
     """Base64 of a gzipped NIfTI of ``image`` (its spacing, origin and direction kept)."""
     from medlens.io import save
 
-    tmp = Path(tempfile.mkdtemp(prefix="medlens-out-"))
+    from medlens.serve.inputs import spool_prefix
+
+    tmp = Path(tempfile.mkdtemp(prefix=spool_prefix("out")))
     try:
         path = tmp / "image.nii.gz"
         save(image, path)
