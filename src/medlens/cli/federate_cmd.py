@@ -30,7 +30,34 @@ def register(app: typer.Typer) -> None:
                  clients: int = typer.Option(2, "--clients", help="server: sites to wait for"),
                  min_fit_clients: Optional[int] = typer.Option(None, "--min-fit-clients",
                                                                help="server: results a round needs (default all)"),
-                 round_timeout: Optional[float] = typer.Option(None, "--round-timeout", help="server: seconds"),
+                 round_timeout: float = typer.Option(3600.0, "--round-timeout",
+                                                     help="server: seconds a round waits for the sites' fit "
+                                                          "(and evaluate) answers; it goes on with those that "
+                                                          "answered"),
+                 join_timeout: float = typer.Option(3600.0, "--join-timeout",
+                                                    help="server: seconds to wait for --clients sites to join"),
+                 site_secrets: Optional[Path] = typer.Option(None, "--site-secrets",
+                                                             help="server: file of 'SITE SECRET' lines; only "
+                                                                  "results tagged with a site's secret count"),
+                 update_norm_factor: float = typer.Option(10.0, "--update-norm-factor",
+                                                          help="server: drop an update whose distance to the "
+                                                               "global model exceeds this x its norm"),
+                 insecure: bool = typer.Option(False, "--insecure",
+                                               help="allow a non-local address without TLS (and, on the "
+                                                    "server, without --site-secrets)"),
+                 secret_file: Optional[Path] = typer.Option(None, "--secret-file",
+                                                            help="client: file holding this site's secret"),
+                 max_local_epochs: int = typer.Option(100, "--max-local-epochs",
+                                                      help="client: most local epochs a server may ask"),
+                 max_proximal_mu: float = typer.Option(10.0, "--max-proximal-mu",
+                                                       help="client: largest FedProx mu a server may ask"),
+                 max_lr: float = typer.Option(1.0, "--max-lr", help="client: largest learning rate a server "
+                                                                    "may ask"),
+                 connect_timeout: float = typer.Option(60.0, "--connect-timeout",
+                                                       help="client: seconds to reach the server"),
+                 server_timeout: float = typer.Option(7200.0, "--server-timeout",
+                                                      help="client: seconds of silence from the server (while "
+                                                           "this site waits) before it stops"),
                  address: str = typer.Option("127.0.0.1:8080", "--address", help="server: host:port to listen on"),
                  certificates: Optional[str] = typer.Option(None, "--certificates",
                                                             help="server TLS: CA,CERT,KEY files"),
@@ -51,14 +78,27 @@ def register(app: typer.Typer) -> None:
             raise MedlensError(f"medlens federate {mode} needs a config file")
         cfg = load_config(cfg_path, set_)
         say = lambda s: console.print(s, markup=False, highlight=False)  # noqa: E731
+        import logging
+
+        # Flower logs a traceback before re-raising a site's refusal; the refusal itself is our one line
         if mode == "client":
+            import flwr.client  # noqa: F401  (importing flwr sets its logger's level: silence it after)
+
+            logging.getLogger("flwr").setLevel(logging.CRITICAL)
+
+            from medlens.engine.federated import ClientLimits
             from medlens.workflow.federate import join_federation
 
             if site_data is None:
                 raise MedlensError("medlens federate client needs --site-data FILE")
+            if max_local_epochs < 1 or not max_proximal_mu >= 0 or not max_lr > 0:
+                raise MedlensError("--max-local-epochs must be at least 1, --max-proximal-mu at least 0 and "
+                                   "--max-lr positive")
             join_federation(cfg, site_data=site_data, server=server, local_epochs=local_epochs,
                             root_certificate=root_cert, dp_noise=dp_noise, dp_clip=dp_clip, dp_delta=dp_delta,
-                            config_file=str(cfg_path), site=site)
+                            config_file=str(cfg_path), site=site, secret_file=secret_file,
+                            limits=ClientLimits(max_local_epochs, max_proximal_mu, max_lr),
+                            connect_timeout=connect_timeout, server_timeout=server_timeout, insecure=insecure)
             say(f"site {site or site_data.stem}: federation finished")
             return
         if mode == "server":
@@ -72,8 +112,9 @@ def register(app: typer.Typer) -> None:
                 certs = tuple(parts)
             run = serve_federation(cfg, clients=clients, rounds=rounds, address=address, strategy=strategy,
                                    local_epochs=local_epochs, min_fit_clients=min_fit_clients,
-                                   round_timeout=round_timeout, certificates=certs, run_dir=run_dir,
-                                   overwrite=overwrite, log=say)
+                                   round_timeout=round_timeout, join_timeout=join_timeout, certificates=certs,
+                                   site_secrets=site_secrets, update_norm_factor=update_norm_factor,
+                                   insecure=insecure, run_dir=run_dir, overwrite=overwrite, log=say)
         else:
             from medlens.workflow.federate import federate as simulate
 
@@ -86,10 +127,13 @@ def register(app: typer.Typer) -> None:
         m = json.loads((run / "metrics.json").read_text())["test"]["metrics"]
         for r in fed["rounds"]:
             say(f"round {r['round']}: {r['fit_results']} site(s) fitted, {r['fit_failures']} failed, "
-                f"{(r['bytes_down'] + r['bytes_up']) / 1e6:.3f} MB, global val AUC {r.get('global_val_auc')}")
+                f"{r.get('fit_rejected', 0)} update(s) dropped, {(r['bytes_down'] + r['bytes_up']) / 1e6:.3f} MB, "
+                f"global val AUC {r.get('global_val_auc')}")
         if "auc" in m:
             say(f"test AUC {m['auc']['value']:.3f} (95% CI {m['auc']['ci_low']:.3f} - {m['auc']['ci_high']:.3f}); "
                 f"{fed['megabytes_sent']} MB sent")
         if fed.get("dp"):
             say(f"DP-SGD epsilon spent: {fed['dp']['epsilon']} (delta {fed['dp']['delta']})")
         console.print(f"run: [bold]{run}[/]")
+        if fed.get("status") == "failed":
+            raise MedlensError(f"federated run marked failed in run.json: {fed['failure']}")

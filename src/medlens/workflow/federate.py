@@ -40,13 +40,49 @@ def _strategy_class(name: str):
     return {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[name]
 
 
+#: the default bound on a site's step: ``||w_site - w_global|| <= factor * max(||w_global||, eps)``
+UPDATE_NORM_FACTOR = 10.0
+#: default seconds a round waits for the sites' answers (fit and evaluate each), and for the sites to join
+ROUND_TIMEOUT = 3600.0
+JOIN_TIMEOUT = 3600.0
+
+
+def _bounded_client_manager(max_wait: float):
+    """Flower's client manager, whose waits for sites (1 day in Flower) last at most ``max_wait`` seconds."""
+    from flwr.server.client_manager import SimpleClientManager
+
+    class Bounded(SimpleClientManager):
+        def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+            # Flower's own calls (sampling) use the 1-day default: they wait one round timeout at most
+            return super().wait_for(num_clients, timeout=self.max_wait if timeout == 86400 else timeout)
+
+    cm = Bounded()
+    cm.max_wait = max_wait
+    return cm
+
+
 def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signature: str, local_epochs: int,
                   evaluate_fn: Callable | None, min_fit_clients: int | None = None, proximal_mu: float = 0.01,
-                  server_lr: float = 0.01):
-    """Flower's strategy ``name``, recording per round the bytes sent each way, results and failures."""
+                  server_lr: float = 0.01, update_norm_factor: float = UPDATE_NORM_FACTOR,
+                  site_secrets: dict[str, bytes] | None = None, join_timeout: float | None = None,
+                  log: Callable[[str], None] | None = None):
+    """Flower's strategy ``name``, recording per round the bytes sent each way, results and failures.
+
+    Every result is checked before Flower aggregates it: with ``site_secrets`` its HMAC tag (site, round, the
+    round's nonce, a digest of the weights or scores); a fit result's weights against the global model
+    (``engine.federated.update_problem``: arrays, dtypes, finite, norm bound ``update_norm_factor``). A refused
+    result is dropped, counted (``fit_rejected`` / ``evaluate_rejected`` and the reason per site in the round's
+    row) and logged; the round goes on with the others. A round with fewer than ``min_fit_clients`` accepted
+    updates keeps the previous global model."""
+    import hmac
+    import secrets as _secrets
+
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
+    from medlens.engine.federated import digest, eval_body, result_tag, update_problem
+
     base = _strategy_class(name)
+    say = log or (lambda _s: None)
 
     class Recording(base):
         def __init__(self, **kw) -> None:
@@ -54,22 +90,49 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
             self.rounds: dict[int, dict] = {}
             self.final: list[np.ndarray] | None = None
             self.initial_val_auc = None
+            self.current: list[np.ndarray] = weights
+            self.nonces: dict[tuple[str, int], str] = {}
 
         def _row(self, rnd: int) -> dict:
             return self.rounds.setdefault(rnd, {"round": rnd, "bytes_down": 0, "bytes_up": 0, "fit_results": 0,
-                                                "fit_failures": 0, "sites": {}})
+                                                "fit_failures": 0, "fit_rejected": 0, "sites": {}})
+
+        def _nonce(self, kind: str, rnd: int) -> str:
+            return self.nonces.setdefault((kind, rnd), _secrets.token_hex(16))
+
+        def _site(self, r, kind: str, rnd: int, body: str) -> tuple[str, str | None]:
+            """(site name, why the result is refused or None): the HMAC check when sites have secrets."""
+            site = r.metrics.get("site")
+            site = site[:64] if isinstance(site, str) and site.isprintable() else "?"
+            if site_secrets is None:
+                return site, None
+            key, tag = site_secrets.get(site), r.metrics.get("auth")
+            if key is None or not isinstance(tag, str):
+                return site, "not authenticated (unknown site or no tag)"
+            want = result_tag(key, kind, site, rnd, self._nonce(kind, rnd), r.num_examples, body)
+            if not hmac.compare_digest(want.encode(), tag.encode()[:128]):
+                return site, "not authenticated (wrong tag)"
+            return site, None
+
+        def _reject(self, row: dict, kind: str, rnd: int, site: str, why: str) -> None:
+            row[f"{kind}_rejected"] = row.get(f"{kind}_rejected", 0) + 1
+            row.setdefault("rejected", []).append({"site": site, "step": kind, "reason": why})
+            say(f"round {rnd}: {kind} result of site {site} dropped: {why}")
 
         def configure_fit(self, server_round, parameters, client_manager):
-            # every site joins before the first round; later rounds go on with at least min_fit_clients (a site
-            # that died is not waited for)
+            # every site joins before the first round (at most join_timeout s); later rounds go on with at
+            # least min_fit_clients (a site that died is not waited for beyond the round timeout)
             self.min_available_clients = n_clients if server_round == 1 else need
-            if server_round == 1:  # Flower sizes the sample before it waits: wait here, then all are sampled
-                client_manager.wait_for(n_clients)
+            if server_round == 1 and not client_manager.wait_for(n_clients, timeout=int(join_timeout or 86400)):
+                say(f"only {client_manager.num_available()} of {n_clients} site(s) joined within "
+                    f"{join_timeout} s")
+                self.min_available_clients = min(need, max(client_manager.num_available(), 1))
+            self.current = parameters_to_ndarrays(parameters)
             todo = super().configure_fit(server_round, parameters, client_manager)
             size = sum(len(t) for t in parameters.tensors)
             for _, ins in todo:
                 ins.config.update({"model_signature": signature, "local_epochs": local_epochs,
-                                   "server_round": server_round})
+                                   "server_round": server_round, "nonce": self._nonce("fit", server_round)})
             self._row(server_round)["bytes_down"] += size * len(todo)
             return todo
 
@@ -77,13 +140,35 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
             row = self._row(server_round)
             row["fit_results"], row["fit_failures"] = len(results), len(failures)
             row["bytes_up"] += sum(len(t) for _, r in results for t in r.parameters.tensors)
-            for _, r in results:
-                site = str(r.metrics.get("site", "?"))
+            kept, seen = [], set()
+            for proxy, r in results:
+                try:
+                    update = parameters_to_ndarrays(r.parameters)
+                except Exception as e:  # noqa: BLE001 - bytes from the network that are not arrays
+                    update, why = None, f"unreadable weights ({type(e).__name__})"
+                site, auth = self._site(r, "fit", server_round, digest(update) if update is not None else "")
+                why = auth or (why if update is None else None)
+                if why is None and (isinstance(r.num_examples, bool) or r.num_examples < 0):
+                    why = f"negative number of examples {r.num_examples}"
+                if why is None:
+                    why = update_problem(update, self.current, update_norm_factor)
+                if why is None and site_secrets is not None and site in seen:
+                    why = "this site already answered in this round"
+                if why:
+                    self._reject(row, "fit", server_round, site, why)
+                    continue
+                seen.add(site)
+                kept.append((proxy, r))
                 row["sites"].setdefault(site, {}).update({"train_loss": r.metrics.get("train_loss"),
                                                           "missing_classes": r.metrics.get("missing_classes", 0)})
                 if "epsilon" in r.metrics:
                     row["sites"][site]["epsilon"] = r.metrics["epsilon"]
-            params, metrics = super().aggregate_fit(server_round, results, failures)
+            row["fit_accepted"] = len(kept)
+            if len(kept) < need or not sum(r.num_examples for _, r in kept):
+                row["skipped"] = f"{len(kept)} valid update(s), {need} needed: the global model is kept"
+                say(f"round {server_round}: {row['skipped']}")
+                return None, {}
+            params, metrics = super().aggregate_fit(server_round, kept, failures)
             if params is not None:
                 self.final = parameters_to_ndarrays(params)
             return params, metrics
@@ -92,17 +177,39 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
             self.min_available_clients = need
             todo = super().configure_evaluate(server_round, parameters, client_manager)
             for _, ins in todo:
-                ins.config.update({"model_signature": signature, "server_round": server_round})
+                ins.config.update({"model_signature": signature, "server_round": server_round,
+                                   "nonce": self._nonce("evaluate", server_round)})
             self._row(server_round)["bytes_down"] += sum(len(t) for t in parameters.tensors) * len(todo)
             return todo
 
         def aggregate_evaluate(self, server_round, results, failures):
+            import math
+
             row = self._row(server_round)
-            for _, r in results:
-                site = str(r.metrics.get("site", "?"))
-                row["sites"].setdefault(site, {})["val_auc"] = r.metrics.get("val_auc")
+            kept = []
+            for proxy, r in results:
+                auc = r.metrics.get("val_auc")
+                try:
+                    body = eval_body(r.loss, auc)
+                except (TypeError, ValueError):
+                    body = ""
+                site, why = self._site(r, "evaluate", server_round, body)
+                finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in
+                             (r.loss, *(() if auc is None else (auc,))))
+                if why is None and not finite:
+                    why = "non-finite or non-numeric loss or score"
+                if why is None and r.num_examples < 0:
+                    why = f"negative number of examples {r.num_examples}"
+                if why:
+                    self._reject(row, "evaluate", server_round, site, why)
+                    continue
+                row["sites"].setdefault(site, {})["val_auc"] = auc
+                if r.num_examples > 0:
+                    kept.append((proxy, r))
             row["evaluate_failures"] = len(failures)
-            return super().aggregate_evaluate(server_round, results, failures)
+            if not kept:
+                return None, {}
+            return super().aggregate_evaluate(server_round, kept, failures)
 
         def evaluate(self, server_round, parameters):
             out = super().evaluate(server_round, parameters)
@@ -167,9 +274,13 @@ class _Global:
             raise MedlensError("no federated round completed (every site failed or none connected)", self.path)
         set_weights(self.net, strategy.final)
         rounds = [strategy.rounds[k] for k in sorted(strategy.rounds)]
-        failed = [r["round"] for r in rounds if r["fit_failures"] or r.get("evaluate_failures")]
+        failed = [r["round"] for r in rounds if r["fit_failures"] or r.get("evaluate_failures")
+                  or r.get("fit_rejected") or r.get("evaluate_rejected")]
         eps = [v["epsilon"] for r in rounds for v in r["sites"].values() if "epsilon" in v]
-        summary = {**info, "rounds_run": len(rounds), "initial_val_auc": strategy.initial_val_auc, "rounds_with_failures": failed,
+        summary = {**info, "rounds_run": len(rounds), "initial_val_auc": strategy.initial_val_auc,
+                   "rounds_with_failures": failed,
+                   "updates_rejected": sum(r.get("fit_rejected", 0) for r in rounds),
+                   "evaluations_rejected": sum(r.get("evaluate_rejected", 0) for r in rounds),
                    "megabytes_sent": round(sum(r["bytes_down"] + r["bytes_up"] for r in rounds) / 1e6, 3)}
         if info.get("dp"):
             summary["dp"] = {**info["dp"], "epsilon": max(eps) if eps else None}
@@ -200,6 +311,16 @@ class _Global:
             per_site.append(row)
         summary["per_site_test"] = per_site
         summary["rounds"] = rounds
+        # a global model that does not beat the untrained one on validation is no result: the run says so
+        first, last_auc = strategy.initial_val_auc, rounds[-1].get("global_val_auc")
+        if first is None or last_auc is None or not last_auc > first:
+            summary["status"] = "failed"
+            summary["failure"] = (f"the global model's validation AUC {last_auc} does not beat the untrained "
+                                  f"model's {first}")
+            run.meta.status = "failed"
+            run.save_meta()
+        else:
+            summary["status"] = "complete"
         write_json_atomic(self.path / "federated.json", summary)
         write_section(self.path, "federated", "Federated training", summary)
         write_report(run)
@@ -298,12 +419,86 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
         return g.finish(strat, info, {f"site{k}": p[2] for k, p in enumerate(parts)}, t0)
 
 
+def is_local_address(host: str) -> bool:
+    """True for a loopback host (127.0.0.0/8, ::1, localhost): nothing outside this machine reaches it."""
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_address(address: str, flag: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) -> (host, port); one line otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag} '{address}' is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def read_site_secrets(path: Path) -> dict[str, bytes]:
+    """``--site-secrets FILE``: one ``SITE SECRET`` pair per line (``#`` comments), each secret 16+ characters."""
+    out: dict[str, bytes] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the site secrets ({type(e).__name__})", path) from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[1]) < 16 or not parts[0].isprintable() or len(parts[0]) > 64:
+            raise ConfigError(f"line {no}: expected 'SITE SECRET' with a secret of at least 16 characters", path)
+        if parts[0] in out:
+            raise ConfigError(f"line {no}: site '{parts[0]}' appears twice", path)
+        out[parts[0]] = parts[1].encode()
+    if not out:
+        raise ConfigError("no 'SITE SECRET' line", path)
+    return out
+
+
+def read_secret(path: Path) -> bytes:
+    """``--secret-file FILE``: this site's shared secret (its first line, 16+ characters)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the site secret ({type(e).__name__})", path) from None
+    if len(text) < 16 or any(c.isspace() for c in text):
+        raise ConfigError("the site secret must be one word of at least 16 characters", path)
+    return text.encode()
+
+
+def check_exposure(address: str, flag: str, tls: bool, authenticated: bool, insecure: bool, role: str) -> None:
+    """A non-local address needs TLS (and, on the server, site secrets) unless ``--insecure``."""
+    host, _ = split_address(address, flag)
+    if insecure or is_local_address(host):
+        return
+    if not tls:
+        need = "--certificates CA,CERT,KEY" if role == "server" else "--root-cert CA"
+        raise ConfigError(f"{flag} {address} is not a local address and TLS is off: weights would travel in the "
+                          f"clear; give {need}, or --insecure to accept that")
+    if not authenticated:
+        raise ConfigError(f"{flag} {address} is not a local address and no --site-secrets were given: anyone "
+                          "who reaches the port could join as a site; give --site-secrets FILE, or --insecure")
+
+
 def serve_federation(cfg, *, clients: int, rounds: int, address: str, strategy: str = "fedavg",
-                     local_epochs: int = 1, min_fit_clients: int | None = None, round_timeout: float | None = None,
-                     certificates: tuple[Path, Path, Path] | None = None, run_dir: str | Path | None = None,
-                     overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
+                     local_epochs: int = 1, min_fit_clients: int | None = None,
+                     round_timeout: float | None = ROUND_TIMEOUT, join_timeout: float = JOIN_TIMEOUT,
+                     certificates: tuple[Path, Path, Path] | None = None, site_secrets: Path | None = None,
+                     update_norm_factor: float = UPDATE_NORM_FACTOR, insecure: bool = False,
+                     run_dir: str | Path | None = None, overwrite: bool = False,
+                     log: Callable[[str], None] = print) -> Path:
     """The server process: waits for ``clients`` sites on ``address`` (gRPC), runs ``rounds`` rounds,
-    evaluates the global model on its own validation/test data and writes the run folder."""
+    evaluates the global model on its own validation/test data and writes the run folder.
+
+    A non-local ``address`` needs ``certificates`` and ``site_secrets`` unless ``insecure``. Each round waits
+    ``round_timeout`` seconds at most for fit and for evaluate answers (a site that died or hangs is a failure)
+    and goes on with those that answered, if at least ``min_fit_clients`` valid updates came back."""
     from flwr.server import ServerConfig, start_server
 
     from medlens.engine.federated import get_weights
@@ -311,6 +506,17 @@ def serve_federation(cfg, *, clients: int, rounds: int, address: str, strategy: 
     from medlens.workflow.train import resolve_run_dir
 
     _strategy_class(strategy)
+    if clients < 1 or rounds < 1:
+        raise ConfigError(f"--clients and --rounds must be at least 1, not {clients} and {rounds}")
+    if min_fit_clients is not None and not 1 <= min_fit_clients <= clients:
+        raise ConfigError(f"--min-fit-clients {min_fit_clients} must be between 1 and --clients {clients}")
+    for flag, v in (("--round-timeout", round_timeout), ("--join-timeout", join_timeout),
+                    ("--update-norm-factor", update_norm_factor)):
+        if v is not None and not (np.isfinite(v) and v > 0):
+            raise ConfigError(f"{flag} must be a positive number of seconds, not {v}"
+                              if "timeout" in flag else f"{flag} must be positive, not {v}")
+    secrets = read_site_secrets(site_secrets) if site_secrets else None
+    check_exposure(address, "--address", bool(certificates), secrets is not None, insecure, "server")
     path = resolve_run_dir(cfg, run_dir)
     folder = RunFolder(path)
     folder.check(False, overwrite)
@@ -322,32 +528,89 @@ def serve_federation(cfg, *, clients: int, rounds: int, address: str, strategy: 
         data = prepared_data(cfg.data, seed=cfg.seed)
         g = _Global(cfg, data, path)
         strat = make_strategy(strategy, get_weights(g.net), clients, g.signature, local_epochs, g.evaluate_fn,
-                              min_fit_clients=min_fit_clients)
-        log(f"federated server on {address}: waiting for {clients} sites, {rounds} rounds ({strategy})")
+                              min_fit_clients=min_fit_clients, update_norm_factor=update_norm_factor,
+                              site_secrets=secrets, join_timeout=join_timeout, log=log)
+        log(f"federated server on {address}: waiting for {clients} sites, {rounds} rounds ({strategy})"
+            + ("" if secrets else "; sites are not authenticated (no --site-secrets)"))
         start_server(server_address=address, strategy=strat, certificates=certs,
+                     client_manager=_bounded_client_manager(round_timeout or 86400.0),
                      config=ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
         info = {"mode": "deployment", "engine": "flwr (gRPC)", "strategy": strategy, "sites": clients,
                 "min_fit_clients": min_fit_clients or clients, "local_epochs": local_epochs, "tls": bool(certs),
-                "dp": None}
+                "authenticated_sites": sorted(secrets) if secrets else None, "round_timeout": round_timeout,
+                "update_norm_factor": update_norm_factor, "dp": None}
         return g.finish(strat, info, None, t0)
 
 
 def join_federation(cfg, *, site_data: Path, server: str, local_epochs: int = 1, root_certificate: Path | None = None,
                     dp_noise: float | None = None, dp_clip: float = 1.0, dp_delta: float = 1e-5,
-                    config_file: str = "", site: str | None = None) -> None:
-    """The client process of one site: its data (``--site-data``, a MedMNIST-layout .npz) stays here."""
+                    config_file: str = "", site: str | None = None, secret_file: Path | None = None,
+                    limits=None, connect_timeout: float = 60.0, server_timeout: float = 2 * ROUND_TIMEOUT,
+                    insecure: bool = False) -> None:
+    """The client process of one site: its data (``--site-data``, a MedMNIST-layout .npz) stays here.
+
+    The server must answer within ``connect_timeout`` seconds, and say something at least every
+    ``server_timeout`` seconds while this site waits (local training is not counted); otherwise the site
+    stops with one line. A server that closes the connection mid-federation is one line too."""
+    import signal
+
+    import grpc
     from flwr.client import start_client
 
     from medlens.engine.federated import SiteClient
     from medlens.transforms.preprocess import prepared_data
 
+    for flag, v in (("--connect-timeout", connect_timeout), ("--server-timeout", server_timeout)):
+        if not (np.isfinite(v) and v > 0):
+            raise ConfigError(f"{flag} must be a positive number of seconds, not {v}")
+    check_exposure(server, "--server", root_certificate is not None, True, insecure, "client")
+    secret = read_secret(secret_file) if secret_file else None
     site_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(site_data),
                                                                            "check_md5": False})})
     seed_everything(cfg.seed)
     data = prepared_data(site_cfg.data, seed=cfg.seed)
     g = _Global(site_cfg, data, Path("."))
-    client = SiteClient(site or Path(site_data).stem, g.net, data.train, data.val, cfg.train, data.task,
-                        max(len(data.class_names), 2), cfg.seed, g.signature, local_epochs,
-                        _dp(dp_noise, dp_clip, dp_delta), config_file)
     root = Path(root_certificate).read_bytes() if root_certificate else None
-    start_client(server_address=server, client=client.to_client(), insecure=root is None, root_certificates=root)
+    name = site or Path(site_data).stem
+
+    class Silent(MedlensError):
+        pass
+
+    def alarm(_signum, _frame):
+        raise Silent(f"no word from the federated server at {server} for {server_timeout:g} s "
+                     "(--server-timeout): this site stops")
+
+    def busy(on: bool) -> None:  # local work is not the server's silence
+        signal.setitimer(signal.ITIMER_REAL, 0 if on else server_timeout)
+
+    client = SiteClient(name, g.net, data.train, data.val, cfg.train, data.task,
+                        max(len(data.class_names), 2), cfg.seed, g.signature, local_epochs,
+                        _dp(dp_noise, dp_clip, dp_delta), config_file, limits=limits, secret=secret, busy=busy)
+    channel = grpc.secure_channel(server, grpc.ssl_channel_credentials(root)) if root else \
+        grpc.insecure_channel(server)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=connect_timeout)
+    except grpc.FutureTimeoutError:
+        raise MedlensError(f"the federated server at {server} did not answer within {connect_timeout:g} s "
+                           "(--connect-timeout)") from None
+    finally:
+        channel.close()
+    import threading
+
+    watch = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    if not watch:
+        client.busy = None
+    previous = signal.signal(signal.SIGALRM, alarm) if watch else None
+    if watch:
+        busy(False)
+    try:
+        start_client(server_address=server, client=client.to_client(), insecure=root is None,
+                     root_certificates=root)
+    except grpc.RpcError as e:
+        code = e.code().name if hasattr(e, "code") and e.code() else "UNKNOWN"
+        raise MedlensError(f"the federated server at {server} closed the connection ({code}) before the "
+                           "federation finished") from None
+    finally:
+        if watch:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
