@@ -345,6 +345,10 @@ def test_unknown_host_header_gets_400(server):
             assert r.status_code == 400 and r.json()["error"]["type"] == "BadHost"
     r = httpx.get(server.url + "/v1/models", headers={"Host": "evil.example", "X-API-Key": KEY}, timeout=10)
     assert r.status_code == 400
+    for head in (b"Host: 127.0.0.1:80@evil.example\r\n", b"Host: localhost\r\nHost: evil.example\r\n", b""):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\n" + head + b"\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 400"), head
 
 
 def test_no_page_loads_anything_from_another_origin(server):

@@ -90,6 +90,10 @@ class ServeSettings:
         hosts = {*DEFAULT_ALLOWED_HOSTS, *(h.strip().lower().strip("[]").rstrip(".") for h in self.allowed_hosts)}
         if self.host not in ("0.0.0.0", "::", ""):
             hosts.add(self.host.lower().strip("[]"))
+        if not is_local(self.host):      # this machine's own name (a rebinding attacker's names are never it)
+            import socket
+
+            hosts.add(socket.gethostname().lower())
         return hosts
 
 
@@ -125,14 +129,16 @@ def check_binding(settings: ServeSettings) -> None:
         raise ConfigError("--max-upload-mb must be positive")
 
 
+_HOST_HEADER = re.compile(r"^(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::[0-9]{1,5})?$")
+
+
 def host_of(header: str) -> str:
-    """The host name of a Host header value, lower case, without port, brackets or a trailing dot."""
-    h = header.strip().lower()
-    if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else ""
-    if h.count(":") == 1:
-        h = h.split(":", 1)[0]
-    return h.rstrip(".")
+    """The host name of a Host header value, lower case, without port, brackets or a trailing dot; '' when
+    the value is not a plain host[:port] (userinfo, paths, spaces and the like are never matched)."""
+    m = _HOST_HEADER.match(header.strip().lower())
+    if not m:
+        return ""
+    return m.group("v6") or m.group("name").rstrip(".")
 
 
 _ABS_PATH = re.compile(r"(?<![\w.~-])(/[A-Za-z0-9._~+@%-]+)((?:/[^\s'\"`,;:()<>\[\]{}]*)*)")
@@ -368,7 +374,8 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None):
             try:
                 length = headers.get("content-length")
                 resp = None
-                if host_of(headers.get("host", "")) not in allowed_hosts and "*" not in allowed_hosts:
+                hosts = headers.getlist("host")
+                if "*" not in allowed_hosts and (len(hosts) != 1 or host_of(hosts[0]) not in allowed_hosts):
                     await refuse(400, "BadHost", "the Host header names a host this server does not answer to "
                                  "(start serve with --allowed-host NAME to accept one)")
                     return
