@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except MedlensError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape   # a message quoting "[nan, 1.0]" must not be read as markup
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
@@ -71,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if _state["debug"]:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
-        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {msg} (run with --debug for the traceback)",
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {escape(msg)} (run with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         return 1
     return 0

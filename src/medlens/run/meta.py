@@ -1,16 +1,27 @@
-"""``RunMeta``: the typed, versioned content of a run's ``run.json``. This module alone reads and writes it."""
+"""``RunMeta``: the typed, versioned content of a run's ``run.json``. This module alone reads and writes it.
+
+``run.json`` is read like any other input (issue 25): a hand-edited or hostile file is refused in one line
+naming the field, never used. A threshold is a probability in [0, 1]; calibration parameters are finite,
+complete and of the right sign (a Platt slope or a temperature that is not positive would invert or
+break every answer); the class names fit the task and the outputs; sizes, spacings, windows and model
+parameters are finite, positive and bounded (the image limits of ``medlens.io.limits``); the file itself
+is bounded in bytes and in nesting depth.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medlens import __version__
-from medlens.errors import DataError, MedlensError
+from medlens.errors import ConfigError, DataError, MedlensError
+from medlens.io import limits
 from medlens.run.profile import InputProfile
 from medlens.tasks import TaskType
 from medlens.transforms.preprocess import InputSpec
@@ -19,6 +30,84 @@ from medlens.utils import write_json_atomic
 #: bumped whenever a field changes meaning; runs of another version are refused with a clear error
 SCHEMA_VERSION = 3
 META_FILE = "run.json"
+
+MAX_META_BYTES = 64 * 1024 * 1024   # a run.json is kilobytes (megabytes with very many patient IDs)
+MAX_DEPTH = 32                      # nesting of run.json; the deepest medlens writes is under 8
+MAX_AXIS = 8192                     # one axis of a model input or a resize target
+MAX_CHANNELS = 1024
+MAX_CLASSES = 10_000
+# any number among model_params (sklearn's C or random_state included); the network a torch run's
+# parameters describe is also measured against its weights file (``Run._check_network_size``)
+MAX_PARAM_INT = 2 ** 31 - 1
+MAX_PARAM_FLOAT = 1e15
+MAX_PARAM_ITEMS = 1024              # values in model_params, all levels together
+MAX_PARAM_DEPTH = 8
+MAX_SPACING_MM = 1e4
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+MAX_PLATT = 1e4
+
+
+def _finite(v: float, what: str) -> float:
+    if not math.isfinite(v):
+        raise ValueError(f"{what} is {v}, not a finite number")
+    return v
+
+
+def _check_shape(size: list[int], spatial_dims: int, what: str = "") -> None:
+    """A model input or resize target: one positive axis per spatial dimension, within the image limits."""
+    what = f"{what} {size}" if what else str(size)
+    if len(size) != spatial_dims:
+        raise ValueError(f"{what} has {len(size)} axes; the model is {spatial_dims}D")
+    if any(s < 1 or s > MAX_AXIS for s in size):
+        raise ValueError(f"{what}: every axis must be between 1 and {MAX_AXIS}")
+    n = math.prod(size)
+    limit = limits.max_pixels() if spatial_dims == 2 else limits.max_voxels()
+    if n > limit:
+        env = limits.MAX_PIXELS_ENV if spatial_dims == 2 else limits.MAX_VOXELS_ENV
+        raise ValueError(f"{what} = {n:,} values, over the limit of {limit:,} ({env})")
+
+
+def _bounded_params(params: Any, root: str) -> None:
+    """Model parameters are plain values of bounded size: no huge widths, no NaN, no deep or long trees."""
+    stack, seen = [(params, root, 0)], 0
+    while stack:
+        v, where, depth = stack.pop()
+        seen += 1
+        if seen > MAX_PARAM_ITEMS:
+            raise ValueError(f"more than {MAX_PARAM_ITEMS} values")
+        if depth > MAX_PARAM_DEPTH:
+            raise ValueError(f"{where} is nested deeper than {MAX_PARAM_DEPTH} levels")
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, int):
+            if abs(v) > MAX_PARAM_INT:
+                raise ValueError(f"{where} is {v}, beyond the bound of {MAX_PARAM_INT:,}")
+        elif isinstance(v, float):
+            if not math.isfinite(v) or abs(v) > MAX_PARAM_FLOAT:
+                raise ValueError(f"{where} is {v}, not a finite number within {MAX_PARAM_FLOAT:g}")
+        elif isinstance(v, str):
+            if len(v) > 1000:
+                raise ValueError(f"{where} is a string of {len(v)} characters (at most 1000)")
+        elif isinstance(v, dict):
+            stack.extend((x, f"{where}.{k}".lstrip("."), depth + 1) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v))
+        else:
+            raise ValueError(f"{where} has a value of type {type(v).__name__}")
+
+
+def json_depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON (0 for a scalar), counted without recursion."""
+    best, stack = 0, [(obj, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            best = max(best, d)
+            if d <= MAX_DEPTH:   # deeper than the bound: already refused, no need to walk on
+                stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return best
 
 
 class _Strict(BaseModel):
@@ -38,6 +127,51 @@ class InputPrep(_Strict):
     std: list[float]
     pixel_spacing: float | None = None   # mm per pixel of 2D files that do not record it
 
+    @field_validator("spatial_dims")
+    @classmethod
+    def _dims(cls, v: int) -> int:
+        if v not in (2, 3):
+            raise ValueError(f"{v}: medlens models are 2D or 3D")
+        return v
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _stats(cls, v: list[float], info) -> list[float]:
+        for x in v:
+            _finite(x, "a value")
+        if info.field_name == "std" and any(x < 0 for x in v):
+            raise ValueError(f"{v}: a standard deviation cannot be negative")
+        return v
+
+    @field_validator("pixel_spacing")
+    @classmethod
+    def _spacing(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and 0 < v <= MAX_SPACING_MM):
+            raise ValueError(f"{v} mm: a pixel spacing must be finite, > 0 and at most {MAX_SPACING_MM:g} mm")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from medlens.io.windows import parse_window
+
+        try:
+            level, width = parse_window(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if not (math.isfinite(level) and math.isfinite(width) and width > 0):
+            raise ValueError(f"'{v}': a window needs a finite level and a finite width > 0")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: list[int] | None, info) -> list[int] | None:
+        if v is not None and "spatial_dims" in info.data:   # absent: spatial_dims itself was refused
+            _check_shape(v, info.data["spatial_dims"])
+        return v
+
     def spec(self) -> InputSpec:
         return InputSpec(self.spatial_dims, tuple(self.size) if self.size else None, self.color, self.clahe,
                          self.window, self.intensity)
@@ -51,41 +185,91 @@ class Threshold(_Strict):
     chosen_on: Literal["val", "site"] = "val"   # site: a site's own labelled sample (``medlens recalibrate``)
     val_score: float | None = None    # the validation score at this threshold (segmentation: mean Dice)
 
+    @field_validator("value")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+            raise ValueError(f"{v} is not a probability in [0, 1]")
+        return v
+
+    @field_validator("val_score")
+    @classmethod
+    def _score(cls, v: float | None) -> float | None:
+        return v if v is None else _finite(v, "val_score")
+
 
 class Calibration(_Strict):
     """Probability calibration fitted on the validation split only (``evaluation.calibration``).
 
     ``platt`` (binary): ``p' = sigmoid(a * logit(p) + b)``; ``temperature`` (multi-class/ordinal):
     ``p' = softmax(log(p) / t)``, which keeps the argmax. Both keep the ranking, so AUC is unchanged.
+    The slope ``a`` and the temperature ``t`` must be positive: anything else reverses or breaks the ranking.
     """
 
     method: Literal["platt", "temperature"]
     params: dict[str, float]
     fitted_on: Literal["val", "site"] = "val"
-    n: int
+    n: int = Field(ge=0)
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, params: dict[str, float], info) -> dict[str, float]:
+        method = info.data.get("method")
+        if method is None:   # the method itself was refused
+            return params
+        want = ("a", "b") if method == "platt" else ("t",)
+        missing = [k for k in want if k not in params]
+        extra = sorted(set(params) - set(want))
+        if missing or extra:
+            raise ValueError(f"{method} calibration takes {' and '.join(want)}; "
+                             + (f"'{missing[0]}' is missing" if missing else f"'{extra[0]}' is not one of them"))
+        for k, v in params.items():
+            _finite(v, k)
+        if method == "platt" and not params["a"] > 0:
+            raise ValueError(f"a is {params['a']}: a Platt slope must be > 0 (it would invert the ranking)")
+        if method == "platt" and (params["a"] > MAX_PLATT or abs(params["b"]) > MAX_PLATT):
+            raise ValueError(f"a = {params['a']}, b = {params['b']}: a Platt fit on logits stays within "
+                             f"{MAX_PLATT:g} (larger turns every probability into 0 or 1)")
+        if method == "temperature" and not MIN_TEMPERATURE <= params["t"] <= MAX_TEMPERATURE:
+            raise ValueError(f"t is {params['t']}: a temperature must be between {MIN_TEMPERATURE:g} and "
+                             f"{MAX_TEMPERATURE:g}")
+        return params
 
     def apply(self, p: np.ndarray) -> np.ndarray:
         p = np.asarray(p, np.float64)
-        if self.method == "platt":
-            q = np.clip(p, 1e-7, 1 - 1e-7)
-            z = self.params["a"] * np.log(q / (1 - q)) + self.params["b"]
-            return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
-        z = np.log(np.clip(p, 1e-12, 1.0)) / self.params["t"]
-        z -= z.max(axis=-1, keepdims=True)
-        e = np.exp(z)
-        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+        with np.errstate(over="ignore"):   # exp overflow of a steep slope is a probability of 0 or 1
+            if self.method == "platt":
+                q = np.clip(p, 1e-7, 1 - 1e-7)
+                z = self.params["a"] * np.log(q / (1 - q)) + self.params["b"]
+                return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+            z = np.log(np.clip(p, 1e-12, 1.0)) / self.params["t"]
+            z -= z.max(axis=-1, keepdims=True)
+            e = np.exp(z)
+            return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+class ExportRecord(_Strict):
+    """An exported model file (``RUN/export/<file>``) and the SHA-256 of its bytes, written by ``medlens export``.
+
+    Whoever loads the file (``serve``, the standalone loader given the run) checks the hash first: the
+    graph that runs is the one that passed the parity check, not any file that copies its metadata."""
+
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
 
 
 class RunMeta(_Strict):
     schema_version: int = SCHEMA_VERSION
     medlens_version: str = __version__
-    status: Literal["training", "complete"] = "training"
+    status: Literal["training", "complete", "failed"] = "training"
     kind: Literal["torch", "classical"] = "torch"
     task: TaskType
     model: str
     model_params: dict[str, Any] = Field(default_factory=dict)
-    in_channels: int
-    n_outputs: int
+    in_channels: int = Field(ge=1, le=MAX_CHANNELS)
+    n_outputs: int = Field(ge=1, le=MAX_CLASSES)
     input_size: list[int]             # the network's input (classifiers) or patch size (segmenters)
     class_names: list[str]
     label_values: list[int] | None = None   # segmentation: raw mask values in class order
@@ -111,6 +295,52 @@ class RunMeta(_Strict):
     input_profile: InputProfile | None = None
     # task: anomaly (issue 18): the autoencoder learnt only this class; the score and how it was chosen
     anomaly: dict[str, Any] | None = None
+    # issue 25: the exported files ("onnx", "onnx-int8", "torchscript") and the SHA-256 of each
+    exports: dict[Literal["onnx", "onnx-int8", "torchscript"], ExportRecord] | None = None
+
+    @field_validator("model_params")
+    @classmethod
+    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _bounded_params(v, "")
+        return v
+
+    @field_validator("class_names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_CLASSES:
+            raise ValueError(f"{len(v)} class names, at most {MAX_CLASSES}")
+        if any(not n.strip() or len(n) > 200 for n in v):
+            raise ValueError("a class name is empty or longer than 200 characters")
+        if len(set(v)) != len(v):
+            raise ValueError("two classes have the same name")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunMeta":
+        """What must agree across fields: classes, outputs and task; channels; sizes."""
+        n, k, task = len(self.class_names), self.n_outputs, self.task
+        if task == TaskType.BINARY:
+            ok, want = n == 2 and k == 1, "exactly 2 class names and 1 output"
+        elif task == TaskType.MULTILABEL:
+            ok, want = n >= 1 and k == n, "one class name per output"
+        elif task == TaskType.SEGMENTATION:
+            ok, want = n >= 2 and k == (1 if n == 2 else n), "at least 2 class names (background first), one output per class (1 for two classes)"
+        else:
+            ok, want = n >= 2 and k == n, "at least 2 class names, one per output"
+        if not ok:
+            raise ValueError(f"class_names: a {task} run needs {want}; this one has {n} class name(s) and "
+                             f"n_outputs {k}")
+        if self.label_values is not None and len(self.label_values) != n:
+            raise ValueError(f"label_values: {len(self.label_values)} values for {n} classes")
+        prep = self.preprocessing
+        for name in ("mean", "std"):
+            got = len(getattr(prep, name))
+            if got != self.in_channels:
+                raise ValueError(f"preprocessing.{name}: {got} value(s) for in_channels {self.in_channels}")
+        _check_shape(self.input_size, prep.spatial_dims, "input_size")
+        if prep.size is not None and task != TaskType.SEGMENTATION and prep.size != self.input_size:
+            raise ValueError(f"preprocessing.size {prep.size} is not the model's input_size {self.input_size}")
+        return self
 
     @property
     def spatial_dims(self) -> int:
@@ -127,21 +357,40 @@ class RunMeta(_Strict):
             raise MedlensError("run folder not found", run)
         if not path.is_file():
             raise MedlensError("not a medlens run folder (no run.json)", run)
+        size = path.stat().st_size
+        if size > MAX_META_BYTES:
+            raise DataError(f"run.json is {size:,} bytes, over the limit of {MAX_META_BYTES:,}", path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+        except RecursionError:
+            raise DataError(f"corrupt run.json (nested deeper than {MAX_DEPTH} levels)", path) from None
         except (ValueError, UnicodeDecodeError) as e:
             raise DataError(f"corrupt run.json ({' '.join(str(e).split())[:120]})", path) from None
         if not isinstance(raw, dict):
             raise DataError("corrupt run.json (not an object)", path)
+        if json_depth(raw) > MAX_DEPTH:
+            raise DataError(f"corrupt run.json (nested deeper than {MAX_DEPTH} levels)", path)
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
             made = raw.get("medlens_version", "an older medlens")
-            raise MedlensError(f"run.json has schema version {version} (written by medlens {made}); this medlens "
+            made = made if isinstance(made, str) and re.fullmatch(r"[\w.+-]{1,40}", made) else "another medlens"
+            shown = version if isinstance(version, int) and not isinstance(version, bool) else repr(str(version)[:20])
+            raise MedlensError(f"run.json has schema version {shown} (written by medlens {made}); this medlens "
                                f"{__version__} reads version {SCHEMA_VERSION}: retrain the run, or open it with "
                                "the medlens that wrote it", path)
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise DataError(f"invalid run.json ({where}: {first['msg']})", path) from None
+            raise DataError(f"invalid run.json ({validation_message(e)})", path) from None
+
+
+def validation_message(e: ValidationError) -> str:
+    """The first problem of a pydantic ``ValidationError`` as ``field.path: what is wrong`` (one line)."""
+    errors = e.errors()
+    first = errors[0]
+    where = ".".join(str(x) for x in first["loc"])
+    msg = re.sub(r"^(Value|Assertion) error, ", "", str(first["msg"]))
+    if where:   # loc is empty for RunMeta's cross-field checks, whose message starts with the field
+        msg = f"{where}: {msg}"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return " ".join(msg.split())[:300] + more

@@ -107,7 +107,15 @@ class Predictor:
         with the run's validation-fitted calibration when it has one, unless ``calibrated=False``."""
         p = self._raw_probs(x)
         cal = self.meta.calibration
-        return cal.apply(p) if calibrated and cal is not None else p
+        if calibrated and cal is not None:
+            p = cal.apply(p)
+        # checked after calibration (issue 25): a NaN probability must never reach the threshold, where
+        # "NaN >= t" is False and the input would be answered as the first class
+        if not np.isfinite(p).all():
+            what = f"after {cal.method} calibration" if calibrated and cal is not None else "from the model"
+            raise DataError(f"non-finite probabilities {what}; the input, the weights or run.json's calibration "
+                            "are unusable", self.run.dir)
+        return p
 
     @torch.no_grad()
     def _raw_probs(self, x: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -12,8 +12,10 @@ percentile), not a guarantee: a CT slice is told apart by its modality tag and s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 N_BINS = 32
 SIZE_FACTOR = 2.0          # an input more than 2x larger or smaller than every training image is flagged
@@ -38,7 +40,42 @@ class InputProfile(BaseModel):
     hist_range: list[float]               # [low, high] of the histogram bins (model-input scale)
     hist: list[float]                     # mean normalised histogram of training inputs (+ 2 overflow bins)
     distance_limit: float                 # histogram distance above which an input is flagged
-    n: int                                # training images profiled
+    n: int = Field(ge=0)                  # training images profiled
+
+    # read from run.json like any input (issue 25): a NaN limit would silently switch the check off
+    @field_validator("distance_limit")
+    @classmethod
+    def _limit(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{v}: the histogram distance limit must be finite and > 0")
+        return v
+
+    @field_validator("hist_range")
+    @classmethod
+    def _range(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not all(math.isfinite(x) for x in v) or not v[0] < v[1]:
+            raise ValueError(f"{v}: the histogram range must be two finite numbers, low < high")
+        return v
+
+    @field_validator("hist")
+    @classmethod
+    def _hist(cls, v: list[float]) -> list[float]:
+        if len(v) != N_BINS + 2 or not all(math.isfinite(x) and x >= 0 for x in v):
+            raise ValueError(f"the histogram must hold {N_BINS + 2} finite non-negative values")
+        return v
+
+    @field_validator("size_min", "size_max")
+    @classmethod
+    def _size(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or any(s < 1 for s in v)):
+            raise ValueError(f"{v}: a training image size is two positive numbers of pixels")
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> "InputProfile":
+        if self.size_min and self.size_max and any(a > b for a, b in zip(self.size_min, self.size_max)):
+            raise ValueError(f"size_min {self.size_min} is larger than size_max {self.size_max}")
+        return self
 
 
 def _family(modality: str | None) -> str | None:

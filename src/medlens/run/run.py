@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from medlens.config import ExperimentConfig, load_config
-from medlens.errors import DataError, MedlensError
+from medlens.errors import DataError, MedlensError, MedlensWarning
 from medlens.run.folder import RunFolder
-from medlens.run.meta import RunMeta, Threshold
+from medlens.run.meta import META_FILE, RunMeta, Threshold
 from medlens.tasks import TaskType
 
 
@@ -64,6 +65,19 @@ class Run:
     def weights_path(self) -> Path:
         return self.dir / ("model.skops" if self.is_classical else "model.pt")
 
+    def require_complete(self, allow_incomplete: bool = False) -> "Run":
+        """Refuse a run whose training did not finish (``status`` other than ``complete``): predict, serve
+        and export use finished runs only; ``allow_incomplete`` (``--allow-incomplete``) warns instead."""
+        status = self.meta.status
+        if status != "complete":
+            what = {"training": "training did not finish", "failed": "training failed"}.get(status, "not finished")
+            if not allow_incomplete:
+                raise MedlensError(f"run is in state '{status}', not 'complete' ({what}); pass --allow-incomplete "
+                                   "to use it anyway", self.dir)
+            warnings.warn(f"{self.dir}: run is in state '{status}' ({what}); used anyway (--allow-incomplete)",
+                          MedlensWarning, stacklevel=2)
+        return self
+
     def require_weights(self) -> Path:
         p = self.weights_path
         if not p.is_file():
@@ -103,11 +117,40 @@ class Run:
         self._net = net.eval() if hasattr(net, "eval") else net
         return self
 
+    def _check_network_size(self, weights: Path) -> None:
+        """Refuse a ``model``/``model_params`` in run.json that describe a network far larger than the weights
+        file (a width of 65,536 would allocate terabytes before ``load_state_dict`` could object). The network
+        is built on PyTorch's ``meta`` device, which allocates nothing, to count its bytes."""
+        import itertools
+
+        import torch
+
+        try:
+            with torch.device("meta"):
+                probe = self.build_network()
+        except MedlensError:
+            raise
+        except Exception:  # noqa: BLE001  an architecture that cannot be built on the meta device: the real build reports
+            return
+        need = sum(t.numel() * t.element_size() for t in itertools.chain(probe.parameters(), probe.buffers()))
+        have = weights.stat().st_size
+        if need > 2 * have + (64 << 20):
+            raise DataError(f"run.json describes a network of {need:,} bytes of weights ({self.meta.model}, "
+                            f"model_params), but {weights.name} holds {have:,} bytes: run.json does not match "
+                            "the weights", self.dir / META_FILE)
+
     def _load_torch(self):
         import torch
 
         weights = self.require_weights()
-        net = self.build_network()
+        self._check_network_size(weights)
+        try:
+            net = self.build_network()
+        except MedlensError:
+            raise
+        except Exception as e:  # noqa: BLE001  architectures raise many types for parameters that do not fit
+            raise DataError(f"cannot build the network that run.json describes ({self.meta.model}: "
+                            f"{type(e).__name__}: {' '.join(str(e).split())[:160]})", self.dir / META_FILE) from None
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             net.load_state_dict(state)

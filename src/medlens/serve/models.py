@@ -40,14 +40,17 @@ class ServedModel:
 
     def __init__(self, run_dir: str | Path, name: str | None = None, backend: str = "auto",
                  max_batch: int = 32, max_wait_ms: float = 2.0, max_queue: int = 64, threads: int | None = None,
-                 metrics=None) -> None:
+                 metrics=None, allow_incomplete: bool = False) -> None:
         from medlens.workflow.export import onnx_path, open_onnx_run
 
         self.torch_run = Run.open(run_dir)
+        # a run whose training did not finish is not served (issue 25), unless --allow-incomplete
+        self.torch_run.require_complete(allow_incomplete)
         self.torch_run.require_weights()
         self.name = name or self.torch_run.name
         exported = onnx_path(run_dir).is_file()
         if backend == "onnx" or (backend == "auto" and exported and not self.torch_run.is_classical):
+            # the ONNX file must be the one export wrote for this run: SHA-256 in run.json, shapes of the run
             self.backend = "onnxruntime"
             self.predictor = Predictor(open_onnx_run(run_dir, threads=threads))
         else:

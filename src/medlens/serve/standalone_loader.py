@@ -20,22 +20,151 @@ can differ slightly from medlens's preparation (images already at the model's si
 identically). CLAHE and 3D resizing need medlens (OpenCV / SciPy) and are refused here. Segmentation
 exports are run per window: ``ExportedModel.logits`` takes prepared (N, C, *patch) windows.
 
+Given the run folder (``ExportedModel("model.onnx", run="RUN")`` or ``--run RUN``), the file is checked
+against it: its SHA-256 must be the one ``medlens export`` recorded in the run's ``run.json``, and the graph's
+input and output shapes must fit the run's channels, size, task and classes. Without it, the graph is checked
+against its own metadata. Either way the metadata is read like any input: a threshold that is not a
+probability, a calibration slope or temperature that is not positive, a CT window without a positive
+width, or a resize target beyond the image limits is refused with an ``ExportError`` naming the key.
+
 This file must not import medlens: a test runs it in a fresh interpreter where medlens is not importable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ExportedModel", "main"]
+__all__ = ["ExportError", "ExportedModel", "main"]
+
+TASKS = ("binary", "multiclass", "ordinal", "multilabel", "segmentation")
+ACTIVATIONS = {"binary": "sigmoid", "multilabel": "sigmoid_each", "multiclass": "softmax", "ordinal": "softmax",
+               "segmentation": "segmentation"}
+MAX_AXIS = 8192
+# the image limits of medlens (``medlens.io.limits``): the same settings, the same defaults
+MAX_PIXELS = ("MEDLENS_MAX_PIXELS", 2 ** 26)
+MAX_VOXELS = ("MEDLENS_MAX_VOXELS", 2 ** 28)
+MAX_RUN_JSON_BYTES = 64 * 1024 * 1024
 
 
 class ExportError(ValueError):
     """An input this loader cannot prepare, or a file that is not a medlens export."""
+
+
+def _limit(setting: tuple[str, int]) -> int:
+    raw = os.environ.get(setting[0], "").strip().replace("_", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else setting[1]
+
+
+def _number(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ExportError(f"{what} is {v!r}, not a finite number")
+    return float(v)
+
+
+def check_metadata(task, class_names, prep, threshold, calibration, activation, in_channels, input_size) -> None:
+    """The checks medlens's ``RunMeta`` makes, for the values this loader uses (a small copy: no medlens here)."""
+    if task not in TASKS:
+        raise ExportError(f"medlens.task {task!r} is not one of {', '.join(TASKS)}")
+    if activation != ACTIVATIONS[task]:
+        raise ExportError(f"medlens.activation {activation!r} does not fit a {task} model")
+    if (not isinstance(class_names, list) or not all(isinstance(n, str) and n.strip() for n in class_names)
+            or len(set(class_names)) != len(class_names)):
+        raise ExportError("medlens.class_names must be a list of distinct, non-empty names")
+    n = len(class_names)
+    if (task == "binary" and n != 2) or (task in ("multiclass", "ordinal", "segmentation") and n < 2) or n < 1:
+        raise ExportError(f"medlens.class_names: a {task} model needs {'exactly 2' if task == 'binary' else 'at least 2'}"
+                          f" class names, not {n}")
+    if not isinstance(in_channels, int) or not 1 <= in_channels <= 1024:
+        raise ExportError(f"medlens.in_channels {in_channels!r} is not a channel count")
+    if threshold is not None:
+        if not isinstance(threshold, dict):
+            raise ExportError("medlens.threshold is not an object")
+        t = _number(threshold.get("value"), "medlens.threshold value")
+        if not 0.0 <= t <= 1.0:
+            raise ExportError(f"medlens.threshold value {t} is not a probability in [0, 1]")
+    if calibration is not None:
+        if not isinstance(calibration, dict) or not isinstance(calibration.get("params"), dict):
+            raise ExportError("medlens.calibration is not an object with params")
+        method, params = calibration.get("method"), calibration["params"]
+        want = {"platt": ("a", "b"), "temperature": ("t",)}.get(method)
+        if want is None or sorted(params) != sorted(want):
+            raise ExportError(f"medlens.calibration: method {method!r} with params {sorted(params)} (platt takes a "
+                              "and b, temperature takes t)")
+        for k in want:
+            _number(params[k], f"medlens.calibration {k}")
+        if method == "platt" and not 0 < params["a"] <= 1e4 or method == "platt" and abs(params["b"]) > 1e4:
+            raise ExportError(f"medlens.calibration slope a is {params['a']} (b {params['b']}): a must be > 0, "
+                              "a and |b| at most 10000")
+        if method == "temperature" and not 1e-3 <= params["t"] <= 1e3:
+            raise ExportError(f"medlens.calibration temperature t is {params['t']}: it must be between 0.001 and 1000")
+    if not isinstance(prep, dict) or prep.get("spatial_dims") not in (2, 3):
+        raise ExportError("medlens.preprocessing must give spatial_dims 2 or 3")
+    dims = prep["spatial_dims"]
+    if prep.get("color", "gray") not in ("gray", "rgb", "green"):
+        raise ExportError(f"medlens.preprocessing color {prep.get('color')!r} is not gray, rgb or green")
+    if prep.get("intensity", "unit") not in ("unit", "zscore", "percentile"):
+        raise ExportError(f"medlens.preprocessing intensity {prep.get('intensity')!r} is not unit, zscore or percentile")
+    if prep.get("window"):
+        lw = prep.get("window_level_width")
+        if not isinstance(lw, list) or len(lw) != 2:
+            raise ExportError("medlens.preprocessing has a window but no window_level_width [level, width]")
+        _number(lw[0], "medlens.preprocessing window level")
+        if not _number(lw[1], "medlens.preprocessing window width") > 0:
+            raise ExportError(f"medlens.preprocessing window width is {lw[1]}: it must be > 0")
+    limit = _limit(MAX_PIXELS if dims == 2 else MAX_VOXELS)
+    for key, size in (("medlens.preprocessing size", prep.get("size")), ("medlens.input_size", input_size)):
+        if size is None and key != "medlens.input_size":
+            continue
+        if (not isinstance(size, list) or len(size) != dims
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_AXIS for v in size)):
+            raise ExportError(f"{key} {size!r} must be {dims} whole numbers between 1 and {MAX_AXIS}")
+        if math.prod(size) > limit:
+            raise ExportError(f"{key} {size} = {math.prod(size):,} values, over the limit of {limit:,}")
+
+
+def n_outputs(task: str, n_classes: int) -> int:
+    return 1 if task == "binary" or (task == "segmentation" and n_classes == 2) else n_classes
+
+
+def check_shapes(session, task: str, n_classes: int, in_channels: int, input_size: list[int]) -> None:
+    """The graph's one float input (N, C, *size) and one output: (N, outputs), or (N, outputs, *size) for
+    a segmenter; the batch axis is free."""
+    ins, outs = session.get_inputs(), session.get_outputs()
+    if len(ins) != 1 or len(outs) != 1:
+        raise ExportError(f"the graph has {len(ins)} input(s) and {len(outs)} output(s); a medlens export has one of each")
+    k = n_outputs(task, n_classes)
+    want_out = [k, *input_size] if task == "segmentation" else [k]
+    for what, arg, want in (("input", ins[0], [in_channels, *input_size]), ("output", outs[0], want_out)):
+        shape = list(arg.shape)
+        if arg.type != "tensor(float)" or len(shape) != len(want) + 1 or shape[1:] != want:
+            raise ExportError(f"the graph's {what} is {arg.type} {shape}; the model needs tensor(float) "
+                              f"[N, {', '.join(map(str, want))}]")
+
+
+def read_run_json(run) -> dict:
+    """The run's ``run.json`` (a run folder or the file itself), bounded in size and depth."""
+    p = Path(run)
+    p = p / "run.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ExportError(f"{p}: no run.json")
+    if p.stat().st_size > MAX_RUN_JSON_BYTES:
+        raise ExportError(f"{p}: larger than {MAX_RUN_JSON_BYTES:,} bytes")
+    try:
+        meta = json.loads(p.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise ExportError(f"{p}: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ExportError(f"{p}: not JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{p}: not a medlens run.json")
+    return meta
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -51,24 +180,52 @@ def _softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
 class ExportedModel:
     """An exported medlens model with its preparation, threshold and class names."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, run: str | Path | None = None) -> None:
         import onnxruntime as ort
 
+        path = Path(path)
+        data = path.read_bytes()
+        run_meta = None
+        if run is not None:   # bound to its run: the exact bytes medlens export wrote (SHA-256 in run.json)
+            run_meta = read_run_json(run)
+            recorded = {r.get("sha256") for k, r in (run_meta.get("exports") or {}).items()
+                        if k in ("onnx", "onnx-int8") and isinstance(r, dict)}
+            if hashlib.sha256(data).hexdigest() not in recorded:
+                raise ExportError(f"{path.name}: its SHA-256 is not one the run's run.json records for its ONNX "
+                                  "export: not the file medlens export wrote for this run")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own types for corrupt or foreign files
+            raise ExportError(f"{path.name}: not a loadable ONNX file ({type(e).__name__})") from None
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         if meta.get("medlens.format") != "1":
             raise ExportError(f"{path}: not a medlens export (no medlens.format metadata)")
         self.metadata = meta
-        self.task = meta["medlens.task"]
-        self.class_names = json.loads(meta["medlens.class_names"])
-        self.prep = json.loads(meta["medlens.preprocessing"])
-        self.threshold = json.loads(meta.get("medlens.threshold", "null"))
-        self.calibration = json.loads(meta.get("medlens.calibration", "null"))
-        self.activation = meta["medlens.activation"]
-        self.in_channels = int(meta["medlens.in_channels"])
+        try:
+            self.task = meta["medlens.task"]
+            self.class_names = json.loads(meta["medlens.class_names"])
+            self.prep = json.loads(meta["medlens.preprocessing"])
+            self.threshold = json.loads(meta.get("medlens.threshold", "null"))
+            self.calibration = json.loads(meta.get("medlens.calibration", "null"))
+            self.activation = meta["medlens.activation"]
+            self.in_channels = int(meta["medlens.in_channels"])
+            self.input_size = json.loads(meta["medlens.input_size"])
+        except (KeyError, ValueError, RecursionError) as e:
+            raise ExportError(f"{path.name}: medlens metadata missing or not readable ({type(e).__name__}: "
+                              f"{str(e)[:80]})") from None
+        check_metadata(self.task, self.class_names, self.prep, self.threshold, self.calibration, self.activation,
+                       self.in_channels, self.input_size)
+        if run_meta is not None:
+            for key, ours, theirs in (("task", self.task, run_meta.get("task")),
+                                      ("class names", self.class_names, run_meta.get("class_names")),
+                                      ("input channels", self.in_channels, run_meta.get("in_channels")),
+                                      ("input size", self.input_size, run_meta.get("input_size"))):
+                if ours != theirs:
+                    raise ExportError(f"{path.name}: its {key} ({ours}) are not the run's ({theirs})")
+        check_shapes(self.session, self.task, len(self.class_names), self.in_channels, self.input_size)
         self.input_name = self.session.get_inputs()[0].name
 
     # ---------------------------------------------------------------- preparation
@@ -178,6 +335,11 @@ class ExportedModel:
         """Raw model output of prepared inputs (N, C, *spatial)."""
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
 
+    def _finite(self, p: np.ndarray) -> np.ndarray:
+        if not np.isfinite(p).all():   # after calibration: a NaN must never reach the threshold
+            raise ExportError("the model gave non-finite probabilities for this input")
+        return p
+
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """(N,) P(positive class) for binary tasks, (N, K) otherwise; calibrated as the run is."""
         z = self.logits(x).astype(np.float64)
@@ -198,7 +360,7 @@ class ExportedModel:
             else:
                 zz = np.log(np.clip(p, 1e-12, 1.0)) / cal["params"]["t"]
                 p = _softmax(zz, -1)
-        return p.astype(np.float32)
+        return self._finite(p.astype(np.float32))
 
     def decide(self, p) -> tuple[str, float]:
         names = self.class_names
@@ -222,14 +384,24 @@ class ExportedModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2:
-        print(__doc__.strip().splitlines()[0] + "\nusage: standalone_loader.py MODEL.onnx IMAGE [IMAGE ...]",
-              file=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run, bad = None, False
+    if "--run" in argv:   # --run RUN_FOLDER: check the file against the run it was exported from
+        i = argv.index("--run")
+        run = argv[i + 1] if i + 1 < len(argv) else None
+        bad = run is None
+        del argv[i:i + 2]
+    if len(argv) < 2 or bad:
+        print(__doc__.strip().splitlines()[0] + "\nusage: standalone_loader.py MODEL.onnx IMAGE [IMAGE ...] "
+              "[--run RUN_FOLDER]", file=sys.stderr)
         return 2
-    model = ExportedModel(argv[0])
-    for f in argv[1:]:
-        print(json.dumps({"file": f, **model.predict(f)}))
+    try:
+        model = ExportedModel(argv[0], run=run)
+        for f in argv[1:]:
+            print(json.dumps({"file": f, **model.predict(f)}))
+    except ExportError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,11 +16,20 @@ Parity is checked before anything is written: the exported model and PyTorch, bo
 stay under 1e-4. INT8 dynamic quantisation (ONNX Runtime) is reported as the change of AUC on the whole test
 split (classifiers) or of mean Dice over the test cases (segmenters).
 Files appear in ``RUN/export/`` atomically, with ``export-<format>.json`` recording parity and quantisation.
+
+Each exported file is bound to its run (issue 25): ``run.json`` records the SHA-256 of the file's own bytes
+(``RunMeta.exports``), and whoever loads it (``open_onnx_run`` for ``serve``, the standalone loader given the
+run) checks that hash and the graph's input and output shapes against the run's channels, size, task and
+classes before running it. A graph that merely copies the metadata (the weights hash included) is refused.
+Only finished runs (``status: complete``) are exported unless ``allow_incomplete``. Temporary files of an
+export killed half-way (``.model.onnx.<random>.tmp.onnx``) are removed by the next export of that run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +39,8 @@ import numpy as np
 import torch
 
 from medlens.errors import ConfigError, DataError, MedlensError
-from medlens.run import Predictor, Run
+from medlens.run import Predictor, Run, run_lock
+from medlens.run.meta import ExportRecord, RunMeta
 from medlens.tasks import TaskType
 from medlens.utils import atomic_path, write_json_atomic
 
@@ -41,6 +51,9 @@ TORCHSCRIPT_FILE = "model.torchscript.pt"
 PARITY_TOL = 1e-4
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
+#: ``RunMeta.exports`` key of each exported file
+RECORD_KEYS = {ONNX_FILE: "onnx", INT8_FILE: "onnx-int8", TORCHSCRIPT_FILE: "torchscript"}
+MAX_ONNX_BYTES = 2 * 1024 ** 3   # protobuf's own limit for one ONNX file
 
 
 def report_path(run_dir: str | Path, fmt: str = "onnx") -> Path:
@@ -107,7 +120,8 @@ class OrtNet(torch.nn.Module):
     PyTorch one (same preparation, same sliding windows, same decision). No gradients: heatmaps need PyTorch.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, data: bytes | None = None,
+                 output_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         import onnxruntime as ort
 
@@ -119,30 +133,120 @@ class OrtNet(torch.nn.Module):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            # from the bytes that were hashed, when given: the file cannot change between the check and the load
+            self.session = ort.InferenceSession(data if data is not None else str(path), sess_options=opts,
+                                                providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own types for corrupt or foreign files
             raise DataError(f"cannot load ONNX model ({type(e).__name__}: {' '.join(str(e).split())[:160]})",
                             path) from None
         self.path = Path(path)
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.output_shape = output_shape   # (per input, without the batch axis) the run expects; checked per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self.input_name: a})[0])
+        out = self.session.run(None, {self.input_name: a})[0]
+        if self.output_shape is not None and (out.shape[0] != a.shape[0] or tuple(out.shape[1:]) != self.output_shape):
+            raise DataError(f"the ONNX model answered shape {tuple(out.shape)} for {a.shape[0]} input(s); the run "
+                            f"expects (N, {', '.join(map(str, self.output_shape))})", self.path.name)
+        return torch.from_numpy(out)
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expected_io(meta: RunMeta) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input shape, output shape) of one item, without the batch axis, that the run's exported graph must have:
+    (C, *size) in; (n_outputs,) out for classifiers, (n_outputs, *patch) for segmenters."""
+    size = tuple(meta.input_size)
+    out = (meta.n_outputs, *size) if meta.task == TaskType.SEGMENTATION else (meta.n_outputs,)
+    return (meta.in_channels, *size), out
+
+
+def check_graph(session, meta: RunMeta, name: str) -> None:
+    """Refuse a graph whose single float input and output do not have the run's shapes (batch axis free)."""
+    want_in, want_out = expected_io(meta)
+    ins, outs = session.get_inputs(), session.get_outputs()
+    if len(ins) != 1 or len(outs) != 1:
+        raise DataError(f"the ONNX graph has {len(ins)} input(s) and {len(outs)} output(s); a medlens export has "
+                        "one of each", name)
+    for what, arg, want in (("input", ins[0], want_in), ("output", outs[0], want_out)):
+        shape = list(arg.shape)
+        got = tuple(shape[1:])
+        if arg.type != "tensor(float)" or len(shape) != len(want) + 1 or got != want:
+            shown = ", ".join(str(d) if isinstance(d, int) else "?" for d in shape)
+            raise DataError(f"the ONNX graph's {what} is {arg.type} ({shown}); the run ({meta.task}, "
+                            f"{len(meta.class_names)} classes) needs tensor(float) (N, {', '.join(map(str, want))})",
+                            name)
 
 
 def open_onnx_run(run_dir: str | Path, path: str | Path | None = None, threads: int | None = None) -> Run:
-    """The run with its exported ONNX model attached (``Predictor(run)`` then runs ONNX Runtime)."""
+    """The run with its exported ONNX model attached (``Predictor(run)`` then runs ONNX Runtime).
+
+    The file must be the one ``medlens export`` wrote for this run: its SHA-256 is the one run.json records,
+    its graph's input and output shapes fit the run, and it was made from the run's current weights."""
     run = Run.open(run_dir)
     p = Path(path) if path else onnx_path(run_dir)
     if not p.is_file():
         raise MedlensError(f"no exported model {p.name}; run `medlens export {run_dir} --format onnx` first", p.parent)
-    net = OrtNet(p, threads)
+    key = RECORD_KEYS.get(p.name)
+    record = (run.meta.exports or {}).get(key) if key else None
+    if record is None or key == "torchscript":
+        raise MedlensError(f"run.json records no SHA-256 for {p.name} (exported by an older medlens, or not by "
+                           f"medlens); run `medlens export {run_dir} --format onnx` again", p)
+    if p.stat().st_size > MAX_ONNX_BYTES:
+        raise DataError(f"{p.stat().st_size:,} bytes, over the {MAX_ONNX_BYTES:,} an ONNX file can hold", p)
+    data = p.read_bytes()
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        raise MedlensError("the exported model is not the file `medlens export` wrote for this run (its SHA-256 "
+                           "differs from the one run.json records); export again", p)
+    if record.weights_sha256 != run.weights_sha256:
+        raise MedlensError("the exported model was made from other weights than this run's model.pt; export again",
+                           p)
+    net = OrtNet(p, threads, data=data, output_shape=expected_io(run.meta)[1])
+    check_graph(net.session, run.meta, str(p))
     if net.metadata.get("medlens.weights_sha256") != run.weights_sha256:
         raise MedlensError("the exported model was made from other weights than this run's model.pt; export again",
                            p)
     return run.use_model(net)
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    """The hidden temporary name ``utils.atomic_path`` gives ``name`` (``.model.onnx.<random>.tmp.onnx``)."""
+    suffixes = "".join(Path(name).suffixes)
+    return re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp{re.escape(suffixes)}")
+
+
+def clean_stale_temps(out_dir: Path) -> list[str]:
+    """Remove what an export killed half-way left in ``out_dir``: only medlens's own temporary names of the
+    export files, only there (call it holding the run's lock, so no export is writing them)."""
+    names = (ONNX_FILE, INT8_FILE, TORCHSCRIPT_FILE, report_path(out_dir.parent, "onnx").name,
+             report_path(out_dir.parent, "torchscript").name)
+    patterns = [_temp_pattern(n) for n in names]
+    removed = []
+    for f in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        if any(pt.fullmatch(f.name) for pt in patterns) and (f.is_symlink() or f.is_file()):
+            f.unlink()
+            removed.append(f.name)
+    return removed
+
+
+def _record(run: Run, files: dict[str, Path]) -> None:
+    """Write the SHA-256 of each exported file into run.json (atomically; under the run's lock)."""
+    meta = RunMeta.load(run.dir)
+    exports = dict(meta.exports or {})
+    for name, path in files.items():
+        exports[RECORD_KEYS[name]] = ExportRecord(file=name, sha256=sha256_of(path), bytes=path.stat().st_size,
+                                                  weights_sha256=run.weights_sha256)
+    meta.exports = exports
+    meta.save(run.dir)
+    run.meta.exports = exports
 
 
 # ---------------------------------------------------------------- writing the files
@@ -252,11 +356,13 @@ def _score(run: Run, task, probs, labels) -> tuple[str, float]:
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", quantize: str | None = None, n_parity: int = 200,
-               tol: float = PARITY_TOL, log: Callable[[str], None] = lambda s: None) -> dict:
+               tol: float = PARITY_TOL, log: Callable[[str], None] = lambda s: None,
+               allow_incomplete: bool = False) -> dict:
     """Export a run, check parity against PyTorch on real test data, optionally quantise; return the report.
 
     Writes ``RUN/export/model.onnx`` (or ``model.torchscript.pt``), ``model.int8.onnx`` with
-    ``quantize="int8"`` and ``export-<format>.json``. Refuses (and writes nothing) when parity fails.
+    ``quantize="int8"`` and ``export-<format>.json``, and records each file's SHA-256 in run.json. Refuses
+    (and writes nothing) when parity fails, or when the run is not complete (unless ``allow_incomplete``).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'")
@@ -267,7 +373,17 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", quantize: str | None = No
     run = Run.open(run_dir)
     if run.is_classical:
         raise MedlensError("a classical (hand-made features) run has no network to export", run.dir)
+    run.require_complete(allow_incomplete)
     run.require_weights()
+    with run_lock(run.dir):
+        removed = clean_stale_temps(export_dir(run.dir))
+        if removed:
+            log(f"removed {len(removed)} temporary file(s) left by an interrupted export")
+        return _export_locked(run, fmt, quantize, n_parity, tol, log)
+
+
+def _export_locked(run: Run, fmt: str, quantize: str | None, n_parity: int, tol: float,
+                   log: Callable[[str], None]) -> dict:
     torch_pred = Predictor(run)
     task, seg = run.task, run.task == TaskType.SEGMENTATION
     t0 = time.perf_counter()
@@ -328,6 +444,9 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", quantize: str | None = No
                                   "bytes_fp32": tmp.stat().st_size, "bytes_int8": qtmp.stat().st_size}
                 log(f"int8: test {metric} {base:.4f} -> {qscore:.4f} (change {qscore - base:+.4f}); "
                     f"max |prob diff| {qdiff:.2e}; {tmp.stat().st_size} -> {qtmp.stat().st_size} bytes")
+    written = {name: out_dir / name, **({INT8_FILE: out_dir / INT8_FILE} if quantize else {})}
+    _record(run, written)
+    report["sha256"] = {n: run.meta.exports[RECORD_KEYS[n]].sha256 for n in written}
     report["seconds"] = round(time.perf_counter() - t0, 2)
     write_json_atomic(report_path(run.dir, fmt), report)
     return report
