@@ -148,10 +148,15 @@ def detect(scans: List[Path] = typer.Argument(..., help="chest CTs: <seriesuid>.
                   + (", sr/" if any(d.sr for d in rep.scans) else "") + (", froc.json, froc.png" if rep.froc else ""))
 
 
+MAX_SCAN_COLUMNS = 8
+
+
 def _print_froc(res) -> None:
     from medlens.workflow.detect import PIPELINE_CHECK
 
-    uids = [s.seriesuid for s in res.scans]
+    # per-scan columns for a handful of scans (the pipeline check); for more, the table would be unreadable and
+    # the per-scan counts are in --json
+    uids = [s.seriesuid for s in res.scans] if len(res.scans) <= MAX_SCAN_COLUMNS else []
     ci = res.ci.get("cpm", (float("nan"),) * 2)
     t = Table(title=f"FROC (LUNA16 rules): CPM {res.cpm:.3f} (95% CI over scans {ci[0]:.3f}-{ci[1]:.3f}); "
                     f"{res.n_scans} scan(s), {res.n_nodules} nodule(s), {res.n_candidates} candidates, "
@@ -164,6 +169,8 @@ def _print_froc(res) -> None:
                   *[str(o["fps"][u]) for u in uids], *[f"{o['nodules_hit'][u]}/{len(s.nodule_scores)}"
                                                        for u, s in zip(uids, res.scans)])
     console.print(t)
+    if not uids:
+        console.print(f"per-scan counts of the {res.n_scans} scans: --json", markup=False, highlight=False)
     if res.n_scans < 10:
         console.print(PIPELINE_CHECK, markup=False, highlight=False)
 
@@ -193,9 +200,17 @@ def froc(candidates: Path = typer.Argument(..., help="LUNA16 candidates CSV: ser
         from medlens.data.base import read_csv_checked
 
         scans = read_csv_checked(scans_csv, ["seriesuid"], "scan list CSV (seriesuid)")["seriesuid"].astype(str).tolist()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, progress() as bar:
         warnings.simplefilter("always")
-        res = froc_files([candidates, *also], annotations, excluded, scans, n_boot=bootstrap, seed=seed, plot=plot)
+        tasks: dict = {}
+
+        def step(done: int, total: int, what: str) -> None:  # one bar per phase: matching scans, then bootstrap
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        res = froc_files([candidates, *also], annotations, excluded, scans, n_boot=bootstrap, seed=seed, plot=plot,
+                         progress=step)
     for w in caught:
         if "no row" in str(w.message):
             console.print(f"warning: {w.message}", markup=False, highlight=False)

@@ -72,8 +72,17 @@ def fetch(name: str, size: int = 28, root: str | Path | None = None, progress=No
     return download(info.url(size), medmnist_path(name, size, root), info.md5[size], progress=progress)
 
 
-def read_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a MedMNIST-layout npz, with a clear error for a missing, corrupt or wrongly keyed file."""
+def read_npz(path: str | Path, limit: bool = True) -> dict[str, np.ndarray]:
+    """Read a MedMNIST-layout npz, with a clear error for a missing, corrupt or wrongly keyed file.
+
+    Every array's npy header is read first, before anything is allocated: its shape and dtype must fit the
+    bytes the file holds (a header that declares 10^9 images is refused, not a MemoryError), images must be
+    numbers and labels integers (or booleans). With ``limit`` (any file whose MD5 was not checked against the
+    catalogue) the arrays together may expand to at most ``MEDLENS_MAX_DECOMPRESSED_BYTES``.
+    """
+    from medlens.io.limits import MAX_DECOMPRESSED_ENV, max_decompressed_bytes
+    from medlens.io.raster import npz_member_header
+
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path)
@@ -84,6 +93,17 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
             if missing:
                 raise DataError(f"npz lacks the keys {missing} (has {sorted(keys)}); a MedMNIST file holds "
                                 f"{list(REQUIRED_KEYS)}", path)
+            total = 0
+            for k in REQUIRED_KEYS:
+                _, dtype, nbytes = npz_member_header(z.zip, k, path)
+                kinds = "biu" if k.endswith("_labels") else "biuf"
+                if dtype.kind not in kinds:
+                    want = "integer class indices" if k.endswith("_labels") else "numbers"
+                    raise DataError(f"'{k}' holds {dtype} values; {want} expected", path)
+                total += nbytes
+            if limit and total > max_decompressed_bytes():
+                raise DataError(f"its arrays expand to {total:,} bytes, over the limit of {max_decompressed_bytes():,} "
+                                f"(raise {MAX_DECOMPRESSED_ENV} to allow it)", path)
             return {k: z[k] for k in REQUIRED_KEYS}
     except DataError:
         raise
@@ -182,10 +202,11 @@ def load_medmnist(name: str | None, size: int = 28, root: str | Path | None = No
         size = info.sizes[0]   # the file's own side, whatever the config's default
     else:
         info = get_info(name)
+        verified = path is None and check_md5
         if path is None:
             path = verify(name, size, root) if check_md5 else medmnist_path(name, size, root)
         path = Path(path)
-        arrays = read_npz(path)
+        arrays = read_npz(path, limit=not verified)  # an official file (MD5 checked) may be larger than the limit
     out = {}
     for split in SPLITS:
         images = _channels_first(arrays[f"{split}_images"], info, path)

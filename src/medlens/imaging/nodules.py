@@ -20,6 +20,9 @@ from medlens.errors import DataError
 from medlens.io.image import Image
 
 AIR_HU, TISSUE_HU = -1000.0, 400.0  # the display range the blobs are found in
+# The voxel sizes of a CT nodule detection accepts: the lung mask closes with a 10 mm disk and the blobs are
+# searched at 4-32 mm, both converted to voxels, so a 1e-4 mm voxel would ask for a 200,001-voxel-wide disk.
+MIN_SPACING_MM, MAX_SPACING_MM = 0.1, 20.0
 
 
 def check_ct_hu(image: Image, name: str | None = None) -> None:
@@ -28,6 +31,7 @@ def check_ct_hu(image: Image, name: str | None = None) -> None:
     if image.spatial_dims != 3 or image.is_rgb:
         raise DataError(f"nodule detection needs a 3D CT volume, not a {image.spatial_dims}D "
                         f"{'colour ' if image.is_rgb else ''}image", name)
+    check_ct_spacing(image, name)
     if image.modality not in (None, "", "CT", "OT"):
         raise DataError(f"nodule detection needs a CT in Hounsfield units, not modality {image.modality}", name)
     a = image.array[::2, ::4, ::4]
@@ -35,6 +39,18 @@ def check_ct_hu(image: Image, name: str | None = None) -> None:
     if not (lo <= -900 and hi >= -200 and float(a.min()) >= -3100 and float(a.max()) <= 33000):
         raise DataError(f"values {lo:.0f}..{hi:.0f} (1st..99th percentile) are not CT Hounsfield units (a chest "
                         "CT has air near -1000 HU and tissue above 0): refusing nodule detection", name)
+
+
+def check_ct_spacing(image: Image, name: str | None = None) -> None:
+    """Refuse, in one line, a voxel size outside [0.1, 20] mm: detection works in millimetres and converts
+    its scales (the 10 mm lung closing, the 4-32 mm blobs) to voxels, which a 1e-4 mm voxel makes explode."""
+    sp = np.asarray(image.spacing, float)
+    if not np.all(np.isfinite(sp)) or sp.min() < MIN_SPACING_MM or sp.max() > MAX_SPACING_MM:
+        why = ("voxels far thicker than a nodule" if np.all(np.isfinite(sp)) and sp.min() >= MIN_SPACING_MM else
+               f"its 10 mm lung closing would be {2 * round(10.0 / max(float(np.nanmin(sp)), 1e-12)) + 1:,} voxels wide")
+        raise DataError(f"voxel spacing ({', '.join(f'{v:g}' for v in sp)}) mm is outside the {MIN_SPACING_MM:g}-"
+                        f"{MAX_SPACING_MM:g} mm of a CT: nodule detection works in millimetres ({why}); refusing (is "
+                        "the spacing in the header right?)", name)
 
 
 def nodule_candidates(image: Image, lungs: np.ndarray | None = None, grid_mm: float = 1.5,
@@ -50,7 +66,11 @@ def nodule_candidates(image: Image, lungs: np.ndarray | None = None, grid_mm: fl
     from skimage.feature import blob_log
 
     from medlens.imaging.segment import lung_mask
+    from medlens.io.limits import check_size
 
+    check_ct_spacing(image, image.meta.get("source"))
+    if not np.isfinite(grid_mm) or grid_mm < MIN_SPACING_MM:
+        raise DataError(f"grid_mm {grid_mm:g} must be at least {MIN_SPACING_MM:g} mm")
     if lungs is None:
         lungs = lung_mask(image)
     if not lungs.any():
@@ -58,6 +78,8 @@ def nodule_candidates(image: Image, lungs: np.ndarray | None = None, grid_mm: fl
     box = ndimage.find_objects(lungs.astype(np.uint8))[0]
     sub = image.array[box].astype(np.float32)
     zoom = np.asarray(image.spacing, float) / grid_mm
+    check_size([max(1, round(n * z)) for n, z in zip(sub.shape, zoom)], f"{image.meta.get('source', 'scan')} "
+               f"on the {grid_mm:g} mm grid", volume=True)
     iso = ndimage.zoom(np.clip((sub - AIR_HU) / (TISSUE_HU - AIR_HU), 0, 1), zoom, order=1)
     k = np.sqrt(3.0)  # a sphere of radius r gives the strongest scale-normalised LoG at sigma = r / sqrt(3)
     s_min, s_max = min_diameter_mm / 2 / k / grid_mm, max_diameter_mm / 2 / k / grid_mm

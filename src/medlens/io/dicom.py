@@ -9,7 +9,9 @@
   or the Modality LUT Sequence when a dataset has one (pydicom's ``apply_modality_lut``).
 - Sizes are checked from the header before decoding (Rows x Columns x NumberOfFrames x
   SamplesPerPixel, times the slices of a series), and a deflated dataset is stream-inflated
-  against a byte cap before pydicom reads it (``medlens.io.limits``).
+  against a byte cap before pydicom reads it (``medlens.io.limits``). Each compressed frame's own
+  codestream header (JPEG SOFn, JPEG-LS SOF55, JPEG 2000 SIZ, RLE segment table) must agree with
+  those attributes before a decoder runs, and frames beyond NumberOfFrames are never decoded.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import numpy as np
 from medlens.errors import DataError, MedlensWarning
 from medlens.io.formats import DICOM_SUFFIXES
 from medlens.io.image import Image
-from medlens.io.limits import check_size, inflated_size, shown
+from medlens.io.limits import (MAX_PIXELS_ENV, check_size, inflated_size, j2k_image_size, jpeg_frame_size,
+                               max_pixels, rle_segments, shown)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,7 @@ def _float_list(v, n: int, what: str, path) -> list[float]:
     except (TypeError, ValueError):
         raise DataError(f"{what} is not numeric ({v!r})", path) from None
     if len(out) != n or not all(np.isfinite(out)):
-        raise DataError(f"{what} must have {n} finite values, got {v!r}", path)
+        raise DataError(f"{what} must have {n} finite values, got ({', '.join(f'{x:g}' for x in out)})", shown(path))
     return out
 
 
@@ -141,6 +144,26 @@ def _orientation(ds, path) -> np.ndarray:
         raise DataError("ImageOrientationPatient has a zero direction", path)
     r, c = r / np.linalg.norm(r), c / np.linalg.norm(c)
     return np.stack([r, c, np.cross(r, c)], axis=1)
+
+
+def _slice_spacing(ds, path) -> float:
+    """SpacingBetweenSlices, else SliceThickness, else 1 mm (0 counts as absent); NaN, infinite or negative is
+    refused (it would become the volume's z spacing: NaN geometry downstream)."""
+    for kw in ("SpacingBetweenSlices", "SliceThickness"):
+        v = ds.get(kw)
+        if v is None or v == "":
+            continue
+        try:
+            z = float(v)
+        except (TypeError, ValueError):
+            raise DataError(f"{kw} ({v}) is not a number", shown(path)) from None
+        if z == 0:  # written by some scanners for "unknown"
+            continue
+        if not np.isfinite(z) or z < 0:
+            raise DataError(f"{kw} ({z:g}) is not a finite positive number of millimetres; the slice spacing "
+                            "cannot be known", shown(path))
+        return z
+    return 1.0
 
 
 def _pixel_spacing(ds, path) -> tuple[float, float]:
@@ -171,9 +194,12 @@ def _decode(ds, path) -> np.ndarray:
         raise DataError(f"implausible image size {frames}x{rows}x{cols}x{spp}", shown(path))
     check_size((frames, rows, cols) if frames > 1 else (rows, cols), path, samples=spp)
     ts = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
+    _check_codestreams(ds, path, ts, rows, cols, frames, spp)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # frames beyond NumberOfFrames are neither checked above nor decoded (pydicom would by default)
+            ds.pixel_array_options(allow_excess_frames=False)
             arr = ds.pixel_array
     except NotImplementedError as e:
         name = getattr(ts, "name", ts)
@@ -183,6 +209,92 @@ def _decode(ds, path) -> np.ndarray:
         raise DataError(f"pixel data could not be decoded ({name}; {type(e).__name__}: {_short(e)}); "
                         "truncated or corrupt file?", path) from None
     return np.asarray(arr)
+
+
+def _check_codestreams(ds, path, ts, rows: int, cols: int, frames: int, spp: int) -> None:
+    """Compare each compressed frame's own header with Rows x Columns x SamplesPerPixel before decoding.
+
+    A decoder sizes its output from the codestream (JPEG SOFn, JPEG-LS SOF55, JPEG 2000 SIZ, the RLE
+    segment table), so a frame that claims more than the DICOM header, or more than
+    ``MEDLENS_MAX_PIXELS``, is refused here: no decoder runs. Native (uncompressed) data is sized by
+    the DICOM header itself (already checked).
+    """
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, RLELossless
+
+
+    if ts is None or not ts.is_compressed or ts.is_deflated:
+        return
+    if ts in JPEGTransferSyntaxes:
+        kind, size_of = "JPEG", jpeg_frame_size
+    elif ts in JPEGLSTransferSyntaxes:
+        kind, size_of = "JPEG-LS", jpeg_frame_size
+    elif ts in JPEG2000TransferSyntaxes:
+        kind, size_of = "JPEG 2000", j2k_image_size
+    elif ts == RLELossless:
+        kind, size_of = "RLE", None
+    else:
+        raise DataError(f"transfer syntax {getattr(ts, 'name', ts)} is not one medlens can size-check before "
+                        "decoding; refused", shown(path))
+    if "PixelData" not in ds:
+        return
+    ext = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        ext = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    header = f"the DICOM header says {rows} x {cols} x {spp} (Rows x Columns x SamplesPerPixel)"
+    n = 0
+    try:
+        for data in generate_frames(ds.PixelData, number_of_frames=frames, extended_offsets=ext):
+            n += 1
+            where = f"frame {n} of {frames}" if frames > 1 else "the frame"
+            if size_of is None:
+                _check_rle(data, where, header, rows, cols, spp, int(ds.get("BitsAllocated") or 8), path)
+            else:
+                try:
+                    h, w, c = size_of(data)
+                except (ValueError, struct.error) as e:
+                    raise DataError(f"{where}: unreadable {kind} codestream header ({e}); not decoded",
+                                    shown(path)) from None
+                claimed = f"{kind} codestream of {where} says {h} x {w} x {c}"
+                limit = max_pixels()
+                if h * w * c > limit:
+                    raise DataError(f"the {claimed} = {h * w * c:,} pixels, over the limit of {limit:,} (raise "
+                                    f"{MAX_PIXELS_ENV} to allow it); {header}: refused before decoding",
+                                    shown(path))
+                if (h, w, c) != (rows, cols, spp):
+                    raise DataError(f"the {claimed} but {header}: refused before decoding (a corrupt or "
+                                    "crafted file)", shown(path))
+            if n == frames:
+                break
+    except DataError:
+        raise
+    except (ValueError, TypeError, struct.error, EOFError, IndexError) as e:
+        raise DataError(f"malformed encapsulated pixel data ({type(e).__name__}: {_short(e)}); not decoded",
+                        shown(path)) from None
+    if n < frames:
+        raise DataError(f"the encapsulated pixel data holds {n} frame(s), NumberOfFrames says {frames}; not decoded",
+                        shown(path))
+
+
+def _check_rle(data: bytes, where: str, header: str, rows: int, cols: int, spp: int, bits: int, path) -> None:
+    """An RLE frame has one segment per byte plane (SamplesPerPixel x BitsAllocated / 8), each of which
+    decodes to Rows x Columns bytes. The longest sane encoding of a plane is twice its size (a run of one
+    literal byte costs two bytes); a longer segment decodes to more than the plane (up to 64 bytes for
+    each of its bytes), so it is refused."""
+    try:
+        segments = rle_segments(data)
+    except (ValueError, struct.error) as e:
+        raise DataError(f"{where}: unreadable RLE header ({e}); not decoded", shown(path)) from None
+    want = spp * max(1, -(-bits // 8))
+    if len(segments) != want:
+        raise DataError(f"the RLE header of {where} names {len(segments)} segment(s), but {header} with "
+                        f"BitsAllocated {bits} needs {want}: refused before decoding", shown(path))
+    plane = rows * cols
+    most = 2 * plane + 2
+    for k, (a, b) in enumerate(segments):
+        if b - a > most:
+            raise DataError(f"RLE segment {k + 1} of {where} is {b - a:,} bytes, more than a {rows} x {cols} plane "
+                            f"can take ({most:,}); {header}: refused before decoding", shown(path))
 
 
 def _rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -311,7 +423,6 @@ def _multiframe(ds, arr, direction, row_sp, col_sp, modality, meta, path) -> Ima
         else:
             arr = np.stack([_rescale(arr[i], *slopes[i]).astype(np.float32) for i in range(n)])
     origin = [0.0, 0.0, 0.0]
-    z_sp = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
     if all(p is not None for p in positions) and n > 1:
         pos = np.array(positions)
         d = pos @ direction[:, 2]
@@ -326,8 +437,10 @@ def _multiframe(ds, arr, direction, row_sp, col_sp, modality, meta, path) -> Ima
                           MedlensWarning)
         origin = pos[0].tolist()
         meta["frame_order"] = order.tolist()
-    elif positions and positions[0] is not None:
-        origin = positions[0]
+    else:
+        z_sp = _slice_spacing(ds, path)
+        if positions and positions[0] is not None:
+            origin = positions[0]
     return Image(arr, spacing=(z_sp, row_sp, col_sp), origin=tuple(origin), direction=direction,
                  modality=modality, meta=meta)
 
@@ -467,7 +580,7 @@ def _assemble(series: SeriesInfo, slices: list, folder: Path, on_gap: str, toler
                 raise DataError(msg + " (use on_gap='warn' / --allow-gaps to load anyway)", folder)
             warnings.warn(f"{folder}: {msg}; loaded with median spacing", MedlensWarning)
     else:
-        dz = float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
+        dz = _slice_spacing(ds0, p0)
     check_size((len(entries), rows, cols), folder)
     # pixels: fast path for native little-endian uncompressed data, else pydicom's decoders
     arrays = []

@@ -10,12 +10,13 @@ multi-component (RGB) images. ``spacing`` follows the array axes (so ``(z, y, x)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from medlens.errors import ShapeError
+from medlens.errors import DataError, ShapeError
 
 
 @dataclass
@@ -37,6 +38,9 @@ class Image:
         self.direction = np.eye(nd) if self.direction is None else np.asarray(self.direction, float).reshape(nd, nd)
         if len(self.spacing) != nd or len(self.origin) != nd:
             raise ShapeError(f"spacing {self.spacing} / origin {self.origin} do not fit a {nd}D image")
+        if not all(math.isfinite(s) and s > 0 for s in self.spacing):  # every reader checks; this is the backstop
+            raise DataError(f"voxel spacing ({', '.join(f'{s:g}' for s in self.spacing)}) mm must be finite and > 0",
+                            self.meta.get("source"))
 
     @property
     def spatial_dims(self) -> int:

@@ -12,12 +12,18 @@ are environment settings (plain integers; ``_`` separators allowed):
   DICOM) may expand to (default 2**32 = 4 GiB).
 
 Every refusal is a one-line ``DataError`` naming the file, the size and the setting to raise.
+
+A compressed DICOM frame is also sized from its own codestream header (``jpeg_frame_size`` for the
+JPEG SOFn / JPEG-LS SOF55 frame header, ``j2k_image_size`` for the JPEG 2000 SIZ segment,
+``rle_segments`` for the RLE segment table) before any decoder runs: decoders size their output
+from the codestream, not from Rows/Columns (``medlens.io.dicom`` compares the two).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
 import zlib
 from pathlib import Path
@@ -147,3 +153,92 @@ def require_utf8(path: str | Path, what: str = "path") -> None:
         os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
         raise DataError(f"{what} is not valid UTF-8; SimpleITK cannot use it (rename it)", shown(path)) from None
+
+
+# ------------------------------------------------------------------ compressed codestreams (DICOM)
+# A decoder sizes its output from the codestream's own header, not from the DICOM Rows/Columns, so a
+# 1 KB file whose JPEG frame header claims 40000 x 40000 pixels makes it allocate gigabytes. These
+# parsers read that header (a few bytes; nothing is decoded) so the caller can compare it with the
+# DICOM attributes and the limits before any decoder runs. Each raises ValueError on a malformed header.
+
+# SOF0..SOF15 (ISO/IEC 10918-1 B.1.1.3) without DHT (C4), JPG (C8) and DAC (CC); SOF55 (F7) is JPEG-LS
+# (ISO/IEC 14495-1 C.2.2); DHP (DE) gives the whole image of a hierarchical JPEG, before its frames.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7, 0xDE}
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM carry no length
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int, int]:
+    """(height, width, components) from the frame header (SOFn, SOF55 or DHP) of a JPEG or JPEG-LS
+    codestream: the segments before it are skipped by their lengths; nothing is decoded."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("no JPEG start-of-image marker")
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            raise ValueError(f"no JPEG marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):
+            raise ValueError("no JPEG frame header before the scan data")
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _JPEG_SOF:
+            if length < 8 or pos + 10 > n:
+                raise ValueError("truncated JPEG frame header")
+            _, height, width, components = struct.unpack(">BHHB", data[pos + 4:pos + 10])
+            return height, width, components
+        if length < 2:
+            raise ValueError(f"JPEG segment of length {length}")
+        pos += 2 + length
+    raise ValueError("no JPEG frame header (SOF)")
+
+
+def j2k_image_size(data: bytes) -> tuple[int, int, int]:
+    """(height, width, components) from the SIZ segment of a JPEG 2000 codestream (ISO/IEC 15444-1 A.5.1):
+    Ysiz - YOsiz, Xsiz - XOsiz and Csiz; a JP2 file's boxes are skipped to its codestream box."""
+    pos = 0
+    if data[4:8] == b"jP  ":  # JP2 signature box: walk the boxes to 'jp2c'
+        while True:
+            if pos + 8 > len(data):
+                raise ValueError("JP2 file without a codestream box")
+            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            head = 8
+            if length == 1:
+                if pos + 16 > len(data):
+                    raise ValueError("truncated JP2 box")
+                length, head = struct.unpack(">Q", data[pos + 8:pos + 16])[0], 16
+            if kind == b"jp2c":
+                pos += head
+                break
+            if length < head:  # 0 (to the end of the file) or nonsense before the codestream
+                raise ValueError("JP2 file without a codestream box")
+            pos += length
+    if data[pos:pos + 4] != b"\xff\x4f\xff\x51":
+        raise ValueError("no JPEG 2000 SOC and SIZ markers")
+    if pos + 42 > len(data):
+        raise ValueError("truncated JPEG 2000 SIZ segment")
+    xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[pos + 8:pos + 24])
+    components = struct.unpack(">H", data[pos + 40:pos + 42])[0]
+    if xo > xsiz or yo > ysiz:
+        raise ValueError(f"JPEG 2000 image offset ({xo}, {yo}) beyond its size ({xsiz}, {ysiz})")
+    return ysiz - yo, xsiz - xo, components
+
+
+def rle_segments(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) byte range of each segment of a DICOM RLE frame (PS3.5 G.3.1: a 64-byte header
+    holding the number of segments, 1 to 15, and their offsets, the first one 64, increasing)."""
+    if len(data) < 64:
+        raise ValueError(f"RLE frame of {len(data)} bytes is shorter than its 64-byte header")
+    header = struct.unpack("<16I", data[:64])
+    count, offsets = header[0], list(header[1:])
+    if not 1 <= count <= 15:
+        raise ValueError(f"RLE header names {count} segments (1 to 15 allowed)")
+    starts = offsets[:count]
+    if starts[0] != 64 or any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= len(data):
+        raise ValueError(f"RLE segment offsets ({', '.join(map(str, starts))}) are not increasing within the frame "
+                         f"of {len(data):,} bytes")
+    return list(zip(starts, starts[1:] + [len(data)]))

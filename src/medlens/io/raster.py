@@ -6,6 +6,7 @@ data ends early is refused (Pillow would fill the missing rows with zeros).
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 import warnings
@@ -122,6 +123,39 @@ def _npy_header(f, path: Path) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), np.dtype(dtype)
 
 
+# deflate cannot expand more than 1032:1 (a 258-byte match per two bits), so a zip member that claims
+# more than this of its compressed size is lying about its size
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _check_declared(shape, dtype: np.dtype, offset: int, available: int, path: Path, what: str) -> int:
+    """The bytes an npy header declares, refused when the file (or zip member) holds fewer: numpy would
+    allocate the declared array before reading (10^9 images: a MemoryError for 730 GiB)."""
+    nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
+    if offset + nbytes > available:
+        dims = " x ".join(map(str, shape))
+        raise DataError(f"{what} declares shape {dims} of {dtype} = {nbytes:,} bytes but holds only "
+                        f"{max(0, available - offset):,}: a truncated or crafted file", shown(path))
+    return nbytes
+
+
+def npz_member_header(z: zipfile.ZipFile, key: str, path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes) of the array ``key`` of an open npz, from its npy header and the zip's own sizes,
+    before anything is allocated: a member that declares more than it holds is refused in one line."""
+    info = z.getinfo(f"{key}.npy")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise DataError(f"array '{key}' is compressed with method {info.compress_type}; numpy writes stored or "
+                        "deflated members only", shown(path))
+    most = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO) + 1024
+    if info.file_size > most:
+        raise DataError(f"array '{key}' claims {info.file_size:,} bytes, more than its {info.compress_size:,} "
+                        "compressed bytes can hold: a crafted file", shown(path))
+    with z.open(info) as f:
+        shape, dtype = _npy_header(f, path)
+        offset = f.tell()
+    return shape, dtype, _check_declared(shape, dtype, offset, info.file_size, path, f"array '{key}'")
+
+
 def _is_stack(shape, path: Path, key: str | None) -> bool:
     """A stack of 2D images (N, H, W[, C]) such as MedMNIST's ``*_images``: one of them is read."""
     return len(shape) == 4 or (len(shape) == 3 and shape[-1] != 3 and shape[0] > 3 and key is None
@@ -146,6 +180,7 @@ def read_npz_image(path: str | Path, key: str | None = None, index: int = 0) -> 
             with open(path, "rb") as f:
                 shape, dtype = _npy_header(f, path)
                 _check_array_header(shape, dtype, path, _is_stack(shape, path, key))
+                _check_declared(shape, dtype, f.tell(), path.stat().st_size, path, "the array")
             arr = np.load(path, allow_pickle=False)
         else:
             with np.load(path, allow_pickle=False) as z:
@@ -154,9 +189,8 @@ def read_npz_image(path: str | Path, key: str | None = None, index: int = 0) -> 
                 k = key or ("test_images" if "test_images" in z.files else z.files[0])
                 if k not in z.files:
                     raise DataError(f"npz has no key '{k}' (has {z.files})", shown(path))
-                with z.zip.open(f"{k}.npy") as f:
-                    shape, dtype = _npy_header(f, path)
-                    _check_array_header(shape, dtype, path, _is_stack(shape, path, key))
+                shape, dtype, _ = npz_member_header(z.zip, k, path)
+                _check_array_header(shape, dtype, path, _is_stack(shape, path, key))
                 arr = z[k]
     except DataError:
         raise
