@@ -211,13 +211,16 @@ def register(app: typer.Typer) -> None:
                 push: bool = typer.Option(False, "--push", help="store the SR (and SEG) back to the --from-pacs PACS"),
                 deidentify: bool = typer.Option(False, "--deidentify", help="build every export from PS3.15 "
                                                 "de-identified source attributes"),
-                deid_key: Optional[str] = typer.Option(None, "--deid-key", help="UID remapping key (as medlens deid)")
+                deid_key: Optional[str] = typer.Option(None, "--deid-key", help="UID remapping key (as medlens deid)"),
+                allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="predict with a run whose "
+                                                      "training did not finish (status not 'complete')")
                 ) -> None:
         """Predict image files with a trained run (a segmentation run with --from-pacs segments the study)."""
         from medlens.errors import MedlensError
         from medlens.run import Predictor, Run
 
         quiet_libraries()
+        Run.open(run_dir).require_complete(allow_incomplete)   # issue 25: finished runs only, unless asked
         if from_pacs or study or push:
             return _from_pacs(run_dir, from_pacs, study, push, out, outputs, deidentify, deid_key)
         if not files:
