@@ -209,6 +209,8 @@ def register(app: typer.Typer) -> None:
                                                         "(DICOMweb root or dimse://AET@host:port) and predict it"),
                 study: Optional[str] = typer.Option(None, "--study", help="Study Instance UID (with --from-pacs)"),
                 push: bool = typer.Option(False, "--push", help="store the SR (and SEG) back to the --from-pacs PACS"),
+                allow_http: bool = typer.Option(False, "--allow-http", help="--from-pacs: allow plain http:// (or "
+                                                "DIMSE, not encrypted) to a host other than this machine"),
                 deidentify: bool = typer.Option(False, "--deidentify", help="build every export from PS3.15 "
                                                 "de-identified source attributes"),
                 deid_key: Optional[str] = typer.Option(None, "--deid-key", help="UID remapping key (as medlens deid)"),
@@ -222,7 +224,7 @@ def register(app: typer.Typer) -> None:
         quiet_libraries()
         Run.open(run_dir).require_complete(allow_incomplete)   # issue 25: finished runs only, unless asked
         if from_pacs or study or push:
-            return _from_pacs(run_dir, from_pacs, study, push, out, outputs, deidentify, deid_key)
+            return _from_pacs(run_dir, from_pacs, study, push, out, outputs, deidentify, deid_key, allow_http)
         if not files:
             raise MedlensError("give image files to predict, or --from-pacs URL --study UID")
         run = Run.open(run_dir, expect="classification")
@@ -252,7 +254,7 @@ def register(app: typer.Typer) -> None:
                 n[k] = n.get(k, 0) + 1
         return "".join(f", {v} {k.upper()}" for k, v in n.items())
 
-    def _from_pacs(run_dir, url, study, push, out, outputs, deidentify, deid_key) -> None:
+    def _from_pacs(run_dir, url, study, push, out, outputs, deidentify, deid_key, allow_http=False) -> None:
         from medlens.errors import MedlensError
         from medlens.workflow.interop import pacs_round_trip
 
@@ -260,9 +262,12 @@ def register(app: typer.Typer) -> None:
             raise MedlensError("--from-pacs URL and --study UID go together (--push stores the results back)")
         if out is None:
             raise MedlensError("--from-pacs needs --out FOLDER for the local copy of the results")
-        res = pacs_round_trip(run_dir, url, study, out, outputs, push=push, deidentify=deidentify, deid_key=deid_key)
+        from medlens.io.net import shown_url
+
+        res = pacs_round_trip(run_dir, url, study, out, outputs, push=push, deidentify=deidentify, deid_key=deid_key,
+                              allow_http=allow_http)
         console.print(f"{res.n_inputs} input(s) from study {study}: wrote [bold]{out}[/] ({_listing(res.exported)[2:]})"
-                      + (f"; stored {res.pushed} instance(s) at {url}" if push else ""))
+                      + (f"; stored {res.pushed} instance(s) at {shown_url(url)}" if push else ""))
 
     @app.command()
     def segment(run_dir: Path = typer.Argument(..., help="a segmentation run folder"),

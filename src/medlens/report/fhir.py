@@ -322,32 +322,42 @@ def _series_of(sr, sop_uid: str) -> str | None:
     return None
 
 
-def post_bundle(bundle, url: str, timeout: float = 30.0) -> dict:
-    """POST a transaction Bundle to a FHIR server base URL; the response Bundle (dict), or a one-line error."""
+def post_bundle(bundle, url: str, timeout: float | None = None, allow_http: bool = False) -> dict:
+    """POST a transaction Bundle to a FHIR server base URL; the response Bundle (dict), or a one-line error.
+
+    The Bundle goes to ``url`` only (``medlens.io.net``): a redirect is refused, not followed (it would re-send
+    the Bundle, patient identifier included, elsewhere); plain ``http://`` to another host needs
+    ``allow_http``; ``timeout`` (default ``MEDLENS_NET_TIMEOUT``) bounds the connect and each read; the reply
+    is read within ``MEDLENS_MAX_RESPONSE_BYTES``, an error reply up to 64 KiB."""
     import requests
 
+    from medlens.io import net
+
+    net.check_http_url(url, allow_http, "FHIR server")
+    shown = net.shown_url(url)
+    connect, read = net.timeouts()
+    if timeout is not None:
+        connect, read = min(connect, timeout), timeout
     try:
-        r = requests.post(url, data=bundle.model_dump_json(exclude_none=True),
-                          headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
-                          timeout=timeout)
+        with net.session() as s:
+            r = s.post(url, data=bundle.model_dump_json(exclude_none=True).encode("utf-8"),
+                       headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+                       timeout=(connect, read))
+            if r.status_code >= 300:
+                detail = net.error_detail(r)
+                raise DataError("FHIR server refused the transaction "
+                                f"(HTTP {r.status_code}{': ' + detail if detail else ''})", shown)
+            try:
+                reply = r.json()
+            except ValueError:
+                reply = {}
+    except net.RedirectRefused as e:
+        raise DataError(f"FHIR server answered with a redirect (HTTP {e.status}); the Bundle was not re-sent "
+                        "elsewhere: give the server's own URL", shown) from None
+    except net.BodyTooLarge as e:
+        raise DataError(f"FHIR server reply: {e.describe()}", shown) from None
+    except requests.exceptions.Timeout:
+        raise DataError(f"FHIR server did not answer in time ({net.TIMEOUT_ENV}={read:g} s)", shown) from None
     except requests.exceptions.RequestException as e:
-        raise DataError(f"FHIR server unreachable ({type(e).__name__})", url) from None
-    if r.status_code >= 300:
-        detail = _outcome(r)
-        raise DataError(f"FHIR server refused the transaction (HTTP {r.status_code}{': ' + detail if detail else ''})",
-                        url)
-    try:
-        return r.json()
-    except ValueError:
-        return {}
-
-
-def _outcome(r) -> str:
-    """The first issue of an OperationOutcome reply, or the reply's first line (no payload echo)."""
-    try:
-        js = r.json()
-        issue = (js.get("issue") or [{}])[0]
-        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or ""
-    except ValueError:
-        text = r.text.splitlines()[0] if r.text else ""
-    return " ".join(str(text).split())[:160]
+        raise DataError(f"FHIR server unreachable ({type(e).__name__})", shown) from None
+    return reply if isinstance(reply, dict) else {}

@@ -10,8 +10,10 @@ Nothing here logs or raises with a patient's name or ID.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medlens.errors import ConfigError, DataError
+from medlens.io.dicom import require_single_subject
 from medlens.io.image import Image
 from medlens.utils import atomic_dir, atomic_path, unique_stems
 
@@ -181,6 +184,7 @@ def export_nodules(xml: str | Path, scan: str | Path, out: str | Path, outputs: 
     ann = parse_lidc_xml(xml)
     image = load(scan)
     sources = dicom_sources(scan, image)
+    require_single_subject(sources, scan)
     if deidentify:
         sources = deidentified(sources, deid_key)
     nodules = [p for p in cluster_nodules(ann, image, include_small=include_small)
@@ -242,6 +246,8 @@ def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[s
         if outputs and not is_dicom_input(f, img):
             raise DataError("SR/FHIR outputs need DICOM input (a DICOM file or series folder)", f)
         src = dicom_sources(f, img) if outputs else []
+        if src:
+            require_single_subject(src, f)
         sources.append(deidentified(src, deid_key) if deidentify and src else src)
     rows = predictor.predict_files([str(f) for f in files])
     algo = Algorithm.of_run(run) if outputs else None
@@ -289,6 +295,7 @@ def segment_export(run, files: list[str | Path], out: str | Path, outputs: set[s
         if not is_dicom_input(f, img) or not f.is_dir():
             raise DataError("SR/SEG/FHIR outputs need a DICOM series folder as input", f)
         src = dicom_sources(f, img)
+        require_single_subject(src, f)
         sources.append(deidentified(src, deid_key) if deidentify else src)
     names = [str(n) for n in run.class_names[1:]]
     codes = codes_from_config(run.config.segmentation.dicom_codes, len(names))
@@ -333,15 +340,59 @@ class RoundTrip:
 
 #: modalities that are results, not images to run a model on
 _NOT_IMAGES = {"SR", "SEG", "PR", "KO", "RTSTRUCT", "DOC", "REG"}
+_PACS_TMP = ".medlens-pacs-"
+
+
+def _require_one_subject(files, what: str) -> None:
+    """The headers of ``files`` belong to one patient, study and frame of reference (``require_single_subject``)."""
+    import pydicom
+
+    require_single_subject([pydicom.dcmread(f, stop_before_pixels=True) for f in files], what)
+
+
+@contextlib.contextmanager
+def _private_tempdir():
+    """A temporary folder (mode 0700) for a pulled study, removed on every exit: an exception, Ctrl-C, or a
+    SIGTERM (turned into SystemExit while it exists, in the main thread). A folder left by a killed process
+    (``kill -9``) is removed by the next call, once its process is gone."""
+    import re
+    import shutil
+    import signal
+    import tempfile
+    import threading
+
+    from medlens.utils import _pid_alive
+
+    root = Path(tempfile.gettempdir())
+    pat = re.compile(re.escape(_PACS_TMP) + r"(\d+)-")
+    for p in root.glob(_PACS_TMP + "*"):
+        m = pat.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"{_PACS_TMP}{os.getpid()}-") as tmp:
+            yield tmp
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def pacs_round_trip(run_dir, url: str, study_uid: str, out: str | Path, outputs: str | None = None, *,
-                    push: bool = False, deidentify: bool = False, deid_key: str | None = None) -> RoundTrip:
+                    push: bool = False, deidentify: bool = False, deid_key: str | None = None,
+                    allow_http: bool = False) -> RoundTrip:
     """Pull ``study_uid`` from the PACS at ``url``, run the model (a segmenter on each image series; a classifier
     on each series, or on each instance for 2D models), write the results into ``out`` and, with ``push``,
-    store the SRs (and SEGs) back in the same PACS."""
-    import tempfile
+    store the SRs (and SEGs) back in the same PACS.
 
+    The study is pulled with the checks of ``medlens pacs pull`` into a private temporary folder that is removed
+    on every exit (an error, Ctrl-C, SIGTERM; one left by a killed process is removed by the next call), and
+    every series must belong to one patient, study and frame of reference before any result is made of it."""
     from medlens.io.dicom import list_series
     from medlens.io.pacs import connect
     from medlens.run import Run
@@ -353,15 +404,16 @@ def pacs_round_trip(run_dir, url: str, study_uid: str, out: str | Path, outputs:
     if deidentify and push:
         raise ConfigError("--deidentify with --push would store de-identified results next to the identified "
                           "study; push a de-identified copy of the study first, or leave out one of the two")
-    client = connect(url)
+    client = connect(url, allow_http=allow_http)
     client.require_study(study_uid)  # a one-line error before any model runs
-    with tempfile.TemporaryDirectory(prefix=".medlens-pacs-") as tmp:
+    with _private_tempdir() as tmp:
         folder = client.pull(study_uid, Path(tmp) / "study")
         series = [s for s in list_series(folder) if s.modality.upper() not in _NOT_IMAGES]
         if not series:
-            raise DataError(f"study {study_uid} holds no image series", url)
+            raise DataError(f"study {study_uid} holds no image series", client.url)
         inputs: list[Path] = []
         for s in series:
+            _require_one_subject(s.files, f"series {s.series_uid}")
             d = s.files[0].parent
             if seg or run.meta.spatial_dims == 3 or len(s.files) == 1:
                 inputs.append(d)
