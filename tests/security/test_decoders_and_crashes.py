@@ -217,6 +217,19 @@ def test_every_frame_of_a_multiframe_file_and_every_slice_of_a_series_is_checked
     assert time.time() - t0 < 2
 
 
+def test_frames_beyond_number_of_frames_are_never_decoded(tmp_path):
+    """pydicom's default decodes the extra JPEG frames it finds (allow_excess_frames): a third fragment
+    that is a bomb would be decoded although NumberOfFrames says 2 and nothing checked it."""
+    good = jpeg_64()
+    p = jpeg_dicom(tmp_path / "excess.dcm", [good, good])
+    ds = pydicom.dcmread(p)
+    ds.PixelData = encapsulate([good, good, claim_sof(good, 40000, 40000)], has_bot=False)
+    ds.save_as(p)
+    out = load_in_child(p)
+    assert out.get("loaded") == [2, 64, 64], out
+    assert out["seconds"] < 1.0 and out["rss_growth_mb"] < 50, out
+
+
 def test_raster_jpeg_bomb_is_refused_by_pil_limit_set_from_the_setting(tmp_path):
     """Raster files were already guarded (PIL reads the SOF in open(); its MAX_IMAGE_PIXELS is set from
     MEDLENS_MAX_PIXELS): kept here so that the DICOM and raster paths are known to agree."""
