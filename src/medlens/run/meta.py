@@ -44,7 +44,7 @@ MAX_PARAM_ITEMS = 1024              # values in model_params, all levels togethe
 MAX_PARAM_DEPTH = 8
 MAX_SPACING_MM = 1e4
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
-MAX_PLATT = 1e4
+MAX_PLATT = 1e6
 
 
 def _finite(v: float, what: str) -> float:
@@ -309,8 +309,8 @@ class RunMeta(_Strict):
     def _names(cls, v: list[str]) -> list[str]:
         if len(v) > MAX_CLASSES:
             raise ValueError(f"{len(v)} class names, at most {MAX_CLASSES}")
-        if any(not n.strip() or len(n) > 200 for n in v):
-            raise ValueError("a class name is empty or longer than 200 characters")
+        if any(not n.strip() or len(n) > 1000 for n in v):
+            raise ValueError("a class name is empty or longer than 1000 characters")
         if len(set(v)) != len(v):
             raise ValueError("two classes have the same name")
         return v

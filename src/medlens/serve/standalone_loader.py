@@ -99,9 +99,9 @@ def check_metadata(task, class_names, prep, threshold, calibration, activation, 
                               "and b, temperature takes t)")
         for k in want:
             _number(params[k], f"medlens.calibration {k}")
-        if method == "platt" and not 0 < params["a"] <= 1e4 or method == "platt" and abs(params["b"]) > 1e4:
+        if method == "platt" and not 0 < params["a"] <= 1e6 or method == "platt" and abs(params["b"]) > 1e6:
             raise ExportError(f"medlens.calibration slope a is {params['a']} (b {params['b']}): a must be > 0, "
-                              "a and |b| at most 10000")
+                              "a and |b| at most 1e6")
         if method == "temperature" and not 1e-3 <= params["t"] <= 1e3:
             raise ExportError(f"medlens.calibration temperature t is {params['t']}: it must be between 0.001 and 1000")
     if not isinstance(prep, dict) or prep.get("spatial_dims") not in (2, 3):
