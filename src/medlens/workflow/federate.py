@@ -40,6 +40,13 @@ def _strategy_class(name: str):
     return {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[name]
 
 
+def _finite(v):
+    """A number a site reported, kept only when it is a finite number (None otherwise)."""
+    import math
+
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
 #: the default bound on a site's step: ``||w_site - w_global|| <= factor * max(||w_global||, eps)``
 UPDATE_NORM_FACTOR = 10.0
 #: default seconds a round waits for the sites' answers (fit and evaluate each), and for the sites to join
@@ -159,10 +166,11 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
                     continue
                 seen.add(site)
                 kept.append((proxy, r))
-                row["sites"].setdefault(site, {}).update({"train_loss": r.metrics.get("train_loss"),
-                                                          "missing_classes": r.metrics.get("missing_classes", 0)})
+                row["sites"].setdefault(site, {}).update({"train_loss": _finite(r.metrics.get("train_loss")),
+                                                          "missing_classes": _finite(r.metrics.get("missing_classes",
+                                                                                                   0))})
                 if "epsilon" in r.metrics:
-                    row["sites"][site]["epsilon"] = r.metrics["epsilon"]
+                    row["sites"][site]["epsilon"] = _finite(r.metrics["epsilon"])
             row["fit_accepted"] = len(kept)
             if len(kept) < need or not sum(r.num_examples for _, r in kept):
                 row["skipped"] = f"{len(kept)} valid update(s), {need} needed: the global model is kept"
@@ -276,7 +284,7 @@ class _Global:
         rounds = [strategy.rounds[k] for k in sorted(strategy.rounds)]
         failed = [r["round"] for r in rounds if r["fit_failures"] or r.get("evaluate_failures")
                   or r.get("fit_rejected") or r.get("evaluate_rejected")]
-        eps = [v["epsilon"] for r in rounds for v in r["sites"].values() if "epsilon" in v]
+        eps = [v["epsilon"] for r in rounds for v in r["sites"].values() if v.get("epsilon") is not None]
         summary = {**info, "rounds_run": len(rounds), "initial_val_auc": strategy.initial_val_auc,
                    "rounds_with_failures": failed,
                    "updates_rejected": sum(r.get("fit_rejected", 0) for r in rounds),
@@ -405,7 +413,7 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
             if miss:
                 lacking += 1
                 warnings.warn(f"site{k} has no training sample of class(es) {miss}", MedlensWarning, stacklevel=2)
-        strat = make_strategy(strategy, net_bytes, sites, g.signature, local_epochs, g.evaluate_fn)
+        strat = make_strategy(strategy, net_bytes, sites, g.signature, local_epochs, g.evaluate_fn, log=log)
 
         def server_fn(context):
             return ServerAppComponents(strategy=strat, config=ServerConfig(num_rounds=rounds))
