@@ -260,6 +260,17 @@ def test_export_records_the_sha256_of_the_file_itself(exported):
     assert ServedModel(exported).backend == "onnxruntime"   # the genuine export is served
 
 
+def test_torchscript_export_is_recorded_too(exported, tmp_path):
+    from medlens.run import Run
+    from medlens.workflow.export import export_run
+
+    run = copy_run(exported, tmp_path / "run")
+    export_run(run, "torchscript", n_parity=8)
+    exports = Run.open(run).meta.exports
+    ts = run / "export" / "model.torchscript.pt"
+    assert exports["torchscript"].sha256 == sha256(ts) and exports["onnx"].sha256 == sha256(run / "export" / "model.onnx")
+
+
 def test_serve_refuses_a_constant_graph_that_copies_the_metadata(exported, tmp_path):
     import onnxruntime as ort
 
