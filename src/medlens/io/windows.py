@@ -40,6 +40,8 @@ def parse_window(window) -> tuple[float, float]:
             raise ConfigError(f"unknown window '{window}'; presets: {', '.join(WINDOWS)}, or 'level,width'")
     else:
         level, width = (float(v) for v in window)
+    if not (np.isfinite(level) and np.isfinite(width)):
+        raise ConfigError(f"window level and width must be finite numbers, got {level}, {width}")
     if width <= 0:
         raise ConfigError(f"window width must be positive, got {width}")
     return level, width
