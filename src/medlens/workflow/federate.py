@@ -149,12 +149,13 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
             row["bytes_up"] += sum(len(t) for _, r in results for t in r.parameters.tensors)
             kept, seen = [], set()
             for proxy, r in results:
+                unreadable = None
                 try:
                     update = parameters_to_ndarrays(r.parameters)
                 except Exception as e:  # noqa: BLE001 - bytes from the network that are not arrays
-                    update, why = None, f"unreadable weights ({type(e).__name__})"
+                    update, unreadable = None, f"unreadable weights ({type(e).__name__})"
                 site, auth = self._site(r, "fit", server_round, digest(update) if update is not None else "")
-                why = auth or (why if update is None else None)
+                why = auth or unreadable
                 if why is None and (isinstance(r.num_examples, bool) or r.num_examples < 0):
                     why = f"negative number of examples {r.num_examples}"
                 if why is None:
@@ -173,7 +174,8 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
                     row["sites"][site]["epsilon"] = _finite(r.metrics["epsilon"])
             row["fit_accepted"] = len(kept)
             if len(kept) < need or not sum(r.num_examples for _, r in kept):
-                row["skipped"] = f"{len(kept)} valid update(s), {need} needed: the global model is kept"
+                row["skipped"] = (f"{len(kept)} valid update(s), {need} needed" if len(kept) < need else
+                                  "the valid updates hold no training example") + ": the global model is kept"
                 say(f"round {server_round}: {row['skipped']}")
                 return None, {}
             params, metrics = super().aggregate_fit(server_round, kept, failures)
