@@ -136,20 +136,6 @@ class _Study:
                             + (f" series {self.series}" if self.series else ""), self.source)
 
 
-def write_study(datasets: list, dest: str | Path, study_uid: str | None = None, source: str | None = None) -> Path:
-    """pydicom datasets into the new folder ``dest`` as ``<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, with the
-    checks of a pull (valid UIDs of one study, nothing outside ``dest``)."""
-    dest = Path(dest)
-    if not datasets:
-        raise PacsError("no instance to write", source)
-    study = study_uid or str(datasets[0].get("StudyInstanceUID", "") or "")
-    with atomic_dir(dest) as work:
-        st = _Study(work, study, None, source or str(dest))
-        for ds in datasets:
-            ds.save_as(st.place(ds), enforce_file_format=True)
-    return dest
-
-
 def read_instances(paths: list[str | Path]) -> list:
     """DICOM files (or every file under folders) to store; a non-DICOM file is a one-line error."""
     import pydicom
@@ -261,12 +247,8 @@ class DicomWeb:
     def _retrieve_to(self, st: _Study) -> None:
         """WADO-RS of the study (or series) streamed part by part to files in ``st.work`` and each part kept
         under its checked name: memory stays at one chunk, the body at ``MEDLENS_MAX_RETRIEVE_BYTES``."""
-        try:
-            from python_multipart.exceptions import MultipartParseError
-            from python_multipart.multipart import MultipartParser, parse_options_header
-        except ImportError:  # python-multipart before 0.0.13 named its package multipart
-            from multipart.exceptions import MultipartParseError
-            from multipart.multipart import MultipartParser, parse_options_header
+        from python_multipart.exceptions import MultipartParseError
+        from python_multipart.multipart import MultipartParser, parse_options_header
 
         what = "the series retrieve (WADO-RS)" if st.series else "the study retrieve (WADO-RS)"
         url = f"{self.url.rstrip('/')}/studies/{st.study}" + (f"/series/{st.series}" if st.series else "")
