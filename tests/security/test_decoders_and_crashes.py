@@ -35,53 +35,13 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 
 from clirun import medlens
+from probes import load_in_child, one_line_error
 from medlens.errors import DataError, MedlensWarning
 from medlens.io import load
 from medlens.io.image import Image
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 MEDLENS = Path(sys.executable).with_name("medlens")  # .venv/bin/medlens
-
-
-def one_line_error(r, *needles: str) -> str:
-    err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode("utf-8", "backslashreplace")
-    assert r.returncode > 0, (r.returncode, err[-2000:])
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-_CHILD = r"""
-import json, resource, sys, time
-import numpy, pydicom, PIL.Image  # imported before measuring: only the load counts
-from medlens.errors import MedlensError
-from medlens.io import load
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.time()
-try:
-    out = {"loaded": list(load(sys.argv[1]).array.shape)}
-except MedlensError as e:
-    out = {"error": str(e)}
-except MemoryError:
-    out = {"error": "MemoryError"}
-out["seconds"] = time.time() - t0
-out["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-print(json.dumps(out))
-"""
-
-
-def load_in_child(path: Path, memory_gb: int = 3) -> dict:
-    """``load(path)`` in a child capped at ``memory_gb`` of address space (a regression that decodes the bomb
-    fails the test instead of taking the machine down): the outcome, the seconds and the peak-RSS growth."""
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
-
-    r = subprocess.run([sys.executable, "-c", _CHILD, os.fspath(path)], capture_output=True, text=True,
-                       timeout=300, preexec_fn=cap)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------- building DICOMs
@@ -142,7 +102,7 @@ def patch(data: bytes, offset: int, fmt: str, *values) -> bytes:
 def test_jpeg_sof_bomb_is_refused_before_any_decoder_runs(tmp_path):
     p = jpeg_dicom(tmp_path / "bomb.dcm", [claim_sof(jpeg_64(), 40000, 40000)])
     assert p.stat().st_size < 2000
-    out = load_in_child(p)
+    out = load_in_child(p, memory_gb=3)
     err = out.get("error", "")
     assert "bomb.dcm" in err and "40000 x 40000" in err and "64 x 64" in err, out
     assert "refused before decoding" in err and "MEDLENS_MAX_PIXELS" in err, out
@@ -225,7 +185,7 @@ def test_frames_beyond_number_of_frames_are_never_decoded(tmp_path):
     ds = pydicom.dcmread(p)
     ds.PixelData = encapsulate([good, good, claim_sof(good, 40000, 40000)], has_bot=False)
     ds.save_as(p)
-    out = load_in_child(p)
+    out = load_in_child(p, memory_gb=3)
     assert out.get("loaded") == [2, 64, 64], out
     assert out["seconds"] < 1.0 and out["rss_growth_mb"] < 50, out
 
@@ -237,7 +197,7 @@ def test_raster_jpeg_bomb_is_refused_by_pil_limit_set_from_the_setting(tmp_path)
     PILImage.fromarray(np.zeros((64, 64), np.uint8)).save(b, "JPEG")
     p = tmp_path / "bomb.jpg"
     p.write_bytes(claim_sof(b.getvalue(), 40000, 40000))
-    out = load_in_child(p)
+    out = load_in_child(p, memory_gb=3)
     assert "bomb.jpg" in out.get("error", "") and "MEDLENS_MAX_PIXELS" in out["error"], out
     assert out["seconds"] < 1.0 and out["rss_growth_mb"] < 50, out
 

@@ -8,9 +8,7 @@ is no traceback and nothing half-written is left behind.
 from __future__ import annotations
 
 import gzip
-import json
 import os
-import resource
 import shutil
 import signal
 import struct
@@ -27,6 +25,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image as PILImage
 
+from probes import load_in_child, one_line_error
 from medlens.errors import ConfigError, DataError, MedlensWarning
 from medlens.io import load, save
 
@@ -37,49 +36,6 @@ CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm
 def medlens(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([str(MEDLENS), *map(os.fspath, args)], capture_output=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    err = r.stderr.decode("utf-8", "backslashreplace")
-    assert r.returncode > 0, (r.returncode, err[-2000:])  # < 0: killed by a signal (SIGABRT = -6)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err[-2000:]
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-_CHILD = r"""
-import json, resource, sys, time
-import nibabel, numpy, PIL.Image, pydicom, SimpleITK  # imported before measuring: only the load counts
-from medlens.errors import MedlensError
-from medlens.io import load
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.time()
-try:
-    out = {"loaded": list(load(sys.argv[1]).array.shape)}
-except MedlensError as e:
-    out = {"error": str(e)}
-except MemoryError:
-    out = {"error": "MemoryError"}
-out["seconds"] = time.time() - t0
-out["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-print(json.dumps(out))
-"""
-
-
-def load_in_child(path: Path, env: dict | None = None, memory_gb: int = 2) -> dict:
-    """``load(path)`` in a child process capped at ``memory_gb`` of address space: a regression that
-    decodes a bomb fails the test instead of taking the machine down. Returns the outcome, the time
-    and the growth of the peak resident memory."""
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
-
-    r = subprocess.run([sys.executable, "-c", _CHILD, os.fsencode(path)], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, **(env or {})}, preexec_fn=cap)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def png_bytes(width: int, height: int, raw: bytes, depth: int = 8, color: int = 0) -> bytes:
