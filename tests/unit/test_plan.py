@@ -14,8 +14,8 @@ from clirun import medlens
 from medlens.errors import ConfigError, DataError
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "medlens"
-PLANNER_FILES = [SRC / "workflow" / "plan.py", SRC / "data" / "fingerprint.py", SRC / "engine" / "probe.py",
-                 SRC / "cli" / "plan_cmd.py"]
+PLANNER_FILES = [SRC / "workflow" / "plan.py", SRC / "engine" / "planner.py", SRC / "data" / "fingerprint.py",
+                 SRC / "engine" / "probe.py", SRC / "cli" / "plan_cmd.py"]
 
 
 def write_npz(path: Path, images: dict, labels: dict) -> Path:

@@ -24,7 +24,7 @@ from medlens.errors import ConfigError, MedlensError, MedlensWarning
 from medlens.run import InputPrep, Predictor, Run, RunMeta, Threshold
 from medlens.run.sections import write_section
 from medlens.tasks import TaskType
-from medlens.utils import write_json_atomic
+from medlens.workflow.lifecycle import finish, write_record, write_start
 
 _EPS = 1e-8
 
@@ -158,10 +158,8 @@ def train_anomaly(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, 
     from medlens.evaluation.evaluate import evaluate_run
     from medlens.evaluation.threshold import choose_threshold
     from medlens.models import get_model_entry
-    from medlens.report.html import write_report
     from medlens.run.profile import profile_of
     from medlens.transforms.preprocess import prepared_data
-    from medlens.workflow.train import _write_start
 
     if get_model_entry(cfg.model.name).task != "anomaly":
         raise ConfigError(f"model '{cfg.model.name}' is not an anomaly model; task: anomaly trains 'autoencoder'")
@@ -196,7 +194,7 @@ def train_anomaly(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, 
         anomaly={"normal_class": data.class_names[normal], "train_images": len(train_normal),
                  "val_images_for_model_selection": len(val_normal), "score_rule": requested})
     meta.input_profile = profile_of(data, cfg.data)
-    _write_start(cfg, meta, path)
+    write_start(cfg, meta, path)
     torch.manual_seed(cfg.seed)
     net = build_network(meta.model, c, 1, tr.spatial_dims, meta.input_size,
                         {**params, "score": "mse" if requested == "auto" else requested}, meta.preprocessing.mean,
@@ -212,7 +210,7 @@ def train_anomaly(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, 
     meta = meta.model_copy(update=fit.summary())
     meta.model_params = {**params, "score": chosen}
     meta.anomaly = {**meta.anomaly, "score": chosen, "scores": scores}
-    write_json_atomic(path / "anomaly_scores.json", scores)
+    write_record(path / "anomaly_scores.json", scores)
     run = Run(path, meta, cfg).use_model(net)
     predictor = Predictor(run)
     raw_val = predictor.predict_dataset(data.val, calibrated=False)
@@ -220,12 +218,14 @@ def train_anomaly(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, 
     p_val = run.meta.calibration.apply(raw_val) if run.meta.calibration else raw_val
     rule = cfg.evaluation.threshold
     run.meta.threshold = Threshold(rule=rule, value=choose_threshold(data.val.labels, p_val, rule))
-    run.meta.status = "complete"
-    run.save_meta()
-    results = evaluate_run(run, data=data, predictor=predictor)
-    comparison = supervised_comparison(cfg, meta, log)
-    write_anomaly_section(run, data.test, scores, comparison, cfg.anomaly.cases)
-    write_report(run)
+
+    def evaluate(r: Run) -> tuple[dict, dict]:
+        results = evaluate_run(r, data=data, predictor=predictor)
+        comparison = supervised_comparison(cfg, meta, log)
+        write_anomaly_section(r, data.test, scores, comparison, cfg.anomaly.cases)
+        return results, comparison
+
+    results, comparison = finish(run, evaluate)
     for r in scores:
         log(f"anomaly score {r['score']:>4}: val AUC {r['val_auc']:.3f}, test AUC {r['test_auc']:.3f} "
             f"(95% CI {r['test_auc_ci'][0]:.3f}-{r['test_auc_ci'][1]:.3f}){'  <- chosen on validation' if r['chosen'] else ''}")

@@ -1,7 +1,8 @@
 """``medlens federate``: federated learning with Flower, ending in an ordinary run folder.
 
-The server side holds the global model and Flower's strategy (FedAvg, FedProx or FedAdam, unchanged);
-sites train on their own data (``engine.federated.SiteClient``) and send back only weights. Two ways to run:
+The server side holds the global model and Flower's strategy (one registered in ``engine.strategies``:
+FedAvg, FedProx, FedAdam); sites train on their own data (``engine.federated.SiteClient``) and send back only
+weights. Two ways to run:
 
 - **simulation** (``federate``): one machine, ``--sites`` clients partitioned from one dataset
   (``data.partition``), run by Flower's simulation engine (Ray);
@@ -26,18 +27,21 @@ import numpy as np
 import torch
 
 from medlens.errors import ConfigError, MedlensError, MedlensWarning
-from medlens.run import RunFolder, run_lock
-from medlens.utils import seed_everything, write_json_atomic
+from medlens.utils import seed_everything
+from medlens.workflow.lifecycle import RunStart, resolve_run_dir
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+def _strategy_class(name: str, proximal_mu: float = 0.01, server_lr: float = 0.01) -> tuple[type, dict]:
+    """The registered strategy ``name`` (``engine.strategies``): its Flower class (FedAvg or a subclass) and
+    the keyword arguments it adds to FedAvg's; one line for an unknown name or a class of another family."""
+    from flwr.server.strategy import FedAvg
 
+    from medlens.engine.strategies import StrategySettings, get_strategy
 
-def _strategy_class(name: str):
-    from flwr.server.strategy import FedAdam, FedAvg, FedProx
-
-    if name not in STRATEGIES:
-        raise ConfigError(f"--strategy '{name}' is not one of {', '.join(STRATEGIES)}")
-    return {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[name]
+    base, extra = get_strategy(name).build(StrategySettings(proximal_mu=proximal_mu, server_lr=server_lr))
+    if not (isinstance(base, type) and issubclass(base, FedAvg)):
+        raise ConfigError(f"--strategy '{name}' builds {getattr(base, '__name__', type(base).__name__)}, not a "
+                          "Flower strategy of the FedAvg family (flwr.server.strategy.FedAvg or a subclass)")
+    return base, dict(extra)
 
 
 def _finite(v):
@@ -88,7 +92,7 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
 
     from medlens.engine.federated import digest, eval_body, result_tag, update_problem
 
-    base = _strategy_class(name)
+    base, extra = _strategy_class(name, proximal_mu, server_lr)
     say = log or (lambda _s: None)
 
     class Recording(base):
@@ -233,11 +237,7 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
     kw = dict(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=need, min_evaluate_clients=need,
               min_available_clients=n_clients, evaluate_fn=evaluate_fn, accept_failures=True,
               initial_parameters=ndarrays_to_parameters(weights))
-    if name == "fedprox":
-        kw["proximal_mu"] = proximal_mu
-    if name == "fedadam":
-        kw.update(eta=server_lr, eta_l=server_lr, tau=1e-3)
-    return Recording(**kw)
+    return Recording(**kw, **extra)
 
 
 class _Global:
@@ -246,7 +246,7 @@ class _Global:
     def __init__(self, cfg, data, path: Path) -> None:
         from medlens.engine.federated import model_signature
         from medlens.engine.train import build_network
-        from medlens.workflow.train import classifier_meta
+        from medlens.workflow.classifier import classifier_meta
 
         self.cfg, self.data, self.path = cfg, data, path
         self.meta = classifier_meta(cfg, data)
@@ -273,12 +273,10 @@ class _Global:
         from medlens.engine.federated import set_weights
         from medlens.engine.train import environment
         from medlens.evaluation.metrics import compute_metrics
-        from medlens.report.html import write_report
-        from medlens.run import Predictor
         from medlens.run.profile import profile_of
         from medlens.run.sections import write_section
-        from medlens.utils import atomic_path
-        from medlens.workflow.train import _write_start, finish_classifier
+        from medlens.workflow.classifier import finish_classifier
+        from medlens.workflow.lifecycle import save_weights, write_record, write_start, write_table
 
         if strategy.final is None:
             raise MedlensError("no federated round completed (every site failed or none connected)", self.path)
@@ -295,45 +293,44 @@ class _Global:
         if info.get("dp"):
             summary["dp"] = {**info["dp"], "epsilon": max(eps) if eps else None}
         self.meta.input_profile = profile_of(self.data, self.cfg.data)
-        _write_start(self.cfg, self.meta, self.path)
-        with atomic_path(self.path / "model.pt") as tmp:
-            torch.save(self.net.state_dict(), tmp)
-        with atomic_path(self.path / "history.csv") as tmp:
-            pd.DataFrame([{"epoch": r["round"] - 1, "val_auc": r.get("global_val_auc"),
-                           "train_loss": float(np.mean([v["train_loss"] for v in r["sites"].values()
-                                                        if v.get("train_loss") is not None] or [np.nan]))}
-                          for r in rounds]).to_csv(tmp, index=False)
+        write_start(self.cfg, self.meta, self.path)
+        save_weights(self.path, self.net)
+        write_table(self.path / "history.csv",
+                    pd.DataFrame([{"epoch": r["round"] - 1, "val_auc": r.get("global_val_auc"),
+                                   "train_loss": float(np.mean([v["train_loss"] for v in r["sites"].values()
+                                                                if v.get("train_loss") is not None] or [np.nan]))}
+                                  for r in rounds]))
         last = rounds[-1].get("global_val_auc")
         meta = self.meta.model_copy(update={
             "train_seconds": round(time.time() - t0, 1), "epochs_run": len(rounds),
             "best_epoch_metric": {"val_auc": last}, "environment": environment() | {"federated": summary}})
-        run = finish_classifier(self.cfg, meta, self.path, self.data, self.net.eval())
-        ev = self.cfg.evaluation
-        per_site = []
-        thr = run.meta.threshold.value if run.meta.threshold is not None else None
-        predictor = Predictor(run)
-        for site, ds in (site_tests or {}).items():
-            row = {"site": site, "n_test": len(ds)}
-            if len(ds) and len(np.unique(np.asarray(ds.labels))) > 1:
-                m = compute_metrics(run.meta.task, ds.labels, predictor.predict_dataset(ds), thr, ev.bootstrap,
-                                    ev.ci, self.cfg.seed)["metrics"]
-                row["auc"] = m["auc"]
-            per_site.append(row)
-        summary["per_site_test"] = per_site
-        summary["rounds"] = rounds
         # a global model that does not beat the untrained one on validation is no result: the run says so
         first, last_auc = strategy.initial_val_auc, rounds[-1].get("global_val_auc")
         if first is None or last_auc is None or not last_auc > first:
             summary["status"] = "failed"
             summary["failure"] = (f"the global model's validation AUC {last_auc} does not beat the untrained "
                                   f"model's {first}")
-            run.meta.status = "failed"
-            run.save_meta()
         else:
             summary["status"] = "complete"
-        write_json_atomic(self.path / "federated.json", summary)
-        write_section(self.path, "federated", "Federated training", summary)
-        write_report(run)
+        ev = self.cfg.evaluation
+
+        def federated_section(run, predictor) -> None:
+            per_site = []
+            thr = run.meta.threshold.value if run.meta.threshold is not None else None
+            for site, ds in (site_tests or {}).items():
+                row = {"site": site, "n_test": len(ds)}
+                if len(ds) and len(np.unique(np.asarray(ds.labels))) > 1:
+                    m = compute_metrics(run.meta.task, ds.labels, predictor.predict_dataset(ds), thr, ev.bootstrap,
+                                        ev.ci, self.cfg.seed)["metrics"]
+                    row["auc"] = m["auc"]
+                per_site.append(row)
+            summary["per_site_test"] = per_site
+            summary["rounds"] = rounds
+            write_record(self.path / "federated.json", summary)
+            write_section(self.path, "federated", "Federated training", summary)
+
+        run = finish_classifier(self.cfg, meta, self.path, self.data, self.net.eval(), status=summary["status"],
+                                after=federated_section)
         return run.dir
 
 
@@ -364,7 +361,6 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
 
     from medlens.engine.federated import SiteClient, get_weights
     from medlens.transforms.preprocess import prepared_data
-    from medlens.workflow.train import resolve_run_dir
 
     from medlens.data.partition import parse_partition
 
@@ -375,11 +371,9 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
     if rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, not {rounds}")
     path = resolve_run_dir(cfg, run_dir)
-    folder = RunFolder(path)
-    folder.check(False, overwrite)
+    start = RunStart(path, overwrite=overwrite)
     t0 = time.time()
-    with run_lock(path):
-        folder.prepare(False, overwrite)
+    with start:
         seed_everything(cfg.seed)
         data = prepared_data(cfg.data, seed=cfg.seed)
         if not len(data.train) or not len(data.val) or not len(data.test):
@@ -513,7 +507,6 @@ def serve_federation(cfg, *, clients: int, rounds: int, address: str, strategy: 
 
     from medlens.engine.federated import get_weights
     from medlens.transforms.preprocess import prepared_data
-    from medlens.workflow.train import resolve_run_dir
 
     _strategy_class(strategy)
     if clients < 1 or rounds < 1:
@@ -528,12 +521,10 @@ def serve_federation(cfg, *, clients: int, rounds: int, address: str, strategy: 
     secrets = read_site_secrets(site_secrets) if site_secrets else None
     check_exposure(address, "--address", bool(certificates), secrets is not None, insecure, "server")
     path = resolve_run_dir(cfg, run_dir)
-    folder = RunFolder(path)
-    folder.check(False, overwrite)
+    start = RunStart(path, overwrite=overwrite)
     t0 = time.time()
     certs = tuple(Path(p).read_bytes() for p in certificates) if certificates else None
-    with run_lock(path):
-        folder.prepare(False, overwrite)
+    with start:
         seed_everything(cfg.seed)
         data = prepared_data(cfg.data, seed=cfg.seed)
         g = _Global(cfg, data, path)

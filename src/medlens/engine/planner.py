@@ -1,0 +1,418 @@
+"""The planning rules of ``medlens plan`` / ``train --auto`` (issue 17), as one ``Planner`` with a
+``determine_*`` method per decision (nnU-Net's ``ExperimentPlanner`` shape).
+
+The rules read only the dataset's fingerprint (``data.fingerprint``) and the speeds measured on this machine
+(``engine.probe``): no dataset is known by name. Each ``determine_*`` method records one ``Decision`` (the
+setting, its value and why) and returns the value. ``workflow.plan.make_plan`` orchestrates: it loads the data,
+runs the probes and calls the methods in order; a subclass that overrides one method changes that decision only.
+
+The cost model (what a run costs besides fitting) and the budget's shares are below; the budget covers the
+whole of ``medlens train --auto``: planning, loading, fitting (all ensemble members), evaluation, explanations
+and the report, with a safety margin.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from medlens.data.fingerprint import Fingerprint
+from medlens.errors import ConfigError
+
+if TYPE_CHECKING:  # the probe (Lightning) runs in workflow.plan; the rules only read its results
+    from medlens.engine.probe import ProbeResult
+
+PLANNER_VERSION = 1
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+# Measured on the 2-core reference machine (benchmarks/auto.py, docs/auto.md): what a run costs besides fitting.
+# calibration, threshold, bootstrap CIs, plots, Grad-CAM section and the report: measured 30-32 s for binary and
+# 54 s for 5-class 28 px runs on the 2-core machine while busy (docs/auto.md)
+POST_FIXED_S = 20.0
+POST_PER_CLASS_S = 7.0
+EPOCH_FIXED_S = 0.4      # per epoch: checkpoints, history row, validation metrics
+STARTUP_S = 10.0         # importing torch, Lightning and MONAI before the budget's clock can start
+SAFETY = 0.85            # planned fitting uses at most this share of its time; the rest absorbs noise
+TARGET_STEPS = 1200      # optimiser steps one member should get before the budget buys more members
+MAX_MEMBERS = 5
+
+
+class Decision(BaseModel):
+    """One planned setting, with why."""
+
+    model_config = ConfigDict(extra="forbid")
+    setting: str
+    value: Any
+    reason: str
+
+
+class Plan(BaseModel):
+    """What ``medlens plan`` decided, and from what (dumped into the config's ``plan:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    planner_version: int = PLANNER_VERSION
+    budget: str
+    budget_seconds: float
+    seed: int
+    input: str
+    fingerprint: Fingerprint
+    speeds: list[dict]
+    estimates: dict[str, float]
+    decisions: list[Decision]
+
+
+def parse_budget(text: str) -> float:
+    """``"15m"``, ``"30s"``, ``"1h"``, ``"1h30m"``, ``"90"`` (seconds) -> seconds."""
+    s = str(text).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        total = float(s)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)(h|min|m|sec|s)", s)
+        if not parts or "".join(a + b for a, b in parts) != s:
+            raise ConfigError(f"budget '{str(text)[:40]}' is not a duration such as 15m, 90s, 1h or 1h30m")
+        total = sum(float(a) * _UNITS[b] for a, b in parts)
+    if not math.isfinite(total) or total <= 0:
+        raise ConfigError(f"budget '{str(text)[:40]}' must be a positive duration such as 15m")
+    return total
+
+
+def format_seconds(s: float) -> str:
+    s = int(math.ceil(s))
+    if s < 120:
+        return f"{s}s"
+    return f"{math.ceil(s / 60)}m"
+
+
+def pow2_floor(x: float) -> int:
+    return 2 ** int(math.floor(math.log2(max(x, 1))))
+
+
+def target_epochs(n_train: int, batch: int) -> int:
+    """Epochs giving one member about ``TARGET_STEPS`` optimiser steps (15..100)."""
+    return int(min(100, max(15, math.ceil(TARGET_STEPS * batch / max(n_train, 1)))))
+
+
+def ema_decay(steps: int) -> float | None:
+    if steps < 200:
+        return None
+    return round(min(0.9995, max(0.99, 1 - 1 / (0.25 * steps))), 4)
+
+
+class Planner:
+    """The rules, one ``determine_*`` method per decision, in the order ``make_plan`` calls them.
+
+    From the fingerprint alone (``plan_from_fingerprint`` calls them): ``determine_model``,
+    ``determine_batch_size``, ``determine_optimizer``, ``determine_weight_decay``, ``determine_augmentation``,
+    ``determine_imbalance``, ``determine_label_smoothing``, ``determine_monitor``. From the budget and the
+    measured speeds: ``determine_precision``, ``determine_resolution``, ``determine_epochs``,
+    ``determine_ensemble``, ``determine_max_minutes``, ``determine_ema``, ``determine_mixup``,
+    ``determine_cutmix``, ``determine_progressive``, ``determine_tta``, ``determine_threshold``.
+
+    ``budget_s`` and ``started`` (when the budget's clock started, on ``clock``) are needed by the budget's
+    rules only; ``planned_at`` is the planning time spent so far, measured by ``determine_resolution``."""
+
+    def __init__(self, fp: Fingerprint, budget_s: float | None = None, *, seed: int = 0,
+                 started: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.fp, self.budget_s, self.seed, self.clock = fp, budget_s, seed, clock
+        self.started = clock() if started is None else started
+        self.decisions: list[Decision] = []
+        self.model: str = ""
+        self.params: dict[str, Any] = {}
+        self.train: dict[str, Any] = {}
+        self.planned_at = 0.0
+        self.members = 1
+        self.epochs = 0
+        self.steps = 0
+        self.image_size = fp.image_shape[0]
+
+    def decide(self, setting: str, value: Any, reason: str) -> Any:
+        self.decisions.append(Decision(setting=setting, value=value, reason=reason))
+        return value
+
+    # ------------------------------------------------------------ from the fingerprint
+    def plan_from_fingerprint(self) -> tuple[dict, list[Decision]]:
+        """Settings that follow from the fingerprint alone (the budget decides the rest)."""
+        self.determine_model()
+        self.determine_batch_size()
+        self.determine_optimizer()
+        self.determine_weight_decay()
+        self.determine_augmentation()
+        self.determine_imbalance()
+        self.determine_label_smoothing()
+        self.determine_monitor()
+        return {"model": self.model, "params": self.params, "train": self.train}, self.decisions
+
+    def determine_model(self) -> dict:
+        fp = self.fp
+        n = fp.n["train"]
+        if fp.spatial_dims == 3:
+            model, params = "fast_cnn3d", {"widths": [16, 32, 64, 128], "dropout": 0.3}
+            why = ("3D volumes: a 4-stage 3D CNN sized for CPU (global pooling, so it takes any input size and "
+                   "progressive resizing)")
+        else:
+            model, params = "small_cnn", {"widths": [32, 64, 128], "dropout": 0.3 if n < 2000 else 0.2}
+            why = (f"2D images, {n} training samples: a 3-stage CNN (32/64/128) learns {fp.image_shape[0]} px "
+                   "inputs fast on a CPU; deeper ImageNet-style networks need far more steps than the budget buys")
+            if n >= 20000:
+                params["widths"] = [48, 96, 192]
+                why = f"2D images, {n} training samples: enough data for a wider 3-stage CNN (48/96/192)"
+        self.model, self.params = model, params
+        return self.decide("model", {"name": model, "params": params},
+                           why + f"; dropout {params['dropout']} ({'under' if n < 2000 else 'over'} 2000 "
+                                 "training samples)")
+
+    def determine_batch_size(self) -> int:
+        n, dims = self.fp.n["train"], self.fp.spatial_dims
+        hi = 32 if dims == 3 else 128
+        bs = int(min(hi, max(16, pow2_floor(n / 16))))
+        self.train["batch_size"] = bs
+        return self.decide("train.batch_size", bs,
+                           f"n_train/16 rounded down to a power of two, within 16..{hi} ({dims}D): about 16+ "
+                           "steps per epoch on small sets, full batches on large ones")
+
+    def determine_optimizer(self) -> str:
+        self.train["lr"], self.train["optimizer"], self.train["scheduler"] = 0.002, "adamw", "cosine"
+        return self.decide("train.optimizer", "adamw, lr 0.002, cosine",
+                           "AdamW with a cosine schedule converges in ~1000 steps at this batch size without "
+                           "tuning; the schedule ends exactly at the planned epoch count")
+
+    def determine_weight_decay(self) -> float:
+        n = self.fp.n["train"]
+        wd = 0.001 if n < 2000 else 0.0005
+        self.train["weight_decay"] = wd
+        return self.decide("train.weight_decay", wd,
+                           f"{n} training samples: {'stronger' if n < 2000 else 'moderate'} regularisation")
+
+    def determine_augmentation(self) -> dict:
+        fp = self.fp
+        if fp.spatial_dims == 3:
+            aug = {"hflip": 0.5, "vflip": 0.5, "rotate": 10, "translate": 0.05, "scale": 0.05}
+            why = "volumes: flips in-plane and small rotations/shifts keep anatomy plausible"
+        elif fp.field_of_view == "circular":
+            aug = {"hflip": 0.5, "vflip": 0.5, "rotate": 20, "translate": 0.05, "scale": 0.1, "brightness": 0.1,
+                   "contrast": 0.15}
+            why = (f"dark corners (corner/centre intensity {fp.intensity.corner_to_centre:.2f}): a circular field "
+                   "of view, content without a canonical orientation -> both flips and larger rotations; colour "
+                   "jitter")
+        else:
+            aug = {"hflip": 0.5, "rotate": 10, "translate": 0.08, "scale": 0.1, "brightness": 0.1, "contrast": 0.1}
+            why = ("full field of view with a canonical up direction (radiograph-like): horizontal flips and small "
+                   "affine, brightness/contrast jitter")
+        if fp.intensity.distinct_values <= 16:
+            aug.pop("brightness", None)
+            aug.pop("contrast", None)
+            why += f"; no intensity jitter ({fp.intensity.distinct_values} distinct values: mask-like inputs)"
+        self.train["augment"] = aug
+        return self.decide("train.augment", aug, why)
+
+    def determine_imbalance(self) -> str:
+        fp = self.fp
+        limit = 1.5 if fp.task == "binary" else 10.0
+        if fp.task != "multilabel" and fp.imbalance_ratio > limit:
+            self.train["imbalance"] = "weighted_loss"
+            return self.decide("train.imbalance", "weighted_loss",
+                               f"training classes {fp.class_counts['train']}: imbalance {fp.imbalance_ratio:.2f} "
+                               f"> {limit:g} -> loss weighted by inverse class frequency (keeps every sample, "
+                               "unlike undersampling)" + ("; the binary threshold is chosen on validation anyway"
+                                                          if fp.task == "binary" else ""))
+        self.train["imbalance"] = "none"
+        why = (f"imbalance {fp.imbalance_ratio:.2f} <= {limit:g}: plain loss" if fp.task != "multilabel" else
+               "multi-label: plain per-label loss")
+        if fp.task in ("multiclass", "ordinal") and fp.imbalance_ratio > 1.5:
+            why += (" (multi-class decisions are argmax: weighting would trade accuracy on frequent classes for "
+                    "recall of rare ones; it is used only past 10:1, where a class would otherwise be ignored)")
+        return self.decide("train.imbalance", "none", why)
+
+    def determine_label_smoothing(self) -> float:
+        fp = self.fp
+        ls = 0.1 if fp.task in ("multiclass", "ordinal") else 0.0
+        self.train["label_smoothing"] = ls
+        return self.decide("train.label_smoothing", ls,
+                           f"{fp.n_classes} classes ({fp.task}): smoothing 0.1 against over-confident neighbours"
+                           if ls else f"{fp.task}: no smoothing (the binary threshold is chosen on calibrated scores)")
+
+    def determine_monitor(self) -> str:
+        self.train["monitor"] = "val_auc"
+        return self.decide("train.monitor", "val_auc",
+                           f"validation split of {self.fp.n['val']} images: the best-AUC epoch is kept "
+                           "(threshold-free, insensitive to imbalance)")
+
+    # ------------------------------------------------------------ the cost model
+    @property
+    def flips(self) -> list[str]:
+        return [a for a in ("hflip", "vflip") if self.train["augment"].get(a)]
+
+    @property
+    def tta_views(self) -> int:
+        return 1 + len(self.flips) if self.flips else 1
+
+    @property
+    def target_epochs(self) -> int:
+        return target_epochs(self.fp.n["train"], self.train["batch_size"])
+
+    @property
+    def margin(self) -> float:
+        return STARTUP_S + max(10.0, 0.05 * self._budget())
+
+    def _budget(self) -> float:
+        if self.budget_s is None:
+            raise ConfigError("the planner's budget rules need a budget")
+        return self.budget_s
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def epoch_seconds(self, r: ProbeResult) -> float:
+        n = self.fp.n
+        est = n["train"] / r.train_img_per_s + n["val"] / r.val_img_per_s + EPOCH_FIXED_S
+        return max(est, r.epoch_seconds + EPOCH_FIXED_S) if r.epoch_seconds else est
+
+    def post_seconds(self, r: ProbeResult, k: int) -> float:
+        """Predictions of val + test per member and flip, plus the fixed work after fitting."""
+        n = self.fp.n
+        return (POST_FIXED_S + POST_PER_CLASS_S * max(self.fp.n_classes, 2)
+                + 2 * k * self.tta_views * (n["val"] + n["test"]) / r.val_img_per_s)
+
+    def available(self, load: float) -> float:
+        """Seconds left for fitting + evaluation after planning, loading (x1.2) and the margin."""
+        return self._budget() - self.planned_at - 1.2 * load - self.margin
+
+    # ------------------------------------------------------------ from the budget and the measured speeds
+    def determine_precision(self, speeds: dict[str, ProbeResult]) -> str:
+        """The faster of the measured precisions (``speeds``: precision -> probe at the native size)."""
+        prec = max(("bf16-mixed", "32"), key=lambda p: speeds[p].train_img_per_s)
+        fast, slow = speeds[prec], speeds["32" if prec != "32" else "bf16-mixed"]
+        self.train["precision"] = prec
+        return self.decide("train.precision", prec,
+                           f"measured {fast.train_img_per_s:.0f} img/s with {prec} against "
+                           f"{slow.train_img_per_s:.0f} with {slow.precision} (training steps on real batches)")
+
+    def determine_resolution(self, res: dict[int, tuple[ProbeResult, float]],
+                             calibrate: Callable[[int], ProbeResult]) -> tuple[int, ProbeResult]:
+        """The largest on-disk resolution whose one member at the target epochs fits, else the native one
+        (``res``: size -> (probe, loading seconds)). ``calibrate(size)`` then measures one whole real epoch
+        of the choice, so the fitted epochs rest on a measured epoch; returns (size, that measurement)."""
+        native, e_star = self.fp.image_shape[0], self.target_epochs
+        self.planned_at = self.elapsed()
+        choice, reasons = native, []
+        for size in sorted(res):
+            r, ls_ = res[size]
+            need = e_star * self.epoch_seconds(r) / SAFETY + self.post_seconds(r, 1)
+            reasons.append(f"{size} px: {self.epoch_seconds(r):.1f} s/epoch, {e_star} epochs need "
+                           f"{format_seconds(need)}")
+            if size != native and need <= self.available(ls_):
+                choice = size
+        cal = calibrate(choice)
+        self.planned_at = self.elapsed()
+        self.image_size = choice
+        load_c = res[choice][1]
+        self.decide("data.size", choice,
+                    "on disk: " + ", ".join(f"{s} px" for s in sorted(res)) + "; measured " + "; ".join(reasons)
+                    + f"; fitting + evaluation may take {format_seconds(self.available(load_c))} -> {choice} px"
+                    + (" (the larger resolutions do not fit)" if len(res) > 1 and choice == native else ""))
+        return choice, cal
+
+    def determine_epochs(self, r: ProbeResult, load: float, budget_text: str) -> int:
+        """Epochs per member (and, with them, how many members fit: ``determine_ensemble`` records it): as
+        many members as fit at the target epochs; a single member gets what a second could not use. A budget
+        that does not hold one epoch is refused in one line naming the minimum."""
+        ep_s, left, n_tr, bs = self.epoch_seconds(r), self.available(load), self.fp.n["train"], \
+            self.train["batch_size"]
+        e_star = self.target_epochs
+        one_epoch_need = self.planned_at + 1.2 * load + self.margin + ep_s / SAFETY + self.post_seconds(r, 1)
+        if left - self.post_seconds(r, 1) < ep_s / SAFETY:
+            raise ConfigError(f"budget {budget_text} is too small: one epoch of the smallest plan takes {ep_s:.0f}s "
+                              f"(planning {self.planned_at:.0f}s, loading {load:.0f}s, evaluation "
+                              f"{self.post_seconds(r, 1):.0f}s); give at least "
+                              f"{format_seconds(one_epoch_need * 1.1)}")
+        k, epochs = 1, e_star
+        for kk in range(MAX_MEMBERS, 0, -1):
+            if kk * e_star * ep_s / SAFETY + self.post_seconds(r, kk) <= left:
+                k = kk
+                break
+        else:
+            epochs = max(1, int(SAFETY * (left - self.post_seconds(r, 1)) / ep_s))
+        if k == 1 and epochs == e_star:  # a single member: spend what a second could not use on more epochs
+            epochs = int(min(2 * e_star, SAFETY * (left - self.post_seconds(r, 1)) / ep_s))
+        self.members, self.epochs = k, epochs
+        self.steps = epochs * math.ceil(n_tr / bs)
+        return self.decide("train.epochs", epochs,
+                           f"{epochs} epochs x {math.ceil(n_tr / bs)} steps = {self.steps} steps per member "
+                           f"(target {TARGET_STEPS} steps: {e_star} epochs); measured {ep_s:.1f} s per epoch"
+                           + ("" if epochs >= e_star else " - fewer than the target: the budget allows no more"))
+
+    def determine_ensemble(self, r: ProbeResult, load: float) -> int:
+        k, ep_s = self.members, self.epoch_seconds(r)
+        return self.decide("train.ensemble", k,
+                           f"each member needs ~{format_seconds(self.epochs * ep_s)}; "
+                           f"{format_seconds(self.available(load))} left for fitting and evaluation -> {k} "
+                           f"member(s) (seeds {self.seed}..{self.seed + k - 1}, soft voting; at most {MAX_MEMBERS}, "
+                           "members only once each has its target epochs)")
+
+    def determine_max_minutes(self, r: ProbeResult, load: float) -> float:
+        """``train.max_minutes``: fitting capped at its share of the budget."""
+        k, ep_s, post = self.members, self.epoch_seconds(r), self.post_seconds(r, self.members)
+        fit_s = self.available(load) - post
+        max_minutes = round(fit_s / 60, 2)
+        return self.decide("train.max_minutes", max_minutes,
+                           f"budget {format_seconds(self._budget())} = planning {self.planned_at:.0f}s + loading "
+                           f"~{1.2 * load:.0f}s + evaluation/explanations/report ~{post:.0f}s + "
+                           f"margin {self.margin:.0f}s + fitting; planned fitting {k * self.epochs * ep_s:.0f}s, "
+                           f"capped at {fit_s:.0f}s")
+
+    def determine_ema(self) -> float | None:
+        steps = self.steps
+        ema = ema_decay(steps)
+        return self.decide("train.ema", ema,
+                           f"{steps} steps per member: weight average with a half-life of ~"
+                           f"{math.log(2) / (1 - ema):.0f} steps (a quarter of training) smooths the last epochs"
+                           if ema else f"only {steps} steps: too few for a weight average to settle")
+
+    def determine_mixup(self) -> float:
+        mix = self.steps >= 3000
+        return self.decide("train.mixup", 0.2 if mix else 0.0,
+                           "members get >= 3000 steps: mixup 0.2 regularises long training" if mix else
+                           f"{self.steps} steps per member: mixup slows convergence more than it regularises at "
+                           "this length")
+
+    def determine_cutmix(self) -> float:
+        img, mix = self.image_size, self.steps >= 3000
+        cut = mix and self.fp.spatial_dims == 2 and img >= 64
+        return self.decide("train.cutmix", 1.0 if cut else 0.0,
+                           "2D >= 64 px with long training: cutmix 1.0" if cut else
+                           (f"{img} px inputs: a pasted patch hides most of a small lesion" if img < 64 else
+                            f"{self.steps} steps per member: too short for cutmix"))
+
+    def determine_progressive(self) -> dict | None:
+        img = self.image_size
+        prog = self.fp.spatial_dims == 2 and img >= 64 and self.epochs >= 30
+        return self.decide("train.progressive", {"start": 0.5, "fraction": 0.3} if prog else None,
+                           "large inputs and >= 30 epochs: the first 30% of epochs at reduced size buy speed"
+                           if prog else f"{img} px {'volumes' if self.fp.spatial_dims == 3 else 'images'}, "
+                           f"{self.epochs} epochs: downsampled early epochs would save little and lose detail")
+
+    def determine_tta(self) -> bool:
+        flips = self.flips
+        tta = bool(flips)
+        return self.decide("evaluation.tta", tta,
+                           f"averages predictions over the training flips ({', '.join(flips)}): the network was "
+                           "taught they do not change the label" if tta else "no flips in training augmentation")
+
+    def determine_threshold(self) -> str:
+        fp = self.fp
+        return self.decide("evaluation.threshold", "youden",
+                           "binary: Youden's J on validation balances sensitivity and specificity under "
+                           "imbalance" if fp.task == "binary" else
+                           f"{fp.task}: decisions are argmax/0.5 (the rule applies to binary tasks only)")
+
+    def estimates(self, r: ProbeResult, load: float) -> dict[str, float]:
+        ep_s, k, post = self.epoch_seconds(r), self.members, self.post_seconds(r, self.members)
+        return {"planning_s": round(self.elapsed(), 1), "load_s": round(load, 1),
+                "epoch_s": round(ep_s, 2), "member_fit_s": round(self.epochs * ep_s, 1),
+                "fit_s": round(k * self.epochs * ep_s, 1), "post_s": round(post, 1),
+                "margin_s": round(self.margin, 1),
+                "total_s": round(self.planned_at + 1.2 * load + k * self.epochs * ep_s + post, 1)}

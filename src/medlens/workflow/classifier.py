@@ -1,0 +1,117 @@
+"""Training a classifier (``task`` binary, multiclass, ordinal, multilabel; a classical model or a network, one
+or an ensemble): data -> run contract -> fit (engine) -> calibration and threshold on validation -> evaluation
+-> explanations -> report. ``medlens federate`` ends its global model through ``finish_classifier`` too.
+The folder's start and finish are the run life-cycle's (``workflow.lifecycle``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from medlens.engine.classical import CLASSICAL_MODELS
+from medlens.engine.train import build_network, channel_stats, fit_classical_model, fit_classifier
+from medlens.errors import MedlensError
+from medlens.evaluation.calibration import calibration_method, fit_calibration
+from medlens.evaluation.evaluate import evaluate_run
+from medlens.evaluation.threshold import choose_threshold
+from medlens.explain.run import write_report_section
+from medlens.models.transfer import apply_transfer
+from medlens.run import InputPrep, Predictor, Run, RunMeta, Threshold
+from medlens.run.profile import profile_of
+from medlens.tasks import TaskType
+from medlens.transforms.preprocess import prepared_data
+from medlens.workflow.ensemble import fit_ensemble
+from medlens.workflow.lifecycle import finish, write_start
+
+
+def classifier_meta(cfg, data, classical: bool = False) -> RunMeta:
+    """The run contract of a classifier about to be fitted on ``data`` (normalisation from its training split)."""
+    tr = data.train
+    c = tr.in_channels
+    mean, std = (channel_stats(tr) if cfg.data.normalize == "dataset" and not classical
+                 else ([0.0] * c, [1.0] * c))
+    meta = RunMeta(
+        kind="classical" if classical else "torch", task=TaskType(data.task), model=cfg.model.name,
+        model_params=cfg.model.params, in_channels=c, n_outputs=tr.n_outputs, input_size=list(tr.image_shape),
+        class_names=data.class_names,
+        preprocessing=InputPrep(spatial_dims=tr.spatial_dims, size=list(tr.image_shape), color=cfg.data.color,
+                                clahe=cfg.data.clahe, mean=mean, std=std,
+                                # a patch store windows its HU patches itself (lung): predict must window too
+                                window=getattr(tr, "window", None) or cfg.data.window),
+        split_method=data.split_method, dataset=cfg.data.name or cfg.data.path,
+        n_samples={s: len(data.get(s)) for s in ("train", "val", "test")},
+        class_counts={s: data.get(s).class_counts().tolist() for s in ("train", "val", "test")})
+    return meta
+
+
+def train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log,
+                     writer: bool = True) -> Run | None:
+    """Fit and finish one classifier run in ``path`` (held by ``lifecycle.RunStart``); with ``writer`` False
+    (a data-parallel process other than global rank 0) fit only and write nothing."""
+    data = prepared_data(cfg.data, seed=cfg.seed)
+    tr = data.train
+    if len(tr) == 0 or len(data.val) == 0 or len(data.test) == 0:
+        raise MedlensError(f"empty split: train {len(tr)}, val {len(data.val)}, test {len(data.test)}")
+    calibration_method(data.task, cfg.evaluation.calibration)  # a setting that does not fit the task fails now
+    classical = cfg.model.name in CLASSICAL_MODELS
+    meta = classifier_meta(cfg, data, classical)
+    c, mean, std = tr.in_channels, meta.preprocessing.mean, meta.preprocessing.std
+    if writer:  # global rank 0 (issue 15: the other data-parallel processes only fit)
+        # issue 19: the training inputs' profile, against which predict and serve check each input
+        meta.input_profile = profile_of(data, cfg.data)
+        write_start(cfg, meta, path)
+    if classical:
+        model, n_features, fit = fit_classical_model(cfg, data, path)
+        meta.n_features = n_features
+    else:
+        def network(seed: int):
+            torch.manual_seed(seed)
+            net = build_network(cfg.model.name, c, meta.n_outputs, tr.spatial_dims, meta.input_size,
+                                cfg.model.params, mean, std)
+            if cfg.model.pretrained or cfg.model.freeze:
+                meta.transfer = apply_transfer(net.net, cfg.model.pretrained, cfg.model.freeze)
+                log(f"transfer: loaded {meta.transfer['loaded']} tensors, skipped "
+                    f"{len(meta.transfer['skipped'])}, frozen {meta.transfer['frozen']} parameters")
+            return net
+
+        limit = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
+        if cfg.train.ensemble > 1:
+            model, fit, members = fit_ensemble(cfg, data, network, path, resume, callbacks, progress_bar, limit,
+                                               log)
+            meta.model = "ensemble"
+            meta.model_params = {"member": cfg.model.name, "member_params": cfg.model.params,
+                                 "k": cfg.train.ensemble, "combine": model.net.combine}
+            meta.members = members
+        else:
+            model, fit = fit_classifier(cfg, data, network(cfg.seed), path, resume, callbacks, progress_bar, limit)
+    if not writer:
+        return None
+    return finish_classifier(cfg, meta.model_copy(update=fit.summary()), path, data, model, classical)
+
+
+def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bool = False, *,
+                      status: str = "complete", after: Callable[[Run, Predictor], None] | None = None) -> Run:
+    """A fitted classifier -> calibration and threshold on validation -> (life-cycle finish: ``status``) ->
+    evaluation -> explanations -> ``after`` (more report sections) -> report (``medlens train``, and
+    ``medlens federate`` with the global model)."""
+    run = Run(path, meta, cfg).use_model(model)
+    predictor = Predictor(run)
+    # calibration first, then the threshold on the calibrated validation probabilities: both from validation only
+    raw_val = predictor.predict_dataset(data.val, calibrated=False)
+    run.meta.calibration = fit_calibration(meta.task, data.val.labels, raw_val, cfg.evaluation.calibration)
+    if meta.task == TaskType.BINARY:
+        rule = cfg.evaluation.threshold
+        p_val = run.meta.calibration.apply(raw_val) if run.meta.calibration else raw_val
+        run.meta.threshold = Threshold(rule=rule, value=choose_threshold(data.val.labels, p_val, rule))
+
+    def evaluate(r: Run) -> None:
+        evaluate_run(r, data=data, predictor=predictor)
+        if not classical:
+            write_report_section(r, "gradcam", predictor=predictor, test=data.test)
+        if after is not None:
+            after(r, predictor)
+
+    finish(run, evaluate, status)  # type: ignore[arg-type]
+    return run
