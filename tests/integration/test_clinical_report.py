@@ -246,9 +246,10 @@ def test_recalibrate_on_a_site_sample(trained_run, tmp_path):
     pred = Predictor(orig)
     raw = pred.predict_arrays(np.stack([pred.prepare(tmp_path / f"s{i:03d}.png") for i in idx]), calibrated=False)
     y = src.labels[idx]
-    z = np.log(np.clip(raw, 1e-7, 1 - 1e-7) / (1 - np.clip(raw, 1e-7, 1 - 1e-7)))
+    q = np.clip(raw.astype(np.float64), 1e-7, 1 - 1e-7)     # logits in float64, as the calibration computes them
+    z = np.log(q / (1 - q))
     a, b = meta["calibration"]["params"]["a"], meta["calibration"]["params"]["b"]
-    p = 1 / (1 + np.exp(-(a * z + b)))
+    p = (1 / (1 + np.exp(-(a * z + b)))).astype(np.float32)  # probabilities are float32 everywhere in medlens
     assert abs((y - p).mean()) < 1e-3                         # the maximum-likelihood Platt fit on the site sample
     fpr, tpr, thr = roc_curve(y, p)
     assert meta["threshold"]["value"] == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0), abs=1e-6)
