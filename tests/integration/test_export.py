@@ -58,7 +58,8 @@ def _test_images(run_dir: Path, n: int | None = 200) -> tuple[torch.Tensor, np.n
 def test_onnx_2d_classifier_parity_int8_and_metadata(trained_run, tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from medlens.workflow.export import export_run, onnx_path, report_path
+    from medlens.run.exporters import onnx_path, report_path
+    from medlens.workflow.export import export_run
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -104,7 +105,7 @@ def test_standalone_loader_runs_without_medlens(trained_run, tmp_path, data_root
     from PIL import Image
 
     from medlens.run import Predictor, Run
-    from medlens.workflow.export import onnx_path
+    from medlens.run.exporters import onnx_path
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -146,7 +147,8 @@ def test_standalone_loader_runs_without_medlens(trained_run, tmp_path, data_root
 
 
 def test_onnx_and_torchscript_3d_classifier_parity(tmp_path_factory):
-    from medlens.workflow.export import TORCHSCRIPT_FILE, export_dir, export_run, onnx_path
+    from medlens.run.exporters import TORCHSCRIPT_FILE, export_dir, onnx_path
+    from medlens.workflow.export import export_run
 
     run = tiny_run("a3d", tmp_path_factory)
     x, _ = _test_images(run)
@@ -169,8 +171,9 @@ def test_unet_sliding_window_parity(kind, tmp_path_factory):
 
     from medlens.engine.segmentation import to_probs
     from medlens.run import Run
+    from medlens.run.exporters import OrtNet, onnx_path
     from medlens.transforms.preprocess import prepared_segmentation
-    from medlens.workflow.export import OrtNet, export_run, onnx_path
+    from medlens.workflow.export import export_run
 
     run_dir = tiny_run(kind, tmp_path_factory)
     report = export_run(run_dir, "onnx", quantize="int8" if kind == "unet3d" else None)

@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
                allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="export a run whose "
                                                      "training did not finish (status not 'complete')")) -> None:
         """Export a run (ONNX / TorchScript) with its preprocessing, threshold and class names; check parity."""
-        from medlens.workflow.export import export_dir, export_run
+        from medlens.run.exporters import export_dir
+        from medlens.workflow.export import export_run
 
         quiet_libraries()
         r = export_run(run_dir, format, quantize, n_parity=n,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medlens.errors import DataError, MedlensError, ShapeError
+from medlens.io.dicom_sources import dicom_sources, is_dicom_input
 from medlens.io.image import Image
 
 
@@ -212,8 +213,6 @@ def _one_subject(folder: Path) -> None:
 
 
 def _dicom_sources(path: Path, image: Image, kind: str) -> list:
-    from medlens.workflow.interop import dicom_sources, is_dicom_input
-
     if kind != "dicom" or not is_dicom_input(path, image):
         raise DataError("format=dicom-sr and format=fhir need DICOM input (a DICOM file or every file of a "
                         "series)")

@@ -46,3 +46,9 @@ def configure(level: int = logging.INFO) -> logging.Logger:
 
 def log(event: str, level: int = logging.INFO, **fields) -> None:
     logging.getLogger(LOGGER).log(level, event, extra={"fields": {"event": event, **fields}})
+
+
+def route_template(scope) -> str:
+    """The matched route's template (``/v1/models/{name}/predict``) of an ASGI scope: what logs and metrics
+    name a request by (never its raw path); ``unmatched`` before routing or when nothing matched."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"

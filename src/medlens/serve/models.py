@@ -1,5 +1,10 @@
-"""A served run: its ``Predictor`` (ONNX Runtime when the run has an export, PyTorch otherwise), a worker thread
-that owns all model work, and a micro-batcher that groups concurrent classifier requests into one call.
+"""The served-model registry: each served run's ``Predictor`` (ONNX Runtime when the run has an export,
+PyTorch otherwise), a worker thread that owns all model work, and a micro-batcher that groups concurrent
+classifier requests into one call. ``load_models`` builds the registry (name -> ``ServedModel``) the routes use.
+
+The backend is looked up in the export registry (``medlens.run.exporters``): ``auto`` takes the first servable
+format whose file the run has, a format's name takes that one, ``torch`` takes PyTorch; the exported file is
+opened with ``open_exported_run`` (its SHA-256, weights and graph checked against the run).
 
 Every input goes through ``Predictor.prepare`` (the one preparation path) and every classifier answer through
 ``Predictor.predict_arrays`` and ``Predictor.decide`` (validation threshold, calibration). Heatmaps are Grad-CAM
@@ -17,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medlens.run import Predictor, Run
+from medlens.errors import ConfigError
+from medlens.report.dicom_sr import Algorithm, classification_sr
+from medlens.run import Prediction, Predictor, Run
+from medlens.run.exporters import Exporter, export_dir, get_exporter, list_exporters, open_exported_run
+from medlens.run.operating import operating_point
 from medlens.tasks import TaskType
 
 
@@ -35,24 +44,41 @@ class BatchStats:
     items: int = 0
 
 
+def served_format(run_dir: str | Path, backend: str, classical: bool = False) -> Exporter | None:
+    """The export format ``serve --backend`` picks for a run, or None for PyTorch: ``torch`` -> None; ``auto`` ->
+    the first servable registered format whose file the run has (none for a classical run); a format's name ->
+    that format (its file must then exist and verify)."""
+    if backend == "torch":
+        return None
+    if backend == "auto":
+        if classical:
+            return None
+        return next((e for e in list_exporters() if e.servable and (export_dir(run_dir) / e.file_name).is_file()),
+                    None)
+    servable = [e.name for e in list_exporters() if e.servable]
+    if backend not in servable:
+        raise ConfigError(f"--backend must be one of {', '.join(['auto', *servable, 'torch'])}, not '{backend}'")
+    return get_exporter(backend)
+
+
 class ServedModel:
     """One run behind the server."""
 
     def __init__(self, run_dir: str | Path, name: str | None = None, backend: str = "auto",
                  max_batch: int = 32, max_wait_ms: float = 2.0, max_queue: int = 64, threads: int | None = None,
                  metrics=None, allow_incomplete: bool = False) -> None:
-        from medlens.workflow.export import onnx_path, open_onnx_run
-
         self.torch_run = Run.open(run_dir)
         # a run whose training did not finish is not served (issue 25), unless --allow-incomplete
         self.torch_run.require_complete(allow_incomplete)
         self.torch_run.require_weights()
         self.name = name or self.torch_run.name
-        exported = onnx_path(run_dir).is_file()
-        if backend == "onnx" or (backend == "auto" and exported and not self.torch_run.is_classical):
-            # the ONNX file must be the one export wrote for this run: SHA-256 in run.json, shapes of the run
-            self.backend = "onnxruntime"
-            self.predictor = Predictor(open_onnx_run(run_dir, threads=threads))
+        exporter = served_format(run_dir, backend, self.torch_run.is_classical)
+        self.inline = False
+        if exporter is not None:
+            # the exported file must be the one export wrote for this run: SHA-256 in run.json, shapes of the run
+            self.backend = exporter.runtime
+            self.inline = exporter.inline_batches
+            self.predictor = Predictor(open_exported_run(run_dir, exporter.name, threads=threads))
         else:
             self.backend = "pytorch" if not self.torch_run.is_classical else "classical"
             self.predictor = Predictor(self.torch_run)
@@ -150,7 +176,7 @@ class ServedModel:
                 continue
             xs = np.stack([x for x, _ in items])
             try:
-                if xs.size <= INLINE_ELEMENTS and self.backend == "onnxruntime":
+                if xs.size <= INLINE_ELEMENTS and self.inline:
                     probs = self.predictor.predict_arrays(xs)   # well under a millisecond: no thread hop
                 else:
                     probs = await self.run_in_worker(self.predictor.predict_arrays, xs)
@@ -184,10 +210,6 @@ class ServedModel:
 
     def result_sr(self, sources: list, p: np.ndarray):
         """The TID 1500 DICOM SR of one answer (``medlens.report.dicom_sr``) on its DICOM source instances."""
-        from medlens.report.dicom_sr import Algorithm, classification_sr
-        from medlens.run import Prediction
-        from medlens.workflow.interop import operating_point
-
         a = self.answer(p)
         pred = Prediction("upload", a["prediction"], a["probability"], a["probabilities"], a.get("threshold"))
         th = a.get("threshold") if self.meta.task == TaskType.BINARY else None
@@ -214,6 +236,21 @@ class ServedModel:
             warnings.simplefilter("ignore")
             probs = self.predictor.segment_probs(x, name)
         return probs, self.predictor.labels(probs)
+
+
+def load_models(runs, settings, metrics=None) -> dict[str, ServedModel]:
+    """The served-model registry: each run folder of ``runs`` loaded with ``settings`` (a ``ServeSettings``),
+    by name; two runs of one name, or none at all, are a ``ConfigError``."""
+    models: dict[str, ServedModel] = {}
+    for r in runs:
+        m = ServedModel(r, settings.names.get(str(r)), settings.backend, settings.max_batch, settings.max_wait_ms,
+                        settings.max_queue, settings.threads, metrics, allow_incomplete=settings.allow_incomplete)
+        if m.name in models:
+            raise ConfigError(f"two runs are named '{m.name}'; give distinct run folders")
+        models[m.name] = m
+    if not models:
+        raise ConfigError("no run to serve")
+    return models
 
 
 def elapsed_ms(t0: float) -> float:

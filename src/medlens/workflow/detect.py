@@ -188,7 +188,7 @@ def _write_srs(work: Path, rep: DetectReport, images, algorithm, max_findings: i
     import highdicom as hd
 
     from medlens.report.dicom_sr import DetectedNodule, detection_sr, write_sr
-    from medlens.workflow.interop import dicom_sources, is_dicom_input
+    from medlens.io.dicom_sources import dicom_sources, is_dicom_input
 
     for d, (src, image) in zip(rep.scans, images):
         if not is_dicom_input(src, image):

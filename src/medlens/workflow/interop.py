@@ -22,7 +22,9 @@ import numpy as np
 
 from medlens.errors import ConfigError, DataError
 from medlens.io.dicom import require_single_subject
+from medlens.io.dicom_sources import dicom_sources, is_dicom_input
 from medlens.io.image import Image
+from medlens.run.operating import operating_point
 from medlens.utils import atomic_dir, atomic_path, unique_stems
 
 OUTPUTS = ("sr", "seg", "fhir")
@@ -46,33 +48,6 @@ def parse_outputs(text: str | None, segmentation: bool) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------ sources
-
-
-def dicom_sources(path: str | Path, image: Image | None = None) -> list:
-    """The DICOM instances an input was read from (no pixel data), ordered like its z axis for a series."""
-    import pydicom
-
-    path = Path(path)
-    if path.is_dir():
-        if image is None or "series_uid" not in image.meta:
-            raise DataError("not a DICOM series folder", path)
-        from medlens.io.dicom_seg import source_slices
-
-        return source_slices(path, image)
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception:  # not DICOM: the caller decides
-        raise DataError("not a DICOM file (SR/SEG/FHIR outputs need DICOM input)", path) from None
-    if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
-        raise DataError("DICOM file without SOP/study instance UIDs", path)
-    return [ds]
-
-
-def is_dicom_input(path: str | Path, image: Image | None) -> bool:
-    p = Path(path)
-    if p.is_dir():
-        return image is not None and "series_uid" in image.meta
-    return image is not None and "SOPClassUID" in image.meta
 
 
 def deidentified(sources: list, key: str | None) -> list:
@@ -206,26 +181,6 @@ def export_nodules(xml: str | Path, scan: str | Path, out: str | Path, outputs: 
 
 
 # ------------------------------------------------------------------------------------------ runs
-
-
-def operating_point(run) -> dict[str, float]:
-    """Sensitivity and specificity at the threshold on validation, from the run's metrics.json."""
-    import json
-
-    p = run.dir / "metrics.json"
-    if not p.is_file():
-        return {}
-    try:
-        val = json.loads(p.read_text(encoding="utf-8")).get("val", {}).get("metrics", {})
-    except ValueError:
-        return {}
-    out = {}
-    for k in ("sensitivity", "specificity"):
-        v = val.get(k)
-        v = v.get("value") if isinstance(v, dict) else v
-        if isinstance(v, (int, float)):
-            out[k] = float(v)
-    return out
 
 
 def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[str], *, deidentify: bool = False,
