@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medlens.errors import ConfigError
+from medlens.tasks import config_task
 
 # ---------------------------------------------------------------------------------------------- YAML
 
@@ -460,7 +461,8 @@ class AnomalyConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"        # the run folder is output_dir/<name>: one path component
-    task: Literal["classification", "segmentation", "anomaly"] = "classification"
+    # a config name of a registered task (medlens.tasks): classification, segmentation, anomaly
+    task: str = "classification"
     seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy and Lightning take unsigned 32-bit seeds
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -481,14 +483,24 @@ class ExperimentConfig(_Strict):
             raise ValueError(problem)
         return v
 
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, v: str) -> str:
+        try:
+            config_task(v)  # a registered task's config name, or "did you mean" the closest one
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":
+        task = config_task(self.task)
         if self.data.source == "medmnist" and not self.data.name and not self.data.path:
             raise ValueError("data.name (e.g. pneumoniamnist) or data.path (a MedMNIST-format .npz) is required "
                              "for source 'medmnist'")
         if self.data.source in ("folder", "csv", "hdf5") and not self.data.path:
             raise ValueError(f"data.path is required for source '{self.data.source}'")
-        if self.task == "segmentation":
+        if task.dense:  # image + mask pairs
             if self.data.source not in ("folder", "csv"):
                 raise ValueError("segmentation data come from a folder (data.mask_suffix) or a CSV manifest")
             if self.data.source == "folder" and not self.data.mask_suffix:
@@ -497,7 +509,7 @@ class ExperimentConfig(_Strict):
             # those sources hold prepared arrays: a window or CLAHE here would apply at prediction only
             raise ValueError(f"data.clahe and data.window prepare image files (folder or CSV sources); the "
                              f"'{self.data.source}' source holds prepared arrays")
-        if self.task == "segmentation" and (self.data.label_map or self.data.positive_class):
+        if task.dense and (self.data.label_map or self.data.positive_class):
             raise ValueError("data.label_map and data.positive_class relabel classifiers; segmentation classes "
                              "come from segmentation.label_values")
         if self.data.source == "hdf5" and self.data.label_map:
@@ -509,12 +521,12 @@ class ExperimentConfig(_Strict):
                 self.data.positive_class not in set(self.data.label_map.values()):
             raise ValueError(f"data.positive_class {self.data.positive_class!r} is not one of the task labels of "
                              f"data.label_map {sorted({t for t in self.data.label_map.values() if t})}")
-        if self.task == "classification" and self.evaluation.tta:
+        if task.flip_tta and self.evaluation.tta:
             a = self.train.augment
             if not (a.hflip or a.vflip or a.dflip):
                 raise ValueError("evaluation.tta averages over the flips that training uses; train.augment has no "
                                  "hflip, vflip or dflip")
-        if self.evaluation.subgroups and (self.data.source != "csv" or self.task != "classification"):
+        if self.evaluation.subgroups and (self.data.source != "csv" or not task.subgroups):
             raise ValueError("evaluation.subgroups names columns of a classification CSV manifest (data.source: csv)")
         return self
 

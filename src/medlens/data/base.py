@@ -12,8 +12,8 @@ from typing import Any, Sequence, Protocol
 
 import numpy as np
 
-from medlens.data.catalog import BINARY, MULTILABEL, TASKS
 from medlens.errors import DataError, ShapeError
+from medlens.tasks import Task, get_task, list_tasks
 
 
 def read_csv_checked(path, required: list[str], what: str = "CSV"):
@@ -107,17 +107,14 @@ class ArrayDataset:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise DataError(f"unknown task '{self.task}' for dataset {self.name}; expected one of {TASKS}")
+        per_case = tuple(t.name for t in list_tasks() if t.records_runs and not t.dense)  # one label per image
+        if self.task not in per_case:
+            raise DataError(f"unknown task '{self.task}' for dataset {self.name}; expected one of {per_case}")
         if self.images.ndim not in (4, 5):
             raise ShapeError(f"dataset {self.name}: images must be (N, C, H, W) or (N, C, D, H, W), "
                              f"got shape {self.images.shape}")
         n = len(self.images)
-        self.labels = np.asarray(self.labels)
-        if self.task == MULTILABEL:
-            self.labels = self.labels.reshape(n, -1).astype(np.float32)
-        else:
-            self.labels = self.labels.reshape(n).astype(np.int64)
+        self.labels = self.task_type.prepare_labels(self.labels, n)
         if len(self.labels) != n:
             raise ShapeError(f"dataset {self.name}: {n} images but {len(self.labels)} labels")
         if self.patient_ids is None:
@@ -144,9 +141,13 @@ class ArrayDataset:
         return tuple(int(s) for s in self.images.shape[2:])
 
     @property
+    def task_type(self) -> Task:
+        return get_task(self.task)
+
+    @property
     def n_outputs(self) -> int:
         """Width of the model's output: 1 logit for binary, else one per class/label."""
-        return 1 if self.task == BINARY else len(self.class_names)
+        return self.task_type.n_outputs(len(self.class_names))
 
     def subset(self, idx: Sequence[int] | np.ndarray, name: str | None = None) -> "ArrayDataset":
         idx = np.asarray(idx)
@@ -164,9 +165,7 @@ class ArrayDataset:
         return x, y
 
     def class_counts(self) -> np.ndarray:
-        if self.task == MULTILABEL:
-            return self.labels.sum(0)
-        return np.bincount(self.labels, minlength=max(len(self.class_names), 2))
+        return self.task_type.class_counts(self.labels, len(self.class_names))
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from medlens.data.base import SplitData
 from medlens.errors import DataError
+from medlens.tasks import get_task
 
 SPLITS = ("train", "val", "test")
 _SIZE_SUFFIX = re.compile(r"^(?P<base>.+?)(?:_(?P<size>\d+))?$")
@@ -115,11 +116,7 @@ def _hints(channels: int, dims: int, it: Intensity) -> tuple[list[str], str]:
 
 
 def _imbalance(counts: np.ndarray, task: str, n: int) -> float:
-    counts = np.asarray(counts, dtype=float)
-    if task == "multilabel":
-        pos = np.maximum(counts, 1)
-        return float(np.max((n - counts) / pos))
-    return float(counts.max() / max(counts.min(), 1))
+    return get_task(task).imbalance(counts, n)
 
 
 def fingerprint(data: SplitData, source: str, location: str | Path, path: Path | None = None,
@@ -131,7 +128,7 @@ def fingerprint(data: SplitData, source: str, location: str | Path, path: Path |
             raise DataError(f"the {s} split is empty; the planner needs train, val and test", location)
     counts = {s: data.get(s).class_counts().astype(int).tolist() for s in SPLITS}
     present = int(np.sum(np.asarray(counts["train"]) > 0))
-    if data.task != "multilabel" and present < 2:
+    if get_task(data.task).exclusive and present < 2:
         raise DataError(f"the training split has {present} class; a classifier needs at least two", location)
     idx = np.sort(np.random.default_rng(seed).choice(len(tr), min(len(tr), sample), replace=False))
     x = tr.batch(idx)[0].float().numpy()

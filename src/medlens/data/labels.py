@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 from medlens.data.base import ArrayDataset, SplitData
-from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL, ORDINAL
+from medlens.data.catalog import BINARY, MULTICLASS
 from medlens.errors import DataError
+from medlens.tasks import get_task
 
 
 def task_classes(class_names: list[str], label_map: dict[str, str | None] | None,
@@ -59,12 +60,15 @@ def task_classes(class_names: list[str], label_map: dict[str, str | None] | None
         if names[1] != positive_class:
             names = [names[1], names[0]]
             lookup = np.where(lookup >= 0, 1 - lookup, -1)
+    kept = lookup[lookup >= 0]
     if len(names) == 2:
         task = BINARY
-    elif source_task == ORDINAL and label_map is not None:
-        task = ORDINAL if list(lookup[lookup >= 0]) == sorted(lookup[lookup >= 0]) else MULTICLASS
+    elif label_map is None:
+        task = source_task
+    elif get_task(source_task).ordered and list(kept) == sorted(kept):  # a monotone map keeps the grades ordered
+        task = source_task
     else:
-        task = source_task if label_map is None else MULTICLASS
+        task = MULTICLASS
     return names, task, lookup
 
 
@@ -82,8 +86,9 @@ def apply_label_map(data: SplitData, label_map: dict[str, str | None] | None,
     moved to index 1. A split left with fewer than two classes is an error naming the split."""
     if label_map is None and positive_class is None:
         return data
-    if data.task == MULTILABEL:
-        raise DataError("data.label_map / data.positive_class do not apply to multi-label data")
+    task = get_task(data.task)
+    if not task.exclusive:
+        raise DataError(f"data.label_map / data.positive_class do not apply to {task.title} data")
     names, task, lookup = task_classes(list(data.class_names), label_map, positive_class, data.task)
     if not isinstance(data.train, ArrayDataset):  # the patch store: two fixed classes, positive swapped
         if list(lookup) == [0, 1]:

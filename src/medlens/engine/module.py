@@ -7,10 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import lightning as L
 
-from medlens.tasks import TaskType
-
-BINARY, MULTILABEL, ORDINAL = TaskType.BINARY, TaskType.MULTILABEL, TaskType.ORDINAL
 from medlens.models.transfer import freeze_norm_statistics
+from medlens.tasks import Task, get_task
 from medlens.transforms.augment import BatchAugment, apply_mix, sample_mix
 
 
@@ -19,14 +17,9 @@ def monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
-def outputs_to_probs(task: str, logits: torch.Tensor) -> torch.Tensor:
-    """(N,) positive-class probability for binary; (N, K) otherwise."""
-    logits = logits.float()
-    if task == BINARY:
-        return torch.sigmoid(logits.reshape(-1))
-    if task == MULTILABEL:
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=1)
+def outputs_to_probs(task: str | Task, logits: torch.Tensor) -> torch.Tensor:
+    """The task's activation: (N,) positive-class probability for binary; (N, K) otherwise."""
+    return get_task(task).activation(logits)
 
 
 class Normalize(nn.Module):
@@ -54,40 +47,18 @@ class ClassifierNet(nn.Module):
         return self.net(self.normalize(x))
 
 
-def validation_scores(task: str, prob: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """What training monitors (torchmetrics): ``val_auc`` (macro one-vs-rest; 0 when undefined), ``val_acc``
-    (the MedMNIST evaluator's: 0.5 / argmax, per-label for multilabel) and ``val_qwk`` for ordinal tasks.
-    The reported metrics with CIs are ``medlens.evaluation``'s, computed after training."""
-    import torchmetrics.functional as tmf
-
-    y = y.long()
-    if task == BINARY:
-        y = y.reshape(-1)
-        auc = tmf.auroc(prob, y, task="binary") if 0 < int(y.sum()) < len(y) else torch.tensor(0.0)
-        acc = tmf.accuracy(prob, y, task="binary", threshold=0.5)
-        out = {"val_auc": auc, "val_acc": acc}
-    elif task == MULTILABEL:
-        n = prob.shape[1]
-        out = {"val_auc": tmf.auroc(prob, y, task="multilabel", num_labels=n, average="macro"),
-               "val_acc": tmf.accuracy(prob, y, task="multilabel", num_labels=n, average="micro")}
-    else:
-        k = prob.shape[1]
-        y = y.reshape(-1)
-        out = {"val_auc": tmf.auroc(prob, y, task="multiclass", num_classes=k, average="macro"),
-               "val_acc": tmf.accuracy(prob, y, task="multiclass", num_classes=k, average="micro")}
-        if task == ORDINAL:
-            out["val_qwk"] = tmf.cohen_kappa(prob.argmax(1), y, task="multiclass", num_classes=k, weights="quadratic")
+def validation_scores(task: str | Task, prob: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """What training monitors (the task's torchmetrics): ``val_auc`` (macro one-vs-rest; 0 when undefined),
+    ``val_acc`` (the MedMNIST evaluator's: 0.5 / argmax, per-label for multilabel) and ``val_qwk`` for ordinal
+    tasks. The reported metrics with CIs are ``medlens.evaluation``'s, computed after training."""
+    out = get_task(task).validation_scores(prob, y)
     return {k: float(v) if torch.isfinite(torch.as_tensor(v)) else 0.0 for k, v in out.items()}
 
 
-def train_accuracy(task: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def train_accuracy(task: str | Task, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Accuracy of a training batch (as augmented) at 0.5 / argmax: Keras's ``acc``, beside ``val_acc``."""
-    prob = outputs_to_probs(task, logits)
-    if task == BINARY:
-        return ((prob >= 0.5).long() == y.reshape(-1).long()).float().mean()
-    if task == MULTILABEL:
-        return ((prob >= 0.5).float() == y.float()).float().mean()
-    return (prob.argmax(1) == y.reshape(-1).long()).float().mean()
+    task = get_task(task)
+    return task.batch_accuracy(task.activation(logits), y)
 
 
 def ema_update(decay: float):
@@ -125,6 +96,7 @@ class ClassifierModule(L.LightningModule):
                  class_weights: torch.Tensor | None = None, pos_weight: float | None = None) -> None:
         super().__init__()
         self.model, self.task, self.cfg, self.seed = model, task, train_cfg, seed
+        self.task_type = get_task(task)  # activation, loss and validation scores
         self.augment = BatchAugment(train_cfg.augment)
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
         self.pos_weight = pos_weight
@@ -163,17 +135,9 @@ class ClassifierModule(L.LightningModule):
         return self.model(x)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.task == BINARY:
-            pw = torch.tensor(self.pos_weight) if self.pos_weight else None
-            target = y.float()
-            if self.cfg.label_smoothing:
-                target = target * (1 - self.cfg.label_smoothing) + 0.5 * self.cfg.label_smoothing
-            return F.binary_cross_entropy_with_logits(logits.reshape(-1), target, pos_weight=pw)
-        if self.task == MULTILABEL:
-            return F.binary_cross_entropy_with_logits(logits, y.float())
         w = self.class_weights if self.class_weights.numel() else None
-        return F.cross_entropy(logits, y.long(), weight=w, label_smoothing=self.cfg.label_smoothing)
+        return self.task_type.loss(logits, y, class_weights=w, pos_weight=self.pos_weight,
+                                   label_smoothing=self.cfg.label_smoothing)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Each step's randomness (dropout, augmentation) depends only on (seed, global step), never on
@@ -198,7 +162,7 @@ class ClassifierModule(L.LightningModule):
             loss = mix.lam * self.loss(logits, y) + (1 - mix.lam) * self.loss(logits, y[mix.perm])
             y = y if mix.lam >= 0.5 else y[mix.perm]
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
-        self.log("train_acc", train_accuracy(self.task, logits.detach(), y), on_step=False, on_epoch=True,
+        self.log("train_acc", train_accuracy(self.task_type, logits.detach(), y), on_step=False, on_epoch=True,
                  batch_size=len(x))
         return loss
 
@@ -218,7 +182,8 @@ class ClassifierModule(L.LightningModule):
         logits = torch.cat([o[0] for o in self._val_out])
         y = torch.cat([o[1] for o in self._val_out]).numpy()
         self._val_out.clear()
-        for name, value in validation_scores(self.task, outputs_to_probs(self.task, logits), torch.as_tensor(y)).items():
+        task = self.task_type
+        for name, value in validation_scores(task, task.activation(logits), torch.as_tensor(y)).items():
             self.log(name, value)
 
     def configure_optimizers(self):

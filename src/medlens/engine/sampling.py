@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medlens.data.catalog import MULTILABEL
+from medlens.tasks import get_task
 
 
 class _BatchView(Dataset):
@@ -51,7 +51,7 @@ class EpochBatchSampler(Sampler):
         if self.mode == "sequential":
             return np.arange(n)
         rng = np.random.default_rng([self.seed, self.epoch])
-        if self.mode == "shuffle" or self.task == MULTILABEL:
+        if self.mode == "shuffle" or not get_task(self.task).exclusive:  # balancing needs one class per case
             return rng.permutation(n)
         y = self.labels.astype(int)
         counts = np.bincount(y)

@@ -20,12 +20,11 @@ from medlens.engine.module import ClassifierModule, ClassifierNet, monitor_mode
 from medlens.engine.sampling import make_loader
 from medlens.errors import ConfigError, MedlensError
 from medlens.models import create_model
-from medlens.tasks import TaskType
+from medlens.tasks import Task, get_task
 from medlens.utils import atomic_path
 
 IMBALANCE_MODES = {"none": "shuffle", "weighted_loss": "shuffle", "balanced_sampler": "balanced",
                    "undersample": "undersample"}
-CLASSIFIER_MONITORS = ("val_auc", "val_acc", "val_loss", "val_qwk")
 
 
 class TrainingInterrupted(MedlensError):
@@ -68,16 +67,12 @@ def build_network(model: str, in_channels: int, n_outputs: int, spatial_dims: in
     return ClassifierNet(net, mean, std)
 
 
-def class_weights(counts: np.ndarray, task: str, mode: str):
+def class_weights(counts: np.ndarray, task: str | Task, mode: str):
     """(class weights, positive weight) of the loss for ``train.imbalance: weighted_loss``, from the
-    training split's class counts."""
-    if mode != "weighted_loss" or task == TaskType.MULTILABEL:
+    training split's class counts (the task's ``loss_weights``)."""
+    if mode != "weighted_loss":
         return None, None
-    counts = np.asarray(counts, float)
-    if task == TaskType.BINARY:
-        return None, float(counts[0] / max(counts[1], 1))
-    w = counts.sum() / (len(counts) * np.maximum(counts, 1))
-    return torch.tensor(w, dtype=torch.float32), None
+    return get_task(task).loss_weights(counts)
 
 
 def fit_classifier(cfg, data, net: ClassifierNet, run: Path, resume: bool, callbacks=None,
@@ -86,8 +81,9 @@ def fit_classifier(cfg, data, net: ClassifierNet, run: Path, resume: bool, callb
     with ``train.ema``). ``max_seconds`` stops fitting at that wall time, keeping the best checkpoint."""
     t0 = time.time()
     monitor = cfg.train.monitor
-    if monitor not in CLASSIFIER_MONITORS:
-        raise ConfigError(f"train.monitor '{monitor}' is not one of {', '.join(CLASSIFIER_MONITORS)}")
+    monitors = get_task(data.task).monitors
+    if monitor not in monitors:
+        raise ConfigError(f"train.monitor '{monitor}' is not one of {', '.join(monitors)}")
     tr = data.train
     if cfg.train.progressive is not None:
         _check_progressive(cfg, net, tr)

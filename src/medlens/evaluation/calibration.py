@@ -17,7 +17,7 @@ import numpy as np
 
 from medlens.evaluation.metrics import bootstrap_ci
 from medlens.run.meta import Calibration
-from medlens.tasks import TaskType
+from medlens.tasks import Task, get_task
 
 
 def _binned(y: np.ndarray, p: np.ndarray, n_bins: int):
@@ -66,18 +66,10 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> dict[str
     return {"confidence": conf.tolist(), "observed": acc.tolist(), "count": count.astype(int).tolist()}
 
 
-def calibration_method(task: str, setting: str) -> str | None:
-    """The scaling a run gets: ``auto`` is Platt for binary and temperature for multi-class/ordinal."""
-    if setting == "none" or task in (TaskType.MULTILABEL, TaskType.SEGMENTATION):
-        return None
-    if setting == "auto":
-        return "platt" if task == TaskType.BINARY else "temperature"
-    if (setting == "platt") != (task == TaskType.BINARY):
-        from medlens.errors import ConfigError
-
-        raise ConfigError(f"evaluation.calibration '{setting}' does not fit a {task} run "
-                          "(platt: binary; temperature: multi-class or ordinal)")
-    return setting
+def calibration_method(task: str | Task, setting: str) -> str | None:
+    """The scaling a run gets (the task's ``calibrations``): ``auto`` is Platt for binary and temperature for
+    multi-class/ordinal; none for multi-label and segmentation."""
+    return get_task(task).calibration_method(setting)
 
 
 def fit_calibration(task: str, y_val: np.ndarray, p_val: np.ndarray, setting: str = "auto") -> Calibration | None:

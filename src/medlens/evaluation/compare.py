@@ -22,7 +22,7 @@ from scipy import stats
 from medlens.errors import DataError, MedlensError
 from medlens.evaluation.metrics import binary_metrics, bootstrap_ci, multiclass_metrics
 from medlens.run import Run
-from medlens.tasks import TaskType
+from medlens.tasks import get_task
 
 
 def _midrank(x: np.ndarray) -> np.ndarray:
@@ -87,17 +87,16 @@ class RunPredictions:
     calibration: str | None
 
     def correct(self) -> np.ndarray:
-        if self.task == TaskType.BINARY:
-            return (self.probs >= self.threshold).astype(int) == self.labels
-        return self.probs.argmax(1) == self.labels
+        return get_task(self.task).hard_predictions(self.probs, self.threshold) == self.labels
 
     def metrics(self, idx: np.ndarray) -> dict[str, float]:
         """Metrics at the run's operating point (the MedMNIST-evaluator ACC, defined on uncalibrated
         outputs that predictions.csv does not hold, is left out)."""
-        if self.task == TaskType.BINARY:
+        task = get_task(self.task)
+        if task.has_threshold:
             m = binary_metrics(self.labels[idx], self.probs[idx], self.threshold)
         else:
-            m = multiclass_metrics(self.labels[idx], self.probs[idx], ordinal=self.task == TaskType.ORDINAL)
+            m = multiclass_metrics(self.labels[idx], self.probs[idx], ordinal=task.ordered)
         m.pop("medmnist_acc", None)
         return m
 
@@ -111,12 +110,11 @@ def load_predictions(run_dir: str | Path, split: str = "test") -> RunPredictions
     df = df[df["split"] == split]
     if df.empty:
         raise DataError(f"predictions.csv has no '{split}' rows", path)
-    task = run.meta.task
-    if task == TaskType.MULTILABEL:
-        raise MedlensError("compare handles binary, multi-class and ordinal runs, not multi-label", run.dir)
-    probs = (df["prob"].to_numpy(float) if task == TaskType.BINARY
-             else df[[f"prob_{j}" for j in range(len(run.meta.class_names))]].to_numpy(float))
-    return RunPredictions(run.name, str(task), list(run.meta.class_names),
+    task = run.task_type
+    if not task.exclusive:  # paired tests compare one decision per case
+        raise MedlensError(f"compare handles binary, multi-class and ordinal runs, not {task.title}", run.dir)
+    probs = task.read_probabilities(df, run.meta.class_names)
+    return RunPredictions(run.name, task.name, list(run.meta.class_names),
                           run.meta.threshold.value if run.meta.threshold else None, df["source"].astype(str).to_numpy(),
                           df["label"].to_numpy(int), probs,
                           run.meta.calibration.method if run.meta.calibration else None)
@@ -157,7 +155,7 @@ def compare_runs(run_dirs: list[str | Path], n_boot: int = 1000, ci: float = 0.9
                      "metrics": r.metrics(np.arange(len(y)))} for r in runs], "pairs": []}
     for r in runs[1:]:
         pair: dict = {"a": ref.name, "b": r.name}
-        if ref.task == TaskType.BINARY:
+        if get_task(ref.task).one_score(len(ref.class_names)):  # DeLong compares two AUCs of one score
             pair["delong"] = delong_test(y, ref.probs, r.probs, ci)
         pair["mcnemar"] = mcnemar_test(ref.correct(), r.correct())
         def fn(idx, a=ref, b=r):

@@ -11,11 +11,9 @@ import pandas as pd
 from medlens.errors import MedlensError
 from medlens.evaluation.metrics import compute_metrics
 from medlens.run import Predictor, Run
-from medlens.tasks import TaskType
+from medlens.tasks import Task, get_task
 from medlens.transforms.preprocess import prepared_data
 from medlens.utils import atomic_path, write_json_atomic
-
-BINARY = TaskType.BINARY
 
 
 def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predictor: Predictor | None = None) -> dict:
@@ -31,12 +29,12 @@ def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predicto
     meta, cfg = run.meta, run.config
     if data is None:
         data = prepared_data(cfg.data, seed=cfg.seed)
+    task, names = run.task_type, meta.class_names
     threshold = None
-    if meta.task == BINARY:
+    if task.has_threshold:
         if meta.threshold is None:
             raise MedlensError("the run records no validation threshold (it did not finish training)", run.dir)
         threshold = meta.threshold.value
-    task, names = meta.task, meta.class_names
     cal = meta.calibration
     ev = cfg.evaluation
 
@@ -46,11 +44,11 @@ def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predicto
 
     val = data.val
     p_val, raw_val = probs(val)
-    results = {"task": str(task), "class_names": names, "dataset": meta.dataset,
+    results = {"task": task.name, "class_names": names, "dataset": meta.dataset,
                "split_method": meta.split_method, "evaluated_split": split,
                "calibrated": cal.method if cal else None,
                "val": compute_metrics(task, val.labels, p_val, threshold, ev.bootstrap, ev.ci, cfg.seed, raw=raw_val)}
-    if task == BINARY:
+    if task.has_threshold:
         results["threshold"] = meta.threshold.model_dump()  # a copy for the reader; the run holds it
     pred_frames = [_pred_frame("val", val, p_val, task, threshold, names)]
     if split != "val":
@@ -61,14 +59,14 @@ def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predicto
     else:
         ds, p, raw = val, p_val, raw_val
     pdir = run.dir / "plots"
-    if task != TaskType.MULTILABEL:
+    if task.exclusive:  # calibration, decision curve, shift and subgroups read one class per case
         results.update(_clinical(run, ds, p, raw, val, p_val, raw_val, split, threshold, pdir))
     write_json_atomic(run.dir / "metrics.json", results)
     with atomic_path(run.dir / "predictions.csv") as tmp:
         pd.concat(pred_frames).to_csv(tmp, index=False)
     plots.plot_history(run.dir / "history.csv", pdir / "training_curves.png")
     plots.plot_roc(task, ds.labels, p, names, pdir / "roc.png", threshold, title=f"ROC ({split})")
-    if task == BINARY:  # all four outcome galleries, as the LUNA16 seed system shows them
+    if task.has_threshold:  # all four outcome galleries, as the LUNA16 seed system shows them
         y = ds.labels
         for kind, sel, what in (("tp", (y == 1) & (p >= threshold), "true positives"),
                                 ("tn", (y == 0) & (p < threshold), "true negatives"),
@@ -113,7 +111,7 @@ def _clinical(run: Run, ds, p, raw, val, p_val, raw_val, split: str, threshold, 
         curves[f"after {cal.method} scaling"] = reliability_bins(ds.labels, pc, nb)
     plots.plot_reliability(curves, pdir / "reliability.png", f"Reliability ({split})")
     out["calibration"] = calib
-    if meta.task == BINARY:
+    if run.task_type.has_threshold:  # net benefit at the threshold probabilities of a yes/no decision
         lo, hi = ev.decision_curve
         out["decision_curve"] = decision_curve(ds.labels, p, lo, hi)
         plots.plot_decision_curve(out["decision_curve"], pdir / "decision_curve.png", f"Decision curve ({split})")
@@ -134,20 +132,9 @@ def _clinical(run: Run, ds, p, raw, val, p_val, raw_val, split: str, threshold, 
     return out
 
 
-def _pred_frame(split: str, ds, prob: np.ndarray, task: str, threshold, names) -> pd.DataFrame:
+def _pred_frame(split: str, ds, prob: np.ndarray, task: str | Task, threshold, names) -> pd.DataFrame:
     df = pd.DataFrame({"split": split, "index": np.arange(len(ds)), "source": ds.sources,
                        "patient_id": ds.patient_ids})
-    if task == BINARY:
-        df["label"] = ds.labels
-        df["prob"] = prob
-        df["pred"] = (prob >= threshold).astype(int)
-    elif task == TaskType.MULTILABEL:
-        for j, n in enumerate(names):
-            df[f"label_{j}"] = ds.labels[:, j].astype(int)
-            df[f"prob_{j}"] = prob[:, j]
-    else:
-        df["label"] = ds.labels
-        for j in range(prob.shape[1]):
-            df[f"prob_{j}"] = prob[:, j]
-        df["pred"] = prob.argmax(1)
+    for col, values in get_task(task).prediction_columns(ds.labels, prob, threshold, names).items():
+        df[col] = values
     return df

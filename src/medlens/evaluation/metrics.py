@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 
-from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL, ORDINAL
+from medlens.tasks import Task, get_task
 
 
 def _div(a: float, b: float) -> float:
@@ -99,7 +99,7 @@ def bootstrap_ci(fn: Callable[[np.ndarray], dict[str, float]], n: int, n_boot: i
     return out
 
 
-def compute_metrics(task: str, y: np.ndarray, prob: np.ndarray, threshold: float | None = None,
+def compute_metrics(task: str | Task, y: np.ndarray, prob: np.ndarray, threshold: float | None = None,
                     n_boot: int = 1000, ci: float = 0.95, seed: int = 0, raw: np.ndarray | None = None) -> dict:
     """Point estimates, CIs and the confusion matrix for one split.
 
@@ -109,19 +109,12 @@ def compute_metrics(task: str, y: np.ndarray, prob: np.ndarray, threshold: float
     """
     y = np.asarray(y)
     prob = np.asarray(prob, float)
-    if task == BINARY:
-        thr = 0.5 if threshold is None else float(threshold)
-        fn = lambda idx: binary_metrics(y[idx], prob[idx], thr, None if raw is None else raw[idx])  # noqa: E731
-        pred = (prob >= thr).astype(int)
-        cm = confusion_matrix(y.astype(int), pred, labels=[0, 1])
-    elif task in (MULTICLASS, ORDINAL):
-        fn = lambda idx: multiclass_metrics(y[idx], prob[idx], ordinal=task == ORDINAL)  # noqa: E731
-        cm = confusion_matrix(y.astype(int), prob.argmax(1), labels=np.arange(prob.shape[1]))
-    elif task == MULTILABEL:
-        fn = lambda idx: multilabel_metrics(y[idx], prob[idx])  # noqa: E731
-        cm = None
-    else:
-        raise ValueError(f"unknown task {task}")
+    task = get_task(task)
+    family = METRIC_FAMILIES.get(task.metrics)
+    if family is None:
+        raise ValueError(f"no case metrics for a {task.name} task (metrics family {task.metrics!r})")
+    thr = (0.5 if threshold is None else float(threshold)) if task.has_threshold else None
+    fn, cm = family(task, y, prob, thr, raw)
     point = fn(np.arange(len(y)))
     cis = bootstrap_ci(fn, len(y), n_boot, ci, seed)
     metrics = {k: {"value": v, "ci_low": cis.get(k, (float("nan"),) * 2)[0],
@@ -129,6 +122,28 @@ def compute_metrics(task: str, y: np.ndarray, prob: np.ndarray, threshold: float
     out = {"n": int(len(y)), "metrics": metrics, "ci_level": ci, "n_bootstrap": n_boot}
     if cm is not None:
         out["confusion_matrix"] = cm.tolist()
-    if task == BINARY:
+    if task.has_threshold:
         out["threshold"] = thr
     return out
+
+
+# The metric families a task names (``Task.metrics``): f(task, y, prob, threshold, raw) -> (the metrics of
+# the cases ``idx``, the confusion matrix or None). A task whose metrics are not these adds its family here.
+def _binary_family(task: Task, y, prob, thr, raw):
+    fn = lambda idx: binary_metrics(y[idx], prob[idx], thr, None if raw is None else raw[idx])  # noqa: E731
+    return fn, confusion_matrix(y.astype(int), task.hard_predictions(prob, thr), labels=[0, 1])
+
+
+def _multiclass_family(task: Task, y, prob, thr, raw):
+    fn = lambda idx: multiclass_metrics(y[idx], prob[idx], ordinal=task.ordered)  # noqa: E731
+    return fn, confusion_matrix(y.astype(int), task.hard_predictions(prob), labels=np.arange(prob.shape[1]))
+
+
+def _multilabel_family(task: Task, y, prob, thr, raw):
+    return (lambda idx: multilabel_metrics(y[idx], prob[idx])), None
+
+
+MetricFamily = Callable[[Task, np.ndarray, np.ndarray, "float | None", "np.ndarray | None"],
+                        "tuple[Callable[[np.ndarray], dict[str, float]], np.ndarray | None]"]
+METRIC_FAMILIES: dict[str | None, MetricFamily] = {
+    "binary": _binary_family, "multiclass": _multiclass_family, "multilabel": _multilabel_family}

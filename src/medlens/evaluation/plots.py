@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from medlens.tasks import Task, get_task  # noqa: E402
 from medlens.utils import atomic_path  # noqa: E402
 
 
@@ -62,10 +63,10 @@ def plot_history(history_csv: Path, out: Path) -> Path | None:
     return _save(fig, out)
 
 
-def plot_roc(task: str, y: np.ndarray, prob: np.ndarray, class_names: list[str], out: Path,
+def plot_roc(task: str | Task, y: np.ndarray, prob: np.ndarray, class_names: list[str], out: Path,
              threshold: float | None = None, title: str = "ROC (test)") -> Path:
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    if task == "binary":
+    if get_task(task).one_score(len(class_names)):  # one curve, the threshold a point on it
         fpr, tpr, thr = roc_curve(y, prob)
         ax.plot(fpr, tpr, lw=2, label="model")
         if threshold is not None:

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import stats
 
 from medlens.evaluation.metrics import binary_metrics
-from medlens.tasks import TaskType
+from medlens.tasks import Task, get_task
 
 
 def _ks(a: np.ndarray, b: np.ndarray) -> dict[str, float] | None:
@@ -34,9 +34,9 @@ def shift_report(task: str, class_names: list[str], y_val: np.ndarray, p_val: np
                                 test_name: np.bincount(y_test, minlength=k).astype(float) / max(len(y_test), 1)},
                  "score_tests": {}, "operating_point": {}, "flags": []}
     out["prevalence"] = {s: v.tolist() for s, v in out["prevalence"].items()}
-    score_v = p_val if task == TaskType.BINARY else p_val.max(1)
-    score_t = p_test if task == TaskType.BINARY else p_test.max(1)
-    what = "probability of " + class_names[-1] if task == TaskType.BINARY else "top-class probability"
+    task = get_task(task)
+    score_v, score_t = task.confidence(p_val), task.confidence(p_test)
+    what = task.confidence_name(class_names)
     for c, name in enumerate(class_names):
         t = _ks(score_v[y_val == c], score_t[y_test == c])
         if t:
@@ -49,7 +49,7 @@ def shift_report(task: str, class_names: list[str], y_val: np.ndarray, p_val: np
         if abs(pv[c] - pt[c]) > 0.1:
             out["flags"].append(f"the share of '{name}' changes from {pv[c]:.3f} on validation to {pt[c]:.3f} on "
                                 f"{test_name}")
-    if task == TaskType.BINARY and threshold is not None:
+    if task.has_threshold and threshold is not None:
         mv, mt = binary_metrics(y_val, p_val, threshold), binary_metrics(y_test, p_test, threshold)
         for m in ("sensitivity", "specificity", "ppv", "npv"):
             out["operating_point"][m] = {"val": mv[m], test_name: mt[m], "change": mt[m] - mv[m]}

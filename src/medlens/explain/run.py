@@ -17,7 +17,6 @@ from medlens.explain.methods import METHODS, applicable, explain
 from medlens.explain.render import overlay_png
 from medlens.run.sections import write_section
 from medlens.run import Predictor, Run
-from medlens.tasks import TaskType
 from medlens.utils import atomic_path, unique_stems, write_json_atomic
 
 SLOW = {"lime", "kernelshap", "occlusion"}
@@ -123,11 +122,12 @@ def write_report_section(run: Run | str | Path, method: str = "gradcam", k: int 
     net = run.model
     preds = pd.read_csv(run.dir / "predictions.csv")
     tp = preds[preds["split"] == "test"].reset_index(drop=True)
-    if run.task == TaskType.BINARY:
+    task = run.task_type
+    if task.has_threshold:  # decisions at the validation threshold: the outcome groups
         groups = {"True positives (highest probability)": tp[(tp.label == 1) & (tp.pred == 1)].nlargest(k, "prob"),
                   "False positives": tp[(tp.label == 0) & (tp.pred == 1)].nlargest(k, "prob"),
                   "False negatives": tp[(tp.label == 1) & (tp.pred == 0)].nsmallest(k, "prob")}
-    elif run.task in (TaskType.MULTICLASS, TaskType.ORDINAL):
+    elif task.exclusive:  # one class per case by argmax: right and wrong, most confident first
         pcols = [c for c in tp.columns if c.startswith("prob_")]
         tp = tp.assign(conf=tp[pcols].max(1))
         groups = {"Correct, most confident": tp[tp.label == tp.pred].nlargest(k, "conf"),

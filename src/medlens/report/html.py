@@ -15,7 +15,7 @@ from medlens import __version__
 from medlens.errors import MedlensError, MedlensWarning
 from medlens.run import Run
 from medlens.run.sections import read_sections
-from medlens.tasks import TaskType
+from medlens.tasks import get_task
 from medlens.report.checklist import checklist, model_card, model_card_markdown
 from medlens.utils import write_json_atomic, write_text_atomic
 
@@ -69,7 +69,7 @@ def write_report(run: Run | str | Path) -> Path:
         warnings.warn(f"{folder}: report sections skipped: {', '.join(skipped)}", MedlensWarning, stacklevel=2)
     env = Environment(loader=PackageLoader("medlens.report", "templates"), autoescape=True)
     env.globals["num"] = _num
-    is_seg = meta.task == TaskType.SEGMENTATION
+    is_seg = get_task(meta.task).dense
     items = checklist(run, metrics, {sec["kind"] for sec in sections})
     write_json_atomic(folder / "checklist.json", items)
     card = model_card(run, metrics)
@@ -81,7 +81,7 @@ def write_report(run: Run | str | Path) -> Path:
         decision=metrics.get("decision_curve"), subgroups=metrics.get("subgroups"),
         reliability_png=plot("reliability.png"), shift_tolerance=run.config.evaluation.shift_tolerance, dca_png=plot("decision_curve.png"),
         name=run.name, version=__version__, created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        task=str(meta.task), model=meta.model, dataset=meta.dataset, class_names=meta.class_names,
+        task=str(meta.task), dense=is_seg, model=meta.model, dataset=meta.dataset, class_names=meta.class_names,
         split_method=meta.split_method, n_samples=meta.n_samples,
         in_channels=meta.in_channels, input_size=meta.input_size, spatial_dims=meta.spatial_dims,
         epochs_run=meta.epochs_run if meta.epochs_run is not None else "?",

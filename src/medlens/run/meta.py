@@ -23,7 +23,7 @@ from medlens import __version__
 from medlens.errors import ConfigError, DataError, MedlensError
 from medlens.io import limits
 from medlens.run.profile import InputProfile
-from medlens.tasks import TaskType
+from medlens.tasks import check_run_task, get_task
 from medlens.transforms.preprocess import InputSpec
 from medlens.utils import write_json_atomic
 
@@ -265,7 +265,7 @@ class RunMeta(_Strict):
     medlens_version: str = __version__
     status: Literal["training", "complete", "failed"] = "training"
     kind: Literal["torch", "classical"] = "torch"
-    task: TaskType
+    task: str                         # a registered task a run may record (medlens.tasks)
     model: str
     model_params: dict[str, Any] = Field(default_factory=dict)
     in_channels: int = Field(ge=1, le=MAX_CHANNELS)
@@ -298,6 +298,11 @@ class RunMeta(_Strict):
     # issue 25: the exported files ("onnx", "onnx-int8", "torchscript") and the SHA-256 of each
     exports: dict[Literal["onnx", "onnx-int8", "torchscript"], ExportRecord] | None = None
 
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, v: Any) -> Any:
+        return check_run_task(str(v)) if isinstance(v, str) else v  # not a string: pydantic's type error
+
     @field_validator("model_params")
     @classmethod
     def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -318,17 +323,10 @@ class RunMeta(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "RunMeta":
         """What must agree across fields: classes, outputs and task; channels; sizes."""
-        n, k, task = len(self.class_names), self.n_outputs, self.task
-        if task == TaskType.BINARY:
-            ok, want = n == 2 and k == 1, "exactly 2 class names and 1 output"
-        elif task == TaskType.MULTILABEL:
-            ok, want = n >= 1 and k == n, "one class name per output"
-        elif task == TaskType.SEGMENTATION:
-            ok, want = n >= 2 and k == (1 if n == 2 else n), "at least 2 class names (background first), one output per class (1 for two classes)"
-        else:
-            ok, want = n >= 2 and k == n, "at least 2 class names, one per output"
-        if not ok:
-            raise ValueError(f"class_names: a {task} run needs {want}; this one has {n} class name(s) and "
+        n, k, task = len(self.class_names), self.n_outputs, get_task(self.task)
+        want = task.outputs_problem(n, k)
+        if want:
+            raise ValueError(f"class_names: a {task.name} run needs {want}; this one has {n} class name(s) and "
                              f"n_outputs {k}")
         if self.label_values is not None and len(self.label_values) != n:
             raise ValueError(f"label_values: {len(self.label_values)} values for {n} classes")
@@ -338,7 +336,8 @@ class RunMeta(_Strict):
             if got != self.in_channels:
                 raise ValueError(f"preprocessing.{name}: {got} value(s) for in_channels {self.in_channels}")
         _check_shape(self.input_size, prep.spatial_dims, "input_size")
-        if prep.size is not None and task != TaskType.SEGMENTATION and prep.size != self.input_size:
+        # a dense (segmentation) run's input_size is its patch, not the prepared image's size
+        if prep.size is not None and not task.dense and prep.size != self.input_size:
             raise ValueError(f"preprocessing.size {prep.size} is not the model's input_size {self.input_size}")
         return self
 

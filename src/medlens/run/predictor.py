@@ -14,7 +14,7 @@ import torch
 from medlens.errors import DataError, MedlensWarning, ShapeError
 from medlens.io.image import Image
 from medlens.run.run import Run
-from medlens.tasks import TaskType
+from medlens.tasks import get_task
 from medlens.transforms.preprocess import InputSpec, prepare_input
 
 
@@ -54,7 +54,8 @@ class Predictor:
         self.spec: InputSpec = run.meta.preprocessing.spec()
         self.batch_size = batch_size
         cfg = run.config
-        segmenter = run.meta.task == TaskType.SEGMENTATION
+        self.task = get_task(run.meta.task)
+        segmenter = self.task.dense
         self.tta = (cfg.segmentation.tta if segmenter else cfg.evaluation.tta) if tta is None else tta
         self.flips: list[tuple[int, ...]] = [()]
         if self.tta and not segmenter and not run.is_classical:
@@ -123,16 +124,14 @@ class Predictor:
             from medlens.engine.classical import features_of
 
             p = self.run.model.predict_proba(features_of(np.asarray(x)))
-            return p[:, 1] if self.meta.task == TaskType.BINARY else p
-        from medlens.engine.module import outputs_to_probs
-
+            return p[:, 1] if self.task.one_score(len(self.meta.class_names)) else p  # binary: the positive class
         net = self.run.model
         x = torch.as_tensor(x)
         out = []
         for i in range(0, len(x), self.batch_size):
             xb = x[i:i + self.batch_size]
             # flip TTA (evaluation.tta): the mean probability over the flips training used; [()] without it
-            out.append(torch.stack([outputs_to_probs(self.meta.task, net(xb.flip(f) if f else xb))
+            out.append(torch.stack([self.task.activation(net(xb.flip(f) if f else xb))
                                     for f in self.flips]).mean(0))
         probs = torch.cat(out).numpy()
         if not np.isfinite(probs).all():
@@ -148,13 +147,8 @@ class Predictor:
 
     def decide(self, probs: np.ndarray) -> list[tuple[str, float]]:
         """(predicted class name, its probability) per row, at the run's validation threshold."""
-        names, task = self.meta.class_names, self.meta.task
-        if task == TaskType.BINARY:
-            t = self.binary_threshold()
-            return [(names[int(p >= t)], float(p)) for p in probs]
-        if task == TaskType.MULTILABEL:
-            return [(", ".join(n for n, q in zip(names, p) if q >= 0.5) or "none", float(p.max())) for p in probs]
-        return [(names[int(np.argmax(p))], float(np.max(p))) for p in probs]
+        threshold = self.binary_threshold() if self.task.has_threshold else None
+        return self.task.decide(probs, self.meta.class_names, threshold)
 
     def binary_threshold(self) -> float:
         th = self.meta.threshold
@@ -181,12 +175,11 @@ class Predictor:
                               "with caution", MedlensWarning, stacklevel=2)
         xs = np.stack(xs)
         probs = self.predict_arrays(xs)
-        names, task = self.meta.class_names, self.meta.task
-        th = self.binary_threshold() if task == TaskType.BINARY else None
+        names, task = self.meta.class_names, self.task
+        th = self.binary_threshold() if task.has_threshold else None
         rows = []
         for f, p, (cls, prob), reasons in zip(files, probs, self.decide(probs), checks):
-            every = ({names[0]: float(1 - p), names[1]: float(p)} if task == TaskType.BINARY
-                     else dict(zip(names, map(float, p))))
+            every = task.class_probabilities(p, names)
             rows.append(Prediction(str(f), cls, prob, every, th,
                                    self.meta.threshold.rule if th is not None and self.meta.threshold else "",
                                    self.calibration, extra={"input_warnings": reasons}))

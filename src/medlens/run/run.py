@@ -12,7 +12,7 @@ from medlens.config import ExperimentConfig, load_config
 from medlens.errors import DataError, MedlensError, MedlensWarning
 from medlens.run.folder import RunFolder
 from medlens.run.meta import META_FILE, RunMeta, Threshold
-from medlens.tasks import TaskType
+from medlens.tasks import Task, get_task
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Run:
         if not (run / "config.yaml").is_file():
             raise MedlensError("run folder has run.json but no config.yaml", run)
         cfg = load_config(run / "config.yaml")
-        is_seg = meta.task == TaskType.SEGMENTATION
+        is_seg = get_task(meta.task).dense
         if expect == "segmentation" and not is_seg:
             raise MedlensError(f"not a segmentation run (its task is {meta.task}); use `medlens predict`", run)
         if expect == "classification" and is_seg:
@@ -46,8 +46,13 @@ class Run:
         return self.dir.name
 
     @property
-    def task(self) -> TaskType:
+    def task(self) -> str:
         return self.meta.task
+
+    @property
+    def task_type(self) -> Task:
+        """The registered task of this run: activation, decisions, metrics family..."""
+        return get_task(self.meta.task)
 
     @property
     def class_names(self) -> list[str]:
