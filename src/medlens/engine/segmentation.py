@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from medlens.engine.module import ClassifierModule
 from medlens.errors import ConfigError, MedlensWarning
+from medlens.tasks import get_task
 
 
 def make_loss(seg_cfg, n_outputs: int):
@@ -45,12 +46,9 @@ def make_loss(seg_cfg, n_outputs: int):
 
 
 def to_probs(logits: torch.Tensor) -> torch.Tensor:
-    """(B, K, ...) class probabilities; a single output channel becomes [1 - p, p]."""
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits)
-        return torch.cat([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
+    """(B, K, ...) class probabilities (the segmentation task's activation); a single output channel becomes
+    [1 - p, p]."""
+    return get_task("segmentation").activation(logits)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ def _ks(a: np.ndarray, b: np.ndarray) -> dict[str, float] | None:
     return {"statistic": float(r.statistic), "p_value": float(r.pvalue), "n_val": int(len(a)), "n_test": int(len(b))}
 
 
-def shift_report(task: str, class_names: list[str], y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray,
+def shift_report(task: str | Task, class_names: list[str], y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray,
                  p_test: np.ndarray, threshold: float | None, tolerance: float = 0.05,
                  test_name: str = "test") -> dict:
     """Prevalence, per-class score tests, operating-point drift and plain-language flags."""
