@@ -12,6 +12,7 @@ import ast
 import copy
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ class StateDictExporter(Exporter):
     name = TOY
     label = "state dict"
     file_name = "model.toy.pt"
-    checked: list[str] = []       # the names the parity check hook was called with
+    checked: ClassVar[list[str]] = []   # the names the parity check hook was called with
     scale = 1.0                   # != 1: the file does not reproduce the network (parity must refuse it)
 
     def write(self, run: Run, path: Path) -> None:

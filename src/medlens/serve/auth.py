@@ -83,7 +83,7 @@ class Auth:
             return False
         kid, exp = entry
         if exp <= time.monotonic() or not any(hmac.compare_digest(kid, _key_id(k)) for k in self.api_keys):
-            self.sessions.pop(token, None)
+            self.sessions.pop(token or "", None)
             return False
         return True
 

@@ -4,8 +4,9 @@ keys and sessions, the error answer, readiness), held on ``app.state.medlens``."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from medlens.serve.auth import Auth
 from medlens.serve.errors import ErrorResponder
@@ -27,3 +28,7 @@ class ServeContext:
 def context(request: Request) -> ServeContext:
     """The app's context (a FastAPI dependency of the routes)."""
     return request.app.state.medlens
+
+
+#: a route's parameter ``ctx: Ctx`` receives the app's ``ServeContext``
+Ctx = Annotated[ServeContext, Depends(context)]

@@ -75,15 +75,15 @@ class Gate:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
-            except asyncio.TimeoutError:
-                refused[0] = (408, "RequestTimeout", f"the request body did not arrive within "
-                              f"{settings.read_timeout_s:g} s (--read-timeout)")
+            except TimeoutError:
+                refused[0] = (408, "RequestTimeout", (f"the request body did not arrive within "
+                                                      f"{settings.read_timeout_s:g} s (--read-timeout)"))
                 raise _Refused() from None
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
                 if seen[0] > limit:
-                    refused[0] = (413, "PayloadTooLarge", f"request body over the limit of {limit} bytes "
-                                  "(--max-upload-mb)")
+                    refused[0] = (413, "PayloadTooLarge", (f"request body over the limit of {limit} bytes "
+                                                           "(--max-upload-mb)"))
                     raise _Refused()
                 body_done[0] = not message.get("more_body", False)
             else:

@@ -169,7 +169,7 @@ class ServedModel:
                     break
                 try:
                     items.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             items = [(x, f) for x, f in items if not f.cancelled()]
             if not items:

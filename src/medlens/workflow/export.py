@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from medlens.engine.segmentation import foreground_dice
 from medlens.errors import ConfigError, DataError, MedlensError
 from medlens.evaluation.metrics import binary_metrics, multiclass_metrics, multilabel_metrics
 from medlens.run import Predictor, Run, run_lock
+from medlens.run.meta import ExportRecord
 from medlens.run.exporters import (PARITY_TOL, Exporter, clean_stale_temps, export_dir, export_metadata,
                                    get_exporter, list_exporters, quantization_kinds, record_exports,
                                    report_path, sha256_of)
@@ -189,5 +191,5 @@ def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity:
 
 def _recorded(run: Run, written: dict[str, tuple[Path, str | None]]) -> dict[str, str]:
     """The SHA-256 run.json now records for each written file (a format without a record key: of the file)."""
-    exports = run.meta.exports or {}
+    exports: dict[Any, ExportRecord] = dict(run.meta.exports or {})
     return {n: exports[key].sha256 if key is not None else sha256_of(path) for n, (path, key) in written.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class OrtNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        out = self.session.run(None, {self.input_name: a})[0]
+        out = np.asarray(self.session.run(None, {self.input_name: a})[0])
         if self.output_shape is not None and (out.shape[0] != a.shape[0] or tuple(out.shape[1:]) != self.output_shape):
             raise DataError(f"the ONNX model answered shape {tuple(out.shape)} for {a.shape[0]} input(s); the run "
                             f"expects (N, {', '.join(map(str, self.output_shape))})", self.path.name)
@@ -91,7 +92,7 @@ class OnnxExporter(Exporter):
     label = "ONNX"
     file_name = ONNX_FILE
     record_key = "onnx"
-    quantizations = {"int8": (INT8_FILE, "onnx-int8")}
+    quantizations: ClassVar[dict[str, tuple[str, str]]] = {"int8": (INT8_FILE, "onnx-int8")}
     servable = True
     runtime = "onnxruntime"
     inline_batches = True     # a small batch takes well under a millisecond in ONNX Runtime

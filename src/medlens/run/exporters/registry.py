@@ -17,19 +17,19 @@ import difflib
 import hashlib
 import re
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from medlens.errors import ConfigError, DataError, MedlensError
 from medlens.run.exporters.base import Exporter, export_dir, sha256_of
 from medlens.run.meta import ExportRecord, RunMeta
 from medlens.run.run import Run
 
-E = TypeVar("E", bound=type[Exporter])
+T = TypeVar("T", bound=Exporter)
 
 _REGISTRY: dict[str, Exporter] = {}
 
 
-def register_exporter(cls: E) -> E:
+def register_exporter(cls: type[T]) -> type[T]:
     """Class decorator: register one instance of an ``Exporter`` subclass under its ``name``."""
     if not cls.name or not cls.file_name:
         raise ValueError(f"{cls.__name__}: an exporter needs a name and a file_name")
@@ -97,7 +97,7 @@ def record_exports(run: Run, files: dict[str, tuple[Path, str | None]]) -> None:
     """Write the SHA-256 of each exported file (name -> (path, ``RunMeta.exports`` key)) into run.json
     (atomically; under the run's lock). Files of a format without a record key are not recorded."""
     meta = RunMeta.load(run.dir)
-    exports = dict(meta.exports or {})
+    exports: dict[Any, ExportRecord] = dict(meta.exports or {})   # keys: the formats' record keys
     for name, (path, key) in files.items():
         if key is not None:
             exports[key] = ExportRecord(file=name, sha256=sha256_of(path), bytes=path.stat().st_size,
@@ -120,7 +120,8 @@ def open_exported_run(run_dir: str | Path, fmt: str, path: str | Path | None = N
     if not p.is_file():
         raise MedlensError(f"no exported model {p.name}; run `medlens export {run_dir} --format {fmt}` first", p.parent)
     key = exporter.files().get(p.name)
-    record = (run.meta.exports or {}).get(key) if key else None
+    recorded: dict[Any, ExportRecord] = dict(run.meta.exports or {})
+    record = recorded.get(key) if key else None
     if record is None:
         raise MedlensError(f"run.json records no SHA-256 for {p.name} (exported by an older medlens, or not by "
                            f"medlens); run `medlens export {run_dir} --format {fmt}` again", p)

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Optional
-
 import numpy as np
-from fastapi import APIRouter, Depends, File, Query, UploadFile
+from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 
-from medlens.serve.context import ServeContext, context
+from medlens.serve.context import Ctx, ServeContext
 from medlens.serve.errors import HttpError, status_of
 from medlens.serve.inputs import Upload, read_uploads, small_png
 from medlens.serve.logs import log
@@ -33,12 +31,11 @@ files_param = File(..., description="the image: one PNG/JPEG/TIFF, DICOM or NIfT
 
 
 @router.post("/v1/models/{name}/predict", summary="Classify an image: probabilities, decision, heatmap")
-async def predict(name: str, file: list[UploadFile] = files_param,
+async def predict(name: str, ctx: Ctx, file: list[UploadFile] = files_param,
                   heatmap: bool = Query(True, description="compute a Grad-CAM heatmap (PyTorch)"),
                   display: bool = Query(False, description="also return the image and the heatmap as "
                                                            "NIfTI in the image's geometry (the viewer's)"),
-                  format: Optional[str] = Query(None, description="json (default), fhir or dicom-sr"),
-                  ctx: ServeContext = Depends(context)):
+                  format: str | None = Query(None, description="json (default), fhir or dicom-sr")):
     m = served(ctx, name)
     if m.is_segmentation:
         raise HttpError(422, "WrongEndpoint", f"'{name}' is a segmentation model; POST .../segment")
@@ -75,10 +72,9 @@ async def predict(name: str, file: list[UploadFile] = files_param,
 
 
 @router.post("/v1/models/{name}/segment", summary="Segment an image: mask, volume and diameter")
-async def segment(name: str, file: list[UploadFile] = files_param,
+async def segment(name: str, ctx: Ctx, file: list[UploadFile] = files_param,
                   display: bool = Query(False, description="also return the image as NIfTI (the viewer's)"),
-                  format: Optional[str] = Query(None, description="json (default), fhir or dicom-sr"),
-                  ctx: ServeContext = Depends(context)):
+                  format: str | None = Query(None, description="json (default), fhir or dicom-sr")):
     m = served(ctx, name)
     if not m.is_segmentation:
         raise HttpError(422, "WrongEndpoint", f"'{name}' is a classifier; POST .../predict")
@@ -88,7 +84,7 @@ async def segment(name: str, file: list[UploadFile] = files_param,
     async def work():
         t0 = time.perf_counter()
         image, kind, x = await asyncio.to_thread(_prepare, m, uploads)
-        probs, labels = await m.run_in_worker(m.segment, x)
+        _, labels = await m.run_in_worker(m.segment, x)
         out = {"model": m.name, "backend": m.backend, "task": "segmentation", "classes": list(m.meta.class_names),
                "threshold": m.meta.threshold.value if m.meta.threshold else None,
                "input": {"kind": kind, "shape": list(image.shape),
@@ -128,7 +124,7 @@ async def _guarded(ctx: ServeContext, m: ServedModel, work, route: str):
     except QueueFull:
         raise HttpError(503, "Busy", f"model '{m.name}' queue is full; retry shortly",
                         {"Retry-After": "1"}) from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise HttpError(504, "Timeout", f"the request took longer than {timeout_s:g} s "
                         "(--timeout)") from None
     except HttpError:

@@ -4,11 +4,11 @@ up), ``GET /readyz`` (models loaded and warmed up; model names and backends only
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from medlens.serve.context import ServeContext, context
+from medlens.serve.context import Ctx, ServeContext
 from medlens.serve.errors import HttpError
 from medlens.serve.models import ServedModel
 
@@ -25,12 +25,12 @@ def served(ctx: ServeContext, name: str) -> ServedModel:
 
 
 @models_router.get("/v1/models", summary="Served models and their operating points")
-async def list_models(ctx: ServeContext = Depends(context)):
+async def list_models(ctx: Ctx):
     return {"models": [m.info() for m in ctx.models.values()]}
 
 
 @models_router.get("/v1/models/{name}", summary="One served model")
-async def get_model(name: str, ctx: ServeContext = Depends(context)):
+async def get_model(name: str, ctx: Ctx):
     return served(ctx, name).info()
 
 
@@ -40,7 +40,7 @@ async def healthz():
 
 
 @router.get("/readyz", summary="Models loaded and warmed up (model names and backends only with a key)")
-async def readyz(request: Request, ctx: ServeContext = Depends(context)):
+async def readyz(request: Request, ctx: Ctx):
     if not ctx.ready:
         return ctx.error_response(503, "NotReady", "models are loading")
     if not request.scope.get("medlens.authorized"):
@@ -49,5 +49,5 @@ async def readyz(request: Request, ctx: ServeContext = Depends(context)):
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-async def prometheus(ctx: ServeContext = Depends(context)):
+async def prometheus(ctx: Ctx):
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from medlens.serve.auth import SESSION_COOKIE, SESSION_TTL_S, session_token
-from medlens.serve.context import ServeContext, context
+from medlens.serve.context import Ctx
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 
@@ -29,7 +29,7 @@ async def viewer():
 
 
 @router.post("/login", include_in_schema=False)
-async def login(request: Request, ctx: ServeContext = Depends(context)):
+async def login(request: Request, ctx: Ctx):
     form = await request.form()
     key = str(form.get("key", ""))
     if not ctx.auth.valid(key):
@@ -42,7 +42,7 @@ async def login(request: Request, ctx: ServeContext = Depends(context)):
 
 
 @router.post("/logout", include_in_schema=False)
-async def logout(request: Request, ctx: ServeContext = Depends(context)):
+async def logout(request: Request, ctx: Ctx):
     ctx.auth.end_session(session_token(request.headers))
     resp = RedirectResponse("/", status_code=303)
     resp.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict", secure=ctx.settings.tls, path="/")
