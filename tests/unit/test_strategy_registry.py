@@ -17,10 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from clirun import medlens as medlens_inproc
 from flwr.server.strategy import FedAvg
 
-from clirun import medlens as medlens_inproc
-from medlens.engine.strategies import get_strategy, list_strategies, register_strategy, unregister_strategy
+from medlens.engine.strategies import (
+    get_strategy,
+    list_strategies,
+    register_strategy,
+    unregister_strategy,
+)
 from medlens.errors import ConfigError
 
 pytestmark = [pytest.mark.integration]

@@ -40,12 +40,12 @@ def _auto_plan(source: Path, budget: str | None, seed: int, sets: list[str], run
     """``train --auto``: the plan of ``source`` (its clock started now), written beside the run folder."""
     import time
 
+    started = time.monotonic()  # before the imports: loading the training chain is part of the budget
     from medlens.cli.plan_cmd import print_plan
     from medlens.errors import ConfigError
     from medlens.workflow.plan import make_plan, write_plan
     from medlens.workflow.train import resolve_run_dir
 
-    started = time.monotonic()
     if budget is None:
         raise ConfigError("--auto needs --budget (e.g. --budget 15m): the plan is fitted to it")
     cfg = make_plan(str(source), budget, seed=seed, overrides=sets, started=started,

@@ -11,15 +11,21 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
 
-from medlens.data.nodules import (extract_patch_2d, extract_patch_3d, find_scans, load_scan, merge_positives,
-                                  read_candidates)
+from medlens.data.nodules import (
+    extract_patch_2d,
+    extract_patch_3d,
+    find_scans,
+    load_scan,
+    merge_positives,
+    read_candidates,
+)
 from medlens.errors import ConfigError, DataError, MedlensWarning
 from medlens.io.image import Image
 from medlens.utils import atomic_path

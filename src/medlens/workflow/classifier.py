@@ -5,13 +5,18 @@ The folder's start and finish are the run life-cycle's (``workflow.lifecycle``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from medlens.engine.classical import CLASSICAL_MODELS
-from medlens.engine.train import build_network, channel_stats, fit_classical_model, fit_classifier
+from medlens.engine.train import (
+    build_network,
+    channel_stats,
+    fit_classical_model,
+    fit_classifier,
+)
 from medlens.errors import MedlensError
 from medlens.evaluation.calibration import calibration_method, fit_calibration
 from medlens.evaluation.evaluate import evaluate_run

@@ -16,8 +16,10 @@ reader never sees half a file, whatever happens to the writer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pandas as pd
 import torch
@@ -43,19 +45,17 @@ class RunStart:
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self.folder = RunFolder(self.path)
         self.folder.check(resume, overwrite)
-        self._lock: Any = None
+        self._held = ExitStack()
 
     def __enter__(self) -> bool:
-        self._lock = run_lock(self.path)
-        self._lock.__enter__()
-        try:
-            return self.folder.prepare(self.resume, self.overwrite)
-        except BaseException as e:
-            self._lock.__exit__(type(e), e, e.__traceback__)
-            raise
+        with ExitStack() as stack:  # the lock is let go if preparing fails
+            stack.enter_context(run_lock(self.path))
+            from_checkpoint = self.folder.prepare(self.resume, self.overwrite)
+            self._held = stack.pop_all()
+        return from_checkpoint
 
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.__exit__(*exc)
+    def __exit__(self, *exc: object) -> None:
+        self._held.close()
 
 
 def write_start(cfg: ExperimentConfig, meta: RunMeta, path: Path) -> None:

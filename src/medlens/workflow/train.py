@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -47,9 +47,9 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
         seed_everything(cfg.seed)
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
         if cfg.task == "segmentation":
-            run = train_segmentation(cfg, path, from_ckpt, callbacks, progress_bar)
+            train_segmentation(cfg, path, from_ckpt, callbacks, progress_bar)
         elif cfg.task == "anomaly":  # issue 18: autoencoder on the normal class (workflow.anomaly)
-            run = train_anomaly(cfg, path, from_ckpt, callbacks, progress_bar, log)
+            train_anomaly(cfg, path, from_ckpt, callbacks, progress_bar, log)
         else:
-            run = train_classifier(cfg, path, from_ckpt, callbacks, progress_bar, log)
-    return run.dir
+            train_classifier(cfg, path, from_ckpt, callbacks, progress_bar, log)
+    return path  # the run's folder (Run.dir)

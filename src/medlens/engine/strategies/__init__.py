@@ -6,8 +6,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from medlens.engine.strategies.registry import (StrategyEntry, StrategySettings, get_strategy, list_strategies,
-                                                register_strategy, unregister_strategy)
+from medlens.engine.strategies.registry import (
+    StrategyEntry,
+    StrategySettings,
+    get_strategy,
+    list_strategies,
+    register_strategy,
+    unregister_strategy,
+)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module != "registry":
