@@ -43,7 +43,9 @@ def stale(tmp_path_factory):
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     dead = p.pid
-    tmp = Path(tempfile.gettempdir())
+    # the server's own temporary folder (its TMPDIR): another medlens process on this machine cleaning the
+    # system's temporary folder at the same time cannot take the leftovers before this server sees them
+    tmp = tmp_path_factory.mktemp("spool")
     dead_dir = tmp / f"medlens-upload-{dead}-stalexyz"
     (dead_dir / "series").mkdir(parents=True)
     (dead_dir / "series" / "00000.dcm").write_bytes(b"patient data")
@@ -54,7 +56,7 @@ def stale(tmp_path_factory):
     other = tmp / f"not-medlens-{dead}-keep"
     other.mkdir()
     paths = {"dead_dir": dead_dir, "dead_file": dead_file, "live_dir": live_dir, "other": other}
-    yield paths
+    yield {**paths, "root": tmp}
     for q in paths.values():
         if q.is_dir():
             shutil.rmtree(q, ignore_errors=True)
@@ -66,7 +68,8 @@ def stale(tmp_path_factory):
 def server(trained_run, tmp_path_factory, stale):
     base = tmp_path_factory.mktemp("serve-exits")
     s = Server([trained_run], base / "server.log", "--max-upload-mb", str(LIMIT_MB), "--read-timeout",
-               str(READ_TIMEOUT), env={"MEDLENS_API_KEYS": KEY})
+               str(READ_TIMEOUT), env={"MEDLENS_API_KEYS": KEY, "TMPDIR": str(stale["root"])})
+    s.spool = stale["root"]
     s.run_dir = Path(trained_run)
     s.name = Path(trained_run).name
     yield s
@@ -240,7 +243,7 @@ def test_no_upload_file_outlives_its_request(server):
                    files=[("file", ("a.dcm", b"\0" * 128 + b"DICM" + b"\0" * 64)),
                           ("file", ("b.dcm", b"\0" * 128 + b"DICM" + b"\0" * 64))])
         assert r.status_code == 422
-    left = [p.name for p in Path(tempfile.gettempdir()).glob(f"medlens-*-{server.pid}-*")]
+    left = [p.name for p in server.spool.glob(f"medlens-*-{server.pid}-*")]
     assert not left, left
 
 
@@ -307,7 +310,7 @@ def test_error_answers_carry_no_server_path(server, tmp_path):
     for r in answers:
         assert r.status_code == 422, r.text[:300]
         text = r.text
-        for root in (str(server.run_dir), str(server.run_dir.resolve()), tempfile.gettempdir(), str(REPO),
+        for root in (str(server.run_dir), str(server.run_dir.resolve()), tempfile.gettempdir(), str(server.spool), str(REPO),
                      "/work", "/home", "/root"):
             assert root not in text, (root, text[:300])
 
