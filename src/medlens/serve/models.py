@@ -27,7 +27,7 @@ from medlens.report.dicom_sr import Algorithm, classification_sr
 from medlens.run import Prediction, Predictor, Run
 from medlens.run.exporters import Exporter, export_dir, get_exporter, list_exporters, open_exported_run
 from medlens.run.operating import operating_point
-from medlens.tasks import TaskType
+from medlens.tasks import task_of
 
 
 #: batches up to this many input values run on the event loop (ONNX Runtime, e.g. 32 images of 28 x 28 px)
@@ -84,7 +84,8 @@ class ServedModel:
             self.predictor = Predictor(self.torch_run)
         self.torch_predictor = Predictor(self.torch_run)
         self.meta = self.torch_run.meta
-        self.is_segmentation = self.meta.task == TaskType.SEGMENTATION
+        self.task = task_of(self.meta)
+        self.is_segmentation = self.task.dense
         self.max_batch, self.max_wait = max(1, int(max_batch)), max_wait_ms / 1000.0
         self.max_queue = max(1, int(max_queue))
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{self.name}")
@@ -196,13 +197,12 @@ class ServedModel:
     def answer(self, p: np.ndarray) -> dict:
         """Probabilities and the decision at the validation threshold, as ``Predictor.predict_files`` gives them."""
         pr = self.predictor
-        names, task = self.meta.class_names, self.meta.task
+        names, task = self.meta.class_names, self.task
         cls, prob = pr.decide(np.asarray(p)[None])[0]
-        every = ({names[0]: float(1 - p), names[1]: float(p)} if task == TaskType.BINARY
-                 else dict(zip(names, map(float, np.atleast_1d(p)))))
+        every = task.class_probabilities(p, list(names))
         out = {"prediction": cls, "probability": prob, "probabilities": every,
                "calibrated": pr.calibration if hasattr(pr, "calibration") else None}
-        if task == TaskType.BINARY:
+        if task.has_threshold:
             th = self.meta.threshold
             out["threshold"] = th.value if th else 0.5
             out["decision_rule"] = th.rule if th else "0.5 (no validation threshold recorded)"
@@ -212,7 +212,7 @@ class ServedModel:
         """The TID 1500 DICOM SR of one answer (``medlens.report.dicom_sr``) on its DICOM source instances."""
         a = self.answer(p)
         pred = Prediction("upload", a["prediction"], a["probability"], a["probabilities"], a.get("threshold"))
-        th = a.get("threshold") if self.meta.task == TaskType.BINARY else None
+        th = a.get("threshold") if self.task.has_threshold else None
         return classification_sr(sources, pred, list(self.meta.class_names), Algorithm.of_run(self.torch_run), th,
                                  operating_point(self.torch_run))
 

@@ -33,13 +33,13 @@ import torch
 
 from medlens.engine.segmentation import foreground_dice
 from medlens.errors import ConfigError, DataError, MedlensError
-from medlens.evaluation.metrics import binary_metrics, multiclass_metrics, multilabel_metrics
+from medlens.evaluation.metrics import METRIC_FAMILIES
 from medlens.run import Predictor, Run, run_lock
 from medlens.run.meta import ExportRecord
 from medlens.run.exporters import (PARITY_TOL, Exporter, clean_stale_temps, export_dir, export_metadata,
                                    get_exporter, list_exporters, quantization_kinds, record_exports,
                                    report_path, sha256_of)
-from medlens.tasks import TaskType
+from medlens.tasks import Task, task_of
 from medlens.transforms.preprocess import prepared_data, prepared_segmentation
 from medlens.utils import atomic_path, write_json_atomic
 
@@ -52,7 +52,7 @@ def _test_inputs(run: Run, n: int):
     ``n`` test images (parity compares two encodings of one model; any real image serves)."""
     cfg = run.config
     data_cfg = cfg.data.model_copy(update={"max_samples": None}) if hasattr(cfg.data, "max_samples") else cfg.data
-    if run.task == TaskType.SEGMENTATION:
+    if task_of(run).dense:
         return prepared_segmentation(data_cfg, cfg.segmentation, seed=cfg.seed).test[:n]
     ds = prepared_data(data_cfg, seed=cfg.seed).test
     idx = np.arange(min(n, len(ds)))
@@ -70,16 +70,15 @@ def _segment_all(predictor: Predictor, cases) -> list[np.ndarray]:
         return [predictor.segment_probs(c.image, str(getattr(c, "name", "case"))) for c in cases]
 
 
-def _score(run: Run, task, probs, labels) -> tuple[str, float]:
-    """The headline test score: AUC (classifiers) or mean foreground Dice at the validation threshold."""
-    if task == TaskType.SEGMENTATION:
+def _score(run: Run, task: Task, probs, labels) -> tuple[str, float]:
+    """The headline test score: AUC (classifiers, by the task's metric family) or mean foreground Dice at the
+    validation threshold (dense tasks)."""
+    if task.dense:
         pred = Predictor(run)
         return "dice", float(np.mean([foreground_dice(pred.labels(p), c.mask, p.shape[0]) for p, c in zip(probs, labels)]))
-    if task == TaskType.BINARY:
-        return "auc", binary_metrics(labels, probs, 0.5)["auc"]
-    if task == TaskType.MULTILABEL:
-        return "auc", multilabel_metrics(labels, probs)["auc"]
-    return "auc", multiclass_metrics(labels, probs, ordinal=task == TaskType.ORDINAL)["auc"]
+    labels, probs = np.asarray(labels), np.asarray(probs, float)
+    case_metrics, _ = METRIC_FAMILIES[task.metrics](task, labels, probs, 0.5, None)
+    return "auc", case_metrics(np.arange(len(labels)))["auc"]
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", quantize: str | None = None, n_parity: int = 200,
@@ -114,7 +113,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", quantize: str | None = No
 def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity: int, tol: float,
                    log: Callable[[str], None]) -> dict:
     torch_pred = Predictor(run)
-    task, seg = run.task, run.task == TaskType.SEGMENTATION
+    task = task_of(run)
+    seg = task.dense
     fmt = exporter.name
     t0 = time.perf_counter()
     data = _test_inputs(run, n_parity)

@@ -25,6 +25,7 @@ from medlens.io.dicom import require_single_subject
 from medlens.io.dicom_sources import dicom_sources, is_dicom_input
 from medlens.io.image import Image
 from medlens.run.operating import operating_point
+from medlens.tasks import task_of
 from medlens.utils import atomic_dir, atomic_path, unique_stems
 
 OUTPUTS = ("sr", "seg", "fhir")
@@ -191,7 +192,6 @@ def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[s
 
     from medlens.report.dicom_sr import Algorithm, classification_sr, write_sr
     from medlens.run import Predictor
-    from medlens.tasks import TaskType
 
     predictor = Predictor(run)
     files = [Path(f) for f in files]
@@ -206,7 +206,7 @@ def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[s
         sources.append(deidentified(src, deid_key) if deidentify and src else src)
     rows = predictor.predict_files([str(f) for f in files])
     algo = Algorithm.of_run(run) if outputs else None
-    th = predictor.binary_threshold() if run.meta.task == TaskType.BINARY else None
+    th = predictor.binary_threshold() if task_of(run).has_threshold else None
     op = operating_point(run)
     final = Path(out)
     done = []
@@ -351,10 +351,9 @@ def pacs_round_trip(run_dir, url: str, study_uid: str, out: str | Path, outputs:
     from medlens.io.dicom import list_series
     from medlens.io.pacs import connect
     from medlens.run import Run
-    from medlens.tasks import TaskType
 
     run = Run.open(run_dir)
-    seg = run.task == TaskType.SEGMENTATION
+    seg = task_of(run).dense
     wanted = parse_outputs(outputs or ("sr,seg" if seg else "sr"), seg)
     if deidentify and push:
         raise ConfigError("--deidentify with --push would store de-identified results next to the identified "

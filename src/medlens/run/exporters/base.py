@@ -24,7 +24,7 @@ import torch
 from medlens.io.windows import parse_window
 from medlens.run.meta import RunMeta
 from medlens.run.run import Run
-from medlens.tasks import TaskType
+from medlens.tasks import Task, get_task, task_of
 
 EXPORT_DIR = "export"
 PARITY_TOL = 1e-4
@@ -85,15 +85,10 @@ def export_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / EXPORT_DIR
 
 
-def activation(task: TaskType | str) -> str:
-    """How the exported logits become probabilities (what ``outputs_to_probs`` / ``to_probs`` do)."""
-    if task == TaskType.BINARY:
-        return "sigmoid"          # (N, 1) -> P(class 1)
-    if task == TaskType.MULTILABEL:
-        return "sigmoid_each"     # (N, K) independent
-    if task == TaskType.SEGMENTATION:
-        return "segmentation"     # one channel: sigmoid -> [1 - p, p]; more: softmax over channels
-    return "softmax"
+def activation(task: Task | str) -> str:
+    """How the exported logits become probabilities (the task's ``export_activation``: softmax, sigmoid for
+    one logit, sigmoid_each for independent labels, segmentation per voxel)."""
+    return get_task(task).export_activation
 
 
 def export_metadata(run: Run) -> dict[str, str]:
@@ -118,7 +113,7 @@ def export_metadata(run: Run) -> dict[str, str]:
         "medlens.weights_sha256": run.weights_sha256,
         "medlens.medlens_version": m.medlens_version,
     }
-    if m.task == TaskType.SEGMENTATION:
+    if task_of(m).dense:
         s = run.config.segmentation
         out["medlens.sliding_window"] = json.dumps({"patch_size": list(m.input_size), "overlap": s.overlap,
                                                     "blend": s.blend, "tta": s.tta})
@@ -144,5 +139,4 @@ def expected_io(meta: RunMeta) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(input shape, output shape) of one item, without the batch axis, that the run's exported graph must have:
     (C, *size) in; (n_outputs,) out for classifiers, (n_outputs, *patch) for segmenters."""
     size = tuple(meta.input_size)
-    out = (meta.n_outputs, *size) if meta.task == TaskType.SEGMENTATION else (meta.n_outputs,)
-    return (meta.in_channels, *size), out
+    return (meta.in_channels, *size), task_of(meta).output_shape(meta.n_outputs, size)
