@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from medlens.engine.module import ClassifierModule, ClassifierNet
 from medlens.engine.sampling import make_loader
-from medlens.engine.train import FitResult, _fit, _save_best
+from medlens.engine.train import FitResult, fit_module, save_best
 
 KL_WEIGHT = 1e-3   # VarAutoEncoder: weight of the KL term per latent unit against the per-pixel MSE
 
@@ -71,8 +71,8 @@ def fit_autoencoder(cfg, train_normal, val_normal, net: ClassifierNet, run: Path
     module = AutoencoderModule(net, cfg.train, seed=cfg.seed)
     train_loader = make_loader(train_normal, cfg.train.batch_size, "shuffle", cfg.seed)
     val_loader = make_loader(val_normal, max(cfg.train.batch_size, 256), "sequential")
-    best, epochs, _ = _fit(cfg, module, train_loader, val_loader, run, "val_loss", resume, callbacks, progress_bar)
-    _save_best(module, run)
+    best, epochs, _ = fit_module(cfg, module, train_loader, val_loader, run, "val_loss", resume, callbacks, progress_bar)
+    save_best(module, run)
     return module.model.eval(), FitResult(best, epochs, "val_loss", time.time() - t0)
 
 

@@ -99,9 +99,9 @@ def fit_classifier(cfg, data, net: ClassifierNet, run: Path, resume: bool, callb
     train_loader = make_loader(tr, cfg.train.batch_size, mode, cfg.seed, cfg.train.undersample_ratio,
                                num_replicas=dist.world_size)
     val_loader = make_loader(data.val, max(cfg.train.batch_size, 256), "sequential")
-    best, epochs, limited = _fit(cfg, module, train_loader, val_loader, run, monitor, resume, callbacks,
+    best, epochs, limited = fit_module(cfg, module, train_loader, val_loader, run, monitor, resume, callbacks,
                                  progress_bar, max_seconds)
-    net = _save_best(module, run)
+    net = save_best(module, run)
     return net.to(memory_format=torch.contiguous_format).eval(), FitResult(
         best, epochs, monitor, time.time() - t0, dist.summary() if dist.distributed else None, limited)
 
@@ -138,13 +138,13 @@ def fit_segmentation(cfg, data, net: ClassifierNet, n_outputs: int, run: Path, r
     module = SegmentationModule(net, cfg.train, seg, n_outputs, seed=cfg.seed, sampler=sampler)
     train_loader = DataLoader(sampler, batch_size=cfg.train.batch_size, shuffle=False, drop_last=False)
     val_loader = DataLoader(WholeImages(data.val), batch_size=1, shuffle=False)
-    best, epochs, limited = _fit(cfg, module, train_loader, val_loader, run, "val_dice", resume, callbacks,
+    best, epochs, limited = fit_module(cfg, module, train_loader, val_loader, run, "val_dice", resume, callbacks,
                                  progress_bar)
-    net = _save_best(module, run)
+    net = save_best(module, run)
     return net.eval(), FitResult(best, epochs, "val_dice", time.time() - t0, time_limited=limited)
 
 
-def _fit(cfg, module, train_loader, val_loader, run: Path, monitor: str, resume: bool,
+def fit_module(cfg, module, train_loader, val_loader, run: Path, monitor: str, resume: bool,
          callbacks: list | None, progress_bar: bool, max_seconds: float | None = None) -> tuple[float | None, int, bool]:
     """Lightning fit with best/last checkpoints and history; returns (best monitored value, epochs run, whether
     the time limit ``max_seconds`` stopped it)."""
@@ -204,7 +204,7 @@ def _spawned_result(ckpt_dir: Path, monitor: str) -> tuple[float | None, int]:
 
 
 
-def _save_best(module, run: Path):
+def save_best(module, run: Path):
     """Load the best checkpoint (else the last) into ``module``, write its weights as ``model.pt`` (global rank 0
     only: the other data-parallel processes write nothing) and return the network (its EMA with ``train.ema``)."""
     from medlens.engine.distributed import global_rank

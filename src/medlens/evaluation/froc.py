@@ -300,7 +300,7 @@ def plot_froc(res: FrocResult, path: str | Path, note: str | None = None) -> Pat
     """The FROC curve on a log FP axis (1/8 .. 8 per scan), the seven CPM points with their bootstrap CIs."""
     import matplotlib.pyplot as plt
 
-    from medlens.evaluation.plots import _save
+    from medlens.evaluation.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     if np.isfinite(res.sens).all():
@@ -322,4 +322,4 @@ def plot_froc(res: FrocResult, path: str | Path, note: str | None = None) -> Pat
     ax.set_title(f"{res.n_scans} scan(s), {res.n_nodules} nodule(s)" + (f"\n{note}" if note else ""), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

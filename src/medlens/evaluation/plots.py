@@ -16,7 +16,7 @@ from medlens.tasks import Task, get_task  # noqa: E402
 from medlens.utils import atomic_path  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -60,7 +60,7 @@ def plot_history(history_csv: Path, out: Path) -> Path | None:
                         label=col if member is None else f"{col} (member {member})",
                         linestyle="--" if col.startswith("train_") else "-")
         ax.set_xlabel("epoch"); ax.set_title(title); ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_roc(task: str | Task, y: np.ndarray, prob: np.ndarray, class_names: list[str], out: Path,
@@ -84,7 +84,7 @@ def plot_roc(task: str | Task, y: np.ndarray, prob: np.ndarray, class_names: lis
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set_xlabel("1 - specificity"); ax.set_ylabel("sensitivity"); ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_confusion(cm: list[list[int]], class_names: list[str], out: Path, title: str = "Confusion matrix (test)") -> Path:
@@ -98,7 +98,7 @@ def plot_confusion(cm: list[list[int]], class_names: list[str], out: Path, title
     names = [str(n)[:12] for n in class_names]
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right"); ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted"); ax.set_ylabel("true"); ax.set_title(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _unit(m: np.ndarray) -> np.ndarray:
@@ -135,7 +135,7 @@ def plot_reliability(curves: dict[str, dict[str, list[float]]], out: Path, title
     ax.set_xlim(0, 1); ax.set_ylim(0, 1)
     ax.set_xlabel("mean predicted probability"); ax.set_ylabel("observed frequency"); ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_decision_curve(dca: dict, out: Path, title: str = "Decision curve (test)") -> Path:
@@ -148,7 +148,7 @@ def plot_decision_curve(dca: dict, out: Path, title: str = "Decision curve (test
     ax.set_ylim(-0.05 * top, top * 1.1)
     ax.set_xlabel("threshold probability"); ax.set_ylabel("net benefit"); ax.set_title(title)
     ax.legend(fontsize=7)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_roc_overlay(y: np.ndarray, probs: dict[str, np.ndarray], out: Path, title: str = "ROC (test)") -> Path:
@@ -160,4 +160,4 @@ def plot_roc_overlay(y: np.ndarray, probs: dict[str, np.ndarray], out: Path, tit
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set_xlabel("1 - specificity"); ax.set_ylabel("sensitivity"); ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -473,7 +473,7 @@ def _dicom_candidates(folder: Path) -> list[Path]:
     return [p for p in files if p.suffix.lower() in DICOM_SUFFIXES | {""} or p.suffix[1:].isdigit()]
 
 
-def _scan(folder: Path, with_pixels: bool) -> dict[str, tuple[SeriesInfo, list]]:
+def scan_series(folder: Path, with_pixels: bool) -> dict[str, tuple[SeriesInfo, list]]:
     """Read every DICOM file under ``folder`` once; group (path, dataset) pairs by SeriesInstanceUID."""
     if not folder.is_dir():
         raise DataError("not a folder", folder)
@@ -497,7 +497,7 @@ def _scan(folder: Path, with_pixels: bool) -> dict[str, tuple[SeriesInfo, list]]
 
 def list_series(folder: str | Path) -> list[SeriesInfo]:
     """Group the DICOM files of a folder (recursively) by SeriesInstanceUID; non-DICOM files are skipped."""
-    return sorted((g[0] for g in _scan(Path(folder), False).values()), key=lambda s: -len(s.files))
+    return sorted((g[0] for g in scan_series(Path(folder), False).values()), key=lambda s: -len(s.files))
 
 
 def read_dicom_series(folder: str | Path, series_uid: str | None = None, on_gap: str = "error",
@@ -513,7 +513,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None, on_gap:
         tolerance: allowed relative deviation of slice spacing.
     """
     folder = Path(folder)
-    groups = _scan(folder, True)
+    groups = scan_series(folder, True)
     series = sorted((g[0] for g in groups.values()), key=lambda s: -len(s.files))
     if not series:
         raise DataError("no DICOM files with a SeriesInstanceUID in this folder", folder)

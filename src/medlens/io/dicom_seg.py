@@ -74,10 +74,10 @@ def source_slices(folder: str | Path, image: Image) -> list:
 
     Refuses a series whose slices do not share one frame of reference (positions in different patient
     coordinate systems cannot be one volume)."""
-    from medlens.io.dicom import _scan
+    from medlens.io.dicom import scan_series
 
     uid = image.meta.get("series_uid")
-    groups = _scan(Path(folder), False)
+    groups = scan_series(Path(folder), False)
     if not uid or uid not in groups:
         raise DataError("the DICOM series of this volume is not in the folder", folder)
     frames = {str(ds.get("FrameOfReferenceUID", "")) for _, ds in groups[uid][1]}

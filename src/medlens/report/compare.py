@@ -10,7 +10,7 @@ from jinja2 import Environment, PackageLoader
 
 from medlens import __version__
 from medlens.evaluation.compare import compare_runs
-from medlens.report.html import _num
+from medlens.report.html import format_number
 from medlens.utils import write_json_atomic, write_text_atomic
 
 
@@ -29,7 +29,7 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path, n_boot: int = 
                                      f"ROC on the same {res['n']} test cases")
     write_json_atomic(out / "compare.json", res)
     env = Environment(loader=PackageLoader("medlens.report", "templates"), autoescape=True)
-    env.globals["num"] = lambda v, digits=4: _num(v, digits)
+    env.globals["num"] = lambda v, digits=4: format_number(v, digits)
     html = env.get_template("compare.html").render(
         res=res, version=__version__, created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         ci=int(round(ci * 100)), roc=base64.b64encode(roc.read_bytes()).decode("ascii") if roc else None)

@@ -18,7 +18,7 @@ def candidate_png(hu_patch: np.ndarray, radius_px: float, path: str | Path, labe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medlens.evaluation.plots import _save
+    from medlens.evaluation.plots import save_figure
     from medlens.io.windows import apply_window
 
     fig, ax = plt.subplots(figsize=(2.4, 2.4))
@@ -28,7 +28,7 @@ def candidate_png(hu_patch: np.ndarray, radius_px: float, path: str | Path, labe
     ax.set_axis_off()
     if label:
         ax.set_title(label, fontsize=8)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def write_gallery(path: str | Path, *, title: str, notes: list[str], scans: list[dict], figures: list[dict],

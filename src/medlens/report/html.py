@@ -38,7 +38,7 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _num(v, digits: int = 3) -> str:
+def format_number(v, digits: int = 3) -> str:
     """Numbers for the templates; anything else (a hand-edited section) is shown as n/a."""
     try:
         v = float(v)
@@ -68,7 +68,7 @@ def write_report(run: Run | str | Path) -> Path:
     if skipped:
         warnings.warn(f"{folder}: report sections skipped: {', '.join(skipped)}", MedlensWarning, stacklevel=2)
     env = Environment(loader=PackageLoader("medlens.report", "templates"), autoescape=True)
-    env.globals["num"] = _num
+    env.globals["num"] = format_number
     is_seg = get_task(meta.task).dense
     items = checklist(run, metrics, {sec["kind"] for sec in sections})
     write_json_atomic(folder / "checklist.json", items)

@@ -18,7 +18,6 @@ import gzip
 import os
 import re
 import shutil
-import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from medlens.errors import DataError, MedlensError, ShapeError
 from medlens.io.dicom_sources import dicom_sources, is_dicom_input
 from medlens.io.image import Image
+from medlens.utils import remove_pid_named
 
 
 class UnsupportedMedia(MedlensError):
@@ -89,55 +89,17 @@ def spool_prefix(kind: str = "upload") -> str:
     return f"medlens-{kind}-{os.getpid()}-"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # another user's process
-        return True
-    return True
-
-
-def _remove_spools(which, root: str | Path | None = None) -> int:
-    root = Path(root or tempfile.gettempdir())
-    removed = 0
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return 0
-    for e in entries:
-        m = SPOOL_RE.match(e.name)
-        if not m or not which(int(m.group(1))):
-            continue
-        try:
-            st = os.lstat(e.path)
-            if st.st_uid != os.geteuid():          # not ours: leave it
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(e.path)
-            elif stat.S_ISREG(st.st_mode):
-                os.unlink(e.path)
-            else:                                   # a link or anything else: never followed
-                continue
-            removed += 1
-        except OSError:
-            continue
-    return removed
-
-
 def remove_stale_spools(root: str | Path | None = None) -> int:
     """Remove the temporary upload/answer files and folders of medlens processes that no longer run (only
     names ``medlens-upload-<pid>-*`` / ``medlens-out-<pid>-*`` owned by this user, whose PID is not a live
     process; links are never followed). Returns how many were removed."""
-    me = os.getpid()
-    return _remove_spools(lambda pid: pid != me and not _alive(pid), root)
+    return remove_pid_named(root or tempfile.gettempdir(), SPOOL_RE)
 
 
 def remove_own_spool(root: str | Path | None = None) -> int:
     """Remove this process's temporary files (at exit; requests remove their own as they end)."""
     me = os.getpid()
-    return _remove_spools(lambda pid: pid == me, root)
+    return remove_pid_named(root or tempfile.gettempdir(), SPOOL_RE, lambda pid: pid == me)
 
 
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "dicom": ".dcm", "nifti": ".nii", "nifti-gz": ".nii.gz"}

@@ -311,19 +311,13 @@ def _private_tempdir():
     SIGTERM (turned into SystemExit while it exists, in the main thread). A folder left by a killed process
     (``kill -9``) is removed by the next call, once its process is gone."""
     import re
-    import shutil
     import signal
     import tempfile
     import threading
 
-    from medlens.utils import _pid_alive
+    from medlens.utils import remove_pid_named
 
-    root = Path(tempfile.gettempdir())
-    pat = re.compile(re.escape(_PACS_TMP) + r"(\d+)-")
-    for p in root.glob(_PACS_TMP + "*"):
-        m = pat.match(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
+    remove_pid_named(tempfile.gettempdir(), re.compile(re.escape(_PACS_TMP) + r"(\d+)-"))
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
