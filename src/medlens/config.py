@@ -181,6 +181,23 @@ def parse_threshold_rule(rule: str) -> tuple[str, float | None]:
     return name, None
 
 
+def data_source(name: str):
+    """The registered ``medlens.data.sources`` entry named ``name``; ``ValueError`` with "did you mean" (in a
+    validator, the config's one-line error names ``data.source``)."""
+    from medlens.data.sources import get_source  # registers the built-in sources (see pyproject's ignore)
+
+    try:
+        return get_source(name)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def list_data_sources() -> list:
+    from medlens.data.sources import list_sources
+
+    return list_sources()
+
+
 class _Strict(BaseModel):
     # NaN and infinity pass `gt`/`le` checks in surprising ways (inf > 0): refuse them for every float
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
@@ -190,7 +207,7 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the images come from and how they become model inputs."""
 
-    source: Literal["medmnist", "folder", "csv", "hdf5"] = "medmnist"
+    source: str = "medmnist"         # a registered data source (medlens.data.sources: medmnist, folder, csv, hdf5)
     name: str | None = None          # MedMNIST dataset name
     size: int = Field(28, ge=1)      # MedMNIST size, or the resize target for folder/csv
     path: str | None = None          # folder root, CSV manifest, patch store, or an explicit npz
@@ -239,6 +256,12 @@ class DataConfig(_Strict):
             raise ValueError("data.label_map: task labels must not be empty")
         return out
 
+
+    @field_validator("source")
+    @classmethod
+    def _registered_source(cls, v: str) -> str:
+        data_source(v)  # a registered source, or "did you mean" the closest one
+        return v
 
     @field_validator("path", "image_root")
     @classmethod
@@ -495,27 +518,22 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":
         task = config_task(self.task)
-        if self.data.source == "medmnist" and not self.data.name and not self.data.path:
-            raise ValueError("data.name (e.g. pneumoniamnist) or data.path (a MedMNIST-format .npz) is required "
-                             "for source 'medmnist'")
-        if self.data.source in ("folder", "csv", "hdf5") and not self.data.path:
-            raise ValueError(f"data.path is required for source '{self.data.source}'")
+        source = data_source(self.data.source)
+        if source.needs_path and not self.data.path:
+            raise ValueError(f"data.path is required for source '{source.name}'")
+        source.check(self.data, task)
         if task.dense:  # image + mask pairs
-            if self.data.source not in ("folder", "csv"):
-                raise ValueError("segmentation data come from a folder (data.mask_suffix) or a CSV manifest")
-            if self.data.source == "folder" and not self.data.mask_suffix:
-                raise ValueError("data.mask_suffix is required for a segmentation folder (e.g. '_mask.png')")
-        elif self.data.source in ("medmnist", "hdf5") and (self.data.clahe or self.data.window):
+            if not source.pairs:
+                have = " or ".join(f"'{s.name}'" for s in list_data_sources() if s.pairs)
+                raise ValueError(f"segmentation data (image + mask pairs) come from data.source {have}")
+        elif not source.reads_files and (self.data.clahe or self.data.window):
             # those sources hold prepared arrays: a window or CLAHE here would apply at prediction only
             raise ValueError(f"data.clahe and data.window prepare image files (folder or CSV sources); the "
-                             f"'{self.data.source}' source holds prepared arrays")
+                             f"'{source.name}' source holds prepared arrays")
         if task.dense and (self.data.label_map or self.data.positive_class):
             raise ValueError("data.label_map and data.positive_class relabel classifiers; segmentation classes "
                              "come from segmentation.label_values")
-        if self.data.source == "hdf5" and self.data.label_map:
-            raise ValueError("data.label_map: a patch store has the fixed classes non-nodule/nodule "
-                             "(data.positive_class may still choose)")
-        if self.data.test_patient is not None and self.data.source != "hdf5":
+        if self.data.test_patient is not None and not source.holds_out_patient:
             raise ValueError("data.test_patient holds out one patient of a patch store (data.source: hdf5)")
         if self.data.label_map and self.data.positive_class is not None and \
                 self.data.positive_class not in set(self.data.label_map.values()):
@@ -526,7 +544,7 @@ class ExperimentConfig(_Strict):
             if not (a.hflip or a.vflip or a.dflip):
                 raise ValueError("evaluation.tta averages over the flips that training uses; train.augment has no "
                                  "hflip, vflip or dflip")
-        if self.evaluation.subgroups and (self.data.source != "csv" or not task.subgroups):
+        if self.evaluation.subgroups and (not source.subgroups or not task.subgroups):
             raise ValueError("evaluation.subgroups names columns of a classification CSV manifest (data.source: csv)")
         return self
 

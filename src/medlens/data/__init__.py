@@ -1,13 +1,15 @@
-"""Datasets: MedMNIST, image folders, CSV manifests (and, later, patch stores), with splits."""
+"""Datasets: the registered data sources (``medlens.data.sources``: MedMNIST, image folders, CSV manifests,
+patch stores), with splits."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from medlens.data.base import ArrayDataset, Preparer, Sample, SplitData
+from medlens.data.base import ArrayDataset, Dataset, Preparer, Sample, SplitData
 from medlens.data.catalog import MEDMNIST, get_info
+from medlens.data.sources import get_source  # the package registers every built-in source
 
-__all__ = ["ArrayDataset", "Sample", "SplitData", "MEDMNIST", "get_info", "build_data"]
+__all__ = ["ArrayDataset", "Dataset", "Sample", "SplitData", "MEDMNIST", "get_info", "build_data"]
 
 
 def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Callable | None = None) -> SplitData:
@@ -15,31 +17,11 @@ def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Ca
 
     Image files (folder and CSV sources) are prepared by ``prepare`` as they load; callers pass the
     run's preparer (``medlens.transforms.preprocess.prepared_data`` does it from the config)."""
-    from medlens.data.folder import load_csv_manifest, load_image_folder
-    from medlens.data.medmnist import load_medmnist
-
-    path = cfg.resolved_path()
-    if cfg.source == "medmnist":
-        data = load_medmnist(cfg.name, cfg.size, check_md5=cfg.check_md5, path=path)
-        wanted = 3 if cfg.color == "rgb" else 1
-        if data.train.in_channels != wanted:
-            data = _recolor(data, cfg.color)
-    elif cfg.source in ("folder", "csv") and prepare is None:
-        raise TypeError("folder and CSV sources need prepare= (see medlens.transforms.preprocess.prepared_data)")
-    elif cfg.source == "folder":
-        data = load_image_folder(path, prepare, val=cfg.val_fraction, test=cfg.test_fraction,
-                                 seed=seed, progress=progress)
-    elif cfg.source == "csv":
-        data = load_csv_manifest(path, prepare, image_root=cfg.resolved_image_root(),
-                                 path_column=cfg.path_column, label_column=cfg.label_column,
-                                 patient_column=cfg.patient_column, suffix=cfg.suffix, val=cfg.val_fraction,
-                                 test=cfg.test_fraction, seed=seed, progress=progress,
-                                 allow_outside_root=cfg.allow_outside_root)
-    else:  # hdf5 patch store written by `medlens nodules extract`
-        from medlens.data.nodules import load_patch_store
-
-        data = load_patch_store(path, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed,
-                                test_patient=cfg.test_patient)
+    source = get_source(cfg.source)
+    if source.reads_files and prepare is None:
+        raise TypeError(f"the '{source.name}' source reads image files: it needs prepare= "
+                        "(see medlens.transforms.preprocess.prepared_data)")
+    data = source.load(cfg, seed=seed, prepare=prepare, progress=progress)
     if cfg.label_map is not None or cfg.positive_class is not None:
         from medlens.data.labels import apply_label_map
 
@@ -77,22 +59,3 @@ def _cap(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
     idx = np.sort(np.random.default_rng(seed).choice(len(ds), n, replace=False))
     return ds.subset(idx)
 
-
-def _recolor(data: SplitData, color: str) -> SplitData:
-    """Apply the colour mode to MedMNIST RGB data (e.g. green channel for fundus)."""
-    import numpy as np
-
-    def conv(ds: ArrayDataset) -> ArrayDataset:
-        x = ds.images
-        if x.shape[1] == 3 and color == "green":
-            x = x[:, 1:2]
-        elif x.shape[1] == 3 and color == "gray":
-            x = np.round(np.tensordot(np.array([0.299, 0.587, 0.114], np.float32), x.astype(np.float32),
-                                      axes=(0, 1))[:, None]).astype(np.uint8)
-        elif x.shape[1] == 1 and color == "rgb":
-            x = np.repeat(x, 3, axis=1)
-        out = ds.subset(np.arange(len(ds)))
-        out.images = np.ascontiguousarray(x)
-        return out
-
-    return SplitData(conv(data.train), conv(data.val), conv(data.test), data.split_method)

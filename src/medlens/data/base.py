@@ -8,7 +8,7 @@ trains; it hands out single ``Sample`` objects or whole batches as tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Protocol
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -88,6 +88,44 @@ class Sample:
     label: Any
     patient_id: str
     source: str
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """The one dataset interface the engine, evaluation and explanation use (docs/ARCHITECTURE.md "One dataset
+    interface"): ``ArrayDataset`` (images in memory) and ``medlens.data.nodules.PatchStoreDataset`` (patches
+    on disk) satisfy it; a new data source returns splits of either, or of its own class with these members.
+    ``isinstance(ds, Dataset)`` checks the members are there (not their types)."""
+
+    labels: np.ndarray      # one label per case (int64 class index, or (N, K) multi-hot)
+    patient_ids: np.ndarray  # per case, for patient-level splits and "seen in training" checks
+    sources: np.ndarray     # per case, where it came from (file, series@position)
+    task: str               # a registered per-case task name (``medlens.tasks``)
+    class_names: list[str]
+    name: str
+    meta: dict
+
+    def __len__(self) -> int: ...
+
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def spatial_dims(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def n_outputs(self) -> int: ...
+
+    def class_counts(self) -> np.ndarray: ...
+
+    def subset(self, idx, name: str | None = None) -> "Dataset": ...
+
+    def batch(self, idx) -> tuple[Any, Any]:
+        """``(x, y)`` tensors for the indices: x float32 model inputs, y the labels."""
+        ...
 
 
 @dataclass
@@ -172,12 +210,12 @@ class ArrayDataset:
 class SplitData:
     """train / val / test datasets of one source, plus how the split was made."""
 
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
+    train: Dataset
+    val: Dataset
+    test: Dataset
     split_method: str = "official"
 
-    def get(self, split: str) -> ArrayDataset:
+    def get(self, split: str) -> Dataset:
         if split not in ("train", "val", "test"):
             raise DataError(f"unknown split '{split}'; expected train, val or test")
         return getattr(self, split)

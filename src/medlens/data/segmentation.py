@@ -187,18 +187,12 @@ def load_case(image_path: Path, mask_path: Path | None, cfg, label_values, patie
     return SegCase(_strip_ext(image_path.name), patient_id, x, mask, geometry, image_path, ref, display)
 
 
-def load_segmentation(cfg, seg_cfg, prepare: Preparer, seed: int = 0, progress: Callable | None = None) -> SegSplit:
-    """Build the patient-level train/val/test split of a segmentation ``DataConfig``; images are prepared by
+def load_segmentation(cfg, seg_cfg, prepare: Preparer, rows: list, seed: int = 0,
+                      progress: Callable | None = None) -> SegSplit:
+    """Build the patient-level train/val/test split of a segmentation ``DataConfig`` from its source's
+    ``rows`` ``(image, mask, reference or None, patient id)`` (``DataSource.pair_rows``); images are prepared by
     ``prepare`` (``medlens.transforms.preprocess.prepared_segmentation`` passes the config's)."""
     path = cfg.resolved_path()
-    if cfg.source == "folder":
-        triples = find_pairs(path, cfg.mask_suffix, cfg.reference_suffix, cfg.image_suffix)
-        rows = [(i, m, r, patient_of(i.name, cfg.patient_pattern, cfg.image_suffix)) for i, m, r in triples]
-    else:
-        rows = read_manifest(path, cfg.path_column, cfg.mask_column, cfg.patient_column, cfg.reference_column,
-                             cfg.resolved_image_root(), cfg.allow_outside_root)
-        rows = [(i, m, r, pid if pid is not None else patient_of(i.name, cfg.patient_pattern))
-                for i, m, r, pid in rows]
     if not rows:
         raise DataError("segmentation manifest has no rows", path)
     cases = []

@@ -151,20 +151,16 @@ def check_input(profile: InputProfile, prepared: np.ndarray, modality: str | Non
 
 def profile_of(data, cfg_data) -> InputProfile | None:
     """The input profile of a classifier's training split (``SplitData``), from its source (MedMNIST
-    catalogue, patch store) or from the image files as loaded (``prepared_data`` records them)."""
+    catalogue, patch store: its ``profile_hints``) or from the image files as loaded (``prepared_data`` records them)."""
     tr = data.train
     if len(tr) == 0:
         return None
     raw = getattr(tr, "meta", {}).get("raw_inputs")
-    if cfg_data.source == "medmnist":
-        from medlens.data.catalog import MEDMNIST_MODALITY, get_info
+    from medlens.data.sources import get_source
 
-        if not cfg_data.name:  # a MedMNIST-format file outside the catalogue: colour as loaded, modality unknown
-            return build_profile(tr, None, tr.in_channels == 3, [tr.image_shape])
-        info = get_info(cfg_data.name)
-        return build_profile(tr, MEDMNIST_MODALITY.get(info.name), info.n_channels == 3, [tr.image_shape])
-    if cfg_data.source == "hdf5":  # CT patches in Hounsfield units
-        return build_profile(tr, "CT", False, [tr.image_shape])
+    hints = get_source(cfg_data.source).profile_hints(tr, cfg_data)
+    if hints is not None:  # what the source itself knows (catalogue modality, patch store in HU)
+        return build_profile(tr, hints[0], hints[1], [tr.image_shape])
     if raw:
         mods = {m for _, _, m in raw if m not in UNKNOWN_MODALITIES}
         rgbs = {r for _, r, _ in raw}

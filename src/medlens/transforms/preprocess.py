@@ -214,5 +214,7 @@ class _SegPreparer(Preparer):
 def prepared_segmentation(cfg_data, seg_cfg, seed: int = 0, progress=None):
     """``medlens.data.segmentation.load_segmentation`` with this module's preparation."""
     from medlens.data.segmentation import load_segmentation
+    from medlens.data.sources import get_source
 
-    return load_segmentation(cfg_data, seg_cfg, _SegPreparer(cfg_data), seed=seed, progress=progress)
+    rows = get_source(cfg_data.source).pair_rows(cfg_data)
+    return load_segmentation(cfg_data, seg_cfg, _SegPreparer(cfg_data), rows, seed=seed, progress=progress)

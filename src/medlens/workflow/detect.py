@@ -80,13 +80,9 @@ def _patches(image, world: np.ndarray, predictor) -> np.ndarray:
 def trained_on(run) -> set[str]:
     """Training/validation patients of a patch-store run (the store's patient ids are seriesuids)."""
     try:
-        from medlens.data.nodules import PatchStoreDataset
+        from medlens.data.sources import get_source
 
-        if run.config.data.source != "hdf5":
-            return set()
-        ds = PatchStoreDataset(run.config.data.path)
-        test = run.config.data.test_patient
-        return {p for p in set(ds.patient_ids.tolist()) if p != test}
+        return get_source(run.config.data.source).training_patients(run.config.data)
     except Exception:  # the store moved: nothing to compare with
         return set()
 

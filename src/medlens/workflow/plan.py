@@ -24,6 +24,7 @@ from typing import Callable
 
 from medlens.config import DataConfig, ExperimentConfig, TrainConfig, apply_override, config_from_dict, load_config
 from medlens.data.fingerprint import Fingerprint, fingerprint
+from medlens.data.sources import get_source
 from medlens.engine.planner import (MAX_MEMBERS, PLANNER_VERSION, SAFETY, TARGET_STEPS, Decision, Plan, Planner,
                                     ema_decay, format_seconds, parse_budget, target_epochs)
 from medlens.errors import ConfigError, DataError
@@ -72,13 +73,8 @@ def base_config(source: str | Path, overrides: list[str] | None = None) -> Exper
 
 
 def _npz_path(dc: DataConfig) -> Path | None:
-    if dc.source != "medmnist":
-        return None
-    if dc.path:
-        return dc.resolved_path()
-    from medlens.data.medmnist import medmnist_path
-
-    return medmnist_path(dc.name, dc.size)
+    """The file holding the source's prepared arrays (fingerprinted), if the source has one."""
+    return get_source(dc.source).stored_file(dc)
 
 
 def _resized(dc: DataConfig, size: int, files: dict[int, str]) -> DataConfig:
@@ -93,14 +89,7 @@ def load_for_plan(dc: DataConfig, seed: int):
     """Prepared splits as training will see them; a 3-channel MedMNIST-format file is read in colour."""
     from medlens.transforms.preprocess import prepared_data
 
-    if dc.source == "medmnist" and dc.color == "gray":
-        from medlens.data.medmnist import read_npz
-
-        p = _npz_path(dc)
-        if p is not None and p.exists():
-            shape = read_npz(p)["train_images"].shape
-            if len(shape) == 4 and shape[-1] == 3 and shape[1] > 3:   # (n, h, w, 3): colour images
-                dc = dc.model_copy(update={"color": "rgb"})
+    dc = get_source(dc.source).for_plan(dc)
     return dc, prepared_data(dc, seed=seed)
 
 

@@ -1,0 +1,32 @@
+"""``data.source: csv``: a CSV manifest of image paths with labels and patient ids (classification), or image
+and mask paths (segmentation), confined to ``data.image_root``."""
+
+from __future__ import annotations
+
+from medlens.data.sources.registry import DataSource, register_source
+
+
+@register_source
+class CSVSource(DataSource):
+    name = "csv"
+    summary = "CSV manifest: image path, label, patient id (or image and mask paths)"
+    reads_files = True
+    pairs = True
+    subgroups = True
+
+    def load(self, cfg, *, seed, prepare, progress):
+        from medlens.data.folder import load_csv_manifest
+
+        return load_csv_manifest(cfg.resolved_path(), prepare, image_root=cfg.resolved_image_root(),
+                                 path_column=cfg.path_column, label_column=cfg.label_column,
+                                 patient_column=cfg.patient_column, suffix=cfg.suffix, val=cfg.val_fraction,
+                                 test=cfg.test_fraction, seed=seed, progress=progress,
+                                 allow_outside_root=cfg.allow_outside_root)
+
+    def pair_rows(self, cfg) -> list:
+        from medlens.data.segmentation import patient_of, read_manifest
+
+        rows = read_manifest(cfg.resolved_path(), cfg.path_column, cfg.mask_column, cfg.patient_column,
+                             cfg.reference_column, cfg.resolved_image_root(), cfg.allow_outside_root)
+        return [(i, m, r, pid if pid is not None else patient_of(i.name, cfg.patient_pattern))
+                for i, m, r, pid in rows]
