@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from medlens.cli.common import console, quiet_libraries
+from medlens.cli.common import console, progress_step, quiet_flower, quiet_libraries
 
 
 def register(app: typer.Typer) -> None:
@@ -81,9 +81,8 @@ def register(app: typer.Typer) -> None:
         import logging
 
         # Flower logs a traceback before re-raising a site's refusal; the refusal itself is our one line
+        quiet_flower(logging.CRITICAL if mode == "client" else logging.ERROR)
         if mode == "client":
-            import flwr.client  # noqa: F401  (importing flwr sets its logger's level: silence it after)
-
             logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
             from medlens.engine.federated import ClientLimits
@@ -110,17 +109,20 @@ def register(app: typer.Typer) -> None:
                 if len(parts) != 3:
                     raise MedlensError("--certificates takes CA,CERT,KEY")
                 certs = tuple(parts)
-            run = serve_federation(cfg, clients=clients, rounds=rounds, address=address, strategy=strategy,
-                                   local_epochs=local_epochs, min_fit_clients=min_fit_clients,
-                                   round_timeout=round_timeout, join_timeout=join_timeout, certificates=certs,
-                                   site_secrets=site_secrets, update_norm_factor=update_norm_factor,
-                                   insecure=insecure, run_dir=run_dir, overwrite=overwrite, log=say)
+            with progress_step("federated rounds", rounds) as report:
+                run = serve_federation(cfg, clients=clients, rounds=rounds, address=address, strategy=strategy,
+                                       local_epochs=local_epochs, min_fit_clients=min_fit_clients,
+                                       round_timeout=round_timeout, join_timeout=join_timeout, certificates=certs,
+                                       site_secrets=site_secrets, update_norm_factor=update_norm_factor,
+                                       insecure=insecure, run_dir=run_dir, overwrite=overwrite, log=say,
+                                       progress=report)
         else:
             from medlens.workflow.federate import federate as simulate
 
-            run = simulate(cfg, sites=sites, rounds=rounds, partition=partition, strategy=strategy,
-                           local_epochs=local_epochs, dp_noise=dp_noise, dp_clip=dp_clip, dp_delta=dp_delta,
-                           run_dir=run_dir, overwrite=overwrite, log=say)
+            with progress_step("federated rounds", rounds) as report:
+                run = simulate(cfg, sites=sites, rounds=rounds, partition=partition, strategy=strategy,
+                               local_epochs=local_epochs, dp_noise=dp_noise, dp_clip=dp_clip, dp_delta=dp_delta,
+                               run_dir=run_dir, overwrite=overwrite, log=say, progress=report)
         import json
 
         fed = json.loads((run / "federated.json").read_text())

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from medlens.cli.common import console
+from medlens.cli.common import console, progress_step
 
 
 def register(app: typer.Typer) -> None:
@@ -47,7 +47,8 @@ def register(app: typer.Typer) -> None:
         if transform:
             require_utf8(transform, "transform path")  # checked before the work: SimpleITK aborts on such a path
         f, m = load(fixed), load(moving)
-        reg = do_register(f, m, kind)
+        with progress_step(f"registering ({kind})") as report:
+            reg = do_register(f, m, kind, progress=report)
         save(reg.apply(m, f), out)
         console.print(f"[green]registered[/] ({kind}, Mattes MI {reg.metric:.4f}) -> {out}")
         if transform:

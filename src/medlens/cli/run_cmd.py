@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from medlens.cli.common import console, quiet_libraries
+from medlens.cli.common import console, progress_step, quiet_libraries
 
 
 def _metrics_table(results: dict, split: str, title: str | None = None) -> Table:
@@ -139,7 +139,8 @@ def register(app: typer.Typer) -> None:
         if run.task == TaskType.SEGMENTATION:
             from medlens.evaluation.segmentation import evaluate_segmentation_run
 
-            results = evaluate_segmentation_run(run, split=split)
+            with progress_step("evaluating") as report:
+                results = evaluate_segmentation_run(run, split=split, progress=report)
         else:
             results = evaluate_run(run, split=split)
         write_report(run)

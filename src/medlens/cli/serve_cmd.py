@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from medlens.cli.common import console, quiet_libraries
+from medlens.cli.common import console, progress_step, quiet_libraries
 
 
 def register(app: typer.Typer) -> None:
@@ -25,8 +25,10 @@ def register(app: typer.Typer) -> None:
         from medlens.workflow.export import export_run
 
         quiet_libraries()
-        r = export_run(run_dir, format, quantize, n_parity=n,
-                       log=lambda s: console.print(s, markup=False, highlight=False), allow_incomplete=allow_incomplete)
+        with progress_step("exporting") as report:
+            r = export_run(run_dir, format, quantize, n_parity=n, progress=report,
+                           log=lambda s: console.print(s, markup=False, highlight=False),
+                           allow_incomplete=allow_incomplete)
         t = Table(title=f"export of {r['run']} ({r['format']})")
         for col in ("file", "parity data", "max |prob diff| vs PyTorch", "test score"):
             t.add_column(col)

@@ -316,7 +316,8 @@ class SiteClient(_flwr_client_base()):
         if len(self.val_ds) == 0:  # a site with no validation cases adds nothing to the federated evaluation
             return 0.0, 0, self._tag({"site": self.site}, "evaluate", config, 0, eval_body(0.0, None))
         prob = predict(self.net, self.val_ds, self.task)
-        scores = validation_scores(self.task, torch.as_tensor(prob), torch.as_tensor(np.asarray(self.val_ds.labels)))
+        # a copy: Ray hands a site its labels as a read-only array, which torch warns about
+        scores = validation_scores(self.task, torch.as_tensor(prob), torch.as_tensor(np.array(self.val_ds.labels)))
         loss, n = float(1.0 - scores["val_auc"]), len(self.val_ds)
         metrics = {"site": self.site, "val_auc": float(scores["val_auc"])}
         return loss, n, self._tag(metrics, "evaluate", config, n, eval_body(loss, metrics["val_auc"]))

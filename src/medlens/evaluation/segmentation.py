@@ -9,6 +9,7 @@ the model's (the human level).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +103,12 @@ def _spacing(case, meta) -> tuple | None:
 
 
 def evaluate_segmentation_run(run: Run | str | Path, split: str = "test", data=None,
-                              predictor: Predictor | None = None) -> dict:
+                              predictor: Predictor | None = None,
+                              progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Predict the validation and ``split`` cases; write ``metrics.json``, ``per_case.csv``,
-    ``predictions/`` (masks and overlays), ``plots/training_curves.png`` and the report section."""
+    ``predictions/`` (masks and overlays), ``plots/training_curves.png`` and the report section.
+    ``progress(done, total, what)`` follows the loading of the cases ("loading") and then the cases predicted
+    and scored ("predicting", out of the validation and ``split`` cases together)."""
     from medlens.transforms.preprocess import prepared_segmentation
     from medlens.evaluation import plots
 
@@ -112,7 +116,8 @@ def evaluate_segmentation_run(run: Run | str | Path, split: str = "test", data=N
     predictor = predictor or Predictor(run)
     meta, cfg, folder = run.meta, run.config, run.dir
     if data is None:
-        data = prepared_segmentation(cfg.data, cfg.segmentation, seed=cfg.seed)
+        data = prepared_segmentation(cfg.data, cfg.segmentation, seed=cfg.seed,
+                                     progress=(lambda k, n: progress(k, n, "loading")) if progress else None)
     n_cls = len(meta.class_names)
     with_cl = bool(cfg.segmentation.cldice)
     ev = cfg.evaluation
@@ -124,7 +129,11 @@ def evaluate_segmentation_run(run: Run | str | Path, split: str = "test", data=N
                "threshold": meta.threshold.model_dump() if meta.threshold else None,
                "distance_unit": "mm" if data.test and _spacing(data.test[0], meta) else "px"}
     rows, ref_rows = [], []
-    for sp in ("val", split) if split != "val" else ("val",):
+    chosen = ("val", split) if split != "val" else ("val",)
+    n_cases, done = sum(len(data.get(sp)) for sp in chosen), 0
+    if progress:
+        progress(0, n_cases, "predicting")
+    for sp in chosen:
         cases = data.get(sp)
         split_rows = []
         for c in cases:
@@ -139,6 +148,9 @@ def evaluate_segmentation_run(run: Run | str | Path, split: str = "test", data=N
                 if c.reference is not None:
                     r = _case_scores(c.reference, c.mask, _spacing(c, meta), with_cl, n_cls)
                     ref_rows.append({"case": c.case_id, "patient_id": c.patient_id, **r})
+            done += 1
+            if progress:
+                progress(done, n_cases, "predicting")
         groups = [r["patient_id"] for r in split_rows]
         results[sp] = {"metrics": summarize(split_rows, groups, ev.bootstrap, ev.ci, cfg.seed),
                        "n_bootstrap": ev.bootstrap, "n": len(split_rows), "n_patients": len(set(groups))}

@@ -6,6 +6,7 @@ mapping); it can be saved (``.tfm``), applied to images (linear) and masks (near
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +63,14 @@ def load_transform(path: str | Path) -> Registration:
 
 
 def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int = 200, bspline_grid: int = 6,
-             sampling: float = 0.2, seed: int = 0) -> Registration:
+             sampling: float = 0.2, seed: int = 0, progress: Callable[[int, int], None] | None = None
+             ) -> Registration:
     """Intensity-based registration with Mattes mutual information (multi-resolution, gradient descent).
 
     ``kind``: ``rigid`` (Euler), ``affine`` (rigid first, then affine) or ``bspline`` (affine first,
     then a free-form B-spline on a ``bspline_grid`` control grid). Works across modalities.
+    ``progress(done, total)`` is called from SimpleITK's iteration events: ``total`` is the iteration budget
+    of all stages and levels; a level that converges early jumps to its budget's end.
     """
     import SimpleITK as sitk
 
@@ -79,6 +83,22 @@ def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int =
     f = sitk.Cast(to_sitk(fixed), sitk.sitkFloat32)
     m = sitk.Cast(to_sitk(moving), sitk.sitkFloat32)
     nd = fixed.spatial_dims
+    levels = 3
+    budgets = [iterations * levels] * (1 if kind == "rigid" else 2) + \
+        ([max(50, iterations // 2) * levels] if kind == "bspline" else [])
+    total = sum(budgets)
+
+    def run(reg, stage: int) -> None:
+        """Execute one stage, reporting its iterations to ``progress``."""
+        base = sum(budgets[:stage])
+        per = budgets[stage] // levels
+        if progress is not None:
+            report = lambda: progress(base + reg.GetCurrentLevel() * per + min(reg.GetOptimizerIteration() + 1, per),  # noqa: E731
+                                      total)
+            reg.AddCommand(sitk.sitkIterationEvent, report)
+        reg.Execute(f, m)
+        if progress is not None:
+            progress(base + budgets[stage], total)
 
     def method(moving_initial=None, lbfgs=False):
         reg = sitk.ImageRegistrationMethod()
@@ -104,7 +124,7 @@ def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int =
     init = sitk.CenteredTransformInitializer(f, m, euler, sitk.CenteredTransformInitializerFilter.GEOMETRY)
     reg = method()
     reg.SetInitialTransform(init, inPlace=True)
-    reg.Execute(f, m)
+    run(reg, 0)
     tx, metric = init, reg.GetMetricValue()
     if kind in ("affine", "bspline"):
         aff = sitk.AffineTransform(nd)
@@ -113,13 +133,13 @@ def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int =
         aff.SetTranslation(init.GetTranslation())
         reg = method()
         reg.SetInitialTransform(aff, inPlace=True)
-        reg.Execute(f, m)
+        run(reg, 1)
         tx, metric = aff, reg.GetMetricValue()
     if kind == "bspline":
         bs = sitk.BSplineTransformInitializer(f, [bspline_grid] * nd)
         reg = method(moving_initial=tx, lbfgs=True)
         reg.SetInitialTransform(bs, inPlace=True)
-        reg.Execute(f, m)
+        run(reg, 2)
         comp = sitk.CompositeTransform(tx)
         comp.AddTransform(bs)  # applied first: bspline, then the affine
         tx, metric = comp, reg.GetMetricValue()

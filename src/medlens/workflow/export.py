@@ -64,10 +64,14 @@ def _classifier_probs(predictor: Predictor, x) -> np.ndarray:
     return np.asarray(predictor.predict_arrays(x), np.float64)
 
 
-def _segment_all(predictor: Predictor, cases) -> list[np.ndarray]:
+def _segment_all(predictor: Predictor, cases, on_case: Callable[[], None] = lambda: None) -> list[np.ndarray]:
+    out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [predictor.segment_probs(c.image, str(getattr(c, "name", "case"))) for c in cases]
+        for c in cases:
+            out.append(predictor.segment_probs(c.image, str(getattr(c, "name", "case"))))
+            on_case()
+    return out
 
 
 def _score(run: Run, task: Task, probs, labels) -> tuple[str, float]:
@@ -83,13 +87,15 @@ def _score(run: Run, task: Task, probs, labels) -> tuple[str, float]:
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", quantize: str | None = None, n_parity: int = 200,
                tol: float = PARITY_TOL, log: Callable[[str], None] = lambda s: None,
-               allow_incomplete: bool = False) -> dict:
+               allow_incomplete: bool = False, progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Export a run, check parity against PyTorch on real test data, optionally quantise; return the report.
 
     ``fmt`` is a registered format (``medlens.run.exporters``). Writes ``RUN/export/<its file>`` (e.g.
     ``model.onnx``), the quantised file with ``quantize`` (``int8``: ``model.int8.onnx``) and
     ``export-<format>.json``, and records each file's SHA-256 in run.json. Refuses (and writes nothing) when
-    parity fails, or when the run is not complete (unless ``allow_incomplete``).
+    parity fails, or when the run is not complete (unless ``allow_incomplete``). ``progress(done, total, what)``
+    counts the passes over the parity data (a segmenter's: case by case): the PyTorch reference, the written
+    file, the quantised file and, for a quantised classifier, the two scorings of the test split.
     """
     exporter = get_exporter(fmt)
     if quantize is not None and quantize not in quantization_kinds():
@@ -107,26 +113,39 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", quantize: str | None = No
         removed = clean_stale_temps(export_dir(run.dir))
         if removed:
             log(f"removed {len(removed)} temporary file(s) left by an interrupted export")
-        return _export_locked(run, exporter, quantize, n_parity, tol, log)
+        return _export_locked(run, exporter, quantize, n_parity, tol, log, progress)
 
 
 def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity: int, tol: float,
-                   log: Callable[[str], None]) -> dict:
+                   log: Callable[[str], None], progress: Callable[[int, int, str], None] | None = None) -> dict:
     torch_pred = Predictor(run)
     task = task_of(run)
     seg = task.dense
     fmt = exporter.name
     t0 = time.perf_counter()
     data = _test_inputs(run, n_parity)
+    per_pass = len(data) if seg else 1
+    done = [0, 3 * per_pass if quantize else 2 * per_pass]
+    if quantize and not seg:
+        done[1] += 2
+
+    def step(what: str) -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], done[1], what)
+
+    if progress:
+        progress(0, done[1], "reference")
     if seg:
         cases = data
         if not cases:
             raise DataError("the run's data has no test case to check parity on", run.dir)
-        ref = _segment_all(torch_pred, cases)
+        ref = _segment_all(torch_pred, cases, lambda: step("reference"))
         what = f"{len(cases)} test case(s), sliding windows {run.meta.input_size}"
     else:
         x, test_ds = data
         ref = _classifier_probs(torch_pred, x)
+        step("reference")
         what = f"{len(x)} test image(s)"
     log(f"reference: PyTorch on {what} ({time.perf_counter() - t0:.1f} s)")
 
@@ -142,18 +161,19 @@ def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity:
         exporter.check(net, run, final_name)
         return net
 
-    def compare(net) -> tuple[float, list]:
+    def compare(net, what: str) -> tuple[float, list]:
         other = Predictor(Run.open(run.dir).use_model(net))
         if seg:
-            got = _segment_all(other, cases)
+            got = _segment_all(other, cases, lambda: step(what))
             return float(max(np.abs(a - b).max() for a, b in zip(got, ref))), got
         got = _classifier_probs(other, x)
+        step(what)
         return float(np.abs(got - ref).max()), got
 
     written = {name: (out_dir / name, exporter.record_key)}
     with atomic_path(out_dir / name) as tmp:
         exporter.write(run, tmp)
-        diff, _ = compare(load(tmp, name))
+        diff, _ = compare(load(tmp, name), f"{fmt} parity")
         report["max_abs_prob_diff"] = diff
         log(f"parity {fmt} vs PyTorch: max |prob diff| = {diff:.2e} (tolerance {tol:g})")
         if not diff < tol:
@@ -165,7 +185,7 @@ def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity:
             with atomic_path(out_dir / qname) as qtmp:
                 exporter.quantize(quantize, tmp, qtmp, run)
                 qnet = load(qtmp, qname)
-                qdiff, qprobs = compare(qnet)
+                qdiff, qprobs = compare(qnet, f"{quantize} parity")
                 if seg:   # every test case was segmented above
                     n_test, (metric, base), (_, qscore) = (len(cases), _score(run, task, ref, cases),
                                                            _score(run, task, qprobs, cases))
@@ -173,10 +193,12 @@ def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity:
                     full = lambda p: p.predict_dataset(test_ds)  # noqa: E731
                     n_test, labels = len(test_ds), np.asarray(test_ds.labels)
                     metric, base = _score(run, task, full(torch_pred), labels)
+                    step("scoring the test split")
                     # dynamic quantisation scales activations per call, so a batch changes each image's
                     # answer: score one image per call, as an unbatched server would run it
                     _, qscore = _score(run, task, full(Predictor(Run.open(run.dir).use_model(qnet), batch_size=1)),
                                        labels)
+                    step(f"scoring the test split ({quantize})")
                 report[quantize] = {"file": qname, "metric": metric, "fp32": base, quantize: qscore,
                                     "change": qscore - base, "max_abs_prob_diff": qdiff, "n": n_test,
                                     "bytes_fp32": tmp.stat().st_size, f"bytes_{quantize}": qtmp.stat().st_size}

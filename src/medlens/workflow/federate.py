@@ -350,11 +350,26 @@ def _dp(dp_noise: float | None, dp_clip: float, dp_delta: float) -> dict | None:
     return None if dp_noise is None else {"noise_multiplier": dp_noise, "max_grad_norm": dp_clip, "delta": dp_delta}
 
 
+def _reporting_rounds(evaluate_fn: Callable, rounds: int, progress: Callable[[int, int], None] | None) -> Callable:
+    """``evaluate_fn`` that also reports ``progress(round, rounds)``: Flower calls it once the global model of a
+    round exists (round 0: the initial model)."""
+    if progress is None:
+        return evaluate_fn
+
+    def evaluate(server_round, weights, config):
+        out = evaluate_fn(server_round, weights, config)
+        progress(min(int(server_round), rounds), rounds)
+        return out
+
+    return evaluate
+
+
 def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", strategy: str = "fedavg",
              local_epochs: int = 1, dp_noise: float | None = None, dp_clip: float = 1.0, dp_delta: float = 1e-5,
              run_dir: str | Path | None = None, overwrite: bool = False, cpus_per_site: float = 1.0,
-             log: Callable[[str], None] = print) -> Path:
-    """Simulate ``sites`` hospitals with Flower's simulation engine; write a run folder."""
+             log: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Simulate ``sites`` hospitals with Flower's simulation engine; write a run folder.
+    ``progress(done, rounds)`` is called as each round's global model has been evaluated."""
     from flwr.client import ClientApp
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
     from flwr.simulation import run_simulation
@@ -409,7 +424,8 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
             if miss:
                 lacking += 1
                 warnings.warn(f"site{k} has no training sample of class(es) {miss}", MedlensWarning, stacklevel=2)
-        strat = make_strategy(strategy, net_bytes, sites, g.signature, local_epochs, g.evaluate_fn, log=log)
+        strat = make_strategy(strategy, net_bytes, sites, g.signature, local_epochs,
+                              _reporting_rounds(g.evaluate_fn, rounds, progress), log=log)
 
         def server_fn(context):
             return ServerAppComponents(strategy=strat, config=ServerConfig(num_rounds=rounds))
@@ -496,7 +512,7 @@ def serve_federation(cfg, *, clients: int, rounds: int, address: str, strategy: 
                      certificates: tuple[Path, Path, Path] | None = None, site_secrets: Path | None = None,
                      update_norm_factor: float = UPDATE_NORM_FACTOR, insecure: bool = False,
                      run_dir: str | Path | None = None, overwrite: bool = False,
-                     log: Callable[[str], None] = print) -> Path:
+                     log: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> Path:
     """The server process: waits for ``clients`` sites on ``address`` (gRPC), runs ``rounds`` rounds,
     evaluates the global model on its own validation/test data and writes the run folder.
 
@@ -528,8 +544,8 @@ def serve_federation(cfg, *, clients: int, rounds: int, address: str, strategy: 
         seed_everything(cfg.seed)
         data = prepared_data(cfg.data, seed=cfg.seed)
         g = _Global(cfg, data, path)
-        strat = make_strategy(strategy, get_weights(g.net), clients, g.signature, local_epochs, g.evaluate_fn,
-                              min_fit_clients=min_fit_clients, update_norm_factor=update_norm_factor,
+        strat = make_strategy(strategy, get_weights(g.net), clients, g.signature, local_epochs,
+                              _reporting_rounds(g.evaluate_fn, rounds, progress), min_fit_clients=min_fit_clients, update_norm_factor=update_norm_factor,
                               site_secrets=secrets, join_timeout=join_timeout, log=log)
         log(f"federated server on {address}: waiting for {clients} sites, {rounds} rounds ({strategy})"
             + ("" if secrets else "; sites are not authenticated (no --site-secrets)"))
