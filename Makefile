@@ -51,9 +51,10 @@ $(NIIVUE):
 run: $(STAMP) viewer
 	$(VENV)/bin/medlens train $(RUN_CONFIG) --overwrite
 
-# The layer contract (pyproject's [tool.importlinter]) first: an upward import fails the suite.
+# The import contracts (pyproject's [tool.importlinter]) and ruff first: an upward import or an undefined name fails the suite.
 test: $(STAMP) browser system-deps viewer
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check --quiet src tests tools benchmarks
 	$(PY) -m pytest -q -ra --durations=25
 
 bench: $(STAMP)

@@ -315,8 +315,8 @@ def main() -> None:
             measure("28 px, ONNX Runtime, batched, + Grad-CAM heatmap", runs["2d"], "onnx", "32 / 2 ms",
                     bodies["2d"], args, batched, heatmap=True)]
     load1 = os.getloadavg()
-    print(f"\n| configuration | requests | throughput (req/s) | p50 ms | p95 ms | p99 ms | errors | mean batch | "
-          f"RSS warm / peak / end MB | end vs warm | CPU ms/request server / clients |")
+    print("\n| configuration | requests | throughput (req/s) | p50 ms | p95 ms | p99 ms | errors | mean batch | "
+          "RSS warm / peak / end MB | end vs warm | CPU ms/request server / clients |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {len(r.latencies)} | {r.throughput:.1f} | {r.q(50):.1f} | {r.q(95):.1f} | {r.q(99):.1f} "

@@ -25,7 +25,7 @@ def test_convert_and_view(data_root, tmp_path):
     nii = load(tmp_path / "ct.nii.gz")
     mhd = load(next((data_root / "luna16").glob("*.mhd")))
     assert np.array_equal(nii.array, mhd.array) and np.allclose(nii.origin, mhd.origin, atol=1e-3)
-    r = medlens("view", tmp_path / "ct.nii.gz", tmp_path / "views", "--point", "56.2,86.3,-115.9", check=True)
+    medlens("view", tmp_path / "ct.nii.gz", tmp_path / "views", "--point", "56.2,86.3,-115.9", check=True)
     assert len(list((tmp_path / "views").glob("*.png"))) == 4
 
 

@@ -2,13 +2,12 @@
 
 import csv
 import datetime as dt
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 
 from medlens.io.deid import Deidentifier, deidentify_folder, profile_actions
 

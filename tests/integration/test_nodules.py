@@ -1,6 +1,5 @@
 """LUNA16 / LIDC nodule pipeline on the real scan: patches, LIDC XML, the store, training from disk."""
 
-import shutil
 import warnings
 import xml.etree.ElementTree as ET
 
@@ -12,7 +11,7 @@ import pytest
 from matplotlib.path import Path as Polygon
 
 from medlens.data.lidc import cluster_nodules, parse_lidc_xml
-from medlens.data.nodules import PatchStoreDataset, extract_patch_2d, extract_patch_3d, load_patch_store, read_candidates
+from medlens.data.nodules import PatchStoreDataset, extract_patch_2d, extract_patch_3d, read_candidates
 from medlens.errors import DataError
 from medlens.io import load
 from medlens.workflow.nodules import extract_patches

@@ -190,7 +190,7 @@ def test_lidc_consensus_mask_is_a_segmentation_target(tmp_path, data_root):
     back = load(path)
     check_same_grid(scan, back, path)
     # the LUNA16 centre of this nodule lies inside the written mask
-    uid = next((data_root / "luna16").rglob("*.mhd")).stem
+    uid = next((data_root / "luna16").rglob("*.mhd")).stem  # noqa: F841 (used by the query below)
     ann = pd.read_csv(data_root / "luna16" / "annotations.csv").query("seriesuid == @uid").iloc[0]
     z, y, x = np.round(back.world_to_voxel([ann.coordX, ann.coordY, ann.coordZ])).astype(int)
     assert back.array[z, y, x] == 1

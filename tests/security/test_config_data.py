@@ -327,7 +327,6 @@ def test_manifest_paths_cannot_leave_the_image_root(xrays, tmp_path, bad):
 
 
 def test_symlink_escape_is_refused_and_the_flag_allows_it(xrays, tmp_path):
-    from medlens.data import build_data
 
     root, files = xrays
     images = tmp_path / "images"

@@ -1,6 +1,5 @@
 """Calibration, DeLong/McNemar, decision curves, shift and subgroups against independent computations."""
 
-import itertools
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ sliding-window inference, post-processing, augmentation alignment, input checks.
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest

@@ -132,11 +132,11 @@ def register(app: typer.Typer) -> None:
             raise MedlensError(f"--split must be test or val, not '{split}'")
         quiet_libraries()
         from medlens.run import Run
-        from medlens.tasks import TaskType
+        from medlens.tasks import get_task
 
         run = Run.open(run_dir)
         run.require_weights()
-        if run.task == TaskType.SEGMENTATION:
+        if get_task(run.task).dense:
             from medlens.evaluation.segmentation import evaluate_segmentation_run
 
             with progress_step("evaluating") as report:

@@ -34,6 +34,7 @@ import torch
 from medlens.engine.module import ClassifierModule, outputs_to_probs, validation_scores
 from medlens.engine.sampling import make_loader
 from medlens.errors import ConfigError, DataError, MedlensWarning
+from medlens.tasks import get_task
 
 
 def model_signature(meta_like: dict) -> str:
@@ -242,7 +243,7 @@ class SiteClient(_flwr_client_base()):
             from opacus import PrivacyEngine
 
             self.privacy_engine = PrivacyEngine(accountant="rdp")
-        self.missing = missing_classes(train_ds, n_classes) if task != "multilabel" else []
+        self.missing = missing_classes(train_ds, n_classes) if get_task(task).exclusive else []
         if self.missing:
             warnings.warn(f"site {site}: no training sample of class(es) {self.missing}", MedlensWarning, stacklevel=2)
 

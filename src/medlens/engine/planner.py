@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from medlens.data.fingerprint import Fingerprint
 from medlens.errors import ConfigError
+from medlens.tasks import get_task
 
 if TYPE_CHECKING:  # the probe (Lightning) runs in workflow.plan; the rules only read its results
     from medlens.engine.probe import ProbeResult
@@ -212,25 +213,28 @@ class Planner:
 
     def determine_imbalance(self) -> str:
         fp = self.fp
-        limit = 1.5 if fp.task == "binary" else 10.0
-        if fp.task != "multilabel" and fp.imbalance_ratio > limit:
+        task = get_task(fp.task)
+        argmax = task.exclusive and not task.has_threshold     # multi-class and ordinal decisions are argmax
+        limit = 1.5 if task.has_threshold else 10.0
+        if task.exclusive and fp.imbalance_ratio > limit:
             self.train["imbalance"] = "weighted_loss"
             return self.decide("train.imbalance", "weighted_loss",
                                f"training classes {fp.class_counts['train']}: imbalance {fp.imbalance_ratio:.2f} "
                                f"> {limit:g} -> loss weighted by inverse class frequency (keeps every sample, "
                                "unlike undersampling)" + ("; the binary threshold is chosen on validation anyway"
-                                                          if fp.task == "binary" else ""))
+                                                          if task.has_threshold else ""))
         self.train["imbalance"] = "none"
-        why = (f"imbalance {fp.imbalance_ratio:.2f} <= {limit:g}: plain loss" if fp.task != "multilabel" else
+        why = (f"imbalance {fp.imbalance_ratio:.2f} <= {limit:g}: plain loss" if task.exclusive else
                "multi-label: plain per-label loss")
-        if fp.task in ("multiclass", "ordinal") and fp.imbalance_ratio > 1.5:
+        if argmax and fp.imbalance_ratio > 1.5:
             why += (" (multi-class decisions are argmax: weighting would trade accuracy on frequent classes for "
                     "recall of rare ones; it is used only past 10:1, where a class would otherwise be ignored)")
         return self.decide("train.imbalance", "none", why)
 
     def determine_label_smoothing(self) -> float:
         fp = self.fp
-        ls = 0.1 if fp.task in ("multiclass", "ordinal") else 0.0
+        task = get_task(fp.task)
+        ls = 0.1 if task.exclusive and not task.has_threshold else 0.0
         self.train["label_smoothing"] = ls
         return self.decide("train.label_smoothing", ls,
                            f"{fp.n_classes} classes ({fp.task}): smoothing 0.1 against over-confident neighbours"
@@ -407,7 +411,7 @@ class Planner:
         fp = self.fp
         return self.decide("evaluation.threshold", "youden",
                            "binary: Youden's J on validation balances sensitivity and specificity under "
-                           "imbalance" if fp.task == "binary" else
+                           "imbalance" if get_task(fp.task).has_threshold else
                            f"{fp.task}: decisions are argmax/0.5 (the rule applies to binary tasks only)")
 
     def estimates(self, r: ProbeResult, load: float) -> dict[str, float]:

@@ -43,9 +43,29 @@ import numpy as np
 
 __all__ = ["ExportError", "ExportedModel", "main"]
 
-TASKS = ("binary", "multiclass", "ordinal", "multilabel", "segmentation")
-ACTIVATIONS = {"binary": "sigmoid", "multilabel": "sigmoid_each", "multiclass": "softmax", "ordinal": "softmax",
-               "segmentation": "segmentation"}
+
+
+class TaskRule:
+    """What a task means for this loader: its own small copy of ``medlens.tasks`` (this file runs without
+    medlens). ``activation``: the one the file's metadata must name; ``min_classes``/``max_classes``: the class
+    names it needs; ``one_score``: one output, P(second class), decided at the threshold (binary);
+    ``independent``: each label decided at 0.5 (multi-label); ``dense``: one output per voxel. A plain class:
+    this file is also loaded by path, outside ``sys.modules``, where dataclasses cannot resolve it."""
+
+    def __init__(self, activation: str, min_classes: int = 2, max_classes: int | None = None,
+                 one_score: bool = False, independent: bool = False, dense: bool = False) -> None:
+        self.activation, self.min_classes, self.max_classes = activation, min_classes, max_classes
+        self.one_score, self.independent, self.dense = one_score, independent, dense
+
+    def n_outputs(self, n_classes: int) -> int:
+        return 1 if self.one_score or (self.dense and n_classes == 2) else n_classes
+
+
+TASKS = {"binary": TaskRule("sigmoid", max_classes=2, one_score=True),
+         "multiclass": TaskRule("softmax"),
+         "ordinal": TaskRule("softmax"),
+         "multilabel": TaskRule("sigmoid_each", min_classes=1, independent=True),
+         "segmentation": TaskRule("segmentation", dense=True)}
 MAX_AXIS = 8192
 # the image limits of medlens (``medlens.io.limits``): the same settings, the same defaults
 MAX_PIXELS = ("MEDLENS_MAX_PIXELS", 2 ** 26)
@@ -72,15 +92,16 @@ def check_metadata(task, class_names, prep, threshold, calibration, activation, 
     """The checks medlens's ``RunMeta`` makes, for the values this loader uses (a small copy: no medlens here)."""
     if task not in TASKS:
         raise ExportError(f"medlens.task {task!r} is not one of {', '.join(TASKS)}")
-    if activation != ACTIVATIONS[task]:
+    rule = TASKS[task]
+    if activation != rule.activation:
         raise ExportError(f"medlens.activation {activation!r} does not fit a {task} model")
     if (not isinstance(class_names, list) or not all(isinstance(n, str) and n.strip() for n in class_names)
             or len(set(class_names)) != len(class_names)):
         raise ExportError("medlens.class_names must be a list of distinct, non-empty names")
     n = len(class_names)
-    if (task == "binary" and n != 2) or (task in ("multiclass", "ordinal", "segmentation") and n < 2) or n < 1:
-        raise ExportError(f"medlens.class_names: a {task} model needs {'exactly 2' if task == 'binary' else 'at least 2'}"
-                          f" class names, not {n}")
+    if n < rule.min_classes or (rule.max_classes is not None and n > rule.max_classes):
+        need = (f"exactly {rule.min_classes}" if rule.max_classes == rule.min_classes else f"at least {rule.min_classes}")
+        raise ExportError(f"medlens.class_names: a {task} model needs {need} class names, not {n}")
     if not isinstance(in_channels, int) or not 1 <= in_channels <= 1024:
         raise ExportError(f"medlens.in_channels {in_channels!r} is not a channel count")
     if threshold is not None:
@@ -130,7 +151,7 @@ def check_metadata(task, class_names, prep, threshold, calibration, activation, 
 
 
 def n_outputs(task: str, n_classes: int) -> int:
-    return 1 if task == "binary" or (task == "segmentation" and n_classes == 2) else n_classes
+    return TASKS[task].n_outputs(n_classes)
 
 
 def check_shapes(session, task: str, n_classes: int, in_channels: int, input_size: list[int]) -> None:
@@ -140,7 +161,7 @@ def check_shapes(session, task: str, n_classes: int, in_channels: int, input_siz
     if len(ins) != 1 or len(outs) != 1:
         raise ExportError(f"the graph has {len(ins)} input(s) and {len(outs)} output(s); a medlens export has one of each")
     k = n_outputs(task, n_classes)
-    want_out = [k, *input_size] if task == "segmentation" else [k]
+    want_out = [k, *input_size] if TASKS[task].dense else [k]
     for what, arg, want in (("input", ins[0], [in_channels, *input_size]), ("output", outs[0], want_out)):
         shape = list(arg.shape)
         if arg.type != "tensor(float)" or len(shape) != len(want) + 1 or shape[1:] != want:
@@ -363,11 +384,11 @@ class ExportedModel:
         return self._finite(p.astype(np.float32))
 
     def decide(self, p) -> tuple[str, float]:
-        names = self.class_names
-        if self.task == "binary":
+        names, rule = self.class_names, TASKS[self.task]
+        if rule.one_score:
             t = self.threshold["value"] if self.threshold else 0.5
             return names[int(p >= t)], float(p)
-        if self.task == "multilabel":
+        if rule.independent:
             return ", ".join(n for n, q in zip(names, p) if q >= 0.5) or "none", float(np.max(p))
         return names[int(np.argmax(p))], float(np.max(p))
 
@@ -375,10 +396,11 @@ class ExportedModel:
         """The model's answer for one image file or array."""
         p = self.probabilities(self.prepare(source)[None])[0]
         cls, prob = self.decide(p)
-        every = ({self.class_names[0]: float(1 - p), self.class_names[1]: float(p)} if self.task == "binary"
+        one_score = TASKS[self.task].one_score
+        every = ({self.class_names[0]: float(1 - p), self.class_names[1]: float(p)} if one_score
                  else dict(zip(self.class_names, map(float, p))))
         out = {"prediction": cls, "probability": prob, "probabilities": every}
-        if self.task == "binary":
+        if one_score:
             out["threshold"] = self.threshold["value"] if self.threshold else 0.5
         return out
 

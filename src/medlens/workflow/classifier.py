@@ -25,7 +25,7 @@ from medlens.explain.run import write_report_section
 from medlens.models.transfer import apply_transfer
 from medlens.run import InputPrep, Predictor, Run, RunMeta, Threshold
 from medlens.run.profile import profile_of
-from medlens.tasks import TaskType
+from medlens.tasks import TaskType, get_task
 from medlens.transforms.preprocess import prepared_data
 from medlens.workflow.ensemble import fit_ensemble
 from medlens.workflow.lifecycle import finish, write_start
@@ -106,7 +106,7 @@ def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bo
     # calibration first, then the threshold on the calibrated validation probabilities: both from validation only
     raw_val = predictor.predict_dataset(data.val, calibrated=False)
     run.meta.calibration = fit_calibration(meta.task, data.val.labels, raw_val, cfg.evaluation.calibration)
-    if meta.task == TaskType.BINARY:
+    if get_task(meta.task).has_threshold:
         rule = cfg.evaluation.threshold
         p_val = run.meta.calibration.apply(raw_val) if run.meta.calibration else raw_val
         run.meta.threshold = Threshold(rule=rule, value=choose_threshold(data.val.labels, p_val, rule))

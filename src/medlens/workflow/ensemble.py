@@ -17,7 +17,7 @@ from medlens.engine.module import ClassifierNet
 from medlens.engine.train import FitResult, fit_classifier
 from medlens.errors import ConfigError
 from medlens.models.ensemble import SoftVote
-from medlens.tasks import TaskType
+from medlens.tasks import get_task
 from medlens.workflow.lifecycle import save_weights, write_record, write_table
 
 
@@ -54,7 +54,8 @@ def fit_ensemble(cfg, data, network, path: Path, resume: bool, callbacks, progre
         members.append(info)
         if (mdir / "history.csv").exists():
             histories.append(pd.read_csv(mdir / "history.csv").assign(member=i))
-    combine = "softmax" if data.task in (TaskType.MULTICLASS, TaskType.ORDINAL) else "sigmoid"
+    task = get_task(data.task)     # softmax over exclusive classes with one output each, else sigmoid
+    combine = "softmax" if task.exclusive and not task.one_score(len(data.class_names)) else "sigmoid"
     # one normalisation in front: every member was fitted with the training split's statistics
     model = ClassifierNet(SoftVote([n.net for n in nets], combine), nets[0].normalize.mean,
                           nets[0].normalize.std).eval()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from medlens.errors import ConfigError, MedlensError, MedlensWarning
+from medlens.tasks import get_task
 from medlens.utils import seed_everything
 from medlens.workflow.lifecycle import RunStart, resolve_run_dir
 
@@ -420,7 +421,7 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
         for k, (tr, _, _) in enumerate(parts):
             from medlens.engine.federated import missing_classes
 
-            miss = missing_classes(tr, n_classes) if data.task != "multilabel" else []
+            miss = missing_classes(tr, n_classes) if get_task(data.task).exclusive else []
             if miss:
                 lacking += 1
                 warnings.warn(f"site{k} has no training sample of class(es) {miss}", MedlensWarning, stacklevel=2)

@@ -19,7 +19,7 @@ import numpy as np
 from medlens.errors import DataError, MedlensError
 from medlens.run import Predictor, Run, RunFolder, Threshold, run_lock
 from medlens.run.folder import MARKER
-from medlens.tasks import TaskType
+from medlens.tasks import get_task
 
 
 def _site_sample(run: Run, csv_path: Path):
@@ -49,7 +49,8 @@ def recalibrate(run_dir: str | Path, site_csv: str | Path, out: str | Path, over
     run = Run.open(run_dir, expect="classification")
     run.require_weights()
     site_csv = Path(site_csv)
-    if run.task not in (TaskType.BINARY, TaskType.MULTICLASS, TaskType.ORDINAL):
+    task = get_task(run.task)
+    if task.dense or not task.exclusive:
         raise MedlensError(f"recalibration handles binary, multi-class and ordinal runs, not {run.task}", run.dir)
     paths, y, pids = _site_sample(run, site_csv)
     if len(np.unique(y)) < 2:
@@ -71,7 +72,7 @@ def recalibrate(run_dir: str | Path, site_csv: str | Path, out: str | Path, over
     meta = run.meta.model_copy(deep=True)
     meta.calibration = cal
     p = cal.apply(raw) if cal is not None else raw
-    if run.task == TaskType.BINARY:
+    if task.has_threshold:
         rule = cfg.evaluation.threshold
         meta.threshold = Threshold(rule=rule, value=choose_threshold(y, p, rule), chosen_on="site")
     meta.recalibrated_on = {"manifest": site_csv.name, "n": int(len(y)), "class_counts": np.bincount(

@@ -21,7 +21,7 @@ from medlens.transforms.preprocess import prepared_segmentation
 from medlens.workflow.lifecycle import finish, write_start
 
 
-def train_segmentation(cfg, path: Path, resume: bool, callbacks, progress_bar: bool) -> Run:
+def train_segmentation(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log=None) -> Run:
     """Fit and finish one segmentation run in ``path`` (held by ``lifecycle.RunStart``)."""
     seg = cfg.segmentation
     if get_model_entry(cfg.model.name).task != "segmentation":

@@ -28,6 +28,10 @@ from medlens.workflow.classifier import train_classifier
 from medlens.workflow.lifecycle import RunStart, resolve_run_dir
 from medlens.workflow.segmentation import train_segmentation
 
+# The training path of each config task (``Task.config_name``); any other family (one output vector per case,
+# like a regression) trains on the classifier's path. A family that needs its own path adds its entry here.
+PATHS = {"classification": train_classifier, "segmentation": train_segmentation, "anomaly": train_anomaly}
+
 __all__ = ["resolve_run_dir", "train"]
 
 
@@ -46,10 +50,5 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
                           MedlensWarning, stacklevel=2)
         seed_everything(cfg.seed)
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
-        if cfg.task == "segmentation":
-            train_segmentation(cfg, path, from_ckpt, callbacks, progress_bar)
-        elif cfg.task == "anomaly":  # issue 18: autoencoder on the normal class (workflow.anomaly)
-            train_anomaly(cfg, path, from_ckpt, callbacks, progress_bar, log)
-        else:
-            train_classifier(cfg, path, from_ckpt, callbacks, progress_bar, log)
+        PATHS.get(cfg.task, train_classifier)(cfg, path, from_ckpt, callbacks, progress_bar, log)
     return path  # the run's folder (Run.dir)

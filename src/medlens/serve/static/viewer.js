@@ -65,7 +65,7 @@
     const m = currentModel();
     if (!m || !files.length || state.busy) return;
     state.busy = true;
-    const endpoint = m.task === "segmentation" ? "segment" : "predict";
+    const endpoint = m.endpoints[0];   // "segment" or "predict", as the server lists it for the model
     const fd = new FormData();
     for (const f of files) fd.append("file", f, f.name);
     setStatus(`sending ${files.length} file(s) to ${m.name} ...`);
@@ -90,7 +90,7 @@
     tbody.replaceChildren();
     const mt = $("measures").querySelector("tbody");
     mt.replaceChildren();
-    if (res.task === "segmentation") {
+    if (res.measures) {                // a segment answer: volume/area and diameters per class
       $("probs").hidden = true;
       $("measures").hidden = false;
       const ms = res.measures;
