@@ -4,6 +4,7 @@ the right totals, ending at done == total, and never prints."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from medlens.io.image import Image
@@ -31,6 +32,7 @@ def test_registration_reports_iterations_against_the_stage_budget(capsys):
     assert capsys.readouterr() == ("", "")
 
 
+@pytest.mark.integration
 def test_export_reports_each_parity_pass(trained_run, tmp_path, capsys):
     import shutil
 
@@ -42,4 +44,39 @@ def test_export_reports_each_parity_pass(trained_run, tmp_path, capsys):
     assert report["max_abs_prob_diff"] < 1e-3
     # a classifier: the PyTorch reference, then the written file, one pass each over the parity images
     assert seen == [(0, 2, "reference"), (1, 2, "reference"), (2, 2, "onnx parity")]
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.integration
+def test_deid_reports_files_finished_out_of_all(tmp_path, data_root):
+    import shutil
+
+    from medlens.io.deid import deidentify_folder
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k, f in enumerate(sorted((data_root / "lidc-idri-0001").rglob("*.dcm"))[:3]):
+        shutil.copy(f, src / f"{k}.dcm")
+    (src / "notes.txt").write_text("not DICOM")  # a skipped file counts as finished too
+    rep, seen = _calls(deidentify_folder, src, tmp_path / "out", key="k")
+    assert rep.files == 3 and rep.files_in == 4
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_segmentation_evaluate_reports_loading_then_cases(tmp_path_factory, capsys):
+    from servehelp import tiny_run
+
+    from medlens.evaluation.segmentation import evaluate_segmentation_run
+    from medlens.run import Run
+
+    run = Run.open(tiny_run("unet2d", tmp_path_factory))
+    capsys.readouterr()
+    results, seen = _calls(evaluate_segmentation_run, run)
+    n_cases = results["val"]["n"] + results["test"]["n"]
+    loading = [s for s in seen if s[2] == "loading"]
+    predicting = [s for s in seen if s[2] == "predicting"]
+    assert loading and seen.index(loading[-1]) < seen.index(predicting[0])  # the cases load first
+    assert predicting == [(k, n_cases, "predicting") for k in range(n_cases + 1)]  # then one step per case
     assert capsys.readouterr() == ("", "")

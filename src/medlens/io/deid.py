@@ -431,8 +431,8 @@ def _run(deid: Deidentifier, in_dir: Path, files: list[Path], work: Path, log_va
     rep = DeidReport(files_in=len(files))
     rows: list[dict] = []
     for i, p in enumerate(files, start=1):
-        if progress:
-            progress(i, len(files))
+        if progress:  # files finished so far
+            progress(i - 1, len(files))
         done, reason = _deid_file(deid, p, i, work)
         src = {"source": str(p.relative_to(in_dir))} if log_values else {}
         if done is None:
@@ -453,6 +453,8 @@ def _run(deid: Deidentifier, in_dir: Path, files: list[Path], work: Path, log_va
             if log_values:
                 row.update(src, old_value=old, new_value=new)
             rows.append(row)
+    if progress:
+        progress(len(files), len(files))
     return rep, rows
 
 
