@@ -21,7 +21,11 @@ class ToySource(DataSource):
     name = "toy_squares"
     summary = "synthetic bright-square images (a test source)"
     needs_path = False
+    plan_suffixes = (".toy",)   # `medlens plan squares.toy` starts from this source
     loaded = 0
+
+    def plan_section(self, path: str) -> dict:
+        return {"source": self.name, "size": 16}
 
     def check(self, cfg, task) -> None:
         if cfg.size < 8:
@@ -74,6 +78,13 @@ def test_a_registered_source_validates_and_trains(toy_source, tmp_path):
     with pytest.raises(ConfigError, match="test_patient holds out one patient of a patch store"):
         _cfg(tmp_path, test_patient="p1")
 
+    # the planner maps a file to the source that reads it
+    from medlens.workflow.plan import base_config
+
+    toy_file = tmp_path / "squares.toy"
+    toy_file.write_text("")
+    assert base_config(toy_file).data.source == "toy_squares"
+
     run = train(cfg, progress_bar=False, log=lambda s: None)
     assert ToySource.loaded >= 1
     meta = json.loads((run / "run.json").read_text())
@@ -95,6 +106,13 @@ def test_an_unregistered_source_is_refused_with_did_you_mean(toy_source, tmp_pat
         _cfg(tmp_path, source="fodler", path="x")
     line = str(e.value)
     assert "data.source" in line and "did you mean 'folder'?" in line and "\n" not in line
+    from medlens.errors import DataError
+    from medlens.workflow.plan import base_config
+
+    toy_file = tmp_path / "squares.toy"
+    toy_file.write_text("")
+    with pytest.raises(DataError, match="not a dataset the planner reads"):
+        base_config(toy_file)
 
 
 def test_a_source_registered_twice_is_refused(toy_source):

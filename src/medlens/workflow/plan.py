@@ -24,7 +24,7 @@ from typing import Callable
 
 from medlens.config import DataConfig, ExperimentConfig, TrainConfig, apply_override, config_from_dict, load_config
 from medlens.data.fingerprint import Fingerprint, fingerprint
-from medlens.data.sources import get_source
+from medlens.data.sources import get_source, list_sources, source_for_path
 from medlens.engine.planner import (MAX_MEMBERS, PLANNER_VERSION, SAFETY, TARGET_STEPS, Decision, Plan, Planner,
                                     ema_decay, format_seconds, parse_budget, target_epochs)
 from medlens.errors import ConfigError, DataError
@@ -42,18 +42,13 @@ def base_config(source: str | Path, overrides: list[str] | None = None) -> Exper
     if p.suffix.lower() in (".yaml", ".yml"):
         return load_config(p, [o for o in overrides or [] if o.startswith("data.")])
     if p.exists():
-        suffix = p.suffix.lower()
-        if p.is_dir():
-            data = {"source": "folder", "path": text}
-        elif suffix == ".npz":
-            data = {"source": "medmnist", "path": text, "check_md5": False}
-        elif suffix == ".csv":
-            data = {"source": "csv", "path": text}
-        elif suffix in (".h5", ".hdf5"):
-            data = {"source": "hdf5", "path": text}
-        else:
-            raise DataError("not a dataset the planner reads (an .npz, image folder, .csv, .h5 or experiment .yaml)",
-                            p)
+        entry = source_for_path(p)
+        if entry is None:
+            kinds = sorted({x for e in list_sources() for x in e.plan_suffixes})
+            folder = ", an image folder" if any(e.plan_folder for e in list_sources()) else ""
+            raise DataError(f"not a dataset the planner reads (a {', '.join(kinds)} file{folder} or an experiment "
+                            ".yaml)", p)
+        data = entry.plan_section(text)
         stem = p.name if p.is_dir() else p.stem
     else:
         from medlens.data.catalog import MEDMNIST

@@ -6,6 +6,7 @@ To add a source, write one module here with a ``@register_source`` ``DataSource`
 from __future__ import annotations
 
 from medlens.data.sources import csv_manifest, folder, medmnist, patch_store  # noqa: F401  (they register)
-from medlens.data.sources.registry import DataSource, get_source, list_sources, register_source, unregister_source
+from medlens.data.sources.registry import (DataSource, get_source, list_sources, register_source, source_for_path,
+                                          unregister_source)
 
-__all__ = ["DataSource", "get_source", "list_sources", "register_source", "unregister_source"]
+__all__ = ["DataSource", "get_source", "list_sources", "register_source", "source_for_path", "unregister_source"]

@@ -13,6 +13,7 @@ class CSVSource(DataSource):
     reads_files = True
     pairs = True
     subgroups = True
+    plan_suffixes = (".csv",)
 
     def load(self, cfg, *, seed, prepare, progress):
         from medlens.data.folder import load_csv_manifest

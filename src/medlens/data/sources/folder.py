@@ -12,6 +12,7 @@ class FolderSource(DataSource):
     summary = "image files, one sub-folder per class; or image + mask pairs (data.mask_suffix)"
     reads_files = True
     pairs = True
+    plan_folder = True
 
     def check(self, cfg, task) -> None:
         if task.dense and not cfg.mask_suffix:

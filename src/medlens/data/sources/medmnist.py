@@ -11,6 +11,7 @@ class MedMNISTSource(DataSource):
     name = "medmnist"
     summary = "MedMNIST catalogue dataset (data.name, data.size) or a MedMNIST-format .npz (data.path)"
     needs_path = False
+    plan_suffixes = (".npz",)
 
     def check(self, cfg, task) -> None:
         if not cfg.name and not cfg.path:
@@ -23,6 +24,9 @@ class MedMNISTSource(DataSource):
         data = load_medmnist(cfg.name, cfg.size, check_md5=cfg.check_md5, path=cfg.resolved_path())
         wanted = 3 if cfg.color == "rgb" else 1
         return data if data.train.in_channels == wanted else recolor(data, cfg.color)
+
+    def plan_section(self, path: str) -> dict:
+        return {"source": self.name, "path": path, "check_md5": False}  # a file outside the catalogue
 
     def stored_file(self, cfg):
         if cfg.path:

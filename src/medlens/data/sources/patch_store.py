@@ -11,6 +11,7 @@ class PatchStoreSource(DataSource):
     name = "hdf5"
     summary = "HDF5 CT patch store from `medlens nodules extract`, split by patient"
     holds_out_patient = True
+    plan_suffixes = (".h5", ".hdf5")
 
     def check(self, cfg, task) -> None:
         if cfg.label_map:

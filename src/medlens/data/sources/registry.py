@@ -31,6 +31,8 @@ class DataSource:
     pairs: bool = False              # image + mask pairs for segmentation (``pair_rows``)
     holds_out_patient: bool = False  # data.test_patient names a patient to hold out as the test split
     subgroups: bool = False          # evaluation.subgroups names columns of its manifest
+    plan_suffixes: tuple[str, ...] = ()  # files `medlens plan FILE` reads as this source (".csv")
+    plan_folder: bool = False        # `medlens plan FOLDER` reads a folder as this source
 
     def check(self, cfg, task) -> None:
         """The source's own config rules (``cfg`` is the ``DataConfig``, ``task`` the config's ``Task``);
@@ -43,6 +45,10 @@ class DataSource:
     def pair_rows(self, cfg) -> list:
         """Segmentation rows ``(image, mask, reference or None, patient id or None)``."""
         raise ConfigError(f"data.source '{self.name}' holds no image + mask pairs")
+
+    def plan_section(self, path: str) -> dict:
+        """The ``data:`` section of a fresh config around a file or folder handed to ``medlens plan``."""
+        return {"source": self.name, "path": path}
 
     def stored_file(self, cfg) -> Path | None:
         """The one file that holds the prepared arrays (the planner's fingerprint records its hash), if any."""
@@ -83,6 +89,15 @@ def unregister_source(name: str) -> None:
 
 def list_sources() -> list[DataSource]:
     return [e for _, e in sorted(_REGISTRY.items())]
+
+
+def source_for_path(path: Path) -> DataSource | None:
+    """The source that reads a file (by suffix) or folder handed to ``medlens plan``, if one does."""
+    suffix = path.suffix.lower()
+    for entry in list_sources():
+        if (entry.plan_folder and path.is_dir()) or (not path.is_dir() and suffix in entry.plan_suffixes):
+            return entry
+    return None
 
 
 def get_source(name: str) -> DataSource:
