@@ -107,6 +107,15 @@ def unique_stems(paths) -> list[str]:
     return out
 
 
+def did_you_mean(name, choices) -> str:
+    """`` (did you mean 'x'?)`` naming the closest of ``choices`` to ``name``, or ``""``: the hint of every
+    registry's one-line refusal of an unknown name."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID exists (another user's process counts as alive)."""
     try:

@@ -144,11 +144,9 @@ def get_info(name: str) -> MedMNISTInfo:
 
     key = name.lower().replace("_", "").replace("-", "")
     if key not in MEDMNIST:
-        import difflib
+        from medlens.utils import did_you_mean
 
-        close = difflib.get_close_matches(key, list(MEDMNIST), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise DataError(f"unknown MedMNIST dataset '{name}'{hint}; see `medlens data list`")
+        raise DataError(f"unknown MedMNIST dataset '{name}'{did_you_mean(key, MEDMNIST)}; see `medlens data list`")
     return MEDMNIST[key]
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch.nn as nn
 
 from medlens.errors import ConfigError
+from medlens.utils import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,7 @@ def list_models(pattern: str = "*") -> list[ModelEntry]:
 
 def get_model_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown model '{name}'{hint}; see `medlens models list`")
+        raise ConfigError(f"unknown model '{name}'{did_you_mean(name, _REGISTRY)}; see `medlens models list`")
     return _REGISTRY[name]
 
 

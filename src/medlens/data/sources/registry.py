@@ -10,11 +10,11 @@ fingerprints, what the run's input profile knows from the source, which patients
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from medlens.errors import ConfigError
+from medlens.utils import did_you_mean
 
 
 class DataSource:
@@ -103,7 +103,6 @@ def source_for_path(path: Path) -> DataSource | None:
 def get_source(name: str) -> DataSource:
     """The registered source, or a one-line ``ConfigError`` with the closest name ("did you mean")."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown data source '{str(name)[:80]}'{hint}; expected one of {sorted(_REGISTRY)}")
+        raise ConfigError(f"unknown data source '{str(name)[:80]}'{did_you_mean(name, _REGISTRY)}; expected one of "
+                          f"{sorted(_REGISTRY)}")
     return _REGISTRY[name]

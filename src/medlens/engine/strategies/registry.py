@@ -13,13 +13,13 @@ aggregated (authentication, finite weights, norm bound) around that class, which
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from medlens.errors import ConfigError
+from medlens.utils import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,5 @@ def list_strategies() -> list[str]:
 def get_strategy(name: str) -> StrategyEntry:
     """The registered strategy ``name``; one line naming the known ones (and the closest) otherwise."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"--strategy '{name}' is not one of {', '.join(_REGISTRY)}{hint}")
+        raise ConfigError(f"--strategy '{name}' is not one of {', '.join(_REGISTRY)}{did_you_mean(name, _REGISTRY)}")
     return _REGISTRY[name]

@@ -13,13 +13,13 @@ the one run.json records, made from the run's current weights), and the format's
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 from pathlib import Path
 from typing import Any, TypeVar
 
 from medlens.errors import ConfigError, DataError, MedlensError
+from medlens.utils import did_you_mean
 from medlens.run.exporters.base import Exporter, export_dir, sha256_of
 from medlens.run.meta import ExportRecord, RunMeta
 from medlens.run.run import Run
@@ -56,9 +56,7 @@ def list_exporters() -> list[Exporter]:
 def get_exporter(name: str) -> Exporter:
     """The format called ``name``; an unknown name is a one-line ``ConfigError`` with "did you mean"."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"--format must be one of {', '.join(_REGISTRY)}, not '{name}'{hint}")
+        raise ConfigError(f"--format must be one of {', '.join(_REGISTRY)}, not '{name}'{did_you_mean(name, _REGISTRY)}")
     return _REGISTRY[name]
 
 
