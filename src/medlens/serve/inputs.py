@@ -15,6 +15,7 @@ process's at exit.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
 import shutil
@@ -23,7 +24,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
+from pydicom.errors import InvalidDicomError
+
 from medlens.errors import DataError, MedlensError, ShapeError
+from medlens.io import load
+from medlens.io.dicom import SUBJECT_KEYWORDS, require_single_subject
 from medlens.io.dicom_sources import dicom_sources, is_dicom_input
 from medlens.io.image import Image
 from medlens.utils import remove_pid_named
@@ -111,8 +117,6 @@ def read_uploads(uploads: list[Upload], in_channels: int | None = None, sources:
 
     ``sources``: a list that receives the DICOM instances (without pixel data, ordered like the image's z axis)
     the image was read from, for a DICOM SR of the result; refused for other kinds of input."""
-    from medlens.io import load
-
     if not uploads:
         raise DataError("no file uploaded (send multipart/form-data with one or more 'file' parts)")
     kinds = [sniff(u.data) for u in uploads]
@@ -160,11 +164,6 @@ def read_uploads(uploads: list[Upload], in_channels: int | None = None, sources:
 def _one_subject(folder: Path) -> None:
     """Refuse a series whose files carry more than one PatientID, StudyInstanceUID or FrameOfReferenceUID
     (headers only, before any pixel is decoded; the message names the attribute, never a value)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    from medlens.io.dicom import SUBJECT_KEYWORDS, require_single_subject
-
     datasets = []
     for f in sorted(folder.iterdir()):
         try:
@@ -184,8 +183,6 @@ def _dicom_sources(path: Path, image: Image, kind: str) -> list:
 def _nifti_head(data: bytes, kind: str) -> bytes:
     if kind == "nifti":
         return data[:352]
-    import io
-
     try:
         return gzip.GzipFile(fileobj=io.BytesIO(data)).read(352)
     except (OSError, EOFError):

@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medlens.errors import ConfigError
+from medlens.explain import explain
 from medlens.report.dicom_sr import Algorithm, classification_sr
 from medlens.run import Prediction, Predictor, Run
 from medlens.run.exporters import Exporter, export_dir, get_exporter, list_exporters, open_exported_run
@@ -219,10 +222,6 @@ class ServedModel:
     # ---------------------------------------------------------------- heatmap and masks
     def heatmap(self, x: np.ndarray, target: int | None = None) -> tuple[np.ndarray, dict]:
         """Grad-CAM (PyTorch network) of one prepared input for the predicted (or given) class; (*spatial) in [0, 1]."""
-        import torch
-
-        from medlens.explain import explain
-
         maps, info = explain(self.torch_run.model, torch.from_numpy(x[None]), "gradcam", target)
         m = maps[0]
         hi = float(m.max())
@@ -230,8 +229,6 @@ class ServedModel:
 
     def segment(self, x: np.ndarray, name: str = "upload") -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (K, *spatial), post-processed label map) by sliding windows."""
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             probs = self.predictor.segment_probs(x, name)

@@ -9,17 +9,22 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
+from PIL import Image as PILImage
+from scipy import ndimage
+from scipy.ndimage import zoom
+from scipy.spatial import ConvexHull
 
+from medlens.io import save
 from medlens.io.image import Image
+from medlens.report.dicom_sr import read_tid1500, write_sr
+from medlens.report.fhir import sr_to_bundle
+from medlens.serve.inputs import spool_prefix
 
 
 def nifti_b64(image: Image) -> str:
     """Base64 of a gzipped NIfTI of ``image`` (its spacing, origin and direction kept)."""
-    from medlens.io import save
-
-    from medlens.serve.inputs import spool_prefix
-
     tmp = Path(tempfile.mkdtemp(prefix=spool_prefix("out")))
     try:
         path = tmp / "image.nii.gz"
@@ -30,8 +35,6 @@ def nifti_b64(image: Image) -> str:
 
 
 def png_b64(arr: np.ndarray) -> str:
-    from PIL import Image as PILImage
-
     buf = io.BytesIO()
     PILImage.fromarray(arr).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -55,11 +58,7 @@ def to_image_grid(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(m.shape) == tuple(shape):
         return m.astype(np.float32)
     if m.ndim == 2:
-        import cv2
-
         return cv2.resize(m.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
-    from scipy.ndimage import zoom
-
     out = zoom(m.astype(np.float32), [t / s for t, s in zip(shape, m.shape)], order=1)
     return out[tuple(slice(0, s) for s in shape)]
 
@@ -70,8 +69,6 @@ def mask_measures(mask: np.ndarray, spacing) -> dict:
     ``spacing`` follows the array axes. The diameter is the largest distance between two foreground voxel
     centres of the largest connected component (over its convex hull when it has many voxels).
     """
-    from scipy import ndimage
-
     fg = mask > 0
     sp = np.asarray(spacing, float)
     n = int(fg.sum())
@@ -88,8 +85,6 @@ def mask_measures(mask: np.ndarray, spacing) -> dict:
     pts = np.argwhere(big).astype(float) * sp
     if len(pts) > 64:
         try:
-            from scipy.spatial import ConvexHull
-
             pts = pts[ConvexHull(pts).vertices]
         except Exception:  # flat or degenerate components: Qhull refuses them; sample instead
             pts = pts[np.random.default_rng(0).choice(len(pts), min(len(pts), 2000), replace=False)]
@@ -104,8 +99,6 @@ def mask_measures(mask: np.ndarray, spacing) -> dict:
 
 def sr_bytes(sr) -> bytes:
     """The DICOM file bytes of an SR dataset (written by ``medlens.report.dicom_sr.write_sr``)."""
-    from medlens.report.dicom_sr import write_sr
-
     tmp = Path(tempfile.mkdtemp(prefix="medlens-sr-"))
     try:
         return write_sr(sr, tmp / "sr.dcm").read_bytes()
@@ -115,9 +108,6 @@ def sr_bytes(sr) -> bytes:
 
 def sr_fhir_json(sr) -> str:
     """The FHIR R5 transaction Bundle of an SR, made from the SR file as written (``medlens.report.fhir``)."""
-    from medlens.report.dicom_sr import read_tid1500, write_sr
-    from medlens.report.fhir import sr_to_bundle
-
     tmp = Path(tempfile.mkdtemp(prefix="medlens-sr-"))
     try:
         bundle = sr_to_bundle(read_tid1500(write_sr(sr, tmp / "sr.dcm")))

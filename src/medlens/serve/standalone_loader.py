@@ -40,6 +40,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+from PIL import Image
 
 __all__ = ["ExportError", "ExportedModel", "main"]
 
@@ -202,8 +204,6 @@ class ExportedModel:
     """An exported medlens model with its preparation, threshold and class names."""
 
     def __init__(self, path: str | Path, threads: int | None = None, run: str | Path | None = None) -> None:
-        import onnxruntime as ort
-
         path = Path(path)
         data = path.read_bytes()
         run_meta = None
@@ -259,8 +259,6 @@ class ExportedModel:
         if p.suffix.lower() == ".npy":
             a = np.load(p, allow_pickle=False)
             return a, self.prep["spatial_dims"] == 2 and a.ndim == 3 and a.shape[-1] == 3
-        from PIL import Image
-
         with Image.open(p) as im:
             im.load()
             if im.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA"):
@@ -338,8 +336,6 @@ class ExportedModel:
 
     @staticmethod
     def _resize2d(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        from PIL import Image
-
         h, w = size
         shrink = a.shape[0] > h
         chans = []

@@ -20,10 +20,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medlens.engine.anomaly import anomaly_scores, fit_autoencoder, set_score
+from medlens.engine.train import build_network
 from medlens.errors import ConfigError, MedlensError, MedlensWarning
+from medlens.evaluation.calibration import calibration_method, fit_calibration
+from medlens.evaluation.evaluate import evaluate_run
+from medlens.evaluation.metrics import compute_metrics
+from medlens.evaluation.threshold import choose_threshold
+from medlens.explain.methods import explain
+from medlens.explain.render import panels_png
+from medlens.models import get_model_entry
+from medlens.models.autoencoder import SCORES
 from medlens.run import InputPrep, Predictor, Run, RunMeta, Threshold
+from medlens.run.profile import profile_of
 from medlens.run.sections import write_section
 from medlens.tasks import TaskType
+from medlens.transforms.preprocess import prepared_data
 from medlens.workflow.lifecycle import finish, write_record, write_start
 
 _EPS = 1e-8
@@ -50,11 +62,6 @@ def _standardised_probs(scores: np.ndarray, train_scores: np.ndarray) -> np.ndar
 def measure_scores(cfg, net, data, train_normal) -> list[dict]:
     """Each anomaly score (mse, l1, ssim) of the trained autoencoder: validation AUC, and on test the AUC
     with its bootstrap CI and sensitivity/specificity at the threshold chosen on validation."""
-    from medlens.engine.anomaly import anomaly_scores
-    from medlens.evaluation.metrics import compute_metrics
-    from medlens.evaluation.threshold import choose_threshold
-    from medlens.models.autoencoder import SCORES
-
     ev = cfg.evaluation
     rows = []
     for kind in SCORES:
@@ -107,9 +114,6 @@ def _b64(path: Path) -> str:
 def write_anomaly_section(run: Run, test, scores: list[dict], comparison: dict, k: int = 3) -> Path:
     """The report's anomaly section: score comparison, anomaly vs supervised AUC, and for the same test
     cases the input, reconstruction, anomaly map and the supervised model's Grad-CAM."""
-    from medlens.explain.methods import explain
-    from medlens.explain.render import panels_png
-
     net = run.model
     preds = pd.read_csv(run.dir / "predictions.csv")
     tp = preds[preds["split"] == "test"].reset_index(drop=True)
@@ -152,15 +156,6 @@ def write_anomaly_section(run: Run, test, scores: list[dict], comparison: dict, 
 
 
 def train_anomaly(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log) -> Run:
-    from medlens.engine.anomaly import fit_autoencoder, set_score
-    from medlens.engine.train import build_network
-    from medlens.evaluation.calibration import calibration_method, fit_calibration
-    from medlens.evaluation.evaluate import evaluate_run
-    from medlens.evaluation.threshold import choose_threshold
-    from medlens.models import get_model_entry
-    from medlens.run.profile import profile_of
-    from medlens.transforms.preprocess import prepared_data
-
     if get_model_entry(cfg.model.name).task != "anomaly":
         raise ConfigError(f"model '{cfg.model.name}' is not an anomaly model; task: anomaly trains 'autoencoder'")
     data = prepared_data(cfg.data, seed=cfg.seed)

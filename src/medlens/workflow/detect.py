@@ -25,10 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import highdicom as hd
 import numpy as np
 import pandas as pd
 
+from medlens.data.nodules import AIR_HU, extract_patch_2d, extract_patch_3d
+from medlens.data.sources import get_source
 from medlens.errors import ConfigError, MedlensWarning
+from medlens.evaluation.froc import froc_files
+from medlens.imaging.nodules import check_ct_hu, nodule_candidates
+from medlens.imaging.segment import lung_mask
+from medlens.io import load
+from medlens.io.dicom_sources import dicom_sources, is_dicom_input
+from medlens.report.dicom_sr import Algorithm, DetectedNodule, detection_sr, write_sr
+from medlens.report.gallery import candidate_png, write_gallery
+from medlens.run.predictor import Predictor
+from medlens.run.run import Run
 from medlens.utils import atomic_dir, atomic_path
 
 PIPELINE_CHECK = ("With a handful of scans (here LIDC-IDRI-0001 and -0002: one accepted LUNA16 nodule) the FROC is a "
@@ -64,8 +76,6 @@ def _seriesuid(image, path: Path) -> str:
 
 def _patches(image, world: np.ndarray, predictor) -> np.ndarray:
     """The run's inputs for each candidate: the training store's extractor, then ``Predictor.prepare``."""
-    from medlens.data.nodules import AIR_HU, extract_patch_2d, extract_patch_3d
-
     spec = predictor.spec
     size = int(predictor.meta.input_size[0])
     xs = []
@@ -80,8 +90,6 @@ def _patches(image, world: np.ndarray, predictor) -> np.ndarray:
 def trained_on(run) -> set[str]:
     """Training/validation patients of a patch-store run (the store's patient ids are seriesuids)."""
     try:
-        from medlens.data.sources import get_source
-
         return get_source(run.config.data.source).training_patients(run.config.data)
     except Exception:  # the store moved: nothing to compare with
         return set()
@@ -96,21 +104,12 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
     probability), ``detections.json``, ``sr/`` (TID 1500, one planar ROI group for each of the ``max_findings``
     strongest candidates, Nodule Present or Absent at the run's validation threshold; DICOM inputs only), ``gallery/index.html``, and
     with ``annotations`` the FROC (``froc.json``, ``froc.png``)."""
-    from medlens.data.nodules import extract_patch_2d
-    from medlens.imaging.nodules import check_ct_hu, nodule_candidates
-    from medlens.imaging.segment import lung_mask
-    from medlens.io import load
-
     if max_candidates < 1 or gallery_size < 0 or max_findings < 0:
         raise ConfigError("max_candidates must be >= 1, gallery_size and max_findings >= 0")
     out = Path(out)
     predictor, algorithm, seen = None, None, set()
     rep = DetectReport(out)
     if run is not None:
-        from medlens.report.dicom_sr import Algorithm
-        from medlens.run.predictor import Predictor
-        from medlens.run.run import Run
-
         r = Run.open(run)
         predictor = Predictor(r)
         algorithm = Algorithm.of_run(r)
@@ -156,8 +155,6 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
         if sr and algorithm is not None:
             _write_srs(work, rep, images, algorithm, max_findings)
         if annotations is not None:
-            from medlens.evaluation.froc import froc_files
-
             rep.froc = froc_files(work / "candidates.csv", annotations, excluded, [d.seriesuid for d in rep.scans],
                                   n_boot=n_boot, seed=seed, plot=work / "froc.png",
                                   note="pipeline check (2 scans), not a detection result")
@@ -181,11 +178,6 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
 
 def _write_srs(work: Path, rep: DetectReport, images, algorithm, max_findings: int) -> None:
     """One TID 1500 SR per DICOM scan; .mhd scans have no DICOM instances to reference (noted, skipped)."""
-    import highdicom as hd
-
-    from medlens.report.dicom_sr import DetectedNodule, detection_sr, write_sr
-    from medlens.io.dicom_sources import dicom_sources, is_dicom_input
-
     for d, (src, image) in zip(rep.scans, images):
         if not is_dicom_input(src, image):
             rep.notes.append(f"scan ...{d.seriesuid[-12:]}: not a DICOM series, so no SR (it would reference no "
@@ -203,8 +195,6 @@ def _write_srs(work: Path, rep: DetectReport, images, algorithm, max_findings: i
 
 
 def _write_gallery(work: Path, rep: DetectReport, images, n: int, extract) -> None:
-    from medlens.report.gallery import candidate_png, write_gallery
-
     g = work / "gallery"
     g.mkdir()
     best = sorted(((r.probability, k, i) for k, d in enumerate(rep.scans)

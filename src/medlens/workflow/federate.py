@@ -18,26 +18,59 @@ sites failed (a client died, or sent nothing) are counted, and the report says s
 
 from __future__ import annotations
 
+import copy
+import hmac
+import ipaddress
+import math
+import secrets
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
+import grpc
 import numpy as np
+import pandas as pd
 import torch
+from flwr.client import ClientApp, start_client
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig, start_server
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.strategy import FedAvg
+from flwr.simulation import run_simulation
 
+from medlens.data import partition as partitioning
+from medlens.engine.federated import (
+    SiteClient,
+    digest,
+    eval_body,
+    get_weights,
+    missing_classes,
+    model_signature,
+    predict,
+    result_tag,
+    set_weights,
+    update_problem,
+)
+from medlens.engine.module import validation_scores
+from medlens.engine.strategies import StrategySettings, get_strategy
+from medlens.engine.train import build_network, environment
 from medlens.errors import ConfigError, MedlensError, MedlensWarning
+from medlens.evaluation.metrics import compute_metrics
+from medlens.run.profile import profile_of
+from medlens.run.sections import write_section
 from medlens.tasks import get_task
+from medlens.transforms.preprocess import prepared_data
 from medlens.utils import seed_everything
-from medlens.workflow.lifecycle import RunStart, resolve_run_dir
+from medlens.workflow.classifier import classifier_meta, finish_classifier
+from medlens.workflow.lifecycle import RunStart, resolve_run_dir, save_weights, write_record, write_start, write_table
+
 
 def _strategy_class(name: str, proximal_mu: float = 0.01, server_lr: float = 0.01) -> tuple[type, dict]:
     """The registered strategy ``name`` (``engine.strategies``): its Flower class (FedAvg or a subclass) and
     the keyword arguments it adds to FedAvg's; one line for an unknown name or a class of another family."""
-    from flwr.server.strategy import FedAvg
-
-    from medlens.engine.strategies import StrategySettings, get_strategy
-
     base, extra = get_strategy(name).build(StrategySettings(proximal_mu=proximal_mu, server_lr=server_lr))
     if not (isinstance(base, type) and issubclass(base, FedAvg)):
         raise ConfigError(f"--strategy '{name}' builds {getattr(base, '__name__', type(base).__name__)}, not a "
@@ -47,8 +80,6 @@ def _strategy_class(name: str, proximal_mu: float = 0.01, server_lr: float = 0.0
 
 def _finite(v):
     """A number a site reported, kept only when it is a finite number (None otherwise)."""
-    import math
-
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
@@ -61,8 +92,6 @@ JOIN_TIMEOUT = 3600.0
 
 def _bounded_client_manager(max_wait: float):
     """Flower's client manager, whose waits for sites (1 day in Flower) last at most ``max_wait`` seconds."""
-    from flwr.server.client_manager import SimpleClientManager
-
     class Bounded(SimpleClientManager):
         def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
             # Flower's own calls (sampling) use the 1-day default: they wait one round timeout at most
@@ -86,13 +115,6 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
     result is dropped, counted (``fit_rejected`` / ``evaluate_rejected`` and the reason per site in the round's
     row) and logged; the round goes on with the others. A round with fewer than ``min_fit_clients`` accepted
     updates keeps the previous global model."""
-    import hmac
-    import secrets as _secrets
-
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-
-    from medlens.engine.federated import digest, eval_body, result_tag, update_problem
-
     base, extra = _strategy_class(name, proximal_mu, server_lr)
     say = log or (lambda _s: None)
 
@@ -110,7 +132,7 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
                                                 "fit_failures": 0, "fit_rejected": 0, "sites": {}})
 
         def _nonce(self, kind: str, rnd: int) -> str:
-            return self.nonces.setdefault((kind, rnd), _secrets.token_hex(16))
+            return self.nonces.setdefault((kind, rnd), secrets.token_hex(16))
 
         def _site(self, r, kind: str, rnd: int, body: str) -> tuple[str, str | None]:
             """(site name, why the result is refused or None): the HMAC check when sites have secrets."""
@@ -198,8 +220,6 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
             return todo
 
         def aggregate_evaluate(self, server_round, results, failures):
-            import math
-
             row = self._row(server_round)
             kept = []
             for proxy, r in results:
@@ -245,10 +265,6 @@ class _Global:
     """The server's model and its data: builds the run contract, evaluates each round, finishes the run."""
 
     def __init__(self, cfg, data, path: Path) -> None:
-        from medlens.engine.federated import model_signature
-        from medlens.engine.train import build_network
-        from medlens.workflow.classifier import classifier_meta
-
         self.cfg, self.data, self.path = cfg, data, path
         self.meta = classifier_meta(cfg, data)
         tr = data.train
@@ -259,9 +275,6 @@ class _Global:
         self.signature = model_signature(m.model_dump(mode="json"))
 
     def evaluate_fn(self, server_round, weights, config):
-        from medlens.engine.federated import predict, set_weights
-        from medlens.engine.module import validation_scores
-
         set_weights(self.net, weights)
         prob = predict(self.net, self.data.val, self.data.task)
         s = validation_scores(self.data.task, torch.as_tensor(prob), torch.as_tensor(np.asarray(self.data.val.labels)))
@@ -269,16 +282,6 @@ class _Global:
 
     def finish(self, strategy, info: dict, site_tests: dict | None, t0: float) -> Path:
         """The global model of the last completed round -> the same run chain as ``medlens train``."""
-        import pandas as pd
-
-        from medlens.engine.federated import set_weights
-        from medlens.engine.train import environment
-        from medlens.evaluation.metrics import compute_metrics
-        from medlens.run.profile import profile_of
-        from medlens.run.sections import write_section
-        from medlens.workflow.classifier import finish_classifier
-        from medlens.workflow.lifecycle import save_weights, write_record, write_start, write_table
-
         if strategy.final is None:
             raise MedlensError("no federated round completed (every site failed or none connected)", self.path)
         set_weights(self.net, strategy.final)
@@ -337,12 +340,10 @@ class _Global:
 
 def _site_datasets(data, n_sites: int, spec: str, seed: int):
     """(train, val, test) of each site, partitioned by the same rule; warns about sites lacking a class."""
-    from medlens.data.partition import partition
-
     out = []
     for split in ("train", "val", "test"):
         ds = data.get(split)
-        out.append([ds.subset(idx, name=f"site{k}/{split}") for k, idx in enumerate(partition(ds, n_sites, spec,
+        out.append([ds.subset(idx, name=f"site{k}/{split}") for k, idx in enumerate(partitioning.partition(ds, n_sites, spec,
                                                                                              seed))])
     return list(zip(*out))
 
@@ -371,17 +372,8 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
              log: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> Path:
     """Simulate ``sites`` hospitals with Flower's simulation engine; write a run folder.
     ``progress(done, rounds)`` is called as each round's global model has been evaluated."""
-    from flwr.client import ClientApp
-    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
-    from flwr.simulation import run_simulation
-
-    from medlens.engine.federated import SiteClient, get_weights
-    from medlens.transforms.preprocess import prepared_data
-
-    from medlens.data.partition import parse_partition
-
     _strategy_class(strategy)
-    parse_partition(partition)
+    partitioning.parse_partition(partition)
     if sites < 1:
         raise ConfigError(f"--sites must be at least 1, not {sites}")
     if rounds < 1:
@@ -407,8 +399,6 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
         net_bytes = weights
 
         def client_fn(context):
-            import copy
-
             k = int(context.node_config["partition-id"])
             tr, va, _ = parts[k]
             net = copy.deepcopy(g.net)
@@ -419,8 +409,6 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
             return c.to_client()
 
         for k, (tr, _, _) in enumerate(parts):
-            from medlens.engine.federated import missing_classes
-
             miss = missing_classes(tr, n_classes) if get_task(data.task).exclusive else []
             if miss:
                 lacking += 1
@@ -442,8 +430,6 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
 
 def is_local_address(host: str) -> bool:
     """True for a loopback host (127.0.0.0/8, ::1, localhost): nothing outside this machine reaches it."""
-    import ipaddress
-
     host = host.strip("[]").lower()
     if host == "localhost":
         return True
@@ -520,11 +506,6 @@ def serve_federation(cfg, *, clients: int, rounds: int, address: str, strategy: 
     A non-local ``address`` needs ``certificates`` and ``site_secrets`` unless ``insecure``. Each round waits
     ``round_timeout`` seconds at most for fit and for evaluate answers (a site that died or hangs is a failure)
     and goes on with those that answered, if at least ``min_fit_clients`` valid updates came back."""
-    from flwr.server import ServerConfig, start_server
-
-    from medlens.engine.federated import get_weights
-    from medlens.transforms.preprocess import prepared_data
-
     _strategy_class(strategy)
     if clients < 1 or rounds < 1:
         raise ConfigError(f"--clients and --rounds must be at least 1, not {clients} and {rounds}")
@@ -570,14 +551,6 @@ def join_federation(cfg, *, site_data: Path, server: str, local_epochs: int = 1,
     The server must answer within ``connect_timeout`` seconds, and say something at least every
     ``server_timeout`` seconds while this site waits (local training is not counted); otherwise the site
     stops with one line. A server that closes the connection mid-federation is one line too."""
-    import signal
-
-    import grpc
-    from flwr.client import start_client
-
-    from medlens.engine.federated import SiteClient
-    from medlens.transforms.preprocess import prepared_data
-
     for flag, v in (("--connect-timeout", connect_timeout), ("--server-timeout", server_timeout)):
         if not (np.isfinite(v) and v > 0):
             raise ConfigError(f"{flag} must be a positive number of seconds, not {v}")
@@ -613,7 +586,6 @@ def join_federation(cfg, *, site_data: Path, server: str, local_epochs: int = 1,
                            "(--connect-timeout)") from None
     finally:
         channel.close()
-    import threading
 
     watch = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     if not watch:

@@ -14,19 +14,37 @@ import contextlib
 import copy
 import hashlib
 import os
+import re
+import signal
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pandas as pd
+import pydicom
 
+from medlens import __version__
+from medlens.data.lidc import cluster_nodules, parse_lidc_xml
 from medlens.errors import ConfigError, DataError
-from medlens.io.dicom import require_single_subject
+from medlens.imaging.features import first_order, shape
+from medlens.io import load
+from medlens.io.deid import Deidentifier
+from medlens.io.dicom import list_series, require_single_subject
+from medlens.io.dicom_seg import LUNG_NODULE, build_dicom_seg, codes_from_config, save_dataset
 from medlens.io.dicom_sources import dicom_sources, is_dicom_input
 from medlens.io.image import Image
+from medlens.io.pacs import connect
+from medlens.report.dicom_sr import Algorithm, RoiFinding, classification_sr, read_tid1500, segmentation_sr, write_sr
+from medlens.report.fhir import sr_to_bundle
+from medlens.run import Predictor, Run
 from medlens.run.operating import operating_point
 from medlens.tasks import task_of
-from medlens.utils import atomic_dir, atomic_path, unique_stems
+from medlens.utils import atomic_dir, atomic_path, remove_pid_named, unique_stems
+from medlens.workflow.segment import segment_files
 
 OUTPUTS = ("sr", "seg", "fhir")
 
@@ -53,8 +71,6 @@ def parse_outputs(text: str | None, segmentation: bool) -> set[str]:
 
 def deidentified(sources: list, key: str | None) -> list:
     """Copies of ``sources`` with the PS3.15 basic profile applied (the originals are untouched)."""
-    from medlens.io.deid import Deidentifier
-
     d = Deidentifier(key=key)
     out = []
     for ds in sources:
@@ -70,11 +86,6 @@ def deidentified(sources: list, key: str | None) -> list:
 def roi_findings(image: Image, labels: np.ndarray, names: list[str], codes: list, prefix: str = "") -> list:
     """Volume, maximum 3D diameter and intensity mean/SD of each label 1..N of ``labels`` on ``image``'s grid
     (the same functions as ``medlens features``); empty labels are left out."""
-    import highdicom as hd
-
-    from medlens.imaging.features import first_order, shape
-    from medlens.report.dicom_sr import RoiFinding
-
     hu = image.modality == "CT"
     out = []
     for k, (name, c) in enumerate(zip(names, codes), start=1):
@@ -99,9 +110,6 @@ class Exported:
 
 def _write_roi_outputs(work: Path, final: Path, stem: str, image: Image, sources: list, labels: np.ndarray,
                        names: list[str], codes: list, algorithm, outputs: set[str], prefix: str = "") -> Exported:
-    from medlens.io.dicom_seg import build_dicom_seg, save_dataset
-    from medlens.report.dicom_sr import segmentation_sr, write_sr
-
     ex = Exported(stem)
     findings = roi_findings(image, labels, names, codes, prefix)
     present = [f.segment_number for f in findings]
@@ -134,9 +142,6 @@ def _write_roi_outputs(work: Path, final: Path, stem: str, image: Image, sources
 
 def _write_bundle(sr_file: Path, path: Path) -> Path:
     """The FHIR Bundle of the SR as written (read back, as any reader of the file would)."""
-    from medlens.report.dicom_sr import read_tid1500
-    from medlens.report.fhir import sr_to_bundle
-
     bundle = sr_to_bundle(read_tid1500(sr_file))
     with atomic_path(path) as tmp:
         tmp.write_text(bundle.model_dump_json(indent=2, exclude_none=True), encoding="utf-8")
@@ -150,12 +155,6 @@ def export_nodules(xml: str | Path, scan: str | Path, out: str | Path, outputs: 
                    include_small: bool = False, deidentify: bool = False, deid_key: str | None = None) -> Exported:
     """LIDC reader nodules of a DICOM series as one SEG (a segment per nodule), a TID 1500 SR (a volumetric
     group per nodule, measured on the consensus mask) and a FHIR Bundle, in the new folder ``out``."""
-    from medlens import __version__
-    from medlens.data.lidc import cluster_nodules, parse_lidc_xml
-    from medlens.io import load
-    from medlens.io.dicom_seg import LUNG_NODULE
-    from medlens.report.dicom_sr import Algorithm
-
     scan = Path(scan)
     ann = parse_lidc_xml(xml)
     image = load(scan)
@@ -188,11 +187,6 @@ def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[s
                    deid_key: str | None = None) -> tuple[list, list[Exported]]:
     """Classify files (or DICOM series folders) with a run: ``predictions.csv`` in the new folder ``out``, and
     for DICOM inputs the outputs asked for (an SR per input, a FHIR Bundle made from it)."""
-    import pandas as pd
-
-    from medlens.report.dicom_sr import Algorithm, classification_sr, write_sr
-    from medlens.run import Predictor
-
     predictor = Predictor(run)
     files = [Path(f) for f in files]
     images = [predictor.load(f) for f in files]
@@ -236,12 +230,6 @@ def segment_export(run, files: list[str | Path], out: str | Path, outputs: set[s
     """``segment_files`` (masks and overlays) plus, for DICOM series inputs, a SEG coded from the run's config
     (``segmentation.dicom_codes``), an SR with a volumetric group per class, and a FHIR Bundle; all in ``out``,
     which appears only when complete."""
-    from medlens.io import load
-    from medlens.io.dicom_seg import codes_from_config
-    from medlens.report.dicom_sr import Algorithm
-    from medlens.run import Predictor
-    from medlens.workflow.segment import segment_files
-
     files = [Path(f) for f in files]
     predictor = Predictor(run, tta=tta)
     images = [predictor.load(f) for f in files]
@@ -300,8 +288,6 @@ _PACS_TMP = ".medlens-pacs-"
 
 def _require_one_subject(files, what: str) -> None:
     """The headers of ``files`` belong to one patient, study and frame of reference (``require_single_subject``)."""
-    import pydicom
-
     require_single_subject([pydicom.dcmread(f, stop_before_pixels=True) for f in files], what)
 
 
@@ -310,13 +296,6 @@ def _private_tempdir():
     """A temporary folder (mode 0700) for a pulled study, removed on every exit: an exception, Ctrl-C, or a
     SIGTERM (turned into SystemExit while it exists, in the main thread). A folder left by a killed process
     (``kill -9``) is removed by the next call, once its process is gone."""
-    import re
-    import signal
-    import tempfile
-    import threading
-
-    from medlens.utils import remove_pid_named
-
     remove_pid_named(tempfile.gettempdir(), re.compile(re.escape(_PACS_TMP) + r"(\d+)-"))
 
     def on_term(signum, frame):
@@ -342,10 +321,6 @@ def pacs_round_trip(run_dir, url: str, study_uid: str, out: str | Path, outputs:
     The study is pulled with the checks of ``medlens pacs pull`` into a private temporary folder that is removed
     on every exit (an error, Ctrl-C, SIGTERM; one left by a killed process is removed by the next call), and
     every series must belong to one patient, study and frame of reference before any result is made of it."""
-    from medlens.io.dicom import list_series
-    from medlens.io.pacs import connect
-    from medlens.run import Run
-
     run = Run.open(run_dir)
     seg = task_of(run).dense
     wanted = parse_outputs(outputs or ("sr,seg" if seg else "sr"), seg)
@@ -373,8 +348,6 @@ def pacs_round_trip(run_dir, url: str, study_uid: str, out: str | Path, outputs:
             rows, done = predict_export(run, inputs, out, wanted, deidentify=deidentify, deid_key=deid_key)
     res = RoundTrip(study_uid, len(inputs), done, rows=rows)
     if push:
-        import pydicom
-
         objs = [pydicom.dcmread(ex.files[k]) for ex in done for k in ("seg", "sr") if k in ex.files]
         res.pushed = client.push(objs) if objs else 0
     return res

@@ -22,12 +22,35 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from medlens.config import DataConfig, ExperimentConfig, TrainConfig, apply_override, config_from_dict, load_config
+from medlens.config import (
+    DataConfig,
+    ExperimentConfig,
+    TrainConfig,
+    apply_override,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
+from medlens.data.catalog import MEDMNIST
 from medlens.data.fingerprint import Fingerprint, fingerprint
 from medlens.data.sources import get_source, list_sources, source_for_path
-from medlens.engine.planner import (MAX_MEMBERS, PLANNER_VERSION, SAFETY, TARGET_STEPS, Decision, Plan, Planner,
-                                    ema_decay, format_seconds, parse_budget, target_epochs)
+from medlens.engine.planner import (
+    MAX_MEMBERS,
+    PLANNER_VERSION,
+    SAFETY,
+    TARGET_STEPS,
+    Decision,
+    Plan,
+    Planner,
+    ema_decay,
+    format_seconds,
+    parse_budget,
+    target_epochs,
+)
+from medlens.engine.probe import probe
 from medlens.errors import ConfigError, DataError
+from medlens.transforms.preprocess import prepared_data
+from medlens.utils import write_text_atomic
 
 __all__ = ["MAX_MEMBERS", "PLANNER_VERSION", "SAFETY", "TARGET_STEPS", "Decision", "Plan", "Planner", "base_config",
            "base_decisions", "ema_decay", "format_seconds", "load_for_plan", "make_plan", "parse_budget",
@@ -51,8 +74,6 @@ def base_config(source: str | Path, overrides: list[str] | None = None) -> Exper
         data = entry.plan_section(text)
         stem = p.name if p.is_dir() else p.stem
     else:
-        from medlens.data.catalog import MEDMNIST
-
         name, _, size = text.partition("@")
         if name.lower() not in MEDMNIST:
             raise DataError(f"'{text[:80]}' is neither a file, a folder nor a catalogue dataset (medlens data list)")
@@ -82,8 +103,6 @@ def _resized(dc: DataConfig, size: int, files: dict[int, str]) -> DataConfig:
 
 def load_for_plan(dc: DataConfig, seed: int):
     """Prepared splits as training will see them; a 3-channel MedMNIST-format file is read in colour."""
-    from medlens.transforms.preprocess import prepared_data
-
     dc = get_source(dc.source).for_plan(dc)
     return dc, prepared_data(dc, seed=seed)
 
@@ -99,8 +118,6 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
               log: Callable[[str], None] = lambda s: None, started: float | None = None) -> ExperimentConfig:
     """The planned experiment config (``plan:`` filled). ``started``: when the budget's clock started
     (``time.monotonic()``; default now)."""
-    from medlens.engine.probe import probe
-
     t0 = started if started is not None else time.monotonic()
     budget_s = parse_budget(budget)
     cfg0 = base_config(source, overrides)
@@ -181,9 +198,6 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
 
 
 def write_plan(cfg: ExperimentConfig, out: str | Path) -> Path:
-    from medlens.config import dump_config
-    from medlens.utils import write_text_atomic
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = ("# medlens plan: an experiment config (`medlens train` trains it); `plan:` records why each setting\n"

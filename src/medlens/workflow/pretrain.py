@@ -17,8 +17,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from medlens.config import DataConfig
+from medlens.data.catalog import MEDMNIST, get_info
+from medlens.data.medmnist import channels_first, image_dims, load_medmnist, read_npz
+from medlens.engine.pretrain import METHODS, head_name, pretrain_backbone
 from medlens.errors import ConfigError, DataError
+from medlens.models import create_model
+from medlens.transforms.preprocess import prepared_data
 from medlens.utils import atomic_path, write_json_atomic
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -39,8 +47,6 @@ class Source:
 
 def _medmnist_name(path: Path) -> str | None:
     """The catalogue name of a MedMNIST file such as ``retinamnist_64.npz``, or None."""
-    from medlens.data.catalog import MEDMNIST
-
     stem = path.stem.lower()
     base = stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1].isdigit() else stem
     key = base.replace("_", "").replace("-", "")
@@ -50,13 +56,9 @@ def _medmnist_name(path: Path) -> str | None:
 def _npz_train_images(path: Path) -> np.ndarray:
     """``train_images`` of a MedMNIST-layout npz as (N, C, *spatial): the catalogue's layout for a catalogue
     file, else the layout read from the array's shape (``data.medmnist``)."""
-    from medlens.data.medmnist import channels_first, image_dims, read_npz
-
     x = read_npz(path)["train_images"]
     name = _medmnist_name(path)
     if name is not None:
-        from medlens.data.catalog import get_info
-
         return channels_first(x, get_info(name).dims, path, f"{name} ({get_info(name).dims}D images)")
     return channels_first(x, image_dims(x), path)
 
@@ -66,14 +68,10 @@ def load_source(spec: str, size: int, seed: int = 0) -> Source:
     image folder (``root/<class>/<image>``; its seeded training split, resized to ``size``, gray)."""
     p = Path(spec).expanduser()
     if p.is_dir():
-        from medlens.config import DataConfig
-        from medlens.transforms.preprocess import prepared_data
-
         data = prepared_data(DataConfig(source="folder", path=str(p), size=size, color="gray"), seed=seed)
         return Source(spec, f"folder {p} (train split)", np.asarray(data.train.images))
     if p.suffix == ".npz" or p.is_file():
         return Source(spec, str(p), _npz_train_images(p))
-    from medlens.data.medmnist import load_medmnist
 
     data = load_medmnist(spec, size)
     return Source(spec, data.train.meta.get("file", spec), np.asarray(data.train.images))
@@ -86,9 +84,6 @@ def _to_float(x: np.ndarray) -> np.ndarray:
 def conform(x: np.ndarray, channels: int, size: int) -> np.ndarray:
     """Images (N, C, *spatial) -> float32 in the model's input scale with ``channels`` channels and every
     spatial side ``size`` (bilinear / trilinear, antialiased when shrinking 2D)."""
-    import torch
-    import torch.nn.functional as F
-
     x = _to_float(x)
     if x.shape[1] == 3 and channels == 1:
         x = np.tensordot(LUMA, x, axes=(0, 1))[:, None]
@@ -151,11 +146,6 @@ def pretrain(datasets: list[str], *, method: str = "simclr", model: str = "small
     """Pretrain ``model`` on the pooled training images of ``datasets``; write ``out`` and its JSON sidecar.
 
     Returns the sidecar's content."""
-    import torch
-
-    from medlens.engine.pretrain import METHODS, head_name, pretrain_backbone
-    from medlens.models import create_model
-
     if method not in METHODS:
         raise ConfigError(f"unknown pretraining method '{method}'; choose one of {list(METHODS)}")
     if channels not in (None, 1, 3):

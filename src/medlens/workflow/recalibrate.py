@@ -16,16 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
+from medlens.data.base import confined_paths, read_csv_checked, refuse_blank_cells
 from medlens.errors import DataError, MedlensError
+from medlens.evaluation.calibration import fit_calibration
+from medlens.evaluation.evaluate import evaluate_run
+from medlens.evaluation.threshold import choose_threshold
+from medlens.report.html import write_report
 from medlens.run import Predictor, Run, RunFolder, Threshold, run_lock
 from medlens.run.folder import MARKER
 from medlens.tasks import get_task
+from medlens.transforms.preprocess import prepared_data
 
 
 def _site_sample(run: Run, csv_path: Path):
     """The site's labelled images (``path,label[,patient_id]`` manifest), prepared like the run's inputs."""
-    from medlens.data.base import confined_paths, read_csv_checked, refuse_blank_cells
-
     df = read_csv_checked(csv_path, ["path", "label"], "site manifest")
     refuse_blank_cells(df, ["path", "label"], csv_path)
     names = run.class_names
@@ -40,12 +44,6 @@ def _site_sample(run: Run, csv_path: Path):
 
 def recalibrate(run_dir: str | Path, site_csv: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Copy the run to ``out`` with calibration and threshold refitted on the site sample; evaluate it."""
-    from medlens.evaluation.calibration import fit_calibration
-    from medlens.evaluation.evaluate import evaluate_run
-    from medlens.evaluation.threshold import choose_threshold
-    from medlens.report.html import write_report
-    from medlens.transforms.preprocess import prepared_data
-
     run = Run.open(run_dir, expect="classification")
     run.require_weights()
     site_csv = Path(site_csv)

@@ -9,6 +9,7 @@ import numpy as np
 
 from medlens.errors import MedlensWarning
 from medlens.evaluation.segmentation import mask_name, write_mask, write_overlay
+from medlens.io.dicom_seg import codes_from_config, write_dicom_seg
 from medlens.run import Predictor, Run
 from medlens.transforms.preprocess import display_image
 from medlens.utils import atomic_dir, unique_stems
@@ -39,8 +40,6 @@ def segment_files(run: Run | str | Path, files: list[str | Path], out_dir: str |
                 if "series_uid" not in img.meta or not f.is_dir():
                     warnings.warn(f"{f.name} is not a DICOM series folder; no DICOM SEG written", MedlensWarning)
                 else:
-                    from medlens.io.dicom_seg import codes_from_config, write_dicom_seg
-
                     codes = codes_from_config(run.config.segmentation.dicom_codes, len(run.class_names) - 1)
                     seg = write_dicom_seg(pred, geometry, f, out / f"{stem}_seg.dcm", run.class_names, codes=codes)
                     row["dicom_seg"] = str(final / Path(seg).name)
