@@ -1,22 +1,40 @@
-"""Shared CLI helpers: the console, tables, progress bars, quiet library logging."""
+"""Shared CLI helpers: the console, tables, progress bars, quiet library logging, and the plan printout that
+``plan`` and ``train --auto`` share.
+
+Like every module of ``medlens.cli`` it imports only the standard library, typer and rich at module level
+(docs/ARCHITECTURE.md, "Imports"); a helper that needs more imports it in its body.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-import os
-import sys
+if TYPE_CHECKING:  # types only: nothing is imported at run time
+    from medlens.config import ExperimentConfig
 
 # Pipes and CI logs get a wide console so tables are never truncated; a terminal keeps its own width.
 _width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
 console = Console(width=_width)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+# context settings of the commands that also answer -h (federate, pretrain)
+SHORT_HELP: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
+
+def say(text: str) -> None:
+    """One plain line on stdout: no rich markup or highlighting of what the library wrote."""
+    console.print(text, markup=False, highlight=False)
 
 
 def quiet_libraries() -> None:
@@ -51,7 +69,7 @@ def quiet_flower(level: int = logging.ERROR) -> None:
 
 
 def progress(transient: bool = True, download: bool = False) -> Progress:
-    cols = [TextColumn("{task.description}"), BarColumn()]
+    cols: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn()]
     cols += [DownloadColumn()] if download else [TextColumn("{task.completed}/{task.total}")]
     return Progress(*cols, TimeRemainingColumn(), console=err_console, transient=transient)
 
@@ -69,3 +87,24 @@ def progress_step(description: str, total: int | None = None) -> Iterator[Callab
                        description=f"{description}: {what}" if isinstance(what, str) else description)
 
         yield report
+
+
+def print_plan(cfg: ExperimentConfig, out: Path | None) -> None:
+    """The decisions of a plan (``medlens plan``, ``train --auto``), one line each, and where the plan went."""
+    p = cfg.plan
+    if p is None:
+        from medlens.errors import ConfigError
+
+        raise ConfigError("the config has no plan: section (write one with `medlens plan`)", out)
+    t = Table(title=f"plan for {p['input']} (budget {p['budget']})")
+    for col in ("setting", "value", "reason"):
+        t.add_column(col, overflow="fold")
+    for d in p["decisions"]:
+        v = d["value"]
+        t.add_row(d["setting"], str(v if not isinstance(v, dict) else {k: v[k] for k in v}), d["reason"])
+    console.print(t)
+    e = p["estimates"]
+    say(f"estimated {e['total_s']:.0f}s of {p['budget_seconds']:.0f}s (fitting {e['fit_s']:.0f}s, "
+        f"evaluation {e['post_s']:.0f}s, margin {e['margin_s']:.0f}s)")
+    if out is not None:
+        say(f"plan: {out}")

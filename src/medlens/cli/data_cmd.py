@@ -55,7 +55,7 @@ def info(name: str, size: int = typer.Option(28, "--size", help="28, 64, 128 or 
         t.add_row("MD5", "[green]verified[/]")
         for s in ("train", "val", "test"):
             ds = data.get(s)
-            t.add_row(s, f"{len(ds)} images {tuple(ds.images.shape[1:])}, per class "
+            t.add_row(s, f"{len(ds)} images {(ds.in_channels, *ds.image_shape)}, per class "
                          f"{np.asarray(ds.class_counts()).astype(int).tolist()}")
     else:
         t.add_row("on disk", f"[yellow]no[/]: `medlens data fetch {i.name} --size {size}`")

@@ -68,36 +68,33 @@ def pacs_push(url: str = typer.Argument(..., help="DICOMweb root or dimse://AET@
     from medlens.io.pacs import connect, read_instances
 
     client = connect(url, allow_http=allow_http)  # the URL is checked before any file is read
-    n = client.push(read_instances(files))
+    paths: list[str | Path] = list(files)
+    n = client.push(read_instances(paths))
     console.print(f"[green]stored[/] {n} instance(s) at {shown_url(url)}")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(pacs_app, name="pacs")
+def fhir(sr: Path = typer.Argument(..., help="a DICOM SR (TID 1500 measurement report)"),
+         out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle JSON to write"),
+         post: Optional[str] = typer.Option(None, "--post", help="FHIR server base URL: POST the transaction "
+                                            "(https://, or http:// on this machine; redirects are refused)"),
+         allow_http: bool = typer.Option(False, "--allow-http", help=ALLOW_HTTP_HELP)) -> None:
+    """Convert a TID 1500 SR to a FHIR R5 transaction Bundle (HL7 SR-to-FHIR mapping); optionally POST it."""
+    from medlens.errors import MedlensError
+    from medlens.io.net import check_http_url, shown_url
+    from medlens.report.dicom_sr import read_tid1500
+    from medlens.report.fhir import post_bundle, sr_to_bundle
+    from medlens.utils import write_text_atomic
 
-    @app.command()
-    def fhir(sr: Path = typer.Argument(..., help="a DICOM SR (TID 1500 measurement report)"),
-             out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle JSON to write"),
-             post: Optional[str] = typer.Option(None, "--post", help="FHIR server base URL: POST the transaction "
-                                                "(https://, or http:// on this machine; redirects are refused)"),
-             allow_http: bool = typer.Option(False, "--allow-http", help=ALLOW_HTTP_HELP)) -> None:
-        """Convert a TID 1500 SR to a FHIR R5 transaction Bundle (HL7 SR-to-FHIR mapping); optionally POST it."""
-        from medlens.errors import MedlensError
-        from medlens.io.net import check_http_url, shown_url
-        from medlens.report.dicom_sr import read_tid1500
-        from medlens.report.fhir import post_bundle, sr_to_bundle
-        from medlens.utils import write_text_atomic
-
-        if out is None and post is None:
-            raise MedlensError("give -o bundle.json, --post URL, or both")
-        if post is not None:
-            check_http_url(post, allow_http, "FHIR server")  # before anything is read or written
-        bundle = sr_to_bundle(read_tid1500(sr))
-        n = len(bundle.entry or [])
-        if out is not None:
-            write_text_atomic(out, bundle.model_dump_json(indent=2, exclude_none=True))
-            console.print(f"[green]wrote[/] {out}: a transaction Bundle of {n} resources")
-        if post is not None:
-            reply = post_bundle(bundle, post, allow_http=allow_http)
-            ok = sum(1 for e in reply.get("entry", []) if str(e.get("response", {}).get("status", "")).startswith("2"))
-            console.print(f"[green]posted[/] {n} resources to {shown_url(post)} ({ok} created or matched)")
+    if out is None and post is None:
+        raise MedlensError("give -o bundle.json, --post URL, or both")
+    if post is not None:
+        check_http_url(post, allow_http, "FHIR server")  # before anything is read or written
+    bundle = sr_to_bundle(read_tid1500(sr))
+    n = len(bundle.entry or [])
+    if out is not None:
+        write_text_atomic(out, bundle.model_dump_json(indent=2, exclude_none=True))
+        console.print(f"[green]wrote[/] {out}: a transaction Bundle of {n} resources")
+    if post is not None:
+        reply = post_bundle(bundle, post, allow_http=allow_http)
+        ok = sum(1 for e in reply.get("entry", []) if str(e.get("response", {}).get("status", "")).startswith("2"))
+        console.print(f"[green]posted[/] {n} resources to {shown_url(post)} ({ok} created or matched)")

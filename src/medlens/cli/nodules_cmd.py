@@ -3,11 +3,12 @@ the LUNA16 FROC."""
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-import numpy as np
 from rich.table import Table
 
 from medlens.cli.common import console, progress
@@ -30,8 +31,6 @@ def extract(scans: List[Path] = typer.Option(..., "--scans", help="folder of <se
                                                 "nodule-free (LUNA16): sample negatives from them too"),
             seed: int = typer.Option(0, "--seed")) -> None:
     """Extract nodule / non-nodule patches around world coordinates into an HDF5 store."""
-    import warnings
-
     from medlens.workflow.nodules import extract_patches
 
     with warnings.catch_warnings(record=True) as caught, progress() as bar:
@@ -93,6 +92,8 @@ def lidc(xml: Path = typer.Argument(..., help="LIDC-IDRI reader XML"),
                   "-" if p.malignancy is None else f"{p.malignancy:.2f}")
     console.print(t)
     if mask_out is not None:
+        import numpy as np
+
         from medlens.data.lidc import consensus_mask_image
         from medlens.io.writers import save
 
@@ -116,14 +117,13 @@ def detect(scans: List[Path] = typer.Argument(..., help="chest CTs: <seriesuid>.
            bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap samples over scans (FROC CI)"),
            seed: int = typer.Option(0, "--seed")) -> None:
     """Whole-scan nodule detection: LoG blob candidates in the lungs, scored by a patch classifier run."""
-    import warnings
-
     from medlens.workflow.detect import PIPELINE_CHECK, detect_scans
 
+    paths: list[str | Path] = list(scans)
     with warnings.catch_warnings(record=True) as caught, progress() as bar:
         warnings.simplefilter("always")
         task = bar.add_task("scans", total=None)
-        rep = detect_scans(scans, out, run, max_candidates=max_candidates, sr=not no_sr, annotations=annotations,
+        rep = detect_scans(paths, out, run, max_candidates=max_candidates, sr=not no_sr, annotations=annotations,
                            excluded=excluded, n_boot=bootstrap, seed=seed,
                            progress=lambda i, n, what: bar.update(task, completed=i, total=n))
     for w in caught:
@@ -189,9 +189,6 @@ def froc(candidates: Path = typer.Argument(..., help="LUNA16 candidates CSV: ser
          bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap samples over scans"),
          seed: int = typer.Option(0, "--seed")) -> None:
     """LUNA16 FROC: hits within the nodule radius, excluded findings ignored, CPM with a bootstrap CI over scans."""
-    import json
-    import warnings
-
     from medlens.evaluation.froc import froc_files
     from medlens.utils import atomic_path
 

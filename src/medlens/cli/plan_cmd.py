@@ -7,45 +7,23 @@ from typing import List, Optional
 
 import typer
 
-from medlens.cli.common import console, quiet_libraries
+from medlens.cli.common import print_plan, quiet_libraries, say
 
 
-def print_plan(cfg, out: Path | None) -> None:
-    """The decisions, one line each, and where the plan went."""
-    from rich.table import Table
+def plan(source: str = typer.Argument(..., help="a MedMNIST-format .npz, a catalogue name (name or name@size), "
+                                      "an image folder, a CSV manifest, an HDF5 patch store, or an experiment "
+                                      "YAML (its data: section)"),
+         budget: str = typer.Option(..., "--budget", help="wall time of the whole `medlens train --auto` run, "
+                                    "e.g. 15m, 90s, 1h"),
+         out: Path = typer.Option(Path("plan.yaml"), "--out", help="the plan (an experiment config)"),
+         seed: int = typer.Option(0, "--seed"),
+         set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. data.max_samples=300 "
+                                        "(data.* before fingerprinting)"),
+         output_dir: Optional[str] = typer.Option(None, "--output-dir", help="the plan's output_dir")) -> None:
+    """Fingerprint a dataset, time candidate networks on this machine and write a plan with its reasons."""
+    from medlens.workflow.plan import make_plan, write_plan
 
-    p = cfg.plan
-    t = Table(title=f"plan for {p['input']} (budget {p['budget']})")
-    for col in ("setting", "value", "reason"):
-        t.add_column(col, overflow="fold")
-    for d in p["decisions"]:
-        v = d["value"]
-        t.add_row(d["setting"], str(v if not isinstance(v, dict) else {k: v[k] for k in v}), d["reason"])
-    console.print(t)
-    e = p["estimates"]
-    console.print(f"estimated {e['total_s']:.0f}s of {p['budget_seconds']:.0f}s (fitting {e['fit_s']:.0f}s, "
-                  f"evaluation {e['post_s']:.0f}s, margin {e['margin_s']:.0f}s)", markup=False, highlight=False)
-    if out is not None:
-        console.print(f"plan: {out}", markup=False, highlight=False)
-
-
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def plan(source: str = typer.Argument(..., help="a MedMNIST-format .npz, a catalogue name (name or name@size), "
-                                          "an image folder, a CSV manifest, an HDF5 patch store, or an experiment "
-                                          "YAML (its data: section)"),
-             budget: str = typer.Option(..., "--budget", help="wall time of the whole `medlens train --auto` run, "
-                                        "e.g. 15m, 90s, 1h"),
-             out: Path = typer.Option(Path("plan.yaml"), "--out", help="the plan (an experiment config)"),
-             seed: int = typer.Option(0, "--seed"),
-             set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. data.max_samples=300 "
-                                            "(data.* before fingerprinting)"),
-             output_dir: Optional[str] = typer.Option(None, "--output-dir", help="the plan's output_dir")) -> None:
-        """Fingerprint a dataset, time candidate networks on this machine and write a plan with its reasons."""
-        from medlens.workflow.plan import make_plan, write_plan
-
-        quiet_libraries()
-        sets = list(set_) + ([f"output_dir={output_dir}"] if output_dir else [])
-        cfg = make_plan(source, budget, seed=seed, overrides=sets,
-                        log=lambda s: console.print(s, markup=False, highlight=False))
-        print_plan(cfg, write_plan(cfg, out))
+    quiet_libraries()
+    sets = list(set_) + ([f"output_dir={output_dir}"] if output_dir else [])
+    cfg = make_plan(source, budget, seed=seed, overrides=sets, log=say)
+    print_plan(cfg, write_plan(cfg, out))
