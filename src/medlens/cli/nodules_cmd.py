@@ -33,10 +33,11 @@ def extract(scans: List[Path] = typer.Option(..., "--scans", help="folder of <se
     """Extract nodule / non-nodule patches around world coordinates into an HDF5 store."""
     from medlens.workflow.nodules import extract_patches
 
+    folders: list[str | Path] = list(scans)
     with warnings.catch_warnings(record=True) as caught, progress() as bar:
         warnings.simplefilter("always")
         task = bar.add_task("scans", total=None)
-        rep = extract_patches(scans, annotations, out, candidates=candidates, dims=dims, size=size, spacing=spacing,
+        rep = extract_patches(folders, annotations, out, candidates=candidates, dims=dims, size=size, spacing=spacing,
                               neg_ratio=neg_ratio, augment_positives=not no_augment, seed=seed, negative_scans=negative_scans,
                               progress=lambda i, n, uid: bar.update(task, completed=i, total=n))
     for w in caught:

@@ -68,7 +68,8 @@ def check_extract_args(dims, size, spacing, neg_ratio, seed, min_distance) -> No
         raise ConfigError(f"seed (--seed) must be >= 0, not {seed}")
 
 
-def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path, *, candidates: str | Path | None = None,
+def extract_patches(scans: str | Path | list[str | Path], annotations: str | Path, out: str | Path, *,
+                    candidates: str | Path | None = None,
                     dims: int = 2, size: int | None = None, spacing: float = 1.0, neg_ratio: float = 5.0,
                     augment_positives: bool = True, seed: int = 0, min_negative_distance_mm: float = 20.0,
                     progress: Callable | None = None, negative_scans: bool = False,

@@ -39,7 +39,8 @@ def sample_negatives(image: Image, positives_world: np.ndarray, n: int, min_dist
     return np.array(pts).reshape(-1, 3)
 
 
-def extract_patches(scans: str | Path, annotations: str | Path, out: str | Path, *, candidates: str | Path | None = None,
+def extract_patches(scans: str | Path | list[str | Path], annotations: str | Path, out: str | Path, *,
+                    candidates: str | Path | None = None,
                     dims: int = 2, size: int | None = None, spacing: float = 1.0, neg_ratio: float = 5.0,
                     augment_positives: bool = True, seed: int = 0, min_negative_distance_mm: float = 20.0,
                     progress: Callable | None = None, negative_scans: bool = False) -> ExtractReport:
