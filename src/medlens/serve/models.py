@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlens.errors import ConfigError
+from medlens.errors import ConfigError, MedlensError
 from medlens.explain import explain
 from medlens.report.dicom_sr import Algorithm, classification_sr
 from medlens.run import Prediction, Predictor, Run
@@ -152,19 +152,25 @@ class ServedModel:
         """Probabilities of one prepared input (C, *spatial), computed in a batch with concurrent requests."""
         fut = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait((x, fut))
+            self._queue().put_nowait((x, fut))
         except asyncio.QueueFull:
             raise QueueFull(self.name) from None
         return await fut
 
+    def _queue(self) -> asyncio.Queue:
+        if self.queue is None:
+            raise RuntimeError(f"model '{self.name}' is not started (ServedModel.start)")
+        return self.queue
+
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        queue = self._queue()
         while True:
-            items = [await self.queue.get()]
+            items = [await queue.get()]
             deadline = loop.time() + self.max_wait
             while len(items) < self.max_batch:
                 try:
-                    items.append(self.queue.get_nowait())
+                    items.append(queue.get_nowait())
                     continue
                 except asyncio.QueueEmpty:
                     pass
@@ -172,7 +178,7 @@ class ServedModel:
                 if left <= 0:
                     break
                 try:
-                    items.append(await asyncio.wait_for(self.queue.get(), left))
+                    items.append(await asyncio.wait_for(queue.get(), left))
                 except TimeoutError:
                     break
             items = [(x, f) for x, f in items if not f.cancelled()]
@@ -222,7 +228,10 @@ class ServedModel:
     # ---------------------------------------------------------------- heatmap and masks
     def heatmap(self, x: np.ndarray, target: int | None = None) -> tuple[np.ndarray, dict]:
         """Grad-CAM (PyTorch network) of one prepared input for the predicted (or given) class; (*spatial) in [0, 1]."""
-        maps, info = explain(self.torch_run.model, torch.from_numpy(x[None]), "gradcam", target)
+        net = self.torch_run.model
+        if not isinstance(net, torch.nn.Module):
+            raise MedlensError(f"'{self.name}' is a classical model: it has no Grad-CAM")
+        maps, info = explain(net, torch.from_numpy(x[None]), "gradcam", target)
         m = maps[0]
         hi = float(m.max())
         return (m / hi if hi > 0 else m).astype(np.float32), info

@@ -8,6 +8,7 @@ import io
 import shutil
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -58,8 +59,8 @@ def to_image_grid(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(m.shape) == tuple(shape):
         return m.astype(np.float32)
     if m.ndim == 2:
-        return cv2.resize(m.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
-    out = zoom(m.astype(np.float32), [t / s for t, s in zip(shape, m.shape)], order=1)
+        return np.asarray(cv2.resize(m.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR))
+    out = np.asarray(zoom(m.astype(np.float32), [t / s for t, s in zip(shape, m.shape)], order=1))
     return out[tuple(slice(0, s) for s in shape)]
 
 
@@ -75,7 +76,8 @@ def mask_measures(mask: np.ndarray, spacing) -> dict:
     cell = float(np.prod(sp))
     out: dict = {"foreground_voxels": n, "unit": "mm"}
     out["volume_mm3" if mask.ndim == 3 else "area_mm2"] = n * cell
-    labels, k = ndimage.label(fg)
+    # scipy's annotations give label() one return type for every call; without `output` it is (labels, count)
+    labels, k = cast(tuple[np.ndarray, int], ndimage.label(fg))
     out["components"] = int(k)
     if k == 0:
         out["max_diameter_mm"] = 0.0

@@ -3,8 +3,10 @@ start-up, JSON logs, and the upload spool folders of dead processes cleaned."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
+from typing import Any, cast
 
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -24,8 +26,13 @@ def header_guard(read_timeout_s: float, max_header_bytes: int = MAX_HEADER_BYTES
     opening (or of its previous answer, on keep-alive), or sends more than ``max_header_bytes`` of it, is
     closed. uvicorn has a keep-alive timeout but none for the header phase (a slow-header client is otherwise
     held for ever), and its httptools parser has no header size limit."""
-    class HeaderGuard(AutoHTTPProtocol):   # type: ignore[misc, valid-type]
-        _head_timer = None
+    class HeaderGuard(AutoHTTPProtocol):
+        # attributes of both of uvicorn's HTTP protocols, which AutoHTTPProtocol's declared type (asyncio.Protocol)
+        # does not show
+        transport: asyncio.Transport
+        cycle: Any
+        loop: asyncio.AbstractEventLoop
+        _head_timer: asyncio.TimerHandle | None = None
         _head_bytes = 0
 
         def connection_made(self, transport) -> None:
@@ -44,7 +51,7 @@ def header_guard(read_timeout_s: float, max_header_bytes: int = MAX_HEADER_BYTES
             self._head_watch()
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
+            cast(Any, super()).on_response_complete()   # uvicorn's protocols define it; asyncio.Protocol does not
             self._head_watch()
 
         def connection_lost(self, exc) -> None:
@@ -83,6 +90,8 @@ def check_tls(cert: str | None, key: str | None) -> None:
     """The certificate and key load (one line naming the problem, not uvicorn's traceback at start-up)."""
     if not cert:
         return
+    if not key:
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     for what, f in (("--tls-cert", cert), ("--tls-key", key)):
         if not Path(f).is_file():
             raise ConfigError(f"{what}: file not found", f)

@@ -116,7 +116,7 @@ def check_metadata(task, class_names, prep, threshold, calibration, activation, 
         if not isinstance(calibration, dict) or not isinstance(calibration.get("params"), dict):
             raise ExportError("medlens.calibration is not an object with params")
         method, params = calibration.get("method"), calibration["params"]
-        want = {"platt": ("a", "b"), "temperature": ("t",)}.get(method)
+        want = {"platt": ("a", "b"), "temperature": ("t",)}.get(method) if isinstance(method, str) else None
         if want is None or sorted(params) != sorted(want):
             raise ExportError(f"medlens.calibration: method {method!r} with params {sorted(params)} (platt takes a "
                               "and b, temperature takes t)")
@@ -350,7 +350,10 @@ class ExportedModel:
     # ---------------------------------------------------------------- inference
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw model output of prepared inputs (N, C, *spatial)."""
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+        if not isinstance(out, np.ndarray):
+            raise ExportError(f"the model's first output is a {type(out).__name__}, not a tensor")
+        return out
 
     def _finite(self, p: np.ndarray) -> np.ndarray:
         if not np.isfinite(p).all():   # after calibration: a NaN must never reach the threshold
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = run is None
         del argv[i:i + 2]
     if len(argv) < 2 or bad:
-        print(__doc__.strip().splitlines()[0] + "\nusage: standalone_loader.py MODEL.onnx IMAGE [IMAGE ...] "
+        print((__doc__ or "").strip().splitlines()[0] + "\nusage: standalone_loader.py MODEL.onnx IMAGE [IMAGE ...] "
               "[--run RUN_FOLDER]", file=sys.stderr)
         return 2
     try:

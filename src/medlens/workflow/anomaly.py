@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from medlens.engine.anomaly import anomaly_scores, fit_autoencoder, set_score
+from medlens.engine.network import ClassifierNet
 from medlens.engine.train import build_network
 from medlens.errors import ConfigError, MedlensError, MedlensWarning
 from medlens.evaluation.calibration import calibration_method, fit_calibration
@@ -30,7 +31,7 @@ from medlens.evaluation.threshold import choose_threshold
 from medlens.explain.methods import explain
 from medlens.explain.render import panels_png
 from medlens.models import get_model_entry
-from medlens.models.autoencoder import SCORES
+from medlens.models.autoencoder import SCORES, AnomalyAutoEncoder
 from medlens.run import InputPrep, Predictor, Run, RunMeta, Threshold
 from medlens.run.profile import profile_of
 from medlens.run.sections import write_section
@@ -115,17 +116,23 @@ def write_anomaly_section(run: Run, test, scores: list[dict], comparison: dict, 
     """The report's anomaly section: score comparison, anomaly vs supervised AUC, and for the same test
     cases the input, reconstruction, anomaly map and the supervised model's Grad-CAM."""
     net = run.model
+    if not isinstance(net, ClassifierNet) or not isinstance(net.net, AnomalyAutoEncoder):
+        raise MedlensError("the run's network is not an anomaly autoencoder", run.dir)
+    ae = net.net
     preds = pd.read_csv(run.dir / "predictions.csv")
-    tp = preds[preds["split"] == "test"].reset_index(drop=True)
+    tp = preds.loc[preds["split"] == "test"].reset_index(drop=True)
+    label, pred = tp["label"], tp["pred"]
     names = run.class_names
-    groups = {f"{names[1]}: flagged, most anomalous (true positives)": tp[(tp.label == 1) & (tp.pred == 1)].nlargest(k, "prob"),
-              f"{names[1]}: missed (false negatives)": tp[(tp.label == 1) & (tp.pred == 0)].nsmallest(k, "prob"),
-              f"{names[0]}: flagged (false positives)": tp[(tp.label == 0) & (tp.pred == 1)].nlargest(k, "prob")}
-    sup, sup_preds = None, None
+    groups = {f"{names[1]}: flagged, most anomalous (true positives)": tp.loc[(label == 1) & (pred == 1)].nlargest(k, "prob"),
+              f"{names[1]}: missed (false negatives)": tp.loc[(label == 1) & (pred == 0)].nsmallest(k, "prob"),
+              f"{names[0]}: flagged (false positives)": tp.loc[(label == 0) & (pred == 1)].nlargest(k, "prob")}
+    sup: tuple[torch.nn.Module, pd.DataFrame] | None = None   # the supervised network, its test predictions
     if comparison.get("available") and comparison.get("same_input"):
-        sup = Run.open(comparison["dir"], expect="classification")
+        sup_net = Run.open(comparison["dir"], expect="classification").model
+        if not isinstance(sup_net, torch.nn.Module):
+            raise MedlensError("the supervised run is a classical model: no Grad-CAM to show beside", comparison["dir"])
         sp = pd.read_csv(Path(comparison["dir"]) / "predictions.csv")
-        sup_preds = sp[sp["split"] == "test"].set_index("source")
+        sup = sup_net, sp.loc[sp["split"] == "test"].set_index("source")
     out = run.dir / "explanations" / "anomaly"
     data = {"score": run.meta.anomaly.get("score") if run.meta.anomaly else None, "scores": scores,
             "comparison": comparison, "auc": None, "groups": []}
@@ -133,18 +140,19 @@ def write_anomaly_section(run: Run, test, scores: list[dict], comparison: dict, 
     data["auc"] = metrics["test"]["metrics"]["auc"]
     for title, rows in groups.items():
         cases = []
-        for _, r in rows.iterrows():
+        for r in rows.to_dict("records"):
             i = int(r["index"])
             x, _ = test.batch([i])
             with torch.no_grad():
                 xn = net.normalize(x)
-                recon = net.net.reconstruct(xn)
-                amap = net.net.error_map(xn, recon=recon)
+                recon = ae.reconstruct(xn)
+                amap = ae.error_map(xn, recon=recon)
             panels = [("input", x[0].numpy(), "image"), ("reconstruction", recon[0].numpy(), "image"),
-                      (f"anomaly map ({net.net.score})", amap[0].numpy(), "heat")]
-            cap = f"#{i}: true {names[int(r.label)]}; anomaly p={r['prob']:.2f} ({names[int(r.pred)]})"
+                      (f"anomaly map ({ae.score})", amap[0].numpy(), "heat")]
+            cap = f"#{i}: true {names[int(r['label'])]}; anomaly p={r['prob']:.2f} ({names[int(r['pred'])]})"
             if sup is not None:
-                gmap, info = explain(sup.model, x, "gradcam", target=1)
+                sup_net, sup_preds = sup
+                gmap, info = explain(sup_net, x, "gradcam", target=1)
                 panels.append((f"supervised Grad-CAM ({names[1]})", gmap[0], "heat"))
                 s = sup_preds.loc[r["source"]] if r["source"] in sup_preds.index else None
                 if s is not None:
@@ -204,7 +212,7 @@ def train_anomaly(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, 
     net = set_score(net, chosen, train_normal, path)
     meta = meta.model_copy(update=fit.summary())
     meta.model_params = {**params, "score": chosen}
-    meta.anomaly = {**meta.anomaly, "score": chosen, "scores": scores}
+    meta.anomaly = {**(meta.anomaly or {}), "score": chosen, "scores": scores}
     write_record(path / "anomaly_scores.json", scores)
     run = Run(path, meta, cfg).use_model(net)
     predictor = Predictor(run)

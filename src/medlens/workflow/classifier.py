@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -97,7 +98,7 @@ def train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: boo
 
 
 def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bool = False, *,
-                      status: str = "complete", after: Callable[[Run, Predictor], None] | None = None) -> Run:
+                      status: Literal["complete", "failed"] = "complete", after: Callable[[Run, Predictor], None] | None = None) -> Run:
     """A fitted classifier -> calibration and threshold on validation -> (life-cycle finish: ``status``) ->
     evaluation -> explanations -> ``after`` (more report sections) -> report (``medlens train``, and
     ``medlens federate`` with the global model)."""
@@ -118,5 +119,5 @@ def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bo
         if after is not None:
             after(r, predictor)
 
-    finish(run, evaluate, status)  # type: ignore[arg-type]
+    finish(run, evaluate, status)
     return run

@@ -32,7 +32,7 @@ import pandas as pd
 from medlens.data.nodules import AIR_HU, extract_patch_2d, extract_patch_3d
 from medlens.data.sources import get_source
 from medlens.errors import ConfigError, MedlensWarning
-from medlens.evaluation.froc import froc_files
+from medlens.evaluation.froc import FrocResult, froc_files
 from medlens.imaging.nodules import check_ct_hu, nodule_candidates
 from medlens.imaging.segment import lung_mask
 from medlens.io import load
@@ -65,7 +65,7 @@ class DetectReport:
     scans: list[ScanDetection] = field(default_factory=list)
     threshold: float | None = None
     classifier: str = ""
-    froc: object | None = None
+    froc: FrocResult | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -125,7 +125,7 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
             progress(i, len(scans), "reading")
         t0 = time.perf_counter()
         image = load(s)
-        check_ct_hu(image, s)
+        check_ct_hu(image, str(s))
         uid = _seriesuid(image, Path(s))
         if uid in seen:
             msg = (f"scan ...{uid[-12:]} was among the classifier's training scans: its detections are not a test "
@@ -141,8 +141,9 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
                 warnings.simplefilter("ignore", MedlensWarning)  # patches are the run's own kind of input
                 probs = predictor.predict_arrays(_patches(image, world, predictor)) if len(world) else np.zeros(0)
         else:
-            top = float(cands["score"].max()) if len(cands) else 1.0
-            probs = np.clip(cands["score"].to_numpy(float) / (top or 1.0), 0, 1)
+            score = cands["score"].to_numpy(float)
+            top = float(np.nanmax(score)) if len(score) else 1.0
+            probs = np.clip(score / (top or 1.0), 0, 1)
         cands = cands.assign(probability=np.asarray(probs, float)).sort_values("probability", ascending=False,
                                                                                kind="stable").reset_index(drop=True)
         t2 = time.perf_counter()
@@ -187,8 +188,9 @@ def _write_srs(work: Path, rep: DetectReport, images, algorithm, max_findings: i
         found = d.candidates.head(max_findings)  # strongest first; each group says Present/Absent at the threshold
         if found.empty:
             continue
-        findings = [DetectedNodule(f"nodule candidate {k + 1}", (r.coordX, r.coordY, r.coordZ), r.diameter_mm,
-                                   r.probability, rep.threshold, hd.UID()) for k, r in enumerate(found.itertuples())]
+        findings = [DetectedNodule(f"nodule candidate {k + 1}", (r["coordX"], r["coordY"], r["coordZ"]),
+                                   r["diameter_mm"], r["probability"], rep.threshold, hd.UID())
+                    for k, r in enumerate(found.to_dict("records"))]
         (work / "sr").mkdir(exist_ok=True)
         d.sr = write_sr(detection_sr(sources, findings, algorithm, str(sources[0].FrameOfReferenceUID)),
                         work / "sr" / f"scan{len(list((work / 'sr').iterdir())) + 1}_nodules_sr.dcm")
@@ -197,8 +199,8 @@ def _write_srs(work: Path, rep: DetectReport, images, algorithm, max_findings: i
 def _write_gallery(work: Path, rep: DetectReport, images, n: int, extract) -> None:
     g = work / "gallery"
     g.mkdir()
-    best = sorted(((r.probability, k, i) for k, d in enumerate(rep.scans)
-                   for i, r in enumerate(d.candidates.itertuples())), reverse=True)[:n]
+    best = sorted(((p, k, i) for k, d in enumerate(rep.scans)
+                   for i, p in enumerate(d.candidates["probability"].tolist())), reverse=True)[:n]
     figs = []
     for rank, (p, k, i) in enumerate(best, 1):
         d = rep.scans[k]

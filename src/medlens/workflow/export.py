@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medlens.data.base import Dataset
+from medlens.data.segmentation import SegCase
 from medlens.engine.segmentation import foreground_dice
 from medlens.errors import ConfigError, DataError, MedlensError
 from medlens.evaluation.metrics import METRIC_FAMILIES
@@ -45,16 +47,21 @@ from medlens.utils import atomic_path, write_json_atomic
 
 
 # ---------------------------------------------------------------- the test data and the comparisons
-def _test_inputs(run: Run, n: int):
-    """Real test data as prepared model inputs: (x (N, C, ...), labels) for classifiers, cases for segmenters.
-
-    The run's data source with ``max_samples`` lifted, so a run trained on a capped subset still gets
+def _test_data_config(run: Run):
+    """The run's data source with ``max_samples`` lifted, so a run trained on a capped subset still gets
     ``n`` test images (parity compares two encodings of one model; any real image serves)."""
     cfg = run.config
-    data_cfg = cfg.data.model_copy(update={"max_samples": None}) if hasattr(cfg.data, "max_samples") else cfg.data
-    if task_of(run).dense:
-        return prepared_segmentation(data_cfg, cfg.segmentation, seed=cfg.seed).test[:n]
-    ds = prepared_data(data_cfg, seed=cfg.seed).test
+    return cfg.data.model_copy(update={"max_samples": None}) if hasattr(cfg.data, "max_samples") else cfg.data
+
+
+def _test_cases(run: Run, n: int) -> list[SegCase]:
+    """A segmenter's first ``n`` real test cases, prepared as model inputs."""
+    return prepared_segmentation(_test_data_config(run), run.config.segmentation, seed=run.config.seed).test[:n]
+
+
+def _test_images(run: Run, n: int) -> tuple[torch.Tensor, Dataset]:
+    """A classifier's first ``n`` real test images as prepared model inputs (N, C, ...), and its test split."""
+    ds = prepared_data(_test_data_config(run), seed=run.config.seed).test
     idx = np.arange(min(n, len(ds)))
     x, _ = ds.batch(idx)
     return torch.as_tensor(x).float(), ds
@@ -123,8 +130,13 @@ def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity:
     seg = task.dense
     fmt = exporter.name
     t0 = time.perf_counter()
-    data = _test_inputs(run, n_parity)
-    per_pass = len(data) if seg else 1
+    cases: list[SegCase] = []
+    test_ds: Dataset | None = None
+    if seg:
+        cases = _test_cases(run, n_parity)
+    else:
+        x, test_ds = _test_images(run, n_parity)
+    per_pass = len(cases) if seg else 1
     done = [0, 3 * per_pass if quantize else 2 * per_pass]
     if quantize and not seg:
         done[1] += 2
@@ -137,13 +149,11 @@ def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity:
     if progress:
         progress(0, done[1], "reference")
     if seg:
-        cases = data
         if not cases:
             raise DataError("the run's data has no test case to check parity on", run.dir)
         ref = _segment_all(torch_pred, cases, lambda: step("reference"))
         what = f"{len(cases)} test case(s), sliding windows {run.meta.input_size}"
     else:
-        x, test_ds = data
         ref = _classifier_probs(torch_pred, x)
         step("reference")
         what = f"{len(x)} test image(s)"
@@ -161,7 +171,7 @@ def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity:
         exporter.check(net, run, final_name)
         return net
 
-    def compare(net, what: str) -> tuple[float, list]:
+    def compare(net, what: str) -> tuple[float, list[np.ndarray] | np.ndarray]:
         other = Predictor(Run.open(run.dir).use_model(net))
         if seg:
             got = _segment_all(other, cases, lambda: step(what))
@@ -190,6 +200,7 @@ def _export_locked(run: Run, exporter: Exporter, quantize: str | None, n_parity:
                     n_test, (metric, base), (_, qscore) = (len(cases), _score(run, task, ref, cases),
                                                            _score(run, task, qprobs, cases))
                 else:     # the whole test split, both models
+                    assert test_ds is not None   # a classifier's, loaded above
                     full = lambda p: p.predict_dataset(test_ds)  # noqa: E731
                     n_test, labels = len(test_ds), np.asarray(test_ds.labels)
                     metric, base = _score(run, task, full(torch_pred), labels)

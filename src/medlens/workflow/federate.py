@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import grpc
 import numpy as np
@@ -95,11 +95,10 @@ def _bounded_client_manager(max_wait: float):
     class Bounded(SimpleClientManager):
         def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
             # Flower's own calls (sampling) use the 1-day default: they wait one round timeout at most
-            return super().wait_for(num_clients, timeout=self.max_wait if timeout == 86400 else timeout)
+            # Flower annotates the timeout as int; it is a threading.Condition timeout, seconds as a float
+            return super().wait_for(num_clients, timeout=cast(int, max_wait) if timeout == 86400 else timeout)
 
-    cm = Bounded()
-    cm.max_wait = max_wait
-    return cm
+    return Bounded()
 
 
 def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signature: str, local_epochs: int,
@@ -185,7 +184,7 @@ def make_strategy(name: str, weights: list[np.ndarray], n_clients: int, signatur
                 why = auth or unreadable
                 if why is None and (isinstance(r.num_examples, bool) or r.num_examples < 0):
                     why = f"negative number of examples {r.num_examples}"
-                if why is None:
+                if why is None and update is not None:   # an unreadable update has its reason already
                     why = update_problem(update, self.current, update_norm_factor)
                 if why is None and site_secrets is not None and site in seen:
                     why = "this site already answered in this round"
@@ -343,8 +342,8 @@ def _site_datasets(data, n_sites: int, spec: str, seed: int):
     out = []
     for split in ("train", "val", "test"):
         ds = data.get(split)
-        out.append([ds.subset(idx, name=f"site{k}/{split}") for k, idx in enumerate(partitioning.partition(ds, n_sites, spec,
-                                                                                             seed))])
+        parts = partitioning.partition(ds, n_sites, spec, seed)
+        out.append([ds.subset(idx, name=f"site{k}/{split}") for k, idx in enumerate(parts)])
     return list(zip(*out))
 
 
@@ -516,27 +515,31 @@ def serve_federation(cfg, *, clients: int, rounds: int, address: str, strategy: 
         if v is not None and not (np.isfinite(v) and v > 0):
             raise ConfigError(f"{flag} must be a positive number of seconds, not {v}"
                               if "timeout" in flag else f"{flag} must be positive, not {v}")
-    secrets = read_site_secrets(site_secrets) if site_secrets else None
-    check_exposure(address, "--address", bool(certificates), secrets is not None, insecure, "server")
+    site_keys = read_site_secrets(site_secrets) if site_secrets else None
+    check_exposure(address, "--address", bool(certificates), site_keys is not None, insecure, "server")
     path = resolve_run_dir(cfg, run_dir)
     start = RunStart(path, overwrite=overwrite)
     t0 = time.time()
-    certs = tuple(Path(p).read_bytes() for p in certificates) if certificates else None
+    certs = None
+    if certificates:
+        ca, cert, key = (Path(p).read_bytes() for p in certificates)
+        certs = (ca, cert, key)
     with start:
         seed_everything(cfg.seed)
         data = prepared_data(cfg.data, seed=cfg.seed)
         g = _Global(cfg, data, path)
         strat = make_strategy(strategy, get_weights(g.net), clients, g.signature, local_epochs,
-                              _reporting_rounds(g.evaluate_fn, rounds, progress), min_fit_clients=min_fit_clients, update_norm_factor=update_norm_factor,
-                              site_secrets=secrets, join_timeout=join_timeout, log=log)
+                              _reporting_rounds(g.evaluate_fn, rounds, progress), min_fit_clients=min_fit_clients,
+                              update_norm_factor=update_norm_factor,
+                              site_secrets=site_keys, join_timeout=join_timeout, log=log)
         log(f"federated server on {address}: waiting for {clients} sites, {rounds} rounds ({strategy})"
-            + ("" if secrets else "; sites are not authenticated (no --site-secrets)"))
+            + ("" if site_keys else "; sites are not authenticated (no --site-secrets)"))
         start_server(server_address=address, strategy=strat, certificates=certs,
                      client_manager=_bounded_client_manager(round_timeout or 86400.0),
                      config=ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
         info = {"mode": "deployment", "engine": "flwr (gRPC)", "strategy": strategy, "sites": clients,
                 "min_fit_clients": min_fit_clients or clients, "local_epochs": local_epochs, "tls": bool(certs),
-                "authenticated_sites": sorted(secrets) if secrets else None, "round_timeout": round_timeout,
+                "authenticated_sites": sorted(site_keys) if site_keys else None, "round_timeout": round_timeout,
                 "update_norm_factor": update_norm_factor, "dp": None}
         return g.finish(strat, info, None, t0)
 

@@ -19,6 +19,7 @@ import signal
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,22 +184,22 @@ def export_nodules(xml: str | Path, scan: str | Path, out: str | Path, outputs: 
 # ------------------------------------------------------------------------------------------ runs
 
 
-def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[str], *, deidentify: bool = False,
+def predict_export(run, files: Sequence[str | Path], out: str | Path, outputs: set[str], *, deidentify: bool = False,
                    deid_key: str | None = None) -> tuple[list, list[Exported]]:
     """Classify files (or DICOM series folders) with a run: ``predictions.csv`` in the new folder ``out``, and
     for DICOM inputs the outputs asked for (an SR per input, a FHIR Bundle made from it)."""
     predictor = Predictor(run)
-    files = [Path(f) for f in files]
-    images = [predictor.load(f) for f in files]
+    paths = [Path(f) for f in files]
+    images = [predictor.load(f) for f in paths]
     sources = []
-    for f, img in zip(files, images):  # every input checked before anything runs or is written
+    for f, img in zip(paths, images):  # every input checked before anything runs or is written
         if outputs and not is_dicom_input(f, img):
             raise DataError("SR/FHIR outputs need DICOM input (a DICOM file or series folder)", f)
         src = dicom_sources(f, img) if outputs else []
         if src:
             require_single_subject(src, f)
         sources.append(deidentified(src, deid_key) if deidentify and src else src)
-    rows = predictor.predict_files([str(f) for f in files])
+    rows = predictor.predict_files([str(f) for f in paths])
     algo = Algorithm.of_run(run) if outputs else None
     th = predictor.binary_threshold() if task_of(run).has_threshold else None
     op = operating_point(run)
@@ -206,12 +207,12 @@ def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[s
     done = []
     with atomic_dir(final) as work:
         table = []
-        for f, stem, r, src in zip(files, unique_stems(files), rows, sources):
+        for f, stem, r, src in zip(paths, unique_stems(paths), rows, sources):
             table.append({"file": str(f), "prediction": r.prediction, "probability": r.probability,
                           "threshold": r.threshold, "calibrated": getattr(r, "calibrated", None) or "no",
                           **{f"p_{k}": v for k, v in r.probabilities.items()}})
             ex = Exported(str(f))
-            if outputs:
+            if outputs and algo is not None:
                 sr = classification_sr(src, r, run.class_names, algo, th, op)
                 write_sr(sr, work / f"{stem}_sr.dcm")
                 ex.files["sr"] = final / f"{stem}_sr.dcm"
@@ -224,17 +225,17 @@ def predict_export(run, files: list[str | Path], out: str | Path, outputs: set[s
     return rows, done
 
 
-def segment_export(run, files: list[str | Path], out: str | Path, outputs: set[str], *, tta: bool | None = None,
+def segment_export(run, files: Sequence[str | Path], out: str | Path, outputs: set[str], *, tta: bool | None = None,
                    overlay: bool = True, deidentify: bool = False, deid_key: str | None = None
                    ) -> tuple[list[dict], list[Exported]]:
     """``segment_files`` (masks and overlays) plus, for DICOM series inputs, a SEG coded from the run's config
     (``segmentation.dicom_codes``), an SR with a volumetric group per class, and a FHIR Bundle; all in ``out``,
     which appears only when complete."""
-    files = [Path(f) for f in files]
+    paths = [Path(f) for f in files]
     predictor = Predictor(run, tta=tta)
-    images = [predictor.load(f) for f in files]
+    images = [predictor.load(f) for f in paths]
     sources = []
-    for f, img in zip(files, images):
+    for f, img in zip(paths, images):
         if not is_dicom_input(f, img) or not f.is_dir():
             raise DataError("SR/SEG/FHIR outputs need a DICOM series folder as input", f)
         src = dicom_sources(f, img)
@@ -247,7 +248,7 @@ def segment_export(run, files: list[str | Path], out: str | Path, outputs: set[s
     done = []
     with atomic_dir(final) as work:
         stage = work / ".masks"
-        rows = segment_files(run, files, stage, tta=tta, overlay=overlay)
+        rows = segment_files(run, paths, stage, tta=tta, overlay=overlay)
         for p in sorted(stage.iterdir()):
             p.rename(work / p.name)
         stage.rmdir()
@@ -255,7 +256,7 @@ def segment_export(run, files: list[str | Path], out: str | Path, outputs: set[s
             for k in ("mask", "overlay"):
                 if k in r:
                     r[k] = str(final / Path(r[k]).name)
-        for f, stem, img, src, r in zip(files, unique_stems(files), images, sources, rows):
+        for f, stem, img, src, r in zip(paths, unique_stems(paths), images, sources, rows):
             labels = np.asarray(load(work / Path(r["mask"]).name).array).astype(np.uint8)
             ex = _write_roi_outputs(work, final, stem, img, src, labels, names, codes, algo, outputs)
             for k, v in ex.files.items():

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medlens.config import DataConfig
+from medlens.data.base import ArrayDataset, SplitData
 from medlens.data.catalog import MEDMNIST, get_info
 from medlens.data.medmnist import channels_first, image_dims, load_medmnist, read_npz
 from medlens.engine.pretrain import METHODS, head_name, pretrain_backbone
@@ -63,18 +64,25 @@ def _npz_train_images(path: Path) -> np.ndarray:
     return channels_first(x, image_dims(x), path)
 
 
+def _train_images(data: SplitData, spec: str) -> np.ndarray:
+    """The training split's images (N, C, *spatial) as stored (an in-memory dataset's array)."""
+    if not isinstance(data.train, ArrayDataset):
+        raise DataError(f"pretraining reads images held in memory, not a {type(data.train).__name__}", spec)
+    return np.asarray(data.train.images)
+
+
 def load_source(spec: str, size: int, seed: int = 0) -> Source:
     """The training images of a MedMNIST catalogue name (at ``size``), a MedMNIST-layout ``.npz`` file, or an
     image folder (``root/<class>/<image>``; its seeded training split, resized to ``size``, gray)."""
     p = Path(spec).expanduser()
     if p.is_dir():
         data = prepared_data(DataConfig(source="folder", path=str(p), size=size, color="gray"), seed=seed)
-        return Source(spec, f"folder {p} (train split)", np.asarray(data.train.images))
+        return Source(spec, f"folder {p} (train split)", _train_images(data, spec))
     if p.suffix == ".npz" or p.is_file():
         return Source(spec, str(p), _npz_train_images(p))
 
     data = load_medmnist(spec, size)
-    return Source(spec, data.train.meta.get("file", spec), np.asarray(data.train.images))
+    return Source(spec, data.train.meta.get("file", spec), _train_images(data, spec))
 
 
 def _to_float(x: np.ndarray) -> np.ndarray:

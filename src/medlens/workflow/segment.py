@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +16,20 @@ from medlens.transforms.preprocess import display_image
 from medlens.utils import atomic_dir, unique_stems
 
 
-def segment_files(run: Run | str | Path, files: list[str | Path], out_dir: str | Path, tta: bool | None = None,
+def segment_files(run: Run | str | Path, files: Sequence[str | Path], out_dir: str | Path, tta: bool | None = None,
                   overlay: bool = True, dicom_seg: bool = False) -> list[dict]:
     """Segment image files (or DICOM series folders): a mask in each input's geometry, an overlay PNG and,
     with ``dicom_seg``, a DICOM SEG for DICOM series inputs. The output folder appears only when complete;
     inputs that share a name get distinct outputs (``x``, ``x-2``)."""
     run = run if isinstance(run, Run) else Run.open(run, expect="segmentation")
     predictor = Predictor(run, tta=tta)
-    files = [Path(f) for f in files]
-    images = [predictor.load(f) for f in files]  # read everything first: bad input fails before any write
-    inputs = [predictor.prepare(img, str(f)) for img, f in zip(images, files)]
+    paths = [Path(f) for f in files]
+    images = [predictor.load(f) for f in paths]  # read everything first: bad input fails before any write
+    inputs = [predictor.prepare(img, str(f)) for img, f in zip(images, paths)]
     final = Path(out_dir)
     results = []
     with atomic_dir(final) as out:
-        for f, stem, img, x in zip(files, unique_stems(files), images, inputs):
+        for f, stem, img, x in zip(paths, unique_stems(paths), images, inputs):
             pred = predictor.labels(predictor.segment_probs(x, f.name))  # warns when it pads
             geometry = img.with_array(np.zeros(img.shape, np.uint8), is_rgb=False)
             mpath = write_mask(pred, geometry, out / mask_name(stem, x.ndim - 1), run.meta)

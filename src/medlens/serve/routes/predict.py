@@ -44,11 +44,11 @@ async def predict(name: str, ctx: Ctx, file: list[UploadFile] = files_param,
 
     async def work():
         t0 = time.perf_counter()
-        sources = [] if standard else None
+        sources: list = []   # the DICOM instances of the input, for a standard answer
         if small_png(uploads) and not standard:   # a thread hop costs more than decoding a small PNG
             image, kind, x = _prepare(m, uploads)
         else:
-            image, kind, x = await asyncio.to_thread(_prepare, m, uploads, sources)
+            image, kind, x = await asyncio.to_thread(_prepare, m, uploads, sources if standard else None)
         t_prep = time.perf_counter()
         p = await m.probabilities(x)
         if standard:
@@ -152,7 +152,7 @@ def _check_format(fmt: str | None, m: ServedModel) -> bool:
     return True
 
 
-def _standard_response(fmt: str, sr) -> Response:
+def _standard_response(fmt: str | None, sr) -> Response:
     if fmt == "dicom-sr":
         return Response(sr_bytes(sr), media_type="application/dicom",
                         headers={"Content-Disposition": 'attachment; filename="result_sr.dcm"'})
