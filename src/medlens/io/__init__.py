@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medlens.errors import DataError, MedlensError
+from medlens.io.dicom import read_dicom_file, read_dicom_series
 from medlens.io.formats import ARRAY_SUFFIXES, DICOM_SUFFIXES, RASTER_SUFFIXES, SITK_SUFFIXES, suffix_of
 from medlens.io.image import Image
 from medlens.io.limits import check_finite, shown
@@ -61,8 +62,6 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, allow_outside: bool
 
 
 def _read(path: Path, allow_nonfinite: bool, allow_outside: bool, kwargs: dict) -> Image:
-    from medlens.io.dicom import read_dicom_file, read_dicom_series
-
     if path.is_dir():
         return read_dicom_series(path, **kwargs)
     if path.stat().st_size == 0:

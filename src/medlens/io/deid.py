@@ -38,6 +38,14 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
+from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+from pydicom import uid
+from pydicom.datadict import get_entry
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+
 from medlens.errors import DataError
 from medlens.utils import atomic_dir
 
@@ -73,8 +81,6 @@ _DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 
 def profile_actions() -> dict[tuple, str]:
     """Table E.1-1 as ``{tag tuple: action}``; tags of repeating groups are (group, elem, gmask, emask)."""
-    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
-
     db = dicom_anonymization_database_selector(PROFILE_DB)
     out: dict[tuple, str] = {}
     for cat, code in (("X_Z_U_STAR_TAGS", "XZU*"), ("X_Z_D_TAGS", "XZD"), ("X_D_TAGS", "XD"), ("X_Z_TAGS", "XZ"),
@@ -103,8 +109,6 @@ def _effective(code: str, vr: str) -> str:
 
 
 def _in_dictionary(tag) -> bool:
-    from pydicom.datadict import get_entry
-
     try:
         get_entry(tag)
         return True
@@ -202,8 +206,6 @@ class Deidentifier:
 
     def _shift_date(self, elem) -> bool:
         """Shift every value of a DA/DT element by ``self.shift`` days; False (untouched) if any does not parse."""
-        from pydicom.multival import MultiValue
-
         values = list(elem.value) if isinstance(elem.value, (list, MultiValue)) else [elem.value]
         out = []
         for v in values:
@@ -267,8 +269,6 @@ class Deidentifier:
 
     def dataset(self, ds) -> list[tuple]:
         """De-identify a whole file dataset: preamble zeroed, file meta rebuilt; return its change log."""
-        from pydicom.dataset import Dataset
-
         log: list[tuple] = []
         for tag in [t for t in ds.keys() if t.group == 0x0002]:  # file meta has no place in the data set
             del ds[tag]
@@ -295,8 +295,6 @@ class Deidentifier:
 
 def _transfer_syntax(ds):
     """The input's transfer syntax: from its file meta when valid, else from how it was encoded."""
-    from pydicom import uid
-
     ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
     if ts:
         ts = uid.UID(str(ts))
@@ -311,9 +309,6 @@ def _transfer_syntax(ds):
 
 def _new_file_meta(ds):
     """File meta built from scratch: nothing of the input's group 0002 but its transfer syntax."""
-    from pydicom import uid
-    from pydicom.dataset import FileMetaDataset
-
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -338,9 +333,6 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
 def _read(path: Path):
     """(dataset, None) for a DICOM instance, with or without preamble; (None, reason) otherwise."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     if path.stat().st_size == 0:
         return None, "empty file"
     try:

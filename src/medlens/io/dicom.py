@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import struct
 import warnings
@@ -23,6 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes,
+                         JPEGTransferSyntaxes, RLELossless)
 
 from medlens.errors import DataError, MedlensWarning
 from medlens.io.formats import DICOM_SUFFIXES
@@ -43,9 +51,6 @@ SAFE_KEYWORDS = ("Modality", "SOPClassUID", "PhotometricInterpretation", "BitsSt
 
 
 def _read(path: Path, stop_before_pixels: bool = False):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     if not path.exists():
         raise DataError("file not found", shown(path))
     if path.is_file() and path.stat().st_size == 0:
@@ -64,9 +69,6 @@ def _read(path: Path, stop_before_pixels: bool = False):
 def _read_without_preamble(path: Path, stop_before_pixels: bool):
     """Files without the 128-byte preamble (older ACR-NEMA style) are still DICOM if a forced parse
     finds image or SOP attributes; a text or other file does not pass this test."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -87,9 +89,6 @@ def _read_without_preamble(path: Path, stop_before_pixels: bool):
 
 def _check_deflated(path: Path) -> None:
     """A Deflated Explicit VR dataset is inflated whole by pydicom: stream it first against the byte cap."""
-    from pydicom.filereader import read_dataset
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
     with open(path, "rb") as fp:
         if fp.read(132)[128:132] != b"DICM":
             fp.seek(0)
@@ -219,10 +218,6 @@ def _check_codestreams(ds, path, ts, rows: int, cols: int, frames: int, spp: int
     ``MEDLENS_MAX_PIXELS``, is refused here: no decoder runs. Native (uncompressed) data is sized by
     the DICOM header itself (already checked).
     """
-    from pydicom.encaps import generate_frames
-    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, RLELossless
-
-
     if ts is None or not ts.is_compressed or ts.is_deflated:
         return
     if ts in JPEGTransferSyntaxes:
@@ -315,8 +310,6 @@ def _rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
 
 def _apply_modality_lut(arr: np.ndarray, ds, path: Path) -> np.ndarray:
     """Stored values through the dataset's Modality LUT Sequence (PS3.3 C.11.1), by pydicom."""
-    from pydicom.pixels import apply_modality_lut
-
     try:
         return np.asarray(apply_modality_lut(arr, ds))
     except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
@@ -461,8 +454,6 @@ class SeriesInfo:
 
     @property
     def short_id(self) -> str:
-        import hashlib
-
         return hashlib.sha1(self.series_uid.encode()).hexdigest()[:8]
 
 

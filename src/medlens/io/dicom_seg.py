@@ -17,9 +17,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+from highdicom.content import AlgorithmIdentificationSequence
+from highdicom.seg import SegmentAlgorithmTypeValues, SegmentDescription, Segmentation, SegmentationTypeValues
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes as dcodes
 
+from medlens import __version__
 from medlens.errors import DataError, MedlensWarning, ShapeError
+from medlens.io.dicom import scan_series
 from medlens.io.image import Image
 from medlens.utils import atomic_path
 
@@ -39,8 +46,6 @@ class SegmentCodes:
     region: Code3 | None = None
 
     def coded(self):
-        from highdicom.sr import CodedConcept
-
         c = lambda t: CodedConcept(value=t[0], scheme_designator=t[1], meaning=t[2])  # noqa: E731
         return c(self.category), c(self.type), (c(self.region) if self.region else None)
 
@@ -74,8 +79,6 @@ def source_slices(folder: str | Path, image: Image) -> list:
 
     Refuses a series whose slices do not share one frame of reference (positions in different patient
     coordinate systems cannot be one volume)."""
-    from medlens.io.dicom import scan_series
-
     uid = image.meta.get("series_uid")
     groups = scan_series(Path(folder), False)
     if not uid or uid not in groups:
@@ -112,13 +115,6 @@ def build_dicom_seg(labels: np.ndarray, sources: list, segment_labels: list[str]
                     tracking: list[tuple[str, str]] | None = None, series_number: int = 9001):
     """A binary DICOM SEG (highdicom ``Segmentation``) of the label map ``labels`` (z, y, x; 0 background,
     k = segment k) over ``sources`` (datasets ordered like z). ``tracking``: (id, UID) per segment."""
-    import highdicom as hd
-    from highdicom.content import AlgorithmIdentificationSequence
-    from highdicom.seg import SegmentAlgorithmTypeValues, SegmentationTypeValues, SegmentDescription, Segmentation
-    from pydicom.sr.codedict import codes as dcodes
-
-    from medlens import __version__
-
     version = version or __version__
     if labels.shape[0] != len(sources):
         raise ShapeError(f"label map has {labels.shape[0]} slices for {len(sources)} source images")

@@ -18,9 +18,14 @@ how much they may bring back, and which remote values may name a file.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
+
+import requests
+from pydicom.uid import RE_VALID_UID
 
 from medlens.errors import ConfigError, DataError
 
@@ -204,8 +209,6 @@ def _guard(response, *args, stream: bool = False, **kwargs):
 
 def session():
     """A ``requests.Session`` that follows no redirect, caps every reply and always has timeouts."""
-    import requests
-
     class _Session(requests.Session):
         def request(self, method, url, *args, **kw):
             kw["allow_redirects"] = False
@@ -228,8 +231,6 @@ def error_detail(response, n: int = 160) -> str:
         return ""
     detail = ""
     try:
-        import json
-
         js = json.loads(text)
         issue = (js.get("issue") or [{}])[0] if isinstance(js, dict) else {}
         detail = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or ""
@@ -250,10 +251,6 @@ def shown_value(value, n: int = 48) -> str:
 def uid_name(value, what: str, source: str | None = None) -> str:
     """``value`` if it is a valid DICOM UID (PS3.5 9.1: digits and dots, no leading zero in a component, at
     most 64 characters), else a one-line DataError naming the attribute and (shortened) value."""
-    import re
-
-    from pydicom.uid import RE_VALID_UID
-
     s = str(value) if value is not None else ""
     if not isinstance(value, str) or len(s) > 64 or not re.fullmatch(RE_VALID_UID, s):
         raise DataError(f"{what} {shown_value(s)} is not a valid DICOM UID (digits and dots, at most 64 "

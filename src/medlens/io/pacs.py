@@ -20,7 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from medlens.errors import DataError, MedlensError
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from medlens.errors import ConfigError, DataError, MedlensError
 from medlens.io import net
 from medlens.utils import atomic_dir
 
@@ -63,8 +73,6 @@ def _timeouts(read: float | None) -> tuple[float, float]:
 
 def _row(ds_or_json, fields) -> dict:
     """The listed attributes of a QIDO JSON result or a C-FIND identifier, as plain strings."""
-    from pydicom import Dataset
-
     try:
         ds = ds_or_json if isinstance(ds_or_json, Dataset) else Dataset.from_json(ds_or_json)
     except (ValueError, TypeError, KeyError, AttributeError):
@@ -82,8 +90,6 @@ def _require_uid(value: str | None, what: str) -> str | None:
     """A UID the user gave (it goes into a URL path or a query): valid or a one-line error."""
     if value is None:
         return None
-    from medlens.errors import ConfigError
-
     try:
         return net.uid_name(value, what)
     except DataError:
@@ -119,8 +125,6 @@ class _Study:
 
     def keep_file(self, tmp: Path, part: int) -> Path:
         """A received file (``tmp``, inside ``work``) moved to its checked place; not DICOM is an error."""
-        import pydicom
-
         try:
             header = pydicom.dcmread(tmp, stop_before_pixels=True, specific_tags=_UID_TAGS)
         except Exception:  # pydicom raises several types for what is not a DICOM file
@@ -138,8 +142,6 @@ class _Study:
 
 def read_instances(paths: list[str | Path]) -> list:
     """DICOM files (or every file under folders) to store; a non-DICOM file is a one-line error."""
-    import pydicom
-
     files = []  # (path, named explicitly)
     for p in map(Path, paths):
         if p.is_dir():
@@ -166,8 +168,6 @@ class DicomWeb:
     timeout: float | None = None
 
     def _client(self):
-        from dicomweb_client.api import DICOMwebClient
-
         c = DICOMwebClient(url=self.url.rstrip("/"), session=net.session(), timeout=_timeouts(self.timeout))
         c.set_http_retry_params(retry=False)  # its retries would repeat each timeout five times
         return c
@@ -175,8 +175,6 @@ class DicomWeb:
     @contextlib.contextmanager
     def _errors(self, what: str):
         """Network failures of ``what`` as one-line PacsErrors."""
-        import requests
-
         src = net.shown_url(self.url)
         try:
             with warnings.catch_warnings():
@@ -247,9 +245,6 @@ class DicomWeb:
     def _retrieve_to(self, st: _Study) -> None:
         """WADO-RS of the study (or series) streamed part by part to files in ``st.work`` and each part kept
         under its checked name: memory stays at one chunk, the body at ``MEDLENS_MAX_RETRIEVE_BYTES``."""
-        from python_multipart.exceptions import MultipartParseError
-        from python_multipart.multipart import MultipartParser, parse_options_header
-
         what = "the series retrieve (WADO-RS)" if st.series else "the study retrieve (WADO-RS)"
         url = f"{self.url.rstrip('/')}/studies/{st.study}" + (f"/series/{st.series}" if st.series else "")
         limit, src = net.max_retrieve_bytes(), net.shown_url(self.url)
@@ -337,8 +332,6 @@ class Dimse:
         return f"dimse://{self.called_aet}@{self.host}:{self.port}"
 
     def _ae(self):
-        from pynetdicom import AE
-
         ae = AE(ae_title=self.calling_aet)
         connect, read = _timeouts(self.timeout)
         ae.connection_timeout = connect  # TCP connect
@@ -362,8 +355,6 @@ class Dimse:
         return self._associate(ae, ext_neg=roles or [])
 
     def _find(self, level: str, query) -> list:
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
-
         query.QueryRetrieveLevel = level
         assoc = self._assoc([StudyRootQueryRetrieveInformationModelFind])
         try:
@@ -380,8 +371,6 @@ class Dimse:
             assoc.release()
 
     def query(self, study_uid: str | None = None, modality: str | None = None, limit: int = 100) -> list[dict]:
-        from pydicom import Dataset
-
         q = Dataset()
         for f in STUDY_FIELDS:
             setattr(q, f, "")
@@ -392,8 +381,6 @@ class Dimse:
         return [_row(r, STUDY_FIELDS) for r in self._find("STUDY", q)][:limit]
 
     def series(self, study_uid: str) -> list[dict]:
-        from pydicom import Dataset
-
         q = Dataset()
         for f in SERIES_FIELDS:
             setattr(q, f, "")
@@ -410,10 +397,6 @@ class Dimse:
         """C-GET into ``st.work``: each instance written (as received, with its file meta) under its checked
         name as it arrives; the first bad one stops the pull, and the total is held to
         ``MEDLENS_MAX_RETRIEVE_BYTES``."""
-        from pydicom import Dataset
-        from pynetdicom import StoragePresentationContexts, build_role, evt
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
-
         limit = net.max_retrieve_bytes()
         state: dict = {"bytes": 0, "error": None}
 
@@ -476,8 +459,6 @@ class Dimse:
         return dest
 
     def push(self, datasets: list) -> int:
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
         ae = self._ae()
         for c in sorted({str(ds.SOPClassUID) for ds in datasets}):
             ae.add_requested_context(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image as PILImage, ImageFile, UnidentifiedImageError
 
 from medlens.errors import DataError
 from medlens.io.formats import suffix_of
@@ -27,8 +28,6 @@ _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
 
 def _pil():
     """PIL, with its decompression-bomb limit set to ``MEDLENS_MAX_PIXELS`` and truncated files refused."""
-    from PIL import Image as PILImage, ImageFile
-
     PILImage.MAX_IMAGE_PIXELS = max_pixels()
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     return PILImage
@@ -36,8 +35,6 @@ def _pil():
 
 def read_raster(path: str | Path) -> Image:
     """Read a 2D raster image; keeps 16-bit depth; RGB(A) becomes (y, x, 3)."""
-    from PIL import UnidentifiedImageError
-
     PILImage = _pil()
     path = Path(path)
     try:

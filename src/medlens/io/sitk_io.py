@@ -8,7 +8,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
 from medlens.errors import DataError, MedlensError, MedlensWarning
 from medlens.io.formats import SITK_SUFFIXES, suffix_of
@@ -19,8 +21,6 @@ from medlens.io.limits import (check_decompressed, check_finite, check_size, che
 
 def to_sitk(image: Image):
     """``Image`` -> ``SimpleITK.Image`` with the same grid (2D images stay 2D)."""
-    import SimpleITK as sitk
-
     out = sitk.GetImageFromArray(np.ascontiguousarray(image.array), isVector=image.is_rgb)
     out.SetSpacing([float(s) for s in image.spacing_xyz])
     out.SetOrigin([float(o) for o in image.origin])
@@ -30,8 +30,6 @@ def to_sitk(image: Image):
 
 def from_sitk(img, modality: str = "OT", meta: dict | None = None) -> Image:
     """``SimpleITK.Image`` -> ``Image`` ((z, y, x) array, spacing in array order)."""
-    import SimpleITK as sitk
-
     arr = sitk.GetArrayFromImage(img)
     nd = img.GetDimension()
     rgb = img.GetNumberOfComponentsPerPixel() == 3
@@ -46,8 +44,6 @@ def read_nifti(path: Path, allow_nonfinite: bool = False) -> Image:
     The header is checked before any voxel is read: size limits, the decompressed size of a
     ``.nii.gz``, and pixdim (a 0 or NaN voxel size is refused, never read as 1 mm).
     """
-    import nibabel as nib
-
     try:
         img = nib.load(str(path))  # the header only
         shape = tuple(int(d) for d in img.shape)
@@ -113,8 +109,6 @@ def read_sitk(path: str | Path, allow_nonfinite: bool = False, allow_outside: bo
     whose data file lies outside the header's folder is refused unless ``allow_outside``. The size
     is checked from the header before any voxel is read (``medlens.io.limits``).
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", shown(path))
@@ -214,8 +208,6 @@ def confine_data_files(path: str | Path) -> None:
 
 def write_sitk(image: Image, path: str | Path, compress: bool = True) -> Path:
     """Write NIfTI / MHD+RAW / NRRD atomically (every file appears only when complete)."""
-    import SimpleITK as sitk
-
     path = Path(path)
     sfx = suffix_of(path)
     if sfx not in SITK_SUFFIXES:
@@ -232,8 +224,6 @@ def write_sitk(image: Image, path: str | Path, compress: bool = True) -> Path:
 
 def resample(image: Image, spacing, interpolator: str = "linear", default_value: float | None = None) -> Image:
     """Resample to a new spacing (array order, mm) on the same physical extent and orientation."""
-    import SimpleITK as sitk
-
     spacing = tuple(float(s) for s in (spacing if np.ndim(spacing) else [spacing] * image.spatial_dims))
     if len(spacing) != image.spatial_dims or not np.all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise DataError(f"target spacing {spacing} does not fit a {image.spatial_dims}D image (one finite value > 0 "
@@ -254,8 +244,6 @@ def resample(image: Image, spacing, interpolator: str = "linear", default_value:
 
 def reorient(image: Image, orientation: str = "LPS") -> Image:
     """Reorient a volume so its axes follow ``orientation`` (DICOM LPS by default), exactly (no interpolation)."""
-    import SimpleITK as sitk
-
     if image.spatial_dims != 3:
         raise DataError("reorientation needs a 3D volume")
     out = sitk.DICOMOrient(to_sitk(image), orientation)
@@ -264,8 +252,6 @@ def reorient(image: Image, orientation: str = "LPS") -> Image:
 
 def orientation_code(image: Image) -> str:
     """Three-letter orientation code (e.g. 'LPS') of a volume's index axes x, y, z."""
-    import SimpleITK as sitk
-
     if image.spatial_dims != 3:
         return "2D"
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(d) for d in image.direction.ravel()])

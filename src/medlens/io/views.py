@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
+from PIL import Image as PILImage
 
 from medlens.errors import DataError
 from medlens.io.image import Image
+from medlens.io.windows import apply_window
+from medlens.utils import atomic_path
 
 
 def orthogonal_slices(image: Image, center_zyx=None) -> dict[str, tuple[np.ndarray, float]]:
@@ -34,8 +38,6 @@ def mip(image: Image, axis: int = 1, min_ip: bool = False) -> np.ndarray:
 
 
 def _resize_aspect(arr: np.ndarray, aspect: float) -> np.ndarray:
-    import cv2
-
     if abs(aspect - 1.0) < 1e-3:
         return arr
     h, w = arr.shape
@@ -44,11 +46,6 @@ def _resize_aspect(arr: np.ndarray, aspect: float) -> np.ndarray:
 
 def write_views(image: Image, out_dir: str | Path, window="lung", center_zyx=None, prefix: str = "") -> list[Path]:
     """Write axial/coronal/sagittal slices and a coronal MIP as PNG (windowed, aspect-corrected)."""
-    from PIL import Image as PILImage
-
-    from medlens.io.windows import apply_window
-    from medlens.utils import atomic_path
-
     views = orthogonal_slices(image, center_zyx)  # refuses a centre outside the volume before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

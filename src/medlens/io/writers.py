@@ -6,22 +6,24 @@ import datetime as _dt
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from PIL import Image as PILImage
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, SecondaryCaptureImageStorage,
+                         generate_uid)
 
 from medlens.errors import DataError
 from medlens.io.image import Image
 from medlens.io.formats import SITK_SUFFIXES, suffix_of
 from medlens.io.limits import require_utf8, shown
 from medlens.io.sitk_io import write_sitk
+from medlens.io.windows import apply_window, to_uint8
 from medlens.utils import atomic_dir, atomic_path
 
 
 def write_png(image: Image | np.ndarray, path: str | Path, window: str | tuple[float, float] | None = None,
               slice_index: int | None = None) -> Path:
     """Write a 2D image (or one axial slice of a volume) as an 8-bit PNG, windowed for display."""
-    from PIL import Image as PILImage
-
-    from medlens.io.windows import apply_window, to_uint8
-
     arr = image.array if isinstance(image, Image) else np.asarray(image)
     rgb = isinstance(image, Image) and image.is_rgb
     if (arr.ndim == 3 and not rgb) or arr.ndim == 4:
@@ -50,8 +52,6 @@ def write_dicom_series(image: Image, folder: str | Path, modality: str | None = 
     that is renamed to ``folder`` only when every slice is written: a run killed part-way never
     leaves a folder that reads as a complete, shorter series.
     """
-    from pydicom.uid import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage, generate_uid
-
     if image.spatial_dims != 3 or image.is_rgb:
         raise DataError("a DICOM series needs a scalar 3D volume")
     folder = Path(folder)
@@ -81,10 +81,6 @@ def write_dicom_series(image: Image, folder: str | Path, modality: str | None = 
 
 def _write_slice(fname: Path, image: Image, k: int, pixels: np.ndarray, sop_class, modality: str,
                  series_description: str, uids, now, iop, slope: float, intercept: float) -> str:
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     study, series, frame = uids
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
