@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 from medlens.data.base import ArrayDataset, Dataset, Preparer, Sample, SplitData
 from medlens.data.catalog import MEDMNIST, get_info
+from medlens.data.labels import apply_label_map
 from medlens.data.sources import get_source  # the package registers every built-in source
 
 __all__ = ["ArrayDataset", "Dataset", "Sample", "SplitData", "MEDMNIST", "get_info", "build_data"]
@@ -23,8 +26,6 @@ def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Ca
                         "(see medlens.transforms.preprocess.prepared_data)")
     data = source.load(cfg, seed=seed, prepare=prepare, progress=progress)
     if cfg.label_map is not None or cfg.positive_class is not None:
-        from medlens.data.labels import apply_label_map
-
         data = apply_label_map(data, cfg.label_map, cfg.positive_class)
     if cfg.max_samples:
         data = SplitData(*(_cap(d, cfg.max_samples, seed) for d in (data.train, data.val, data.test)),
@@ -39,8 +40,6 @@ def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Ca
 def label_subset(ds: ArrayDataset, fraction: float, seed: int) -> ArrayDataset:
     """A stratified, seeded share of a training split: ``ceil(fraction x n)`` samples of each class (at least
     one), for low-label studies. Multi-label rows are stratified by their first positive label."""
-    import numpy as np
-
     y = np.asarray(ds.labels)
     key = y.argmax(1) if y.ndim == 2 else y.reshape(-1)
     rng = np.random.default_rng(seed + 17)
@@ -52,8 +51,6 @@ def label_subset(ds: ArrayDataset, fraction: float, seed: int) -> ArrayDataset:
 
 
 def _cap(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
-    import numpy as np
-
     if len(ds) <= n:
         return ds
     idx = np.sort(np.random.default_rng(seed).choice(len(ds), n, replace=False))

@@ -8,9 +8,12 @@ trains; it hands out single ``Sample`` objects or whole batches as tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+import pandas as pd
+import torch
 
 from medlens.errors import DataError, ShapeError
 from medlens.tasks import Task, get_task, list_tasks
@@ -18,10 +21,6 @@ from medlens.tasks import Task, get_task, list_tasks
 
 def read_csv_checked(path, required: list[str], what: str = "CSV"):
     """Read a CSV with a one-line error for a missing file, an unreadable file or missing columns."""
-    from pathlib import Path
-
-    import pandas as pd
-
     path = Path(path)
     if not path.exists():
         raise DataError(f"{what} not found", path)
@@ -62,8 +61,6 @@ def confined_paths(root, names, path, column: str, allow_outside: bool = False) 
     """``root / name`` for each name, refused (one line naming the CSV and line) when it resolves outside
     ``root``: ``..`` components, absolute paths and symlinks that lead out. ``allow_outside`` (config
     ``data.allow_outside_root``) lifts the check for manifests the user trusts."""
-    from pathlib import Path
-
     root = Path(root)
     out = [root / str(n) for n in names]
     if allow_outside:
@@ -194,8 +191,6 @@ class ArrayDataset:
 
     def batch(self, idx: Sequence[int] | np.ndarray):
         """Return ``(x, y)`` tensors for the given indices; x is float32 in [0, 1] for uint8 images."""
-        import torch
-
         idx = np.sort(np.asarray(idx)) if isinstance(self.images, np.memmap) else np.asarray(idx)
         x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from medlens.errors import DataError
+from medlens.utils import did_you_mean
+
 ZENODO_RECORD = "10519652"
 ZENODO_URL = f"https://zenodo.org/records/{ZENODO_RECORD}/files/{{file}}?download=1"
 
@@ -140,12 +143,8 @@ MEDMNIST: dict[str, MedMNISTInfo] = {i.name: i for i in [
 ]}
 
 def get_info(name: str) -> MedMNISTInfo:
-    from medlens.errors import DataError
-
     key = name.lower().replace("_", "").replace("-", "")
     if key not in MEDMNIST:
-        from medlens.utils import did_you_mean
-
         raise DataError(f"unknown MedMNIST dataset '{name}'{did_you_mean(key, MEDMNIST)}; see `medlens data list`")
     return MEDMNIST[key]
 

@@ -12,6 +12,7 @@ from medlens.data.base import (ArrayDataset, Preparer, SplitData, confined_paths
 from medlens.data.catalog import BINARY, MULTICLASS
 from medlens.data.splits import patient_split, split_method
 from medlens.errors import DataError
+from medlens.io import load
 from medlens.io.formats import IMAGE_SUFFIXES, is_image_file, suffix_of  # noqa: F401  (IMAGE_SUFFIXES: public)
 
 
@@ -23,8 +24,6 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _load_images(paths: Iterable[Path], prepare: Preparer, progress: Callable | None = None) -> np.ndarray:
-    from medlens.io import load
-
     arrays = []
     paths = list(paths)
     for i, p in enumerate(paths):

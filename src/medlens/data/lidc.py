@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from skimage.draw import polygon
 
 from medlens.errors import DataError
 from medlens.io.image import Image
@@ -122,8 +123,6 @@ def _slice_index(image: Image, z: float) -> int | None:
 
 def reader_mask(nodule: ReaderNodule, image: Image) -> np.ndarray:
     """3D boolean mask of one reader's nodule on the scan's grid (contour pixels included)."""
-    from skimage.draw import polygon
-
     mask = np.zeros(image.shape, bool)
     for roi in sorted(nodule.rois, key=lambda r: not r.inclusion):  # inclusions first, then exclusions
         k = _slice_index(image, roi.z)

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from medlens.data.base import ArrayDataset, SplitData
-from medlens.data.catalog import MedMNISTInfo, get_info
+from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL, MedMNISTInfo, get_info
 from medlens.data.download import download, file_md5
 from medlens.errors import DataError
+from medlens.io.limits import MAX_DECOMPRESSED_ENV, max_decompressed_bytes
+from medlens.io.raster import npz_member_header
 from medlens.utils import data_dir, write_json_atomic
 
 SPLITS = ("train", "val", "test")
@@ -80,9 +82,6 @@ def read_npz(path: str | Path, limit: bool = True) -> dict[str, np.ndarray]:
     numbers and labels integers (or booleans). With ``limit`` (any file whose MD5 was not checked against the
     catalogue) the arrays together may expand to at most ``MEDLENS_MAX_DECOMPRESSED_BYTES``.
     """
-    from medlens.io.limits import MAX_DECOMPRESSED_ENV, max_decompressed_bytes
-    from medlens.io.raster import npz_member_header
-
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path)
@@ -149,8 +148,6 @@ def infer_info(arrays: dict[str, np.ndarray], path: Path, size: int | None = Non
     2D if the images are ``(n, h, w)`` or ``(n, h, w, 1|3)``, 3D if ``(n, d, h, w)`` (or ``(n, 1|3, d, h, w)``);
     labels ``(n,)`` / ``(n, 1)`` are classes (2: binary, more: multi-class), ``(n, k)`` with several 0/1 columns
     multi-label. Class names are ``"0"``, ``"1"``, ... ."""
-    from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL
-
     im = arrays["train_images"]
     dims = image_dims(im)
     if dims is None:

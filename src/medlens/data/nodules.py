@@ -10,13 +10,21 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
+import SimpleITK as sitk
+import torch
 
 from medlens.data.base import SplitData, read_csv_checked
 from medlens.data.catalog import BINARY
+from medlens.data.splits import patient_split
 from medlens.errors import DataError, MedlensWarning
+from medlens.io import load
+from medlens.io.dicom import list_series
 from medlens.io.image import Image
+from medlens.io.sitk_io import to_sitk
+from medlens.io.windows import apply_window
 
 AIR_HU = -1024
 
@@ -46,8 +54,6 @@ def find_scans(scans: str | Path | list) -> dict[str, Path]:
     ``scans`` is one folder or several (e.g. the LUNA16 ``.mhd`` folder and a DICOM series folder); a
     seriesuid found in an earlier folder is not replaced by a later one.
     """
-    from medlens.io.dicom import list_series
-
     out: dict[str, Path] = {}
     for root in ([scans] if isinstance(scans, (str, Path)) else list(scans)):
         root = Path(root)
@@ -92,8 +98,6 @@ def merge_positives(annotated: np.ndarray, diameters: np.ndarray, candidates: np
 
 
 def load_scan(path: Path) -> Image:
-    from medlens.io import load
-
     return load(path)
 
 
@@ -114,10 +118,6 @@ def extract_patch_2d(image: Image, world_xyz, size: int = 50) -> np.ndarray | No
 def extract_patch_3d(image: Image, world_xyz, size: int = 32, spacing: float = 1.0) -> np.ndarray | None:
     """``size``^3 HU patch at isotropic ``spacing`` mm centred on a world point (linear interpolation,
     aligned with the scan's axes); None if the centre is outside the scan."""
-    import SimpleITK as sitk
-
-    from medlens.io.sitk_io import to_sitk
-
     z, y, x = image.world_to_voxel(world_xyz)
     if not all(-0.5 <= v <= n - 0.5 for v, n in zip((z, y, x), image.shape)):
         return None
@@ -145,8 +145,6 @@ class PatchStoreDataset:
 
     def __init__(self, path: str | Path, indices: np.ndarray | None = None, name: str | None = None,
                  window: str = "lung") -> None:
-        import h5py
-
         self.path = Path(path)
         if not self.path.exists():
             raise DataError("patch store not found (create it with `medlens nodules extract`)", self.path)
@@ -214,10 +212,6 @@ class PatchStoreDataset:
         return out
 
     def batch(self, idx):
-        import torch
-
-        from medlens.io.windows import apply_window
-
         x = apply_window(self.read_hu(idx), self.window)
         return torch.from_numpy(x), torch.from_numpy(self.labels[np.asarray(idx)])
 
@@ -234,8 +228,6 @@ def load_patch_store(path: str | Path, val: float = 0.15, test: float = 0.25, se
     - 1 patient: a patch-level split in which augmented copies of one nodule stay together.
     Every fallback says so in ``split_method`` and warns: its metrics are a pipeline check.
     """
-    from medlens.data.splits import patient_split
-
     full = PatchStoreDataset(path)
     pids = full.patient_ids
     patients = sorted(np.unique(pids).tolist())

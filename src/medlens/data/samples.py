@@ -10,8 +10,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from PIL import Image as PILImage
 
 from medlens.errors import DataError, MedlensError
+from medlens.io import load, save
 from medlens.utils import data_dir
 
 SERIES_SLICES = 16   # consecutive slices of the LIDC series copied as dicom_series/ (a valid, short series)
@@ -25,10 +28,6 @@ def _need(path: Path) -> Path:
 
 def write_samples(out: str | Path, root: str | Path | None = None) -> dict[str, str]:
     """Write the sample files into the new or empty folder ``out``; return ``{file: what it is}``."""
-    from PIL import Image as PILImage
-
-    from medlens.io import load, save
-
     root = Path(root) if root is not None else data_dir()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -43,8 +42,6 @@ def write_samples(out: str | Path, root: str | Path | None = None) -> dict[str, 
         PILImage.fromarray(images[i]).save(out / name)
         made[name] = f"PneumoniaMNIST test image {i} ({'normal' if label == 0 else 'pneumonia'}), 28 px"
     # CT: one DICOM slice and a short series of LIDC-IDRI-0001 (slices around the LUNA16 nodule)
-    import pydicom
-
     files = sorted(_need(root / "lidc-idri-0001").rglob("*.dcm"))
     # slices in patient z order (file names do not follow it), so that a run of them is a gap-free series
     series = sorted(files, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))

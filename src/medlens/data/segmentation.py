@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
-from medlens.data.base import Preparer
+from medlens.data.base import Preparer, confined_paths, read_csv_checked, refuse_blank_cells
 from medlens.data.splits import patient_split, split_method
 from medlens.errors import DataError, MedlensWarning, ShapeError
+from medlens.io import load
 from medlens.io.formats import IMAGE_SUFFIXES, is_image_file, suffix_of
 from medlens.io.image import Image
 
@@ -91,8 +93,6 @@ def read_manifest(csv_path: str | Path, path_column: str, mask_column: str, pati
     """(image, mask, reference, patient) rows of a segmentation manifest. Image, mask and reference paths
     are relative to ``image_root`` (default: the CSV's folder) and confined to it unless
     ``allow_outside_root``; empty image, mask or patient cells are refused (an empty reference: none)."""
-    from medlens.data.base import confined_paths, read_csv_checked, refuse_blank_cells
-
     df = read_csv_checked(csv_path, [path_column, mask_column], "segmentation manifest")
     refuse_blank_cells(df, [path_column, mask_column, patient_column], csv_path, "segmentation manifest")
     base = Path(image_root) if image_root else Path(csv_path).parent
@@ -168,8 +168,6 @@ def check_same_grid(image: Image, mask: Image, path: Path | str) -> None:
 def load_case(image_path: Path, mask_path: Path | None, cfg, label_values, patient_id: str,
               prepare: Preparer, reference_path: Path | None = None) -> SegCase:
     """Read, check and prepare (``prepare``: the run's preparer) one image/mask pair of a ``DataConfig``."""
-    from medlens.io import load
-
     img = load(image_path)
     x = np.ascontiguousarray(prepare(img, str(image_path)), dtype=np.float32)
     display = prepare.display(img)
@@ -260,8 +258,6 @@ class PatchSampler:
         self.epoch = int(epoch)
 
     def __getitem__(self, i: int):
-        import torch
-
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
         k = (int(i) + self.epoch * self.n) % len(self.images)
         img, msk, fg = self.images[k], self.masks[k], self.fg[k]

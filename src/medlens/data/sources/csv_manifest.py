@@ -3,6 +3,8 @@ and mask paths (segmentation), confined to ``data.image_root``."""
 
 from __future__ import annotations
 
+from medlens.data.folder import load_csv_manifest
+from medlens.data.segmentation import patient_of, read_manifest
 from medlens.data.sources.registry import DataSource, register_source
 
 
@@ -16,8 +18,6 @@ class CSVSource(DataSource):
     plan_suffixes = (".csv",)
 
     def load(self, cfg, *, seed, prepare, progress):
-        from medlens.data.folder import load_csv_manifest
-
         return load_csv_manifest(cfg.resolved_path(), prepare, image_root=cfg.resolved_image_root(),
                                  path_column=cfg.path_column, label_column=cfg.label_column,
                                  patient_column=cfg.patient_column, suffix=cfg.suffix, val=cfg.val_fraction,
@@ -25,8 +25,6 @@ class CSVSource(DataSource):
                                  allow_outside_root=cfg.allow_outside_root)
 
     def pair_rows(self, cfg) -> list:
-        from medlens.data.segmentation import patient_of, read_manifest
-
         rows = read_manifest(cfg.resolved_path(), cfg.path_column, cfg.mask_column, cfg.patient_column,
                              cfg.reference_column, cfg.resolved_image_root(), cfg.allow_outside_root)
         return [(i, m, r, pid if pid is not None else patient_of(i.name, cfg.patient_pattern))

@@ -3,6 +3,8 @@ mask pairs named by ``data.mask_suffix`` (segmentation)."""
 
 from __future__ import annotations
 
+from medlens.data.folder import load_image_folder
+from medlens.data.segmentation import find_pairs, patient_of
 from medlens.data.sources.registry import DataSource, register_source
 
 
@@ -19,13 +21,9 @@ class FolderSource(DataSource):
             raise ValueError("data.mask_suffix is required for a segmentation folder (e.g. '_mask.png')")
 
     def load(self, cfg, *, seed, prepare, progress):
-        from medlens.data.folder import load_image_folder
-
         return load_image_folder(cfg.resolved_path(), prepare, val=cfg.val_fraction, test=cfg.test_fraction,
                                  seed=seed, progress=progress)
 
     def pair_rows(self, cfg) -> list:
-        from medlens.data.segmentation import find_pairs, patient_of
-
         triples = find_pairs(cfg.resolved_path(), cfg.mask_suffix, cfg.reference_suffix, cfg.image_suffix)
         return [(i, m, r, patient_of(i.name, cfg.patient_pattern, cfg.image_suffix)) for i, m, r in triples]

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from medlens.data.base import SplitData
+from medlens.data.catalog import MEDMNIST_MODALITY, get_info
+from medlens.data.medmnist import load_medmnist, medmnist_path, read_npz
 from medlens.data.sources.registry import DataSource, register_source
 
 
@@ -19,8 +24,6 @@ class MedMNISTSource(DataSource):
                              "for source 'medmnist'")
 
     def load(self, cfg, *, seed, prepare, progress):
-        from medlens.data.medmnist import load_medmnist
-
         data = load_medmnist(cfg.name, cfg.size, check_md5=cfg.check_md5, path=cfg.resolved_path())
         wanted = 3 if cfg.color == "rgb" else 1
         return data if data.train.in_channels == wanted else recolor(data, cfg.color)
@@ -31,16 +34,12 @@ class MedMNISTSource(DataSource):
     def stored_file(self, cfg):
         if cfg.path:
             return cfg.resolved_path()
-        from medlens.data.medmnist import medmnist_path
-
         return medmnist_path(cfg.name, cfg.size)
 
     def for_plan(self, cfg):
         """A 3-channel MedMNIST-format file is read in colour."""
         if cfg.color != "gray":
             return cfg
-        from medlens.data.medmnist import read_npz
-
         p = self.stored_file(cfg)
         if p is not None and p.exists():
             shape = read_npz(p)["train_images"].shape
@@ -49,8 +48,6 @@ class MedMNISTSource(DataSource):
         return cfg
 
     def profile_hints(self, train, cfg):
-        from medlens.data.catalog import MEDMNIST_MODALITY, get_info
-
         if not cfg.name:  # a MedMNIST-format file outside the catalogue: colour as loaded, modality unknown
             return None, train.in_channels == 3
         info = get_info(cfg.name)
@@ -59,10 +56,6 @@ class MedMNISTSource(DataSource):
 
 def recolor(data, color: str):
     """Apply the colour mode to MedMNIST RGB data (e.g. green channel for fundus)."""
-    import numpy as np
-
-    from medlens.data.base import SplitData
-
     def conv(ds):
         x = ds.images
         if x.shape[1] == 3 and color == "green":

@@ -3,6 +3,7 @@ Hounsfield units; classes non-nodule/nodule), split by patient."""
 
 from __future__ import annotations
 
+from medlens.data.nodules import PatchStoreDataset, load_patch_store
 from medlens.data.sources.registry import DataSource, register_source
 
 
@@ -19,8 +20,6 @@ class PatchStoreSource(DataSource):
                              "(data.positive_class may still choose)")
 
     def load(self, cfg, *, seed, prepare, progress):
-        from medlens.data.nodules import load_patch_store
-
         return load_patch_store(cfg.resolved_path(), val=cfg.val_fraction, test=cfg.test_fraction, seed=seed,
                                 test_patient=cfg.test_patient)
 
@@ -28,7 +27,5 @@ class PatchStoreSource(DataSource):
         return "CT", False  # CT patches in Hounsfield units
 
     def training_patients(self, cfg) -> set[str]:
-        from medlens.data.nodules import PatchStoreDataset
-
         ds = PatchStoreDataset(cfg.path)
         return {p for p in set(ds.patient_ids.tolist()) if p != cfg.test_patient}
