@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.metrics.regression import compute_ssim_and_cs
+from monai.networks.nets import AutoEncoder, VarAutoEncoder
 
 from medlens.errors import ConfigError
 from medlens.models.registry import register_model
@@ -46,8 +48,6 @@ class AnomalyAutoEncoder(nn.Module):
             return ((x - r) ** 2).mean(1)
         if score == "l1":
             return (x - r).abs().mean(1)
-        from monai.metrics.regression import compute_ssim_and_cs
-
         k = min(SSIM_KERNEL, *x.shape[2:])
         ssim, _ = compute_ssim_and_cs(r.float(), x.float(), self.spatial_dims, [k] * self.spatial_dims,
                                       [1.5] * self.spatial_dims, data_range=1.0)
@@ -74,8 +74,6 @@ def autoencoder(in_channels: int, num_outputs: int, spatial_dims: int = 2, input
                 channels: tuple[int, ...] = (16, 32, 4), strides: tuple[int, ...] = (2, 2, 1),
                 latent_size: int | None = None, num_res_units: int = 0, score: str = "mse") -> nn.Module:
     """Convolutional autoencoder for anomaly detection (MONAI AutoEncoder; VarAutoEncoder when latent_size is set)."""
-    from monai.networks.nets import AutoEncoder, VarAutoEncoder
-
     if num_outputs != 1:
         raise ConfigError("model 'autoencoder' scores anomalies (one output); use it with task: anomaly")
     channels, strides = tuple(int(c) for c in channels), tuple(int(s) for s in strides)

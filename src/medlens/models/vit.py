@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from monai.networks.nets import ViT
 
 from medlens.errors import ConfigError
 from medlens.models.registry import register_model
@@ -61,8 +62,6 @@ def vit(in_channels: int, num_outputs: int, spatial_dims: int = 2, input_size=No
         hidden_size: int = 96, mlp_dim: int = 192, num_layers: int = 4, num_heads: int = 4,
         dropout: float = 0.1, pos_embed_type: str = "learnable") -> nn.Module:
     """Vision transformer (MONAI ViT, CLS token, linear head); small by default (4 blocks of 96, 4 px patches)."""
-    from monai.networks.nets import ViT
-
     if input_size is None:
         raise ConfigError("model 'vit' needs the input size (its patch grid and position embedding depend on it)")
     size = tuple(int(s) for s in input_size)[-spatial_dims:]

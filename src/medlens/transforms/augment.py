@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import combinations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -190,8 +192,6 @@ def flip_axes(cfg: AugmentConfig, spatial_dims: int) -> list[int]:
 def tta_flips(cfg: AugmentConfig, spatial_dims: int) -> list[tuple[int, ...]]:
     """Every combination of the training flips, the identity first: ``[(), (-1,), (-2,), (-1, -2)]`` for a
     config that flips both in-plane axes."""
-    from itertools import combinations
-
     axes = flip_axes(cfg, spatial_dims)
     return [c for r in range(len(axes) + 1) for c in combinations(axes, r)]
 
@@ -219,8 +219,6 @@ def sample_mix(shape, mixup: float, cutmix: float, generator: torch.Generator) -
     method = methods[int(torch.randint(len(methods), (1,), generator=g))]
     alpha = mixup if method == "mixup" else cutmix
     # torch's Beta sampler takes no generator: a seed drawn from the generator seeds numpy's Beta
-    import numpy as np
-
     seed = int(torch.randint(2**31 - 1, (1,), generator=g))
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     perm = torch.randperm(shape[0], generator=g)

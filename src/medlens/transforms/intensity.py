@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from medlens.errors import ConfigError
@@ -29,8 +30,6 @@ def clahe(arr: np.ndarray, clip_limit: float = 2.0, tile: int = 8) -> np.ndarray
 
     For RGB, CLAHE is applied to the L channel in Lab space so colours are preserved.
     """
-    import cv2
-
     a = np.asarray(arr)
     if a.dtype != np.uint8:
         a = to_uint8(a)

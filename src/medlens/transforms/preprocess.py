@@ -7,12 +7,19 @@ segmentation pairs) and prediction (``medlens.run.Predictor``: files, arrays, DI
 
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
+from scipy.ndimage import zoom
+
+from medlens.data import build_data
+from medlens.data.segmentation import load_segmentation
+from medlens.data.sources import get_source
 from medlens.errors import DataError, ShapeError
 from medlens.io.image import Image
+from medlens.io.windows import apply_window, to_uint8
+from medlens.transforms.intensity import clahe as _clahe, normalize
 
 COLOR_MODES = ("gray", "rgb", "green")
 
@@ -57,8 +64,6 @@ def set_color(image: Image, color: str) -> np.ndarray:
 
 def resize2d(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize (y, x, C) with area interpolation when shrinking, cubic when enlarging."""
-    import cv2
-
     h, w = (size, size) if isinstance(size, int) else size
     if arr.shape[:2] == (h, w):
         return arr
@@ -97,9 +102,6 @@ def prepare_raw(image: Image, spec: InputSpec, name: str | None = None) -> np.nd
 
     Datasets store this (uint8 keeps memory small) and ``to_model_scale`` finishes it at batch time.
     """
-    from medlens.io.windows import apply_window, to_uint8
-    from medlens.transforms.intensity import clahe as _clahe, normalize
-
     _check_finite(image, name)
     if image.spatial_dims != spec.spatial_dims:
         raise ShapeError(f"the model takes {spec.spatial_dims}D inputs, this is {image.spatial_dims}D "
@@ -121,8 +123,6 @@ def prepare_raw(image: Image, spec: InputSpec, name: str | None = None) -> np.nd
         if spec.window:
             arr = apply_window(arr, spec.window)
         if spec.size is not None and tuple(arr.shape) != tuple(spec.size):
-            from scipy.ndimage import zoom
-
             arr = zoom(arr.astype(np.float32) if arr.dtype != np.uint8 else arr,
                        [t / s for t, s in zip(spec.size, arr.shape)], order=1)
         arr = arr[None]
@@ -145,8 +145,6 @@ def prepare_input(image: Image, spec: InputSpec, name: str | None = None) -> np.
 
 def display_image(image: Image, spec: InputSpec) -> np.ndarray:
     """uint8 picture of the image for overlays: (y, x) / (y, x, 3) in 2D, (z, y, x) in 3D."""
-    from medlens.io.windows import apply_window, to_uint8
-
     if spec.spatial_dims == 2:
         arr = set_color(image, spec.color)
         arr = arr[..., 0] if arr.shape[-1] == 1 else arr
@@ -185,8 +183,6 @@ def segmentation_spec(cfg_data, spatial_dims: int) -> InputSpec:
 def prepared_data(cfg_data, seed: int = 0, progress=None):
     """``medlens.data.build_data`` with this module's preparation of image files: what training,
     evaluation and explanation all load, so they see the same tensors as ``Predictor.prepare``."""
-    from medlens.data import build_data
-
     prep = Preparer(classifier_spec(cfg_data))
     data = build_data(cfg_data, seed=seed, prepare=prep, progress=progress)
     if prep.seen:  # the training images as they were on disk (size, colour, modality): the run's input profile
@@ -213,8 +209,5 @@ class _SegPreparer(Preparer):
 
 def prepared_segmentation(cfg_data, seg_cfg, seed: int = 0, progress=None):
     """``medlens.data.segmentation.load_segmentation`` with this module's preparation."""
-    from medlens.data.segmentation import load_segmentation
-    from medlens.data.sources import get_source
-
     rows = get_source(cfg_data.source).pair_rows(cfg_data)
     return load_segmentation(cfg_data, seg_cfg, _SegPreparer(cfg_data), rows, seed=seed, progress=progress)
