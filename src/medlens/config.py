@@ -23,8 +23,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medlens.data.sources import DataSource, get_source, list_sources
 from medlens.errors import ConfigError
 from medlens.tasks import config_task
+from medlens.utils import data_dir
 
 # ---------------------------------------------------------------------------------------------- YAML
 
@@ -145,8 +147,6 @@ def resolve_data_path(value: str | Path | None) -> Path | None:
     ``~/.medlens/data``, when the variable is unset). No other variable is expanded."""
     if value is None or str(value) == "":
         return None
-    from medlens.utils import data_dir
-
     text = str(value)
     try:
         _check_env_refs(text)
@@ -181,20 +181,16 @@ def parse_threshold_rule(rule: str) -> tuple[str, float | None]:
     return name, None
 
 
-def data_source(name: str):
+def data_source(name: str) -> DataSource:
     """The registered ``medlens.data.sources`` entry named ``name``; ``ValueError`` with "did you mean" (in a
     validator, the config's one-line error names ``data.source``)."""
-    from medlens.data.sources import get_source  # registers the built-in sources (see pyproject's ignore)
-
     try:
         return get_source(name)
     except ConfigError as e:
         raise ValueError(str(e)) from None
 
 
-def list_data_sources() -> list:
-    from medlens.data.sources import list_sources
-
+def list_data_sources() -> list[DataSource]:
     return list_sources()
 
 

@@ -16,9 +16,6 @@ Two names meet here:
 A new task type is one ``register_task(Task(...))`` (or a subclass overriding the methods whose default
 does not fit), from any module: nothing else is edited. What the upper layers compute from a task that
 this layer cannot hold (the evaluation's metric functions) is looked up there by ``Task.metrics``, a name.
-
-Heavy libraries (torch, torchmetrics) are imported inside the methods that use them, so the config can
-validate task names without loading torch.
 """
 
 from __future__ import annotations
@@ -26,14 +23,14 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics.functional as tmf
 
 from medlens.errors import ConfigError
-
-if TYPE_CHECKING:  # annotations only: torch is imported where a method needs it
-    import torch
 
 
 class TaskType(StrEnum):
@@ -102,21 +99,15 @@ class Task:
 
     def activation(self, logits: "torch.Tensor") -> "torch.Tensor":
         """Logits -> probabilities: (N,) positive-class probability for one output, (N, K) otherwise."""
-        import torch
-
         return torch.softmax(logits.float(), dim=1)
 
     # ---------- training ----------
     def loss(self, logits: "torch.Tensor", y: "torch.Tensor", class_weights: "torch.Tensor | None" = None,
              pos_weight: float | None = None, label_smoothing: float = 0.0) -> "torch.Tensor":
-        import torch.nn.functional as F
-
         return F.cross_entropy(logits.float(), y.long(), weight=class_weights, label_smoothing=label_smoothing)
 
     def loss_weights(self, counts: np.ndarray) -> tuple[Any, float | None]:
         """(class weights, positive weight) for ``train.imbalance: weighted_loss`` from the training counts."""
-        import torch
-
         counts = np.asarray(counts, float)
         w = counts.sum() / (len(counts) * np.maximum(counts, 1))
         return torch.tensor(w, dtype=torch.float32), None
@@ -127,8 +118,6 @@ class Task:
 
     def validation_scores(self, prob: "torch.Tensor", y: "torch.Tensor") -> dict[str, Any]:
         """What training monitors (torchmetrics), before the conversion to floats."""
-        import torchmetrics.functional as tmf
-
         k = prob.shape[1]
         y = y.long().reshape(-1)
         out = {"val_auc": tmf.auroc(prob, y, task="multiclass", num_classes=k, average="macro"),
@@ -213,14 +202,9 @@ class BinaryTask(Task):
         return None if n_classes == 2 and n_outputs == 1 else "exactly 2 class names and 1 output"
 
     def activation(self, logits):
-        import torch
-
         return torch.sigmoid(logits.float().reshape(-1))
 
     def loss(self, logits, y, class_weights=None, pos_weight=None, label_smoothing=0.0):
-        import torch
-        import torch.nn.functional as F
-
         pw = torch.tensor(pos_weight) if pos_weight else None
         target = y.float()
         if label_smoothing:
@@ -235,9 +219,6 @@ class BinaryTask(Task):
         return ((prob >= 0.5).long() == y.reshape(-1).long()).float().mean()
 
     def validation_scores(self, prob, y):
-        import torch
-        import torchmetrics.functional as tmf
-
         y = y.long().reshape(-1)
         auc = tmf.auroc(prob, y, task="binary") if 0 < int(y.sum()) < len(y) else torch.tensor(0.0)
         return {"val_auc": auc, "val_acc": tmf.accuracy(prob, y, task="binary", threshold=0.5)}
@@ -280,13 +261,9 @@ class MultilabelTask(Task):
         return None if n_classes >= 1 and n_outputs == n_classes else "one class name per output"
 
     def activation(self, logits):
-        import torch
-
         return torch.sigmoid(logits.float())
 
     def loss(self, logits, y, class_weights=None, pos_weight=None, label_smoothing=0.0):
-        import torch.nn.functional as F
-
         return F.binary_cross_entropy_with_logits(logits.float(), y.float())
 
     def loss_weights(self, counts):
@@ -296,8 +273,6 @@ class MultilabelTask(Task):
         return ((prob >= 0.5).float() == y.float()).float().mean()
 
     def validation_scores(self, prob, y):
-        import torchmetrics.functional as tmf
-
         n, y = prob.shape[1], y.long()
         return {"val_auc": tmf.auroc(prob, y, task="multilabel", num_labels=n, average="macro"),
                 "val_acc": tmf.accuracy(prob, y, task="multilabel", num_labels=n, average="micro")}
@@ -353,8 +328,6 @@ class SegmentationTask(Task):
 
     def activation(self, logits):
         """(N, K, *spatial) class probabilities; one output channel is the foreground's sigmoid."""
-        import torch
-
         logits = logits.float()
         if logits.shape[1] == 1:
             p = torch.sigmoid(logits)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import random
+import re
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
+
+from medlens.errors import MedlensError
 
 DATA_ENV = "MEDLENS_DATA"
 
@@ -85,8 +92,6 @@ def seed_everything(seed: int) -> None:
     ``PYTHONHASHSEED`` is not set here: it only takes effect at interpreter start-up. Nothing in medlens
     depends on string-hash order (sets are sorted before use), which a test checks across hash seeds.
     """
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -110,8 +115,6 @@ def unique_stems(paths) -> list[str]:
 def did_you_mean(name, choices) -> str:
     """`` (did you mean 'x'?)`` naming the closest of ``choices`` to ``name``, or ``""``: the hint of every
     registry's one-line refusal of an unknown name."""
-    import difflib
-
     close = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -132,9 +135,6 @@ def remove_pid_named(root: str | Path, pattern, which=None) -> int:
     the PID of the process that made them) when ``which(pid)`` holds: by default, when that process is gone
     (and is not this one). Only this user's regular files and folders are removed; links are never followed.
     Returns how many were removed. The one rule for what a killed medlens process leaves behind."""
-    import shutil
-    import stat
-
     me = os.getpid()
     which = which or (lambda pid: pid != me and not pid_alive(pid))
     try:
@@ -168,8 +168,6 @@ def _partial_prefix(path: Path) -> str:
 
 def _remove_stale_partials(path: Path) -> None:
     """Remove the temporary folders that killed earlier writers of ``path`` left beside it."""
-    import re
-
     remove_pid_named(path.parent, re.compile(re.escape(_partial_prefix(path)) + r"(\d+)-[A-Za-z0-9_]+$"))
 
 
@@ -180,10 +178,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     ``path`` must not exist, or be an empty folder. A crash leaves no folder that looks complete, an
     exception removes the temporary one, and the next writer of ``path`` removes what a killed one left.
     """
-    import shutil
-
-    from medlens.errors import MedlensError
-
     path = Path(path)
     if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
         raise MedlensError("output folder exists and is not empty; give a new or empty folder", path)
