@@ -16,6 +16,34 @@ def _calls(fn, *args, **kwargs):
     return result, seen
 
 
+def test_train_reports_each_image_loaded_then_the_end_of_loading(tmp_path, capsys):
+    # issue 29 item 8: `medlens train` on image files shows a loading bar (the CLI passes progress_step)
+    import json
+
+    from PIL import Image as PILImage
+
+    from medlens.config import config_from_dict
+    from medlens.workflow.train import train
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for k in range(24):
+        cls = root / ("a" if k % 2 else "b")
+        cls.mkdir(parents=True, exist_ok=True)
+        PILImage.fromarray((rng.random((20, 20)) * 255).astype(np.uint8)).save(cls / f"img{k:02d}.png")
+    cfg = config_from_dict({
+        "name": "loading", "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"source": "folder", "path": str(root), "size": 16, "val_fraction": 0.25, "test_fraction": 0.25},
+        "model": {"name": "small_cnn", "params": {"widths": [4, 8]}},
+        "train": {"epochs": 1, "batch_size": 8, "precision": "32"},
+        "evaluation": {"bootstrap": 10}})
+    run, seen = _calls(train, cfg, progress_bar=False, log=lambda s: None)
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+    # one step per file read, out of all of them; then the end of loading, before the fit; nothing after
+    assert seen == [(k, 24, "loading") for k in range(1, 25)] + [(1, 1, "loaded")]
+    assert capsys.readouterr().out == ""
+
+
 def test_registration_reports_iterations_against_the_stage_budget(capsys):
     from medlens.imaging.register import register
 

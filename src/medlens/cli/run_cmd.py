@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
 
@@ -71,6 +73,20 @@ def _auto_plan(source: Path, budget: str | None, seed: int, sets: list[str], run
     return cfg
 
 
+def _loading_bar(stack: ExitStack) -> Callable[[int, int, str], None]:
+    """``train``'s loading bar (``progress_step``), closed once the data are in memory ("loaded"): the fit then
+    shows Lightning's own bar."""
+    report = stack.enter_context(progress_step("loading the data"))
+
+    def loading(done: int, total: int, what: str) -> None:
+        if what == "loaded":
+            stack.close()
+        else:
+            report(done, total)
+
+    return loading
+
+
 def train(config: Path = typer.Argument(..., help="experiment YAML (with --auto: the data, as `medlens plan` "
                                         "takes it)"),
           auto: bool = typer.Option(False, "--auto", help="plan (medlens plan) and train in one go within "
@@ -112,7 +128,9 @@ def train(config: Path = typer.Argument(..., help="experiment YAML (with --auto:
         p = plan(cfg.train)
         say(json.dumps({"config": str(config), "rank": p.rank, **p.summary()}))
         return
-    run = do_train(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite, progress_bar=not quiet, log=say)
+    with ExitStack() as bars:
+        run = do_train(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite, progress_bar=not quiet, log=say,
+                       progress=None if quiet or global_rank() != 0 else _loading_bar(bars))
     if global_rank() != 0:  # data parallel under torchrun/srun: rank 0 reports
         return
     _print_results(run)

@@ -37,7 +37,7 @@ from medlens.run.profile import profile_of
 from medlens.run.sections import write_section
 from medlens.tasks import TaskType
 from medlens.transforms.preprocess import prepared_data
-from medlens.workflow.lifecycle import finish, write_record, write_start
+from medlens.workflow.lifecycle import Progress, finish, loading, write_record, write_start
 
 _EPS = 1e-8
 
@@ -163,10 +163,14 @@ def write_anomaly_section(run: Run, test, scores: list[dict], comparison: dict, 
     return write_section(run.dir, "anomaly", "Anomaly detection (autoencoder, normal class only)", data)
 
 
-def train_anomaly(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log) -> Run:
+def train_anomaly(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log,
+                  progress: Progress | None = None) -> Run:
+    """Fit and finish one anomaly run in ``path`` (held by ``lifecycle.RunStart``). ``progress``: the loading
+    (``lifecycle.loading``)."""
     if get_model_entry(cfg.model.name).task != "anomaly":
         raise ConfigError(f"model '{cfg.model.name}' is not an anomaly model; task: anomaly trains 'autoencoder'")
-    data = prepared_data(cfg.data, seed=cfg.seed)
+    with loading(progress) as report:
+        data = prepared_data(cfg.data, seed=cfg.seed, progress=report)
     tr = data.train
     if len(tr) == 0 or len(data.val) == 0 or len(data.test) == 0:
         raise MedlensError(f"empty split: train {len(tr)}, val {len(data.val)}, test {len(data.test)}")

@@ -29,7 +29,7 @@ from medlens.run.profile import profile_of
 from medlens.tasks import TaskType, get_task
 from medlens.transforms.preprocess import prepared_data
 from medlens.workflow.ensemble import fit_ensemble
-from medlens.workflow.lifecycle import finish, write_start
+from medlens.workflow.lifecycle import Progress, finish, loading, write_start
 
 
 def classifier_meta(cfg, data, classical: bool = False) -> RunMeta:
@@ -53,10 +53,12 @@ def classifier_meta(cfg, data, classical: bool = False) -> RunMeta:
 
 
 def train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log,
-                     writer: bool = True) -> Run | None:
+                     writer: bool = True, progress: Progress | None = None) -> Run | None:
     """Fit and finish one classifier run in ``path`` (held by ``lifecycle.RunStart``); with ``writer`` False
-    (a data-parallel process other than global rank 0) fit only and write nothing."""
-    data = prepared_data(cfg.data, seed=cfg.seed)
+    (a data-parallel process other than global rank 0) fit only and write nothing. ``progress``: the loading
+    (``lifecycle.loading``)."""
+    with loading(progress) as report:
+        data = prepared_data(cfg.data, seed=cfg.seed, progress=report)
     tr = data.train
     if len(tr) == 0 or len(data.val) == 0 or len(data.test) == 0:
         raise MedlensError(f"empty split: train {len(tr)}, val {len(data.val)}, test {len(data.test)}")

@@ -4,6 +4,10 @@ anomaly and ensembles, ``federate`` in simulation and as a server).
 - **open**: ``RunStart(path, resume=..., overwrite=...)`` refuses, before anything is written, what the folder
   rules forbid (``run.RunFolder.check``); entered, it holds the folder's lock (a second writer gets one line)
   and makes the folder ready: marker, emptied on ``--overwrite``, kept on ``--resume``.
+- **load**: ``loading(progress)`` hands the data loaders a callback that reports to the caller's
+  ``progress(done, total, "loading")`` (each file read; a folder already split into train/val/test reports each
+  split), then ``progress(1, 1, "loaded")`` once the data are in memory: a caller's loading bar ends there, before
+  the fit (which shows Lightning's own).
 - **start**: ``write_start`` writes ``config.yaml`` and ``run.json`` with status ``training`` before fitting:
   a folder whose process died says so (predict, serve and export refuse it without ``--allow-incomplete``).
 - **finish**: ``finish`` sets the status (``complete``, or ``failed`` when the result is no result), writes
@@ -16,8 +20,8 @@ reader never sees half a file, whatever happens to the writer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -30,6 +34,9 @@ from medlens.run import Run, RunFolder, RunMeta, run_lock
 from medlens.utils import atomic_path, write_json_atomic, write_text_atomic
 
 R = TypeVar("R")
+
+#: a long step's report to its caller: ``progress(done, total, what)`` (the CLI passes ``cli.common.progress_step``)
+Progress = Callable[[int, int, str], None]
 
 
 def resolve_run_dir(cfg: ExperimentConfig, run_dir: str | Path | None) -> Path:
@@ -56,6 +63,17 @@ class RunStart:
 
     def __exit__(self, *exc: object) -> None:
         self._held.close()
+
+
+@contextmanager
+def loading(progress: Progress | None) -> Iterator[Callable[[int, int], None] | None]:
+    """The loaders' ``(done, total)`` callback for ``progress`` (None without one): each step is reported as
+    ``(done, total, "loading")``, and ``(1, 1, "loaded")`` when the block ends with the data in memory."""
+    if progress is None:
+        yield None
+        return
+    yield lambda done, total: progress(done, total, "loading")
+    progress(1, 1, "loaded")
 
 
 def write_start(cfg: ExperimentConfig, meta: RunMeta, path: Path) -> None:

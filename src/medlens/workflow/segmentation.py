@@ -18,17 +18,20 @@ from medlens.models.transfer import apply_transfer
 from medlens.run import InputPrep, Predictor, Run, RunMeta, Threshold
 from medlens.tasks import TaskType
 from medlens.transforms.preprocess import prepared_segmentation
-from medlens.workflow.lifecycle import finish, write_start
+from medlens.workflow.lifecycle import Progress, finish, loading, write_start
 
 
-def train_segmentation(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log=None) -> Run:
-    """Fit and finish one segmentation run in ``path`` (held by ``lifecycle.RunStart``)."""
+def train_segmentation(cfg, path: Path, resume: bool, callbacks, progress_bar: bool, log=None,
+                       progress: Progress | None = None) -> Run:
+    """Fit and finish one segmentation run in ``path`` (held by ``lifecycle.RunStart``). ``progress``: the
+    loading of the cases (``lifecycle.loading``)."""
     seg = cfg.segmentation
     if get_model_entry(cfg.model.name).task != "segmentation":
         raise ConfigError(f"model '{cfg.model.name}' is a classifier; a segmentation run needs unet or basic_unet")
     if cfg.train.monitor not in ("val_auc", "val_dice"):  # val_auc: the default, left unset
         raise ConfigError(f"train.monitor '{cfg.train.monitor}': segmentation runs monitor val_dice")
-    data = prepared_segmentation(cfg.data, seg, seed=cfg.seed)
+    with loading(progress) as report:
+        data = prepared_segmentation(cfg.data, seg, seed=cfg.seed, progress=report)
     if not data.train or not data.val or not data.test:
         raise MedlensError(f"empty split: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
     first = data.train[0]

@@ -25,7 +25,7 @@ from medlens.errors import MedlensWarning
 from medlens.utils import seed_everything
 from medlens.workflow.anomaly import train_anomaly
 from medlens.workflow.classifier import train_classifier
-from medlens.workflow.lifecycle import RunStart, resolve_run_dir
+from medlens.workflow.lifecycle import Progress, RunStart, resolve_run_dir
 from medlens.workflow.segmentation import train_segmentation
 
 # The training path of each config task (``Task.config_name``); any other family (one output vector per case,
@@ -37,8 +37,11 @@ __all__ = ["resolve_run_dir", "train"]
 
 def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: bool = False,
           overwrite: bool = False, callbacks: list | None = None, progress_bar: bool = True,
-          log: Callable[[str], None] = print) -> Path:
-    """Train, evaluate, explain and report one experiment; return its run folder."""
+          log: Callable[[str], None] = print, progress: Progress | None = None) -> Path:
+    """Train, evaluate, explain and report one experiment; return its run folder.
+
+    ``progress(done, total, what)`` follows the loading of the data (``what`` "loading", then "loaded" once they
+    are in memory; ``lifecycle.loading``); the fit shows Lightning's bar when ``progress_bar``."""
     path = resolve_run_dir(cfg, run_dir)
     if plan(cfg.train).rank != 0:  # a data-parallel process started by torchrun/srun: fit, write nothing
         seed_everything(cfg.seed)
@@ -50,5 +53,5 @@ def train(cfg: ExperimentConfig, *, run_dir: str | Path | None = None, resume: b
                           MedlensWarning, stacklevel=2)
         seed_everything(cfg.seed)
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
-        PATHS.get(cfg.task, train_classifier)(cfg, path, from_ckpt, callbacks, progress_bar, log)
+        PATHS.get(cfg.task, train_classifier)(cfg, path, from_ckpt, callbacks, progress_bar, log, progress=progress)
     return path  # the run's folder (Run.dir)
