@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from medlens.cli.common import console, quiet_libraries
+from medlens.cli.common import console, quiet_libraries, say
 
 
 def pretrain(data: List[str] = typer.Argument(..., help="MedMNIST names, MedMNIST-layout .npz files or image "
@@ -52,7 +52,7 @@ def pretrain(data: List[str] = typer.Argument(..., help="MedMNIST names, MedMNIS
                         channels=channels, epochs=epochs, batch_size=batch_size, lr=lr,
                         temperature=temperature, mask_ratio=mask_ratio, patch=patch, seed=seed,
                         max_per_dataset=max_per_dataset, precision=precision, out=out,
-                        log=lambda s: console.print(s, highlight=False, markup=False))
+                        log=say)
     per = ", ".join(f"{d['name']} {d['n_images']}" for d in meta["datasets"])
     console.print(f"images: {meta['n_images']} from the train splits only ({per}); labels not used; "
                   "validation and test splits not read", highlight=False, markup=False)

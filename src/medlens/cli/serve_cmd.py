@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from medlens.cli.common import console, progress_step, quiet_libraries
+from medlens.cli.common import console, progress_step, quiet_libraries, say
 
 
 def export(run_dir: Path = typer.Argument(..., help="a trained run folder"),
@@ -25,7 +25,7 @@ def export(run_dir: Path = typer.Argument(..., help="a trained run folder"),
     quiet_libraries()
     with progress_step("exporting") as report:
         r = export_run(run_dir, format, quantize, n_parity=n, progress=report,
-                       log=lambda s: console.print(s, markup=False, highlight=False),
+                       log=say,
                        allow_incomplete=allow_incomplete)
     t = Table(title=f"export of {r['run']} ({r['format']})")
     for col in ("file", "parity data", "max |prob diff| vs PyTorch", "test score"):
