@@ -1,13 +1,56 @@
-"""Shared fixtures. Integration tests read real data from $MEDLENS_DATA (CI: ../shared/data)."""
+"""Shared fixtures. Integration tests read real data from $MEDLENS_DATA (CI: ../shared/data).
+
+`make test` runs the suite on two pytest-xdist workers (``-n 2 --dist loadscope``): each module runs whole on
+one worker (its module fixtures are built once), the slowest modules first (``SLOW_FIRST``) so that both
+workers finish at about the same time. Session fixtures that train (``trained_run``) are built once for the
+whole run, by whichever worker needs them first, and read by the other (``shared_folder``). Plain ``pytest``
+(no ``-n``) runs everything in one process, as before.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: "gw0", "gw1", ... in a pytest-xdist worker; None in a plain pytest run
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+# OpenMP threads (torch's CPU pool, MKL) that finish a parallel region spin for a while before they sleep: with
+# more busy threads than cores (two xdist workers, the processes a test starts, anything else on the machine)
+# the spinning takes the cores from the work. A tiny training measured on the 2-core CI machine under load:
+# 16 s of CPU with the default policy, 6 s with PASSIVE. Results are unchanged (only how idle threads wait).
+# Set before torch is imported (the test modules import it); the processes the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+#: test modules in the order they are handed out under xdist, slowest first (a module that trains several
+#: models or drives many real processes; from `--durations`); every other module follows in collection order.
+#: Only the schedule depends on this list: a module missing from it still runs.
+SLOW_FIRST = [
+    "tests/e2e/test_readme.py",
+    "tests/security/test_runs_and_reports.py",
+    "tests/security/test_federated_hostile.py",
+    "tests/integration/test_segmentation.py",
+    "tests/e2e/test_quiet.py",
+    "tests/integration/test_training.py",
+    "tests/integration/test_clinical_report.py",
+    "tests/integration/test_detect.py",
+    "tests/integration/test_auto.py",
+    "tests/integration/test_ddp.py",
+    "tests/integration/test_explain_runs.py",
+    "tests/integration/test_federated.py",
+    "tests/e2e/test_serve.py",
+    "tests/integration/test_accuracy_run.py",
+    "tests/security/test_serve_exits.py",
+    "tests/integration/test_imaging.py",
+    "tests/integration/test_export.py",
+    "tests/e2e/test_cli.py",
+]
 
 
 def _data_root() -> Path:
@@ -35,10 +78,35 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 
 def pytest_collection_modifyitems(config, items):
     """A test that reads the real data (the ``data_root`` fixture, directly or through a fixture built on it,
-    like ``trained_run``) is an integration test: ``pytest -m "not integration"`` runs without a data folder."""
+    like ``trained_run``) is an integration test: ``pytest -m "not integration"`` runs without a data folder.
+    Under xdist the slowest modules are moved to the front (``SLOW_FIRST``), each module's tests kept together
+    and in their order; every worker computes the same order, as xdist requires."""
     for item in items:
         if "data_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+    if WORKER:
+        rank = {m: i for i, m in enumerate(SLOW_FIRST)}
+        items.sort(key=lambda it: rank.get(it.nodeid.split("::")[0], len(rank)))  # stable: order kept within
+
+
+def shared_folder(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once per test run, for every worker: under pytest-xdist the first worker to ask builds
+    it while holding a file lock (pytest-xdist's documented pattern) and the others wait, then read the same
+    folder; without xdist, a plain ``mktemp``. ``build`` returns the path the fixture gives (a run folder).
+    Tests must treat what it returns as read-only (copy it to change it)."""
+    if not WORKER:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of this run
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.json"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            if folder.exists():
+                shutil.rmtree(folder)  # left half-built by a worker whose build failed
+            folder.mkdir()
+            done.write_text(json.dumps({"path": str(build(folder))}))
+        return Path(json.loads(done.read_text())["path"])
 
 
 def tiny_config(tmp: Path, name: str = "tiny", **over):
@@ -62,8 +130,9 @@ def tiny_config(tmp: Path, name: str = "tiny", **over):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_root) -> Path:
-    """One tiny trained PneumoniaMNIST run shared by the tests that only read a run folder."""
+    """One tiny trained PneumoniaMNIST run shared by the tests that only read a run folder (under xdist, by
+    every worker: built once). A test that changes it works on a copy."""
     from medlens.workflow.train import train
 
-    tmp = tmp_path_factory.mktemp("runs")
-    return train(tiny_config(tmp, "shared"), progress_bar=False)
+    return shared_folder(tmp_path_factory, "trained_run",
+                         lambda tmp: train(tiny_config(tmp, "shared"), progress_bar=False))

@@ -1,6 +1,7 @@
 """Training on real PneumoniaMNIST: run folder, determinism, resume, threshold hygiene."""
 
 import json
+import shutil
 
 import lightning.pytorch.callbacks as cb
 import numpy as np
@@ -69,7 +70,8 @@ def test_resume_after_interruption_matches_uninterrupted(trained_run, tmp_path):
     assert list(h["epoch"]) == [0, 1]
 
 
-def test_threshold_never_touches_test_labels(trained_run):
+def test_threshold_never_touches_test_labels(trained_run, tmp_path):
+    trained_run = shutil.copytree(trained_run, tmp_path / "run")  # evaluate_run rewrites metrics.json
     cfg = load_config(trained_run / "config.yaml")
     data = prepared_data(cfg.data, seed=cfg.seed)
     first = evaluate_run(trained_run, data=data)
