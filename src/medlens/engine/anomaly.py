@@ -16,11 +16,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medlens.engine.module import ClassifierModule, ClassifierNet
+from medlens.engine.module import ClassifierModule
+from medlens.engine.network import ClassifierNet
 from medlens.engine.sampling import make_loader
 from medlens.engine.train import FitResult, fit_module, save_best
+from medlens.errors import ConfigError
+from medlens.models.autoencoder import AnomalyAutoEncoder
+from medlens.utils import atomic_path
 
 KL_WEIGHT = 1e-3   # VarAutoEncoder: weight of the KL term per latent unit against the per-pixel MSE
+
+
+def autoencoder(net: ClassifierNet) -> AnomalyAutoEncoder:
+    """The autoencoder inside a run's network; a one-line error for a network that is not one."""
+    if not isinstance(net.net, AnomalyAutoEncoder):
+        raise ConfigError(f"task: anomaly needs an autoencoder model, not {type(net.net).__name__}")
+    return net.net
 
 
 class AutoencoderModule(ClassifierModule):
@@ -31,7 +42,7 @@ class AutoencoderModule(ClassifierModule):
 
     def reconstruction_loss(self, x: torch.Tensor) -> torch.Tensor:
         xn = self.model.normalize(x)
-        ae = self.model.net
+        ae = autoencoder(self.model)
         if ae.variational:
             recon, mu, logvar, _ = ae.ae(xn)
             kl = -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
@@ -59,7 +70,7 @@ def anomaly_scores(net: ClassifierNet, ds, score: str | None = None, batch: int 
     out = []
     for i in range(0, len(ds), batch):
         x, _ = ds.batch(np.arange(i, min(i + batch, len(ds))))
-        out.append(net.net.raw_score(net.normalize(x), score).float())
+        out.append(autoencoder(net).raw_score(net.normalize(x), score).float())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
@@ -79,10 +90,9 @@ def fit_autoencoder(cfg, train_normal, val_normal, net: ClassifierNet, run: Path
 def set_score(net: ClassifierNet, score: str, train_normal, run: Path) -> ClassifierNet:
     """Make ``score`` the network's anomaly score, standardise it on the normal training images (the logit's
     location and scale) and write the weights (``model.pt``) with it."""
-    from medlens.utils import atomic_path
-
-    net.net.score = score
-    net.net.standardise(torch.from_numpy(anomaly_scores(net, train_normal)))
+    ae = autoencoder(net)
+    ae.score = score
+    ae.standardise(torch.from_numpy(anomaly_scores(net, train_normal)))
     with atomic_path(run / "model.pt") as tmp:
         torch.save(net.state_dict(), tmp)
     return net

@@ -8,8 +8,25 @@ skops, loaded with an explicit trust list, never unpickled blindly).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol, cast
 
 import numpy as np
+import skops.io as sio
+from skimage.feature import hog
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from medlens.errors import DataError
+from medlens.imaging.features import first_order, glcm
+from medlens.utils import atomic_path
+
+class ClassicalModel(Protocol):
+    """What ``model.skops`` holds (the forest, or the scaler + SVM pipeline), as the run uses it."""
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray: ...
+
 
 CLASSICAL_MODELS = {
     "random_forest": "Random forest (300 trees) on first-order, GLCM and HOG features: the traditional baseline.",
@@ -19,10 +36,6 @@ CLASSICAL_MODELS = {
 
 def image_features(img: np.ndarray) -> np.ndarray:
     """Feature vector of one image (C, *spatial) in [0, 1]."""
-    from skimage.feature import hog
-
-    from medlens.imaging.features import first_order, glcm
-
     a = img.mean(0)
     full = np.ones(a.shape, bool)
     fo = first_order(a, full)
@@ -45,27 +58,21 @@ def dataset_features(ds, batch: int = 512) -> np.ndarray:
                            for i in range(0, len(ds), batch)])
 
 
-def fit_classical(name: str, X: np.ndarray, y: np.ndarray, seed: int, params: dict):
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
-
+def fit_classical(name: str, X: np.ndarray, y: np.ndarray, seed: int, params: dict) -> ClassicalModel:
     if name == "random_forest":
         model = RandomForestClassifier(n_estimators=params.get("n_estimators", 300), n_jobs=-1, random_state=seed,
                                        class_weight=params.get("class_weight", "balanced"),
                                        min_samples_leaf=params.get("min_samples_leaf", 2))
     else:
-        model = make_pipeline(StandardScaler(), SVC(C=params.get("C", 1.0), probability=True, random_state=seed,
-                                                    class_weight=params.get("class_weight", "balanced")))
-    return model.fit(X, y)
+        # sklearn 1.9 deprecates SVC(probability=True) (its default is now the string "deprecated", hence the
+        # ignore); it still gives the Platt-scaled predict_proba the saved model.skops relies on
+        svc = SVC(C=params.get("C", 1.0), random_state=seed, class_weight=params.get("class_weight", "balanced"),
+                  probability=True)  # pyright: ignore[reportArgumentType]
+        model = make_pipeline(StandardScaler(), svc)
+    return cast(ClassicalModel, model.fit(X, y))
 
 
-def save_model(model, path: Path) -> None:
-    import skops.io as sio
-
-    from medlens.utils import atomic_path
-
+def save_model(model: ClassicalModel, path: Path) -> None:
     with atomic_path(path) as tmp:
         sio.dump(model, tmp)
 
@@ -77,12 +84,8 @@ ALLOWED_TYPES = frozenset({"sklearn.tree._tree.Tree"})
 ROOT_TYPES = ("sklearn.ensemble._forest.RandomForestClassifier", "sklearn.pipeline.Pipeline")
 
 
-def load_model(path: Path):
+def load_model(path: Path) -> ClassicalModel:
     """Load ``model.skops`` trusting only ``ALLOWED_TYPES``; refuse any other type in one line."""
-    import skops.io as sio
-
-    from medlens.errors import DataError
-
     path = Path(path)
     if not path.is_file():
         raise DataError("classical run has no model.skops", path)
@@ -98,4 +101,4 @@ def load_model(path: Path):
     root = f"{type(model).__module__}.{type(model).__qualname__}"
     if root not in ROOT_TYPES:
         raise DataError(f"refusing the model file: its root object is {root}, not a medlens classical model", path)
-    return model
+    return cast(ClassicalModel, model)   # one of ROOT_TYPES, checked by name just above

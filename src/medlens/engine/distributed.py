@@ -18,14 +18,14 @@ import os
 from dataclasses import dataclass
 
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 
 from medlens.errors import ConfigError
 
 
 def launcher_environment():
     """Lightning's cluster environment when a launcher (torchrun, SLURM's srun) started this process, else None."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
     if TorchElasticEnvironment.detect():
         return TorchElasticEnvironment()
     if SLURMEnvironment.detect():
@@ -102,8 +102,6 @@ def trainer_arguments(p: DistributedPlan) -> dict:
     """``L.Trainer`` keyword arguments of a plan."""
     if not p.distributed:
         return {"accelerator": "cpu" if p.accelerator == "cpu" else "auto", "devices": 1}
-    from lightning.pytorch.strategies import DDPStrategy
-
     start = "popen" if p.launcher in ("torchrun", "slurm") else "spawn"
     if start == "spawn":
         os.environ.pop("MASTER_PORT", None)  # a fresh free port for each launch (a previous one may linger)

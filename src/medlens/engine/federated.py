@@ -27,9 +27,15 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
+from flwr.client import NumPyClient
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader
 
 from medlens.engine.module import ClassifierModule, outputs_to_probs, validation_scores
 from medlens.engine.sampling import make_loader
@@ -162,9 +168,6 @@ def local_fit(net, ds, train_cfg, task: str, seed: int, round_no: int, epochs: i
     loader = make_loader(ds, train_cfg.batch_size, "shuffle", seed * 10_007 + round_no)
     model, engine = net, None
     if privacy:
-        from opacus import PrivacyEngine
-        from opacus.validators import ModuleValidator
-
         net.train()
         problems = ModuleValidator.validate(net, strict=False)
         if problems:
@@ -174,16 +177,17 @@ def local_fit(net, ds, train_cfg, task: str, seed: int, round_no: int, epochs: i
             if getattr(m, "inplace", False):
                 m.inplace = False
         engine = privacy_engine or PrivacyEngine(accountant="rdp")
-        model, opt, loader = engine.make_private(module=net, optimizer=opt, data_loader=loader,
-                                                 noise_multiplier=privacy["noise_multiplier"],
-                                                 max_grad_norm=privacy["max_grad_norm"],
-                                                 poisson_sampling=False)
+        # opacus types the result for every grad_sample_mode; the default ("hooks", wrapped) gives these three
+        model, opt, loader = cast(tuple[GradSampleModule, DPOptimizer, DataLoader], engine.make_private(
+            module=net, optimizer=opt, data_loader=loader, noise_multiplier=privacy["noise_multiplier"],
+            max_grad_norm=privacy["max_grad_norm"], poisson_sampling=False))
     model.train()
     gen = torch.Generator()
     losses = []
     for e in range(epochs):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(e)
+        set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(e)
         for step, (x, y) in enumerate(loader):
             s = seed * 1_000_003 + round_no * 100_003 + e * 1009 + step
             torch.manual_seed(s)
@@ -197,7 +201,7 @@ def local_fit(net, ds, train_cfg, task: str, seed: int, round_no: int, epochs: i
             opt.step()
             losses.append(float(loss.detach()))
     out = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
-    if engine is not None:
+    if engine is not None and privacy is not None:
         out["epsilon"] = float(engine.get_epsilon(privacy["delta"]))
         model._close()  # the per-sample gradient hooks go; the accountant keeps the rounds
     net.eval()
@@ -217,13 +221,7 @@ def missing_classes(ds, n_classes: int) -> list[int]:
     return [int(c) for c in np.flatnonzero(counts == 0)]
 
 
-def _flwr_client_base():
-    from flwr.client import NumPyClient
-
-    return NumPyClient
-
-
-class SiteClient(_flwr_client_base()):
+class SiteClient(NumPyClient):
     """One hospital: its training and validation data never leave this object; only weights do.
 
     ``limits`` bounds what the server may ask; ``secret`` (bytes) tags every result for the server to
@@ -240,8 +238,6 @@ class SiteClient(_flwr_client_base()):
         self.reference = get_weights(net)
         self.privacy_engine = None
         if privacy:
-            from opacus import PrivacyEngine
-
             self.privacy_engine = PrivacyEngine(accountant="rdp")
         self.missing = missing_classes(train_ds, n_classes) if get_task(task).exclusive else []
         if self.missing:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import lightning as L
+from typing import Literal
 
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
+
+from medlens.engine.network import ClassifierNet
 from medlens.models.transfer import freeze_norm_statistics
 from medlens.tasks import Task, get_task
 from medlens.transforms.augment import BatchAugment, apply_mix, sample_mix
 
 
-def monitor_mode(monitor: str) -> str:
+def monitor_mode(monitor: str) -> Literal["min", "max"]:
     """``"min"`` for a monitored loss (``val_loss``), ``"max"`` for a score (AUC, accuracy, QWK, Dice)."""
     return "min" if monitor.endswith("loss") else "max"
 
@@ -20,31 +23,6 @@ def monitor_mode(monitor: str) -> str:
 def outputs_to_probs(task: str | Task, logits: torch.Tensor) -> torch.Tensor:
     """The task's activation: (N,) positive-class probability for binary; (N, K) otherwise."""
     return get_task(task).activation(logits)
-
-
-class Normalize(nn.Module):
-    """Per-channel ``(x - mean) / std`` stored as buffers, so it travels with the weights."""
-
-    def __init__(self, mean, std) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        return (x - self.mean.view(shape)) / self.std.view(shape)
-
-
-class ClassifierNet(nn.Module):
-    """Normalisation + network: what is saved as ``model.pt`` and what explainers see."""
-
-    def __init__(self, net: nn.Module, mean, std) -> None:
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
 
 
 def validation_scores(task: str | Task, prob: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -92,6 +70,8 @@ def progressive_size(cfg, epoch: int, full: tuple[int, ...]) -> tuple[int, ...] 
 
 
 class ClassifierModule(L.LightningModule):
+    class_weights: torch.Tensor   # a buffer (register_buffer); empty without class weights
+
     def __init__(self, model: ClassifierNet, task: str, train_cfg, seed: int = 0,
                  class_weights: torch.Tensor | None = None, pos_weight: float | None = None) -> None:
         super().__init__()
@@ -106,8 +86,6 @@ class ClassifierModule(L.LightningModule):
         # validation sees, what the best checkpoint is chosen on and what is saved
         self.ema = None
         if train_cfg.ema:
-            from torch.optim.swa_utils import AveragedModel
-
             self.ema = AveragedModel(model, multi_avg_fn=ema_update(train_cfg.ema), use_buffers=True)
             self.ema.requires_grad_(False)
 

@@ -35,8 +35,8 @@ METHODS = ("simclr", "mae")
 
 # SimCLR's augmentation strength for small medical images (BatchAugment's own transforms); crop and erasing
 # are added below.
-SIMCLR_AUGMENT = AugmentConfig(hflip=0.5, rotate=20, translate=0.1, scale=0.25, shear=10, brightness=0.4,
-                               contrast=0.4, noise=0.1)
+SIMCLR_AUGMENT = AugmentConfig(hflip=0.5, vflip=0.0, dflip=0.0, rotate=20, translate=0.1, scale=0.25, shear=10,
+                               brightness=0.4, contrast=0.4, noise=0.1)
 
 
 def head_name(net: nn.Module) -> str:

@@ -13,14 +13,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from medlens.engine.module import ClassifierModule
 from medlens.engine.sampling import make_loader
 from medlens.engine.train import build_network, channel_stats, class_weights
-
-import lightning.pytorch.callbacks as _cb
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ProbeResult:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-class _StepTimer(_cb.Callback):
+class _StepTimer(Callback):
     def __init__(self, max_seconds: float) -> None:
         self.max_seconds = max_seconds
         self.train_ends: list[float] = []
@@ -82,8 +82,6 @@ def probe(train_cfg, data, model: str, params: dict, *, batches: int = 4, max_se
     (its batch size, precision, augmentation, imbalance handling, optimiser). ``full_epoch``: one whole epoch of
     the training split and the whole validation split instead, timed end to end (``epoch_seconds``) unless it
     runs past ``max_seconds``. Step speed is the median step (robust to a busy machine's spikes)."""
-    import lightning as L
-
     t_start = time.perf_counter()
     torch.set_num_threads(train_cfg.num_threads or os.cpu_count() or 1)
     tr, va = data.train, data.val

@@ -14,6 +14,7 @@ when it has fewer samples than processes).
 from __future__ import annotations
 
 import numpy as np
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medlens.tasks import get_task
@@ -72,8 +73,6 @@ class EpochBatchSampler(Sampler):
     def rank(self) -> int:
         if self._rank is not None:
             return int(self._rank)
-        import torch.distributed as dist
-
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def __iter__(self):

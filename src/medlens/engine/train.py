@@ -11,13 +11,24 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
+import lightning as L
 import numpy as np
+import pandas as pd
 import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
 
-from medlens.engine.module import ClassifierModule, ClassifierNet, monitor_mode
+from medlens.data.segmentation import PatchSampler
+from medlens.engine.classical import dataset_features, fit_classical, save_model
+from medlens.engine.distributed import global_rank, plan, trainer_arguments
+from medlens.engine.module import ClassifierModule, monitor_mode, progressive_size
+from medlens.engine.network import ClassifierNet
 from medlens.engine.sampling import make_loader
+from medlens.engine.segmentation import SegmentationModule, WholeImages
 from medlens.errors import ConfigError, MedlensError
 from medlens.models import create_model
 from medlens.tasks import Task, get_task
@@ -87,13 +98,12 @@ def fit_classifier(cfg, data, net: ClassifierNet, run: Path, resume: bool, callb
     tr = data.train
     if cfg.train.progressive is not None:
         _check_progressive(cfg, net, tr)
+    # (the pyright ignores here and below: torch documents Module.to(memory_format=...), its overloads omit it)
     if cfg.train.channels_last and tr.spatial_dims == 2:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)  # pyright: ignore[reportCallIssue]
     cw, pw = class_weights(tr.class_counts(), data.task, cfg.train.imbalance)
     module = ClassifierModule(net, data.task, cfg.train, seed=cfg.seed, class_weights=cw, pos_weight=pw)
     mode = IMBALANCE_MODES[cfg.train.imbalance]
-    from medlens.engine.distributed import plan
-
     # data parallel: train.batch_size per process, each process its slice of the same (seed, epoch) order
     dist = plan(cfg.train)
     train_loader = make_loader(tr, cfg.train.batch_size, mode, cfg.seed, cfg.train.undersample_ratio,
@@ -102,14 +112,12 @@ def fit_classifier(cfg, data, net: ClassifierNet, run: Path, resume: bool, callb
     best, epochs, limited = fit_module(cfg, module, train_loader, val_loader, run, monitor, resume, callbacks,
                                  progress_bar, max_seconds)
     net = save_best(module, run)
-    return net.to(memory_format=torch.contiguous_format).eval(), FitResult(
+    return net.to(memory_format=torch.contiguous_format).eval(), FitResult(  # pyright: ignore[reportCallIssue]
         best, epochs, monitor, time.time() - t0, dist.summary() if dist.distributed else None, limited)
 
 
 def _check_progressive(cfg, net: ClassifierNet, tr) -> None:
     """``train.progressive`` needs a network that takes smaller inputs (global pooling): refuse others now."""
-    from medlens.engine.module import progressive_size
-
     small = progressive_size(cfg.train, 0, tuple(tr.image_shape))
     if small is None:
         return
@@ -127,16 +135,12 @@ def _check_progressive(cfg, net: ClassifierNet, tr) -> None:
 def fit_segmentation(cfg, data, net: ClassifierNet, n_outputs: int, run: Path, resume: bool, callbacks=None,
                      progress_bar: bool = True) -> tuple[ClassifierNet, FitResult]:
     """U-Net training on sampled patches, validated on whole images (``val_dice``)."""
-    from torch.utils.data import DataLoader
-
-    from medlens.data.segmentation import PatchSampler
-    from medlens.engine.segmentation import SegmentationModule, WholeImages
-
     t0 = time.time()
     seg = cfg.segmentation
     sampler = PatchSampler(data.train, seg.patch_size, seg.patches_per_epoch, seg.foreground_ratio, cfg.seed)
     module = SegmentationModule(net, cfg.train, seg, n_outputs, seed=cfg.seed, sampler=sampler)
-    train_loader = DataLoader(sampler, batch_size=cfg.train.batch_size, shuffle=False, drop_last=False)
+    # PatchSampler is a map-style dataset (len, getitem) without torch's Dataset base class
+    train_loader = DataLoader(cast(Dataset, sampler), batch_size=cfg.train.batch_size, shuffle=False, drop_last=False)
     val_loader = DataLoader(WholeImages(data.val), batch_size=1, shuffle=False)
     best, epochs, limited = fit_module(cfg, module, train_loader, val_loader, run, "val_dice", resume, callbacks,
                                  progress_bar)
@@ -148,13 +152,6 @@ def fit_module(cfg, module, train_loader, val_loader, run: Path, monitor: str, r
          callbacks: list | None, progress_bar: bool, max_seconds: float | None = None) -> tuple[float | None, int, bool]:
     """Lightning fit with best/last checkpoints and history; returns (best monitored value, epochs run, whether
     the time limit ``max_seconds`` stopped it)."""
-    from datetime import timedelta
-
-    import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
-    from medlens.engine.distributed import plan, trainer_arguments
-
     dist = plan(cfg.train)
     if dist.distributed and not isinstance(module, ClassifierModule):
         raise ConfigError("train.devices x train.num_nodes > 1 is for classifier runs; segmentation trains in one "
@@ -186,7 +183,7 @@ def fit_module(cfg, module, train_loader, val_loader, run: Path, monitor: str, r
                                   f"`medlens train {run / 'config.yaml'} --resume`", run)
     score = cbs[0].best_model_score
     limited = bool(max_seconds) and trainer.current_epoch < cfg.train.epochs and not any(
-        isinstance(c, EarlyStopping) and c.stopped_epoch for c in trainer.callbacks)
+        c.stopped_epoch for c in trainer.early_stopping_callbacks)
     if score is None and limited:
         raise ConfigError(f"train.max_minutes: the time limit ({max_seconds:.0f} s) ran out before the first "
                           "validation; give more time or fewer samples")
@@ -203,12 +200,9 @@ def _spawned_result(ckpt_dir: Path, monitor: str) -> tuple[float | None, int]:
     return best, int(last["epoch"]) + 1
 
 
-
 def save_best(module, run: Path):
     """Load the best checkpoint (else the last) into ``module``, write its weights as ``model.pt`` (global rank 0
     only: the other data-parallel processes write nothing) and return the network (its EMA with ``train.ema``)."""
-    from medlens.engine.distributed import global_rank
-
     ckpt_dir = run / "checkpoints"
     best = ckpt_dir / "best.ckpt"
     state = torch.load(best if best.exists() else ckpt_dir / "last.ckpt", map_location="cpu",
@@ -224,10 +218,6 @@ def save_best(module, run: Path):
 
 def fit_classical_model(cfg, data, run: Path):
     """Features + random forest / SVM; writes ``model.skops`` and a one-row ``history.csv``."""
-    import pandas as pd
-
-    from medlens.engine.classical import dataset_features, fit_classical, save_model
-
     t0 = time.time()
     X = dataset_features(data.train)
     model = fit_classical(cfg.model.name, X, data.train.labels, cfg.seed, cfg.model.params)
@@ -238,24 +228,19 @@ def fit_classical_model(cfg, data, run: Path):
 
 
 def _history_row(trainer) -> dict:
-    row = {"epoch": int(trainer.current_epoch)}
+    row: dict[str, float] = {"epoch": int(trainer.current_epoch)}
     for k, v in trainer.callback_metrics.items():
         row[k] = float(v)
     return row
 
 
-import lightning.pytorch.callbacks as _cb  # noqa: E402
-
-
-class HistoryWriter(_cb.Callback):
+class HistoryWriter(Callback):
     """Appends one row per epoch to ``history.csv`` (rewritten atomically; survives resume)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        import pandas as pd
-
         if not trainer.is_global_zero:  # data parallel: one writer
             return
         rows = pd.read_csv(self.path).to_dict("records") if self.path.exists() else []
@@ -264,7 +249,7 @@ class HistoryWriter(_cb.Callback):
             pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
-class _ThreadsPerProcess(_cb.Callback):
+class _ThreadsPerProcess(Callback):
     """Each data-parallel process uses its share of the node's threads."""
 
     def __init__(self, n: int) -> None:

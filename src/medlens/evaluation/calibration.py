@@ -14,6 +14,8 @@ Both are monotone, so AUC and the argmax do not change; the probabilities do.
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.linear_model import LogisticRegression
 
 from medlens.evaluation.metrics import bootstrap_ci
 from medlens.run.meta import Calibration
@@ -83,8 +85,6 @@ def fit_calibration(task: str, y_val: np.ndarray, p_val: np.ndarray, setting: st
     if method is None or len(np.unique(y_val)) < 2:
         return None
     if method == "platt":
-        from sklearn.linear_model import LogisticRegression
-
         q = np.clip(p_val, 1e-7, 1 - 1e-7)
         z = np.log(q / (1 - q)).reshape(-1, 1)
         lr = LogisticRegression(C=np.inf, max_iter=1000).fit(z, y_val.astype(int))
@@ -92,8 +92,6 @@ def fit_calibration(task: str, y_val: np.ndarray, p_val: np.ndarray, setting: st
         if not a > 0:
             return None
         return Calibration(method="platt", params={"a": a, "b": b}, n=len(y_val))
-    from scipy.optimize import minimize_scalar
-
     logp = np.log(np.clip(p_val, 1e-12, 1.0))
     y = y_val.astype(int)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -94,6 +95,8 @@ class RunPredictions:
         outputs that predictions.csv does not hold, is left out)."""
         task = get_task(self.task)
         if task.has_threshold:
+            if self.threshold is None:
+                raise MedlensError(f"run {self.name} records no validation threshold (it did not finish training)")
             m = binary_metrics(self.labels[idx], self.probs[idx], self.threshold)
         else:
             m = multiclass_metrics(self.labels[idx], self.probs[idx], ordinal=task.ordered)
@@ -107,7 +110,7 @@ def load_predictions(run_dir: str | Path, split: str = "test") -> RunPredictions
     if not path.is_file():
         raise MedlensError("no predictions.csv: evaluate the run first (medlens evaluate)", run.dir)
     df = pd.read_csv(path)
-    df = df[df["split"] == split]
+    df = cast(pd.DataFrame, df[df["split"] == split])   # a boolean mask selects rows: pandas' typing says less
     if df.empty:
         raise DataError(f"predictions.csv has no '{split}' rows", path)
     task = run.task_type

@@ -8,8 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medlens.data.folder import manifest_columns
 from medlens.errors import MedlensError
+from medlens.evaluation import plots
+from medlens.evaluation.calibration import calibration_with_ci, reliability_bins
+from medlens.evaluation.decision import decision_curve
 from medlens.evaluation.metrics import compute_metrics
+from medlens.evaluation.shift import shift_report
+from medlens.evaluation.subgroups import subgroup_metrics
 from medlens.run import Predictor, Run
 from medlens.tasks import Task, get_task
 from medlens.transforms.preprocess import prepared_data
@@ -22,8 +28,6 @@ def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predicto
     The binary decision threshold is the run's, chosen on the validation split when it was trained
     (``RunMeta.threshold``); test labels never influence it.
     """
-    from medlens.evaluation import plots
-
     run = run if isinstance(run, Run) else Run.open(run, expect="classification")
     predictor = predictor or Predictor(run)
     meta, cfg = run.meta, run.config
@@ -48,7 +52,7 @@ def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predicto
                "split_method": meta.split_method, "evaluated_split": split,
                "calibrated": cal.method if cal else None,
                "val": compute_metrics(task, val.labels, p_val, threshold, ev.bootstrap, ev.ci, cfg.seed, raw=raw_val)}
-    if task.has_threshold:
+    if task.has_threshold and meta.threshold is not None:  # (checked above: a thresholded task has one)
         results["threshold"] = meta.threshold.model_dump()  # a copy for the reader; the run holds it
     pred_frames = [_pred_frame("val", val, p_val, task, threshold, names)]
     if split != "val":
@@ -91,11 +95,6 @@ def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predicto
 
 def _clinical(run: Run, ds, p, raw, val, p_val, raw_val, split: str, threshold, pdir: Path) -> dict:
     """Calibration (before and after scaling), decision curve, validation-to-test shift and subgroups."""
-    from medlens.evaluation import plots
-    from medlens.evaluation.calibration import calibration_with_ci, reliability_bins
-    from medlens.evaluation.decision import decision_curve
-    from medlens.evaluation.shift import shift_report
-
     cfg, meta = run.config, run.meta
     ev, cal = cfg.evaluation, meta.calibration
     nb = ev.calibration_bins
@@ -119,11 +118,11 @@ def _clinical(run: Run, ds, p, raw, val, p_val, raw_val, split: str, threshold, 
         out["shift"] = shift_report(meta.task, meta.class_names, val.labels, p_val, ds.labels, p, threshold,
                                     ev.shift_tolerance, split)
     if ev.subgroups:
-        from medlens.data.folder import manifest_columns
-        from medlens.evaluation.subgroups import subgroup_metrics
-
         d = cfg.data
-        attrs = manifest_columns(d.resolved_path(), ev.subgroups, image_root=d.resolved_image_root(),
+        manifest = d.resolved_path()
+        if manifest is None:  # the config allows subgroups only for a CSV manifest, which has a path
+            raise MedlensError("evaluation.subgroups needs the CSV manifest (data.path)", run.dir / "config.yaml")
+        attrs = manifest_columns(manifest, ev.subgroups, image_root=d.resolved_image_root(),
                                  path_column=d.path_column, suffix=d.suffix, allow_outside_root=d.allow_outside_root)
         groups = {c: np.array([attrs.get(str(s), {}).get(c, "(not in manifest)") for s in ds.sources])
                   for c in ev.subgroups}

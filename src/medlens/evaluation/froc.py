@@ -26,10 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import matplotlib
+
+matplotlib.use("Agg")  # headless: before pyplot is imported
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from medlens.data.base import read_csv_checked
 from medlens.errors import DataError, MedlensWarning
+from medlens.evaluation.plots import save_figure
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 EXCLUDED_DEFAULT_DIAMETER_MM = 10.0  # the official script's diameter for excluded findings marked -1
@@ -37,8 +43,6 @@ COORDS = ["coordX", "coordY", "coordZ"]
 
 
 def _read(path: str | Path, need: list[str], what: str) -> pd.DataFrame:
-    from medlens.data.base import read_csv_checked
-
     df = read_csv_checked(path, ["seriesuid"] + need, what).copy()
     for c in need:
         if not pd.api.types.is_numeric_dtype(df[c]):
@@ -97,23 +101,31 @@ class FrocResult:
                 "scans_without_annotations": len(self.unannotated)}
 
 
+def _centres(df: pd.DataFrame) -> np.ndarray:
+    """(N, 3) world coordinates (mm) of a findings table, in row order."""
+    return df[COORDS].to_numpy(float).reshape(-1, 3)
+
+
+def _diameters(df: pd.DataFrame) -> list[float]:
+    return [float(d) for d in df["diameter_mm"].to_numpy(float)]
+
+
 def match_scan(uid: str, cands: pd.DataFrame, nodules: pd.DataFrame, excluded: pd.DataFrame) -> ScanScore:
     """Hits, false positives and ignored candidates of one scan (the rules in the module docstring)."""
     pts = cands[COORDS].to_numpy(float).reshape(-1, 3)
     prob = cands["probability"].to_numpy(float)
     on_nodule = np.zeros(len(pts), bool)
     scores, hits = [], []
-    for n in nodules.itertuples(index=False):
-        r2 = (float(n.diameter_mm) / 2.0) ** 2
-        inside = ((pts - [n.coordX, n.coordY, n.coordZ]) ** 2).sum(1) < r2
+    for centre, diameter in zip(_centres(nodules), _diameters(nodules)):
+        r2 = (diameter / 2.0) ** 2
+        inside = ((pts - centre) ** 2).sum(1) < r2
         on_nodule |= inside
         scores.append(prob[inside].max() if inside.any() else -np.inf)
         hits.append(int(inside.sum()))
     on_excluded = np.zeros(len(pts), bool)
-    for e in excluded.itertuples(index=False):
-        d = float(e.diameter_mm)
+    for centre, d in zip(_centres(excluded), _diameters(excluded)):
         d = d if d > 0 else EXCLUDED_DEFAULT_DIAMETER_MM
-        on_excluded |= ((pts - [e.coordX, e.coordY, e.coordZ]) ** 2).sum(1) < (d / 2.0) ** 2
+        on_excluded |= ((pts - centre) ** 2).sum(1) < (d / 2.0) ** 2
     fp = ~on_nodule & ~on_excluded
     return ScanScore(uid, np.asarray(scores, float), prob[fp], int((~on_nodule & on_excluded).sum()), hits)
 
@@ -262,7 +274,7 @@ def froc(candidates: pd.DataFrame, annotations: pd.DataFrame, excluded: pd.DataF
         return {str(k): g for k, g in df.groupby(df["seriesuid"].astype(str), sort=False)}
 
     cands, nods, excl = by_scan(candidates), by_scan(annotations), by_scan(excluded)
-    empty_c, empty_a, empty_e = candidates.iloc[:0], annotations.iloc[:0], excluded.iloc[:0]
+    empty_c, empty_a, empty_e = candidates.head(0), annotations.head(0), excluded.head(0)
     per_scan = []
     for i, u in enumerate(uids):
         per_scan.append(match_scan(u, cands.get(u, empty_c), nods.get(u, empty_a), excl.get(u, empty_e)))
@@ -298,10 +310,6 @@ def froc_files(candidates: str | Path | list, annotations: str | Path, excluded:
 
 def plot_froc(res: FrocResult, path: str | Path, note: str | None = None) -> Path:
     """The FROC curve on a log FP axis (1/8 .. 8 per scan), the seven CPM points with their bootstrap CIs."""
-    import matplotlib.pyplot as plt
-
-    from medlens.evaluation.plots import save_figure
-
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     if np.isfinite(res.sens).all():
         xs, ys = _upper_curve(res.fps, res.sens)  # the curve the CPM interpolates: highest sensitivity per FP rate

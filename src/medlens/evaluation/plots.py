@@ -87,8 +87,9 @@ def plot_roc(task: str | Task, y: np.ndarray, prob: np.ndarray, class_names: lis
     return save_figure(fig, out)
 
 
-def plot_confusion(cm: list[list[int]], class_names: list[str], out: Path, title: str = "Confusion matrix (test)") -> Path:
-    cm = np.asarray(cm)
+def plot_confusion(confusion: list[list[int]], class_names: list[str], out: Path,
+                   title: str = "Confusion matrix (test)") -> Path:
+    cm = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(cm), 1.0 + 0.7 * len(cm)))
     ax.imshow(cm, cmap="Blues")
     for i in range(cm.shape[0]):

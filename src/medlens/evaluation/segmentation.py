@@ -8,20 +8,30 @@ the model's (the human level).
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image as PILImage
+from scipy import ndimage
 
+from medlens.evaluation import plots
 from medlens.evaluation.segmetrics import case_metrics, summarize
+from medlens.io.writers import save
 from medlens.run import Predictor, Run
 from medlens.run.sections import write_section
+from medlens.transforms.preprocess import prepared_segmentation
 from medlens.utils import atomic_path, write_json_atomic
 
 PRETTY = {"dice": "Dice", "iou": "IoU (Jaccard)", "sensitivity": "sensitivity", "precision": "precision",
           "hd95": "HD95", "msd": "mean surface distance", "cldice": "clDice (centre-line)"}
+
+
+def _pretty(metric: str) -> str:
+    return PRETTY.get(metric, metric)
 
 
 def label_values_out(meta, mask: np.ndarray, fmt_png: bool) -> np.ndarray:
@@ -36,10 +46,10 @@ def label_values_out(meta, mask: np.ndarray, fmt_png: bool) -> np.ndarray:
 
 def write_mask(mask: np.ndarray, geometry, path: Path, meta) -> Path:
     """Write a label map in its image's geometry: PNG for 2D pictures, NIfTI (or the given suffix) for volumes."""
-    from medlens.io.writers import save
-
     png = path.suffix.lower() == ".png"
-    return save(geometry.with_array(label_values_out(meta, mask, png), is_rgb=False), path)
+    written = save(geometry.with_array(label_values_out(meta, mask, png), is_rgb=False), path)
+    assert isinstance(written, Path)  # a file name with a suffix (mask_name) is one file, not a DICOM series
+    return written
 
 
 def mask_name(stem: str, spatial_dims: int) -> str:
@@ -49,8 +59,6 @@ def mask_name(stem: str, spatial_dims: int) -> str:
 def overlay_rgb(display: np.ndarray, pred: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
     """uint8 RGB: the image with the prediction filled in translucent red and outlined in red, the
     reference outlined in green (2D; for volumes use ``overlay_planes``)."""
-    from scipy import ndimage
-
     base = display if display.ndim == 3 else np.repeat(display[..., None], 3, -1)
     out = base.astype(np.float32)
     p = pred > 0
@@ -69,8 +77,8 @@ def overlay_planes(display: np.ndarray, pred: np.ndarray, ref: np.ndarray | None
     c = np.round(np.argwhere(fg).mean(0)).astype(int) if fg.any() else np.array(display.shape) // 2
     views = []
     for axis in range(3):
-        take = lambda a: np.take(a, c[axis], axis=axis) if a is not None else None  # noqa: E731
-        v = overlay_rgb(take(display), take(pred), take(ref))
+        take = lambda a: np.take(a, c[axis], axis=axis)  # noqa: E731
+        v = overlay_rgb(take(display), take(pred), take(ref) if ref is not None else None)
         views.append(v if axis == 0 else v[::-1])
     h = max(v.shape[0] for v in views)
     views = [np.pad(v, ((0, h - v.shape[0]), (0, 4), (0, 0))) for v in views]
@@ -78,8 +86,6 @@ def overlay_planes(display: np.ndarray, pred: np.ndarray, ref: np.ndarray | None
 
 
 def write_overlay(display, pred, ref, path: Path) -> Path:
-    from PIL import Image as PILImage
-
     rgb = overlay_rgb(display, pred, ref) if pred.ndim == 2 else overlay_planes(display, pred, ref)
     with atomic_path(path) as tmp:
         PILImage.fromarray(rgb).save(tmp, format="PNG")
@@ -109,9 +115,6 @@ def evaluate_segmentation_run(run: Run | str | Path, split: str = "test", data=N
     ``predictions/`` (masks and overlays), ``plots/training_curves.png`` and the report section.
     ``progress(done, total, what)`` follows the loading of the cases ("loading") and then the cases predicted
     and scored ("predicting", out of the validation and ``split`` cases together)."""
-    from medlens.transforms.preprocess import prepared_segmentation
-    from medlens.evaluation import plots
-
     run = run if isinstance(run, Run) else Run.open(run, expect="segmentation")
     predictor = predictor or Predictor(run)
     meta, cfg, folder = run.meta, run.config, run.dir
@@ -170,11 +173,9 @@ def evaluate_segmentation_run(run: Run | str | Path, split: str = "test", data=N
 def write_segmentation_section(folder: Path, results: dict, rows: list[dict], split: str,
                                threshold: float | None) -> Path:
     """The segmentation section's data: the model beside the human observer, per-case table, overlays."""
-    import base64
-
     unit = results["distance_unit"]
     ref = results.get("reference_observer", {}).get("metrics", {})
-    metrics = [{"name": PRETTY.get(k, k) + (f" ({unit})" if k in ("hd95", "msd") else ""), **v,
+    metrics = [{"name": _pretty(k) + (f" ({unit})" if k in ("hd95", "msd") else ""), **v,
                 "ref": ref.get(k)} for k, v in results[split]["metrics"].items()]
     per = [r for r in rows if r["split"] == split]
     cols = [{"key": k, "title": PRETTY.get(k, k)} for k in ("dice", "iou", "sensitivity", "precision", "hd95", "msd",

@@ -25,8 +25,14 @@ how many cases were undefined (``n_defined``). This equals MONAI's ``DiceMetric(
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import skeletonize
+
+from medlens.errors import ShapeError
+from medlens.evaluation.metrics import bootstrap_ci
 
 METRICS = ("dice", "iou", "sensitivity", "precision", "hd95", "msd")
 
@@ -47,19 +53,20 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing=None) -> tuple[
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     union = pred | ref
     # crop to the union's bounding box plus a margin of one voxel, as MONAI does
-    sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in ndimage.find_objects(union.astype(np.uint8))[0])
+    box = ndimage.find_objects(union.astype(np.uint8))[0]
+    assert box is not None  # callers measure only non-empty masks
+    sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
     p, r = np.pad(pred[sl], 1), np.pad(ref[sl], 1)
     ep, er = _edges(p), _edges(r)
     sampling = None if spacing is None else [float(s) for s in spacing]
-    d_to_ref = ndimage.distance_transform_edt(~er, sampling=sampling)[ep]
-    d_to_pred = ndimage.distance_transform_edt(~ep, sampling=sampling)[er]
+    # scipy types the result for every return_* flag; with the defaults it is the distance array
+    d_to_ref = cast(np.ndarray, ndimage.distance_transform_edt(~er, sampling=sampling))[ep]
+    d_to_pred = cast(np.ndarray, ndimage.distance_transform_edt(~ep, sampling=sampling))[er]
     return d_to_ref, d_to_pred
 
 
 def cldice(pred: np.ndarray, ref: np.ndarray) -> float:
     """Centre-line Dice (Shit et al., CVPR 2021): harmonic mean of topology precision and sensitivity."""
-    from skimage.morphology import skeletonize
-
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     if not pred.any() and not ref.any():
         return 1.0
@@ -75,8 +82,6 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing=None, with_cldice: b
     """All metrics of one binary prediction against one binary reference (see the module table)."""
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     if pred.shape != ref.shape:
-        from medlens.errors import ShapeError
-
         raise ShapeError(f"prediction {pred.shape} and reference {ref.shape} differ in shape")
     tp = float((pred & ref).sum())
     npred, nref = float(pred.sum()), float(ref.sum())
@@ -107,8 +112,6 @@ def summarize(rows: list[dict], groups: list[str] | None = None, n_boot: int = 1
     """Mean of each metric over cases with a percentile-bootstrap CI that resamples *patients*
     (``groups``; cases of one patient move together), so two eyes of one child are not counted as
     independent evidence."""
-    from medlens.evaluation.metrics import bootstrap_ci
-
     keys = keys or tuple(k for k in (*METRICS, "cldice") if rows and k in rows[0])
     vals = {k: np.array([r[k] for r in rows], float) for k in keys}
     groups = groups or [str(i) for i in range(len(rows))]

@@ -20,7 +20,9 @@ def _ks(a: np.ndarray, b: np.ndarray) -> dict[str, float] | None:
     if len(a) < 2 or len(b) < 2:
         return None
     r = stats.ks_2samp(a, b)
-    return {"statistic": float(r.statistic), "p_value": float(r.pvalue), "n_val": int(len(a)), "n_test": int(len(b))}
+    # scipy's axis/NaN-policy decorator hides KstestResult from type checkers: hence the ignore
+    statistic, p_value = r.statistic, r.pvalue  # pyright: ignore[reportAttributeAccessIssue]
+    return {"statistic": float(statistic), "p_value": float(p_value), "n_val": int(len(a)), "n_test": int(len(b))}
 
 
 def shift_report(task: str | Task, class_names: list[str], y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray,

@@ -10,6 +10,8 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from medlens.config import parse_threshold_rule
+from medlens.evaluation.segmetrics import dice
+
 
 def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, rule: str = "youden") -> float:
     """Pick the threshold on the validation labels and scores by ``rule``.
@@ -18,6 +20,7 @@ def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, rule: str = "youden")
     """
     name, arg = parse_threshold_rule(rule)
     if name == "fixed":
+        assert arg is not None  # parse_threshold_rule gives a fixed rule its number
         return float(arg)
     y = np.asarray(y_val).astype(int).ravel()
     p = np.asarray(p_val, float).ravel()
@@ -45,8 +48,6 @@ def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, rule: str = "youden")
 def choose_dice_threshold(prob_fg: list[np.ndarray], refs: list[np.ndarray], grid=None) -> tuple[float, float]:
     """Segmentation: the foreground threshold with the best mean Dice over the validation cases (never
     test); returns (threshold, mean validation Dice at it)."""
-    from medlens.evaluation.segmetrics import dice
-
     grid = np.round(np.arange(0.1, 0.91, 0.05), 2) if grid is None else grid
     best = (0.5, -1.0)
     for t in grid:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medlens import __version__
 from medlens.errors import ConfigError, DataError, MedlensError
 from medlens.io import limits
+from medlens.io.windows import parse_window
 from medlens.run.profile import InputProfile
 from medlens.tasks import check_run_task, get_task
 from medlens.transforms.preprocess import InputSpec
@@ -155,8 +156,6 @@ class InputPrep(_Strict):
     def _window(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from medlens.io.windows import parse_window
-
         try:
             level, width = parse_window(v)
         except ConfigError as e:

@@ -11,10 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medlens.engine.classical import features_of
+from medlens.engine.inference import postprocess, predict_probs
 from medlens.errors import DataError, MedlensWarning, ShapeError
+from medlens.io import load
 from medlens.io.image import Image
+from medlens.run.profile import check_input
 from medlens.run.run import Run
 from medlens.tasks import get_task
+from medlens.transforms.augment import tta_flips
 from medlens.transforms.preprocess import InputSpec, prepare_input
 
 
@@ -59,14 +64,10 @@ class Predictor:
         self.tta = (cfg.segmentation.tta if segmenter else cfg.evaluation.tta) if tta is None else tta
         self.flips: list[tuple[int, ...]] = [()]
         if self.tta and not segmenter and not run.is_classical:
-            from medlens.transforms.augment import tta_flips
-
             self.flips = tta_flips(cfg.train.augment, self.spec.spatial_dims)
 
     # ---------- input preparation: the one path ----------
     def load(self, source: str | Path | Image, name: str | None = None) -> Image:
-        from medlens.io import load
-
         if isinstance(source, Image):
             return source
         img = load(source)
@@ -89,8 +90,6 @@ class Predictor:
     def input_warnings(self, image: Image, prepared: np.ndarray) -> list[str]:
         """Why an input falls outside the run's training input profile (modality, colour, size, intensity
         histogram); empty when it does not, or when the run records no profile."""
-        from medlens.run.profile import check_input
-
         profile = self.meta.input_profile
         if profile is None:
             return []
@@ -121,11 +120,9 @@ class Predictor:
     @torch.no_grad()
     def _raw_probs(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         if self.run.is_classical:
-            from medlens.engine.classical import features_of
-
-            p = self.run.model.predict_proba(features_of(np.asarray(x)))
+            p = self.run.estimator.predict_proba(features_of(np.asarray(x)))
             return p[:, 1] if self.task.one_score(len(self.meta.class_names)) else p  # binary: the positive class
-        net = self.run.model
+        net = self.run.network
         x = torch.as_tensor(x)
         out = []
         for i in range(0, len(x), self.batch_size):
@@ -188,16 +185,12 @@ class Predictor:
     # ---------- segmentation ----------
     def segment_probs(self, x: np.ndarray, name: str = "image") -> np.ndarray:
         """Class probabilities (K, *spatial) of a prepared image by sliding windows (and flip TTA)."""
-        from medlens.engine.segmentation import predict_probs
-
         s = self.run.config.segmentation
-        return predict_probs(self.run.model, x, self.meta.input_size, s.overlap, s.blend, s.sw_batch_size,
+        return predict_probs(self.run.network, x, self.meta.input_size, s.overlap, s.blend, s.sw_batch_size,
                              self.tta, name)
 
     def labels(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """Post-processed label map: threshold (the run's, from validation) or argmax, then components."""
-        from medlens.engine.segmentation import postprocess
-
         s = self.run.config.segmentation
         t = threshold if threshold is not None else (self.meta.threshold.value if self.meta.threshold else 0.5)
         return postprocess(probs, t, s.largest_components, s.min_size)

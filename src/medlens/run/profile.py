@@ -17,6 +17,8 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from medlens.data.sources import get_source
+
 N_BINS = 32
 SIZE_FACTOR = 2.0          # an input more than 2x larger or smaller than every training image is flagged
 DISTANCE_MARGIN = 0.05     # added to the training images' 99.5th-percentile histogram distance
@@ -156,8 +158,6 @@ def profile_of(data, cfg_data) -> InputProfile | None:
     if len(tr) == 0:
         return None
     raw = getattr(tr, "meta", {}).get("raw_inputs")
-    from medlens.data.sources import get_source
-
     hints = get_source(cfg_data.source).profile_hints(tr, cfg_data)
     if hints is not None:  # what the source itself knows (catalogue modality, patch store in HU)
         return build_profile(tr, hints[0], hints[1], [tr.image_shape])

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from medlens.config import ExperimentConfig, load_config
+from medlens.engine.classical import ClassicalModel, load_model
+from medlens.engine.network import ClassifierNet
 from medlens.errors import DataError, MedlensError, MedlensWarning
+from medlens.models import create_model
 from medlens.run.folder import RunFolder
 from medlens.run.meta import META_FILE, RunMeta, Threshold
 from medlens.tasks import Task, get_task
@@ -22,7 +28,7 @@ class Run:
     dir: Path
     meta: RunMeta
     config: ExperimentConfig
-    _net: object = field(default=None, repr=False)
+    _net: torch.nn.Module | ClassicalModel | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, run_dir: str | Path, expect: str | None = None) -> "Run":
@@ -100,36 +106,47 @@ class Run:
                 h.update(chunk)
         return h.hexdigest()
 
-    def build_network(self):
+    def build_network(self) -> ClassifierNet:
         """The untrained network of this run (normalisation + architecture)."""
-        from medlens.engine.module import ClassifierNet
-        from medlens.models import create_model
-
         m, prep = self.meta, self.meta.preprocessing
         net = create_model(m.model, m.in_channels, m.n_outputs, prep.spatial_dims, tuple(m.input_size),
                            **m.model_params)
         return ClassifierNet(net, prep.mean, prep.std)
 
     @property
-    def model(self):
+    def model(self) -> torch.nn.Module | ClassicalModel:
         """The trained torch network (weights only, eval mode), loaded once; classical runs: the estimator."""
         if self._net is None:
             self._net = self._load_classical() if self.is_classical else self._load_torch()
         return self._net
 
-    def use_model(self, net) -> "Run":
+    @property
+    def network(self) -> torch.nn.Module:
+        """``model`` of a deep-learning run (its torch network, or an export's runtime attached with
+        ``use_model``); a one-line error for a classical run."""
+        net = self.model
+        if not isinstance(net, torch.nn.Module):
+            raise MedlensError(f"a classical run ({self.meta.model}) has no neural network; this needs a deep-learning "
+                               "run", self.dir)
+        return net
+
+    @property
+    def estimator(self) -> ClassicalModel:
+        """``model`` of a classical run (random forest / SVM); a one-line error for a deep-learning run."""
+        est = self.model
+        if isinstance(est, torch.nn.Module):
+            raise MedlensError(f"not a classical run ({self.meta.model} is a neural network)", self.dir)
+        return est
+
+    def use_model(self, net: torch.nn.Module | ClassicalModel) -> "Run":
         """Attach an in-memory trained network (right after training) instead of reading the weights."""
-        self._net = net.eval() if hasattr(net, "eval") else net
+        self._net = net.eval() if isinstance(net, torch.nn.Module) else net
         return self
 
     def _check_network_size(self, weights: Path) -> None:
         """Refuse a ``model``/``model_params`` in run.json that describe a network far larger than the weights
         file (a width of 65,536 would allocate terabytes before ``load_state_dict`` could object). The network
         is built on PyTorch's ``meta`` device, which allocates nothing, to count its bytes."""
-        import itertools
-
-        import torch
-
         try:
             with torch.device("meta"):
                 probe = self.build_network()
@@ -144,9 +161,7 @@ class Run:
                             f"model_params), but {weights.name} holds {have:,} bytes: run.json does not match "
                             "the weights", self.dir / META_FILE)
 
-    def _load_torch(self):
-        import torch
-
+    def _load_torch(self) -> ClassifierNet:
         weights = self.require_weights()
         self._check_network_size(weights)
         try:
@@ -164,9 +179,7 @@ class Run:
                             weights) from None
         return net.eval()
 
-    def _load_classical(self):
-        from medlens.engine.classical import load_model
-
+    def _load_classical(self) -> ClassicalModel:
         return load_model(self.require_weights())
 
     def save_meta(self) -> Path:

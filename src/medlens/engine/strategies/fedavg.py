@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from flwr.server.strategy import FedAvg
+
 from medlens.engine.strategies.registry import StrategySettings, register_strategy
 
 
 @register_strategy("fedavg")
 def fedavg(settings: StrategySettings):
     """FedAvg: the sites' weights averaged, each weighted by its number of training cases."""
-    from flwr.server.strategy import FedAvg
-
     return FedAvg, {}

@@ -3,12 +3,12 @@ and each site adds ``mu/2 * ||w - w_global||^2`` to its local loss (``engine.fed
 
 from __future__ import annotations
 
+from flwr.server.strategy import FedProx
+
 from medlens.engine.strategies.registry import StrategySettings, register_strategy
 
 
 @register_strategy("fedprox")
 def fedprox(settings: StrategySettings):
     """FedProx: FedAvg with a proximal term that keeps each site's step near the global model."""
-    from flwr.server.strategy import FedProx
-
     return FedProx, {"proximal_mu": settings.proximal_mu}

@@ -101,7 +101,7 @@ def export_metadata(run: Run) -> dict[str, str]:
     out = {
         "medlens.format": "1",
         "medlens.run": run.name,
-        "medlens.task": str(m.task.value if hasattr(m.task, "value") else m.task),
+        "medlens.task": m.task,
         "medlens.class_names": json.dumps(m.class_names),
         "medlens.preprocessing": json.dumps(prep),
         "medlens.input_size": json.dumps(m.input_size),

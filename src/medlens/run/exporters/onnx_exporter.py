@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from medlens.errors import DataError, MedlensError
-from medlens.run.exporters.base import Exporter, example_input, export_dir, export_metadata, expected_io
+from medlens.run.exporters.base import Exporter, example_input, expected_io, export_dir, export_metadata
 from medlens.run.exporters.registry import open_exported_run, register_exporter
 from medlens.run.meta import RunMeta
 from medlens.run.run import Run
@@ -39,8 +42,6 @@ class OrtNet(torch.nn.Module):
     def __init__(self, path: str | Path, threads: int | None = None, data: bytes | None = None,
                  output_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        import onnxruntime as ort   # the runtime's import is deferred to the first session (it is heavy)
-
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
@@ -99,11 +100,9 @@ class OnnxExporter(Exporter):
     max_bytes = MAX_ONNX_BYTES
 
     def write(self, run: Run, path: Path) -> None:
-        import onnx   # onnx and onnxruntime load on first use: serving a PyTorch run never needs them
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(run.model, (example_input(run),), str(path), input_names=["input"],
+            torch.onnx.export(run.network, (example_input(run),), str(path), input_names=["input"],
                               output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                               opset_version=OPSET, dynamo=False)
         model = onnx.load(str(path))
@@ -122,9 +121,6 @@ class OnnxExporter(Exporter):
                                "again", name)
 
     def quantize(self, kind: str, src: Path, dst: Path, run: Run) -> None:
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)   # onnxruntime's quantiser logs advice on the root logger

@@ -42,7 +42,7 @@ class TorchScriptExporter(Exporter):
     def write(self, run: Run, path: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ts = torch.jit.trace(run.model, example_input(run), check_trace=False)
+            ts = torch.jit.trace(run.network, example_input(run), check_trace=False)
             torch.jit.save(ts, str(path), _extra_files={"medlens.json": json.dumps(export_metadata(run))})
 
     def load(self, path: Path, run: Run, *, threads: int | None = None, data: bytes | None = None) -> TorchScriptNet:
