@@ -143,3 +143,27 @@ def test_a_registered_format_that_breaks_parity_is_refused(toy, trained_run, tmp
 def test_the_cli_names_an_unknown_format_in_one_line(tmp_path):
     one_line_error(medlens("export", tmp_path, "--format", "onnxx", "--n", "8"), "--format must be one of",
                    "did you mean 'onnx'")
+
+
+@pytest.mark.integration
+def test_a_registered_format_records_its_hash_under_its_own_key(toy, trained_run, tmp_path, monkeypatch):
+    """A new format's ``record_key`` needs no edit of ``RunMeta``: run.json keeps its SHA-256 under that key and
+    reads back; a key that is not a short lower-case name (a hostile run.json) is refused."""
+    import shutil
+
+    from medlens.run.meta import RunMeta
+    from medlens.workflow.export import export_run
+
+    monkeypatch.setattr(StateDictExporter, "record_key", "toy-state")
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    export_run(run, TOY, n_parity=8)
+    rec = Run.open(run).meta.exports
+    assert rec is not None and set(rec) == {"toy-state"}, rec
+    assert rec["toy-state"].sha256 == sha256_of(run / "export" / "model.toy.pt")
+    meta = json.loads((run / "run.json").read_text())
+    record = meta["exports"]["toy-state"]
+    for bad in ("../onnx", "ONNX", "", "x" * 40):
+        meta["exports"] = {bad: record}
+        with pytest.raises(Exception, match="exports"):
+            RunMeta.model_validate(meta)

@@ -14,10 +14,11 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 from medlens import __version__
 from medlens.errors import ConfigError, DataError, MedlensError
@@ -247,6 +248,9 @@ class Calibration(_Strict):
             return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+ExportKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
+
+
 class ExportRecord(_Strict):
     """An exported model file (``RUN/export/<file>``) and the SHA-256 of its bytes, written by ``medlens export``.
 
@@ -294,8 +298,10 @@ class RunMeta(_Strict):
     input_profile: InputProfile | None = None
     # task: anomaly (issue 18): the autoencoder learnt only this class; the score and how it was chosen
     anomaly: dict[str, Any] | None = None
-    # issue 25: the exported files ("onnx", "onnx-int8", "torchscript") and the SHA-256 of each
-    exports: dict[Literal["onnx", "onnx-int8", "torchscript"], ExportRecord] | None = None
+    # issue 25: the exported files and the SHA-256 of each, by the exporter's record key ("onnx", "onnx-int8",
+    # "torchscript", or a new format's): a short lower-case name, since the exporter registry (run.exporters, above
+    # this module) owns the names; a key no exporter asks for is never read
+    exports: dict[ExportKey, ExportRecord] | None = None
 
     @field_validator("task", mode="before")
     @classmethod
