@@ -205,7 +205,7 @@ class DataConfig(_Strict):
 
     source: str = "medmnist"         # a registered data source (medlens.data.sources: medmnist, folder, csv, hdf5)
     name: str | None = None          # MedMNIST dataset name
-    size: int = Field(28, ge=1)      # MedMNIST size, or the resize target for folder/csv
+    size: int = Field(default=28, ge=1)      # MedMNIST size, or the resize target for folder/csv
     path: str | None = None          # folder root, CSV manifest, patch store, or an explicit npz
     image_root: str | None = None    # CSV: folder the paths are relative to (and confined to)
     allow_outside_root: bool = False  # CSV: allow image/mask paths that leave image_root (absolute, ../, symlinks)
@@ -214,12 +214,12 @@ class DataConfig(_Strict):
     patient_column: str = "patient_id"
     suffix: str = ""                 # CSV: appended to each path (Kaggle lists ids without .jpeg)
     color: Literal["gray", "rgb", "green"] = "gray"
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     check_md5: bool = True
-    max_samples: int | None = Field(None, ge=1)  # cap each split (quick experiments, tests)
+    max_samples: int | None = Field(default=None, ge=1)  # cap each split (quick experiments, tests)
     # issue 17: a stratified share of the training labels kept (seeded; low-label studies); val/test untouched
-    label_fraction: float = Field(1.0, gt=0, le=1)
+    label_fraction: float = Field(default=1.0, gt=0, le=1)
     normalize: Literal["dataset", "none"] = "dataset"
     # segmentation pairs (task: segmentation)
     mask_suffix: str | None = None       # folder: mask of <stem><image_suffix>.<ext> is <stem><mask_suffix>
@@ -231,7 +231,7 @@ class DataConfig(_Strict):
     clahe: bool = False                  # CLAHE on 2D inputs (after the colour mode)
     intensity: Literal["unit", "zscore", "percentile"] = "unit"  # per-image scaling of segmentation inputs
     window: str | None = None            # CT window (name or "level,width") applied before scaling
-    pixel_spacing: float | None = Field(None, gt=0)  # mm per pixel for 2D files that do not record it
+    pixel_spacing: float | None = Field(default=None, gt=0)  # mm per pixel for 2D files that do not record it
     # classification labels: source label (class name or index) -> task label; null drops those samples
     label_map: dict[str | int, str | None] | None = None
     positive_class: str | None = None    # binary: the task label that is the positive class (index 1)
@@ -300,59 +300,60 @@ class ModelConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    hflip: float = Field(0.0, ge=0, le=1)
-    vflip: float = Field(0.0, ge=0, le=1)
-    dflip: float = Field(0.0, ge=0, le=1)   # 3D only: flip the depth (slice) axis
+    hflip: float = Field(default=0.0, ge=0, le=1)
+    vflip: float = Field(default=0.0, ge=0, le=1)
+    dflip: float = Field(default=0.0, ge=0, le=1)   # 3D only: flip the depth (slice) axis
     rot90: bool = False
-    rotate: float = Field(0.0, ge=0, le=180)  # max degrees
-    translate: float = Field(0.0, ge=0, le=0.5)  # fraction of size
-    scale: float = Field(0.0, ge=0, le=0.5)      # max relative zoom
-    shear: float = Field(0.0, ge=0, le=45)       # max shear angle in degrees (2D: x; 3D: x in each axial plane)
-    brightness: float = Field(0.0, ge=0, le=1)
-    contrast: float = Field(0.0, ge=0, le=1)
-    noise: float = Field(0.0, ge=0, le=1)
+    rotate: float = Field(default=0.0, ge=0, le=180)  # max degrees
+    translate: float = Field(default=0.0, ge=0, le=0.5)  # fraction of size
+    scale: float = Field(default=0.0, ge=0, le=0.5)      # max relative zoom
+    shear: float = Field(default=0.0, ge=0, le=45)       # max shear angle in degrees (2D: x; 3D: x in each axial plane)
+    brightness: float = Field(default=0.0, ge=0, le=1)
+    contrast: float = Field(default=0.0, ge=0, le=1)
+    noise: float = Field(default=0.0, ge=0, le=1)
 
 
 class ProgressiveConfig(_Strict):
     """Progressive resizing: early epochs train on downsampled inputs, the size rising linearly to full."""
 
-    start: float = Field(0.5, gt=0, lt=1)     # the first epoch's input size, as a fraction of the full size
-    fraction: float = Field(0.5, gt=0, le=1)  # share of the epochs over which the size reaches full
+    start: float = Field(default=0.5, gt=0, lt=1)     # the first epoch's input size, as a fraction of the full size
+    fraction: float = Field(default=0.5, gt=0, le=1)  # share of the epochs over which the size reaches full
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
     optimizer: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
-    momentum: float | None = Field(None, ge=0, lt=1)  # sgd (default 0.9) and rmsprop (default 0, as Keras)
+    momentum: float | None = Field(default=None, ge=0, lt=1)  # sgd (default 0.9) and rmsprop (default 0, as Keras)
     nesterov: bool = True                        # sgd: Nesterov momentum (needs momentum > 0)
-    rmsprop_alpha: float = Field(0.9, gt=0, lt=1)  # rmsprop: decay of the squared-gradient average (Keras rho 0.9)
+    rmsprop_alpha: float = Field(default=0.9, gt=0, lt=1)  # rmsprop: decay of the squared-gradient average (Keras rho)
     scheduler: Literal["cosine", "none", "plateau"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(default=0, ge=0)
     imbalance: Literal["none", "weighted_loss", "balanced_sampler", "undersample"] = "none"
-    undersample_ratio: float = Field(1.0, gt=0)  # negatives per positive when undersampling
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    undersample_ratio: float = Field(default=1.0, gt=0)  # negatives per positive when undersampling
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     precision: Literal["32", "bf16-mixed"] = "bf16-mixed"
     channels_last: bool = False
     monitor: str = "val_auc"
-    early_stopping_patience: int | None = Field(None, ge=1)
-    num_threads: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    num_threads: int | None = Field(default=None, ge=1)
     # issue 15: data-parallel processes per node x nodes (docs/distributed.md); auto = ddp when more than one
-    devices: int = Field(1, ge=1)
-    num_nodes: int = Field(1, ge=1)
+    devices: int = Field(default=1, ge=1)
+    num_nodes: int = Field(default=1, ge=1)
     strategy: Literal["auto", "single", "ddp"] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # issue 17: accuracy tools (each off by default)
-    ema: float | None = Field(None, gt=0, lt=1)   # decay of an exponential moving average of the weights; the
-    #                                               average is what is validated, checkpointed as best and saved
-    mixup: float = Field(0.0, ge=0, le=10)        # Beta(a, a) of mixup (0: off)
-    cutmix: float = Field(0.0, ge=0, le=10)       # Beta(a, a) of cutmix (0: off); with mixup, one of the two per batch
-    progressive: ProgressiveConfig | None = None  # progressive resizing (models with global pooling)
-    ensemble: int = Field(1, ge=1, le=20)         # members trained with seeds seed, seed+1, ...; soft voting
-    max_minutes: float | None = Field(None, gt=0)  # wall-clock limit of fitting (all members); each member keeps
-    #                                                its best checkpoint when its share runs out
+    # decay of an exponential moving average of the weights; the average is what is validated, checkpointed as best
+    # and saved
+    ema: float | None = Field(default=None, gt=0, lt=1)
+    mixup: float = Field(default=0.0, ge=0, le=10)   # Beta(a, a) of mixup (0: off)
+    cutmix: float = Field(default=0.0, ge=0, le=10)  # Beta(a, a) of cutmix (0: off); with mixup, one of both per batch
+    progressive: ProgressiveConfig | None = None     # progressive resizing (models with global pooling)
+    ensemble: int = Field(default=1, ge=1, le=20)    # members trained with seeds seed, seed+1, ...; soft voting
+    # wall-clock limit of fitting (all members); each member keeps its best checkpoint when its share runs out
+    max_minutes: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _warmup(self) -> "TrainConfig":
@@ -367,24 +368,24 @@ class PublishedFigures(_Strict):
 
     source: str = Field(min_length=1, max_length=300)   # the citation
     metrics: dict[str, float]
-    note: str = Field("", max_length=500)                # how it differs (data, split, image size...)
+    note: str = Field(default="", max_length=500)                # how it differs (data, split, image size...)
 
 
 class EvalConfig(_Strict):
     threshold: str = "youden"   # youden | sensitivity:0.9 | specificity:0.9 | fixed:0.5 | f1
-    bootstrap: int = Field(1000, ge=0)
-    ci: float = Field(0.95, gt=0, lt=1)
+    bootstrap: int = Field(default=1000, ge=0)
+    ci: float = Field(default=0.95, gt=0, lt=1)
     tta: bool = False   # classifiers: average the probabilities over the flips that train.augment uses
     # probability calibration fitted on validation: Platt (binary), temperature (multi-class), or none
     calibration: Literal["auto", "platt", "temperature", "none"] = "auto"
-    calibration_bins: int = Field(15, ge=2, le=100)   # equal-width bins of ECE/MCE and the reliability diagram
+    calibration_bins: int = Field(default=15, ge=2, le=100)   # equal-width bins of ECE/MCE and the reliability diagram
     # decision-curve analysis over threshold probabilities [low, high] (binary runs)
     decision_curve: tuple[float, float] = (0.01, 0.60)
     # CSV-manifest columns whose groups get their own metrics (sex, age band, site, scanner...)
     subgroups: list[str] = Field(default_factory=list)
-    min_subgroup: int = Field(30, ge=1)    # groups smaller than this are flagged as unreliable
+    min_subgroup: int = Field(default=30, ge=1)    # groups smaller than this are flagged as unreliable
     # a sensitivity/specificity drop from validation to test larger than this is flagged as threshold drift
-    shift_tolerance: float = Field(0.05, gt=0, lt=1)
+    shift_tolerance: float = Field(default=0.05, gt=0, lt=1)
     published: PublishedFigures | None = None   # e.g. a seed system's figures, shown beside ours in the report
 
     @field_validator("threshold")
@@ -408,7 +409,7 @@ class DicomCode(_Strict):
     """A coded concept (e.g. SNOMED CT ``SCT``): code value, coding scheme designator, code meaning."""
 
     value: str = Field(min_length=1, max_length=64)
-    scheme: str = Field("SCT", min_length=1, max_length=16)
+    scheme: str = Field(default="SCT", min_length=1, max_length=16)
     meaning: str = Field(min_length=1, max_length=64)
 
 
@@ -424,24 +425,24 @@ class SegmentationConfig(_Strict):
     """Patch sampling, loss, sliding-window inference and post-processing of segmentation runs."""
 
     patch_size: list[int] = Field(default_factory=lambda: [128, 128])
-    patches_per_epoch: int = Field(1024, ge=1)
-    foreground_ratio: float = Field(0.5, ge=0, le=1)  # share of patches centred on a foreground voxel
+    patches_per_epoch: int = Field(default=1024, ge=1)
+    foreground_ratio: float = Field(default=0.5, ge=0, le=1)  # share of patches centred on a foreground voxel
     loss: Literal["dice_ce", "dice_focal", "dice", "focal", "tversky", "ce"] = "dice_ce"
-    tversky_alpha: float = Field(0.3, ge=0, le=1)  # weight of false positives
-    tversky_beta: float = Field(0.7, ge=0, le=1)   # weight of false negatives
-    overlap: float = Field(0.25, ge=0, lt=1)
+    tversky_alpha: float = Field(default=0.3, ge=0, le=1)  # weight of false positives
+    tversky_beta: float = Field(default=0.7, ge=0, le=1)   # weight of false negatives
+    overlap: float = Field(default=0.25, ge=0, lt=1)
     blend: Literal["gaussian", "constant"] = "gaussian"
-    sw_batch_size: int = Field(8, ge=1)
+    sw_batch_size: int = Field(default=8, ge=1)
     tta: bool = False                 # average over flips at inference
     threshold: str = "val"            # "val" (best mean Dice on validation) or "fixed:0.5"
-    largest_components: int | None = Field(None, ge=1)  # keep the N largest connected components
-    min_size: int = Field(0, ge=0)     # remove components smaller than this many voxels
+    largest_components: int | None = Field(default=None, ge=1)  # keep the N largest connected components
+    min_size: int = Field(default=0, ge=0)     # remove components smaller than this many voxels
     label_values: list[int] | None = None  # raw mask values, in class order; default {0, 1} or {0, 255}
     class_names: list[str] | None = None
-    val_every: int = Field(1, ge=1)    # epochs between full-image validations
+    val_every: int = Field(default=1, ge=1)    # epochs between full-image validations
     cldice: bool = False               # centre-line Dice (tubular structures: vessels)
     # DICOM SEG/SR codes, one entry per foreground class in class order (e.g. SNOMED CT Blood vessel in Retina)
-    dicom_codes: list[SegmentDicomCodes] | None = Field(None, max_length=255)
+    dicom_codes: list[SegmentDicomCodes] | None = Field(default=None, max_length=255)
 
     @model_validator(mode="after")
     def _check(self) -> "SegmentationConfig":
@@ -475,14 +476,14 @@ class AnomalyConfig(_Strict):
     # the anomaly score: reconstruction error (mse, l1), SSIM dissimilarity, or auto: the best validation AUC
     score: Literal["auto", "mse", "l1", "ssim"] = "auto"
     compare_run: str | None = None   # a supervised run folder on the same data, reported beside (AUC, Grad-CAM)
-    cases: int = Field(3, ge=1, le=12)  # report: test cases per group (anomaly map beside the supervised Grad-CAM)
+    cases: int = Field(default=3, ge=1, le=12)  # report: test cases per group (anomaly map beside supervised Grad-CAM)
 
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"        # the run folder is output_dir/<name>: one path component
     # a config name of a registered task (medlens.tasks): classification, segmentation, anomaly
     task: str = "classification"
-    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy and Lightning take unsigned 32-bit seeds
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)  # numpy and Lightning take unsigned 32-bit seeds
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

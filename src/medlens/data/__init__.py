@@ -37,7 +37,7 @@ def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Ca
     return data
 
 
-def label_subset(ds: ArrayDataset, fraction: float, seed: int) -> ArrayDataset:
+def label_subset(ds: Dataset, fraction: float, seed: int) -> Dataset:
     """A stratified, seeded share of a training split: ``ceil(fraction x n)`` samples of each class (at least
     one), for low-label studies. Multi-label rows are stratified by their first positive label."""
     y = np.asarray(ds.labels)
@@ -50,7 +50,7 @@ def label_subset(ds: ArrayDataset, fraction: float, seed: int) -> ArrayDataset:
     return ds.subset(np.sort(np.concatenate(keep)))
 
 
-def _cap(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
+def _cap(ds: Dataset, n: int, seed: int) -> Dataset:
     if len(ds) <= n:
         return ds
     idx = np.sort(np.random.default_rng(seed).choice(len(ds), n, replace=False))

@@ -7,7 +7,7 @@ trains; it hands out single ``Sample`` objects or whole batches as tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -19,7 +19,7 @@ from medlens.errors import DataError, ShapeError
 from medlens.tasks import Task, get_task, list_tasks
 
 
-def read_csv_checked(path, required: list[str], what: str = "CSV"):
+def read_csv_checked(path, required: list[str], what: str = "CSV") -> pd.DataFrame:
     """Read a CSV with a one-line error for a missing file, an unreadable file or missing columns."""
     path = Path(path)
     if not path.exists():
@@ -125,23 +125,29 @@ class Dataset(Protocol):
         ...
 
 
-@dataclass
+@dataclass(init=False)
 class ArrayDataset:
     """Images in memory, with labels, patient ids and sources.
 
-    ``images`` is uint8 (scaled by 1/255 when batched) or float32 (used as is), channels first.
+    ``images`` is uint8 (scaled by 1/255 when batched) or float32 (used as is), channels first. Patient ids and
+    sources left out are numbered from ``name``.
     """
 
     images: np.ndarray
     labels: np.ndarray
     task: str
     class_names: list[str]
-    patient_ids: np.ndarray | None = None
-    sources: np.ndarray | None = None
-    name: str = ""
-    meta: dict = field(default_factory=dict)
+    patient_ids: np.ndarray
+    sources: np.ndarray
+    name: str
+    meta: dict
 
-    def __post_init__(self) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, task: str, class_names: list[str],
+                 patient_ids: np.ndarray | None = None, sources: np.ndarray | None = None, name: str = "",
+                 meta: dict | None = None) -> None:
+        self.images, self.labels, self.task, self.class_names = images, labels, task, class_names
+        self.name = name
+        self.meta = {} if meta is None else meta
         per_case = tuple(t.name for t in list_tasks() if t.records_runs and not t.dense)  # one label per image
         if self.task not in per_case:
             raise DataError(f"unknown task '{self.task}' for dataset {self.name}; expected one of {per_case}")
@@ -152,10 +158,8 @@ class ArrayDataset:
         self.labels = self.task_type.prepare_labels(self.labels, n)
         if len(self.labels) != n:
             raise ShapeError(f"dataset {self.name}: {n} images but {len(self.labels)} labels")
-        if self.patient_ids is None:
-            self.patient_ids = np.array([f"{self.name}-{i}" for i in range(n)])
-        if self.sources is None:
-            self.sources = np.array([f"{self.name}[{i}]" for i in range(n)])
+        self.patient_ids = np.array([f"{self.name}-{i}" for i in range(n)]) if patient_ids is None else patient_ids
+        self.sources = np.array([f"{self.name}[{i}]" for i in range(n)]) if sources is None else sources
 
     def __len__(self) -> int:
         return len(self.images)
@@ -231,6 +235,8 @@ class Preparer(Protocol):
 
     def __call__(self, image, name: str | None = None) -> np.ndarray:
         """(C, *spatial): uint8 where 8-bit (``/ 255`` at batch time), else float32 in the model's scale."""
+        ...
 
     def display(self, image) -> np.ndarray:
         """uint8 picture for overlays."""
+        ...

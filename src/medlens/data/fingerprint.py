@@ -65,11 +65,14 @@ def sibling_resolutions(path: Path | None) -> dict[int, str]:
     convention), ``<base>_<size>.npz`` is ``size``."""
     if path is None or path.suffix != ".npz" or not path.parent.is_dir():
         return {}
-    base = _SIZE_SUFFIX.match(path.stem).group("base")
+    own = _SIZE_SUFFIX.match(path.stem)
+    if own is None:  # an empty stem
+        return {}
+    base = own.group("base")
     out = {}
     for f in sorted(path.parent.glob(f"{base}*.npz")):
         m = _SIZE_SUFFIX.match(f.stem)
-        if m.group("base") != base:
+        if m is None or m.group("base") != base:
             continue
         out[int(m.group("size") or 28)] = str(f)
     return out

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, cast
 
 import numpy as np
+import pandas as pd
 
 from medlens.data.base import (ArrayDataset, Preparer, SplitData, confined_paths, line_numbers, read_csv_checked,
                                refuse_blank_cells)
@@ -104,7 +105,7 @@ def load_csv_manifest(csv_path: str | Path, prepare: Preparer, *, image_root: st
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DataError(f"{len(missing)} listed image(s) missing, first: {missing[0]}", csv_path)
-    raw = df[label_column]
+    raw = cast(pd.Series, df[label_column])  # one column label: a Series (pandas' hints also allow a frame)
     classes = sorted(raw.unique().tolist())
     if len(classes) < 2:
         raise DataError(f"only one label value ({classes[0]}); classification needs at least two", csv_path)

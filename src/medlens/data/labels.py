@@ -90,11 +90,12 @@ def apply_label_map(data: SplitData, label_map: dict[str, str | None] | None,
     if not task.exclusive:
         raise DataError(f"data.label_map / data.positive_class do not apply to {task.title} data")
     names, task, lookup = task_classes(list(data.class_names), label_map, positive_class, data.task)
-    if not isinstance(data.train, ArrayDataset):  # the patch store: two fixed classes, positive swapped
+    arrays = [d for d in (data.train, data.val, data.test) if isinstance(d, ArrayDataset)]
+    if len(arrays) < 3:  # the patch store: two fixed classes, positive swapped
         if list(lookup) == [0, 1]:
             return data
         raise DataError("a patch store's positive class is 'nodule'; data.positive_class cannot change it")
-    parts = [_relabel(d, names, task, lookup) for d in (data.train, data.val, data.test)]
+    parts = [_relabel(d, names, task, lookup) for d in arrays]
     for split, d in zip(("train", "val", "test"), parts):
         if len(np.unique(d.labels)) < 2:
             raise DataError(f"after data.label_map the {split} split holds {len(d)} sample(s) of "

@@ -204,7 +204,7 @@ def cluster_nodules(ann: LidcAnnotation, image: Image, consensus_level: float = 
     for c in clusters:
         stack = np.stack([masks[j] for j in c])
         cons = stack.mean(0) >= consensus_level if stack.any() else stack[0]
-        mal = [marks[j].characteristics.get("malignancy") for j in c if marks[j].characteristics.get("malignancy")]
+        mal = [m for j in c if (m := marks[j].characteristics.get("malignancy"))]
         out.append(PhysicalNodule(
             marks=[marks[j] for j in c], centroid_world=np.mean([cents[j] for j in c], 0),
             diameter_mm=float(np.mean([eq[j] for j in c])), axial_diameter_mm=float(np.mean([diam[j] for j in c])),

@@ -8,6 +8,7 @@ world coordinates (mm) and patient id; the lung window is applied when batches a
 from __future__ import annotations
 
 import warnings
+import weakref
 from pathlib import Path
 
 import h5py
@@ -115,16 +116,32 @@ def extract_patch_2d(image: Image, world_xyz, size: int = 50) -> np.ndarray | No
     return out
 
 
+_SITK_COPIES: dict[int, tuple[weakref.ref[Image], sitk.Image]] = {}
+
+
+def _as_sitk(image: Image) -> sitk.Image:
+    """The SimpleITK copy of ``image``, converted once and reused for every patch of the scan while it lives."""
+    key = id(image)
+    hit = _SITK_COPIES.get(key)
+    if hit is not None and hit[0]() is image:
+        return hit[1]
+    src = to_sitk(image)
+
+    def forget(ref: weakref.ref[Image]) -> None:  # the image is gone: so is its copy
+        if key in _SITK_COPIES and _SITK_COPIES[key][0] is ref:
+            del _SITK_COPIES[key]
+
+    _SITK_COPIES[key] = (weakref.ref(image, forget), src)
+    return src
+
+
 def extract_patch_3d(image: Image, world_xyz, size: int = 32, spacing: float = 1.0) -> np.ndarray | None:
     """``size``^3 HU patch at isotropic ``spacing`` mm centred on a world point (linear interpolation,
     aligned with the scan's axes); None if the centre is outside the scan."""
     z, y, x = image.world_to_voxel(world_xyz)
     if not all(-0.5 <= v <= n - 0.5 for v, n in zip((z, y, x), image.shape)):
         return None
-    src = getattr(image, "_sitk_cache", None)
-    if src is None:
-        src = to_sitk(image)
-        image._sitk_cache = src  # reuse the conversion for every patch of this scan
+    src = _as_sitk(image)
     d = np.asarray(image.direction)
     half = (size - 1) / 2.0 * spacing
     origin = np.asarray(world_xyz, float) - d @ np.array([half, half, half])
@@ -134,6 +151,14 @@ def extract_patch_3d(image: Image, world_xyz, size: int = 32, spacing: float = 1
     ref.SetDirection(src.GetDirection())
     out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, float(AIR_HU))
     return sitk.GetArrayFromImage(out).astype(np.int16)
+
+
+def _member(f: h5py.File, key: str, path: Path) -> h5py.Dataset:
+    """The array ``key`` of a patch store (a KeyError when absent)."""
+    obj = f[key]
+    if not isinstance(obj, h5py.Dataset):
+        raise DataError(f"not a medlens patch store ('{key}' is a {type(obj).__name__}, not an array)", path)
+    return obj
 
 
 class PatchStoreDataset:
@@ -150,11 +175,11 @@ class PatchStoreDataset:
             raise DataError("patch store not found (create it with `medlens nodules extract`)", self.path)
         try:
             self._f = h5py.File(self.path, "r")
-            ds = self._f["patches"]
-            labels = self._f["labels"][()]
-            series = self._f["seriesuid"].asstr()[()]
-            pids = self._f["patient_id"].asstr()[()]
-            worlds = self._f["world_mm"][()]
+            ds = _member(self._f, "patches", self.path)
+            labels = _member(self._f, "labels", self.path)[()]
+            series = np.asarray(_member(self._f, "seriesuid", self.path).asstr()[()])
+            pids = np.asarray(_member(self._f, "patient_id", self.path).asstr()[()])
+            worlds = _member(self._f, "world_mm", self.path)[()]
         except (OSError, KeyError) as e:
             raise DataError(f"not a medlens patch store ({e})", self.path) from None
         self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices)
@@ -176,8 +201,8 @@ class PatchStoreDataset:
     @property
     def images(self):  # shape information for the engine (no data read)
         class _Shape:
-            def __init__(s, shape, dtype):
-                s.shape, s.dtype, s.ndim = shape, dtype, len(shape)
+            def __init__(self, shape, dtype):
+                self.shape, self.dtype, self.ndim = shape, dtype, len(shape)
         return _Shape((len(self),) + self._patches.shape[1:], np.float32)
 
     @property

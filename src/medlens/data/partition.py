@@ -41,6 +41,7 @@ def partition(ds, n_sites: int, spec: str, seed: int = 0) -> list[np.ndarray]:
     if kind == "iid":
         parts = np.array_split(rng.permutation(n), n_sites)
     elif kind == "dirichlet":
+        assert isinstance(arg, float)  # parse_partition gives dirichlet its alpha
         y = np.asarray(ds.labels).reshape(len(ds), -1)[:, 0].astype(int)
         parts = [[] for _ in range(n_sites)]
         for c in np.unique(y):

@@ -110,15 +110,15 @@ def extract_patches(scans: str | Path | list[str | Path], annotations: str | Pat
         if progress:
             progress(si, len(uids), uid)
         image = load_scan(scan_map[uid])
-        rows = ann[(ann.seriesuid == uid) & (ann.label == 1)]
+        rows = ann.loc[(ann.seriesuid == uid) & (ann.label == 1)]
         pos = rows[["coordX", "coordY", "coordZ"]].to_numpy()
         if cand is not None:  # a nodule in both CSVs is extracted once
             pos = merge_positives(pos, rows["diameter_mm"].to_numpy(),
-                                  cand[(cand.seriesuid == uid) & (cand.label == 1)][["coordX", "coordY",
-                                                                                     "coordZ"]].to_numpy())
+                                  cand.loc[(cand.seriesuid == uid) & (cand.label == 1)][["coordX", "coordY",
+                                                                                         "coordZ"]].to_numpy())
         n_neg = int(round(neg_ratio * max(len(pos), 1)))
         if cand is not None and (cand.seriesuid == uid).any():
-            negs = cand[(cand.seriesuid == uid) & (cand.label == 0)][["coordX", "coordY", "coordZ"]].to_numpy()
+            negs = cand.loc[(cand.seriesuid == uid) & (cand.label == 0)][["coordX", "coordY", "coordZ"]].to_numpy()
             if len(negs) > n_neg:
                 negs = negs[rng.choice(len(negs), n_neg, replace=False)]
         elif negatives is not None:

@@ -206,6 +206,9 @@ class Deidentifier:
 
     def _shift_date(self, elem) -> bool:
         """Shift every value of a DA/DT element by ``self.shift`` days; False (untouched) if any does not parse."""
+        shift = self.shift
+        if shift is None:
+            return False
         values = list(elem.value) if isinstance(elem.value, (list, MultiValue)) else [elem.value]
         out = []
         for v in values:
@@ -213,7 +216,7 @@ class Deidentifier:
             if len(s) < 8 or not s[:8].isdigit():
                 return False
             try:
-                d = _dt.datetime.strptime(s[:8], "%Y%m%d") + _dt.timedelta(days=self.shift)
+                d = _dt.datetime.strptime(s[:8], "%Y%m%d") + _dt.timedelta(days=shift)
             except (ValueError, OverflowError):
                 return False
             out.append(d.strftime("%Y%m%d") + s[8:])
@@ -331,10 +334,10 @@ def _short(elem) -> str:
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
 
-def _read(path: Path):
-    """(dataset, None) for a DICOM instance, with or without preamble; (None, reason) otherwise."""
+def _read(path: Path) -> Dataset | str:
+    """The data set of a DICOM instance, with or without preamble; otherwise why the file is skipped."""
     if path.stat().st_size == 0:
-        return None, "empty file"
+        return "empty file"
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
@@ -342,16 +345,16 @@ def _read(path: Path):
             ds = pydicom.dcmread(path, force=True)
             sop_class = str(ds.get("SOPClassUID", "") or "")
         except Exception:
-            return None, _NOT_DICOM
+            return _NOT_DICOM
         if not _UID.match(sop_class):
-            return None, _NOT_DICOM
+            return _NOT_DICOM
     except Exception as e:
-        return None, f"unreadable DICOM ({type(e).__name__})"
+        return f"unreadable DICOM ({type(e).__name__})"
     if str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "")) == _DICOMDIR:
-        return None, "a DICOMDIR (media index): not copied"
+        return "a DICOMDIR (media index): not copied"
     if not str(ds.get("SOPClassUID", "") or ""):
-        return None, "DICOM data set without SOP Class UID (not an instance)"
-    return ds, None
+        return "DICOM data set without SOP Class UID (not an instance)"
+    return ds
 
 
 def _check_destination(in_dir: Path, out_dir: Path) -> None:
@@ -370,11 +373,11 @@ def _output_name(ds, index: int) -> Path:
     return Path(study) / series / f"{index:06d}.dcm"
 
 
-def _deid_file(deid: Deidentifier, path: Path, index: int, work: Path):
-    """De-identify one file into ``work``: ((rel path, changes, burned-in), None), or (None, reason) if skipped."""
-    ds, reason = _read(path)
-    if ds is None:
-        return None, reason
+def _deid_file(deid: Deidentifier, path: Path, index: int, work: Path) -> tuple[Path, list[tuple], bool] | str:
+    """De-identify one file into ``work``: (rel path, changes, burned-in), or why it was skipped."""
+    ds = _read(path)
+    if isinstance(ds, str):
+        return ds
     try:
         if "SOPInstanceUID" not in ds:
             ds.SOPInstanceUID = deid.new_uid(f"no-sop-uid|{index}")
@@ -385,9 +388,9 @@ def _deid_file(deid: Deidentifier, path: Path, index: int, work: Path):
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(work / rel, enforce_file_format=True)
     except Exception as e:  # the class only: a message could quote a value
-        return None, f"could not be de-identified ({type(e).__name__})"
+        return f"could not be de-identified ({type(e).__name__})"
     burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() != "NO"
-    return (rel, changes, burned), None
+    return rel, changes, burned
 
 
 LOG_FIELDS = ["file", "tag", "attribute", "action", "burned_in_annotation_flag", "detail"]
@@ -425,9 +428,10 @@ def _run(deid: Deidentifier, in_dir: Path, files: list[Path], work: Path, log_va
     for i, p in enumerate(files, start=1):
         if progress:  # files finished so far
             progress(i - 1, len(files))
-        done, reason = _deid_file(deid, p, i, work)
+        done = _deid_file(deid, p, i, work)
         src = {"source": str(p.relative_to(in_dir))} if log_values else {}
-        if done is None:
+        if isinstance(done, str):
+            reason = done
             rep.skipped.append(p.name)
             rep.skip_reasons.append((p.name, reason))
             rows.append({"action": "skipped", "detail": f"input #{i}: {reason}", **src})

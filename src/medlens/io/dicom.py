@@ -25,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes,
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes,
                          JPEGTransferSyntaxes, RLELossless)
 
 from medlens.errors import DataError, MedlensWarning
@@ -80,10 +82,10 @@ def _read_without_preamble(path: Path, stop_before_pixels: bool):
     if not looks_dicom:
         raise DataError("not a DICOM file (no 'DICM' preamble and no valid header)", shown(path))
     if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
-        ds.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
-        ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR
-                                          else pydicom.uid.ExplicitVRLittleEndian if ds.is_little_endian
-                                          else pydicom.uid.ExplicitVRBigEndian)
+        ds.file_meta = getattr(ds, "file_meta", FileMetaDataset())
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if ds.is_implicit_VR
+                                          else ExplicitVRLittleEndian if ds.is_little_endian
+                                          else ExplicitVRBigEndian)
     return ds
 
 

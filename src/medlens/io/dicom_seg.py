@@ -66,8 +66,8 @@ def codes_from_config(entries, n_segments: int) -> list[SegmentCodes]:
         if e is None:
             out.append(GENERIC)
             continue
-        t = lambda c: (c.value, c.scheme, c.meaning) if c is not None else None  # noqa: E731
-        out.append(SegmentCodes(t(e.category), t(e.type), t(e.region)))
+        t = lambda c: (c.value, c.scheme, c.meaning)  # noqa: E731
+        out.append(SegmentCodes(t(e.category), t(e.type), t(e.region) if e.region is not None else None))
     if any(c is GENERIC for c in out):
         warnings.warn("the run's config names no segmentation.dicom_codes for some classes; their DICOM SEG "
                       "segments are coded as generic 'Tissue'", MedlensWarning)

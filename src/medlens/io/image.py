@@ -11,31 +11,40 @@ multi-component (RGB) images. ``spacing`` follows the array axes (so ``(z, y, x)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
 from medlens.errors import DataError, ShapeError
 
 
-@dataclass
+@dataclass(init=False)
 class Image:
-    array: np.ndarray
-    spacing: tuple[float, ...] | None = None
-    origin: tuple[float, ...] | None = None
-    direction: np.ndarray | None = None
-    modality: str = "OT"
-    meta: dict[str, Any] = field(default_factory=dict)
-    is_rgb: bool = False
+    """An image array with its grid. ``spacing``, ``origin`` and ``direction`` may be left out (1 mm, the world
+    origin, the identity); once constructed they are always set."""
 
-    def __post_init__(self) -> None:
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: np.ndarray
+    modality: str
+    meta: dict[str, Any]
+    is_rgb: bool
+
+    def __init__(self, array: np.ndarray, spacing: Sequence[float] | None = None,
+                 origin: Sequence[float] | None = None, direction: np.ndarray | Sequence[Any] | None = None,
+                 modality: str = "OT", meta: dict[str, Any] | None = None, is_rgb: bool = False) -> None:
+        self.array = array
+        self.modality = modality
+        self.meta = {} if meta is None else meta
+        self.is_rgb = is_rgb
         nd = self.spatial_dims
         if nd not in (2, 3):
             raise ShapeError(f"an Image is 2D or 3D, got array shape {self.array.shape}")
-        self.spacing = tuple(float(s) for s in (self.spacing or (1.0,) * nd))
-        self.origin = tuple(float(s) for s in (self.origin or (0.0,) * nd))
-        self.direction = np.eye(nd) if self.direction is None else np.asarray(self.direction, float).reshape(nd, nd)
+        self.spacing = tuple(float(s) for s in (spacing or (1.0,) * nd))
+        self.origin = tuple(float(s) for s in (origin or (0.0,) * nd))
+        self.direction = np.eye(nd) if direction is None else np.asarray(direction, float).reshape(nd, nd)
         if len(self.spacing) != nd or len(self.origin) != nd:
             raise ShapeError(f"spacing {self.spacing} / origin {self.origin} do not fit a {nd}D image")
         if not all(math.isfinite(s) and s > 0 for s in self.spacing):  # every reader checks; this is the backstop
@@ -72,8 +81,8 @@ class Image:
 
     def with_array(self, array: np.ndarray, **changes) -> "Image":
         """A copy with a new array of the same grid (or with grid fields changed)."""
-        kw = dict(spacing=self.spacing, origin=self.origin, direction=self.direction, modality=self.modality,
-                  meta=dict(self.meta), is_rgb=self.is_rgb)
+        kw: dict[str, Any] = dict(spacing=self.spacing, origin=self.origin, direction=self.direction,
+                                  modality=self.modality, meta=dict(self.meta), is_rgb=self.is_rgb)
         kw.update(changes)
         return Image(array, **kw)
 

@@ -116,15 +116,8 @@ def check_http_url(url: str, allow_http: bool, what: str) -> str:
 
 # ------------------------------------------------------------------------------------------ how much
 
-try:
-    import requests as _requests
-
-    class NetError(_requests.exceptions.RequestException):
-        """Base of the refusals below (a ``requests`` exception, so a library's retry or wrapper sees one)."""
-
-except ImportError:  # pragma: no cover - requests is a dependency
-    class NetError(Exception):  # type: ignore[no-redef]
-        pass
+class NetError(requests.exceptions.RequestException):
+    """Base of the refusals below (a ``requests`` exception, so a library's retry or wrapper sees one)."""
 
 
 class RedirectRefused(NetError):

@@ -18,6 +18,7 @@ import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 from urllib.parse import urlparse
 
 import pydicom
@@ -26,7 +27,10 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import (  # pynetdicom writes its SOP classes into globals() at import: no checker sees them
+    StudyRootQueryRetrieveInformationModelFind,  # pyright: ignore[reportAttributeAccessIssue]
+    StudyRootQueryRetrieveInformationModelGet,  # pyright: ignore[reportAttributeAccessIssue]
+)
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -86,6 +90,10 @@ def _row(ds_or_json, fields) -> dict:
     return out
 
 
+@overload
+def _require_uid(value: str, what: str) -> str: ...
+@overload
+def _require_uid(value: str | None, what: str) -> str | None: ...
 def _require_uid(value: str | None, what: str) -> str | None:
     """A UID the user gave (it goes into a URL path or a query): valid or a one-line error."""
     if value is None:
@@ -421,9 +429,10 @@ class Dimse:
 
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        for c in StoragePresentationContexts[:120]:
-            ae.add_requested_context(c.abstract_syntax)
-        roles = [build_role(c.abstract_syntax, scp_role=True) for c in StoragePresentationContexts[:120]]
+        storage = [c.abstract_syntax for c in StoragePresentationContexts[:120] if c.abstract_syntax is not None]
+        for syntax in storage:
+            ae.add_requested_context(syntax)
+        roles = [build_role(syntax, scp_role=True) for syntax in storage]
         assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES" if st.series else "STUDY"

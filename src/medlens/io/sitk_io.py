@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.openers import ImageOpener
 
 from medlens.errors import DataError, MedlensError, MedlensWarning
 from medlens.io.formats import SITK_SUFFIXES, suffix_of
@@ -46,6 +47,8 @@ def read_nifti(path: Path, allow_nonfinite: bool = False) -> Image:
     """
     try:
         img = nib.load(str(path))  # the header only
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise DataError(f"unreadable NIfTI (a {type(img).__name__}, not a NIfTI-1 or NIfTI-2 image)", shown(path))
         shape = tuple(int(d) for d in img.shape)
         while len(shape) > 3 and shape[-1] == 1:
             shape = shape[:-1]
@@ -53,7 +56,7 @@ def read_nifti(path: Path, allow_nonfinite: bool = False) -> Image:
         if suffix_of(path) == ".nii.gz":
             check_decompressed(int(img.header.get_data_offset()) + math.prod(shape) *
                                img.header.get_data_dtype().itemsize, path)
-        with nib.openers.ImageOpener(str(path)) as f:
+        with ImageOpener(str(path)) as f:
             raw = type(img.header).from_fileobj(f, check=False)  # pixdim as written (nibabel's copy is fixed up)
         _check_pixdim(raw, min(len(shape), 3), path)
         arr = np.asanyarray(img.dataobj)

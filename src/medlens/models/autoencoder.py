@@ -28,6 +28,9 @@ _EPS = 1e-8
 class AnomalyAutoEncoder(nn.Module):
     """Autoencoder whose output is an anomaly logit; see the module docstring."""
 
+    score_loc: torch.Tensor    # buffers: the log scores' mean and standard deviation on normal training images
+    score_scale: torch.Tensor
+
     def __init__(self, ae: nn.Module, spatial_dims: int, score: str, variational: bool) -> None:
         super().__init__()
         if score not in SCORES:

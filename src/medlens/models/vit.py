@@ -39,7 +39,7 @@ class ViTClassifier(nn.Module):
     the head, so their gradient is zero.)
     """
 
-    def __init__(self, vit: nn.Module, grid: tuple[int, ...]) -> None:
+    def __init__(self, vit: ViT, grid: tuple[int, ...]) -> None:
         super().__init__()
         self.vit = vit
         self.grid = tuple(int(g) for g in grid)   # patch grid, e.g. (7, 7) for 28 px and 4 px patches
@@ -73,5 +73,7 @@ def vit(in_channels: int, num_outputs: int, spatial_dims: int = 2, input_size=No
     net = ViT(in_channels=in_channels, img_size=size, patch_size=int(patch_size), hidden_size=int(hidden_size),
               mlp_dim=int(mlp_dim), num_layers=int(num_layers), num_heads=int(num_heads), proj_type="conv",
               pos_embed_type=pos_embed_type, classification=True, num_classes=num_outputs,
-              dropout_rate=float(dropout), spatial_dims=spatial_dims, post_activation=None, save_attn=True)
+              dropout_rate=float(dropout), spatial_dims=spatial_dims, save_attn=True,
+              # no activation on the head; MONAI documents the argument as optional but leaves it unannotated
+              post_activation=None)  # pyright: ignore[reportArgumentType]
     return ViTClassifier(net, tuple(s // int(patch_size) for s in size))

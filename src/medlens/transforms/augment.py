@@ -116,7 +116,7 @@ class BatchAugment:
             x = torch.where(_per_sample(p.dflip, x.ndim), x.flip(-3), x)
         if p.rot90 is not None:
             x = torch.stack([torch.rot90(x[i], int(p.rot90[i]), dims=(-2, -1)) for i in range(len(x))])
-        if p.angle is not None:
+        if p.angle is not None and p.scale is not None and p.translate is not None:  # drawn together
             x = affine(x, p.angle, p.scale, p.translate, p.shear)
         return x
 
@@ -145,11 +145,11 @@ class BatchAugment:
         """Apply drawn intensity changes, each scaled by the sample's own statistics: the brightness
         shift by its range (max - min), the noise by its standard deviation."""
         dims = tuple(range(1, x.ndim))
-        if p.gain is not None:
+        if p.gain is not None and p.bias is not None:  # drawn together
             mean = x.mean(dim=dims, keepdim=True)
             spread = (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True)).clamp_min(1e-6)
             x = (x - mean) * _per_sample(p.gain, x.ndim) + mean + _per_sample(p.bias, x.ndim) * spread
-        if p.sigma is not None:
+        if p.sigma is not None and p.noise is not None:  # drawn together
             std = x.flatten(1).std(dim=1).clamp_min(1e-6)
             x = x + _per_sample(p.sigma * std, x.ndim) * p.noise.to(x.dtype)
         return x

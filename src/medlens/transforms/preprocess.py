@@ -62,7 +62,7 @@ def set_color(image: Image, color: str) -> np.ndarray:
     return arr[..., None]  # gray or green of a gray image: the image itself
 
 
-def resize2d(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def resize2d(arr: np.ndarray, size: int | tuple[int, ...]) -> np.ndarray:
     """Resize (y, x, C) with area interpolation when shrinking, cubic when enlarging."""
     h, w = (size, size) if isinstance(size, int) else size
     if arr.shape[:2] == (h, w):
@@ -123,8 +123,8 @@ def prepare_raw(image: Image, spec: InputSpec, name: str | None = None) -> np.nd
         if spec.window:
             arr = apply_window(arr, spec.window)
         if spec.size is not None and tuple(arr.shape) != tuple(spec.size):
-            arr = zoom(arr.astype(np.float32) if arr.dtype != np.uint8 else arr,
-                       [t / s for t, s in zip(spec.size, arr.shape)], order=1)
+            arr = np.asarray(zoom(arr.astype(np.float32) if arr.dtype != np.uint8 else arr,
+                                  [t / s for t, s in zip(spec.size, arr.shape)], order=1))
         arr = arr[None]
     if spec.intensity != "unit":
         arr = np.stack([normalize(c, spec.intensity) for c in arr]).astype(np.float32)
@@ -158,12 +158,13 @@ class Preparer:
 
     def __init__(self, spec: InputSpec, scale: bool = False) -> None:
         self.spec, self.scale = spec, scale
-        self.seen: dict[str, tuple[tuple[int, ...], bool, str]] = {}  # name -> (spatial shape, rgb, modality)
+        # name -> (spatial shape, rgb, modality, body part examined)
+        self.seen: dict[str, tuple[tuple[int, ...], bool, str, str | None]] = {}
 
     def __call__(self, image: Image, name: str | None = None) -> np.ndarray:
         if name is not None:  # what the source looked like, for the run's input profile
             self.seen[name] = (tuple(int(v) for v in image.shape[:image.spatial_dims]), bool(image.is_rgb),
-                               image.modality)
+                               image.modality, image.meta.get("BodyPartExamined"))
         return prepare_input(image, self.spec, name) if self.scale else prepare_raw(image, self.spec, name)
 
     def display(self, image: Image) -> np.ndarray:

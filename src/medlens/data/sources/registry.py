@@ -68,11 +68,11 @@ class DataSource:
         return set()
 
 
-S = TypeVar("S", bound=type[DataSource])
+S = TypeVar("S", bound=DataSource)
 _REGISTRY: dict[str, DataSource] = {}
 
 
-def register_source(cls: S) -> S:
+def register_source(cls: type[S]) -> type[S]:
     """Class decorator: register one instance of a ``DataSource`` subclass under ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
