@@ -23,12 +23,13 @@ def test_train_reports_each_image_loaded_then_the_end_of_loading(tmp_path, capsy
     from PIL import Image as PILImage
 
     from medlens.config import config_from_dict
+    from medlens.evaluation.evaluate import evaluate_run
     from medlens.workflow.train import train
 
     rng = np.random.default_rng(0)
     root = tmp_path / "imgs"
     for k in range(24):
-        cls = root / ("a" if k % 2 else "b")
+        cls = root / ("normal" if k % 2 else "pneumonia")
         cls.mkdir(parents=True, exist_ok=True)
         PILImage.fromarray((rng.random((20, 20)) * 255).astype(np.uint8)).save(cls / f"img{k:02d}.png")
     cfg = config_from_dict({
@@ -41,6 +42,9 @@ def test_train_reports_each_image_loaded_then_the_end_of_loading(tmp_path, capsy
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
     # one step per file read, out of all of them; then the end of loading, before the fit; nothing after
     assert seen == [(k, 24, "loading") for k in range(1, 25)] + [(1, 1, "loaded")]
+    # `medlens evaluate` on the run loads its data again, with the same report
+    results, seen = _calls(evaluate_run, run)
+    assert results["test"]["n"] == 6 and seen == [(k, 24, "loading") for k in range(1, 25)]
     assert capsys.readouterr().out == ""
 
 

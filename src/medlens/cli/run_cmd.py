@@ -160,7 +160,8 @@ def evaluate(run_dir: Path = typer.Argument(..., help="a run folder"),
         with progress_step("evaluating") as report:
             results = evaluate_segmentation_run(run, split=split, progress=report)
     else:
-        results = evaluate_run(run, split=split)
+        with progress_step("evaluating") as report:
+            results = evaluate_run(run, split=split, progress=report)
     write_report(run)
     console.print(_metrics_table(results, split))
     _print_clinical(results, split)

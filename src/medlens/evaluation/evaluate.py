@@ -3,6 +3,7 @@ curve, validation-to-test shift, subgroups and plots."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +23,20 @@ from medlens.transforms.preprocess import prepared_data
 from medlens.utils import atomic_path, write_json_atomic
 
 
-def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predictor: Predictor | None = None) -> dict:
+def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predictor: Predictor | None = None,
+                 progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Write ``metrics.json``, ``predictions.csv`` and ``plots/`` for a trained classifier run.
 
     The binary decision threshold is the run's, chosen on the validation split when it was trained
-    (``RunMeta.threshold``); test labels never influence it.
+    (``RunMeta.threshold``); test labels never influence it. ``progress(done, total, "loading")`` follows the
+    loading of the data when ``data`` is not given.
     """
     run = run if isinstance(run, Run) else Run.open(run, expect="classification")
     predictor = predictor or Predictor(run)
     meta, cfg = run.meta, run.config
     if data is None:
-        data = prepared_data(cfg.data, seed=cfg.seed)
+        data = prepared_data(cfg.data, seed=cfg.seed,
+                             progress=(lambda k, n: progress(k, n, "loading")) if progress else None)
     task, names = run.task_type, meta.class_names
     threshold = None
     if task.has_threshold:
