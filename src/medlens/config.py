@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medlens.data.sources import DataSource, get_source, list_sources
-from medlens.errors import ConfigError
+from medlens.errors import ConfigError, MedlensWarning
 from medlens.tasks import config_task
 from medlens.utils import data_dir
 
@@ -357,9 +358,12 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _warmup(self) -> "TrainConfig":
+        # the warm-up ends before the last epoch: capped at train.epochs - 1 (``--set train.epochs=1`` on a config
+        # with a warm-up), said in a warning, and the capped value is what the run's config.yaml records
         if self.scheduler == "cosine" and self.warmup_epochs >= self.epochs:
-            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be fewer than train.epochs "
-                             f"({self.epochs})")
+            warnings.warn(f"train.warmup_epochs ({self.warmup_epochs}) capped at {self.epochs - 1}: the warm-up "
+                          f"must end before the last of train.epochs ({self.epochs})", MedlensWarning, stacklevel=2)
+            self.warmup_epochs = self.epochs - 1
         return self
 
 

@@ -98,7 +98,6 @@ def test_augmentation_strengths_are_bounded(section, key, value):
 @pytest.mark.parametrize("over,needle", [
     ({"data": {"name": "pneumoniamnist", "val_fraction": 0.5, "test_fraction": 0.5}}, "data.val_fraction"),
     ({"data": {"name": "pneumoniamnist", "val_fraction": 0.3, "test_fraction": 0.7}}, "below 1"),
-    ({"train": {"epochs": 3, "warmup_epochs": 3}}, "train.warmup_epochs"),
     ({"segmentation": {"loss": "tversky", "tversky_alpha": 0, "tversky_beta": 0}}, "tversky"),
     ({"segmentation": {"label_values": [0, 0]}}, "label_values"),
     ({"segmentation": {"label_values": [0]}}, "label_values"),

@@ -131,7 +131,7 @@ def _entry(fn: ast.FunctionDef, call: ast.Call, path: Path) -> CatalogueEntry:
         kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except ValueError as e:
         raise NotStatic(f"{path}:{call.lineno}: register_model arguments are not literals") from e
-    if len(args) > 1 or None in kwargs or set(kwargs) - {"dims", "task"}:
+    if len(args) > 1 or None in kwargs or set(kwargs) - {"dims", "task", "min_size"}:
         raise NotStatic(f"{path}:{call.lineno}: register_model arguments this scan does not know")
     name = args[0] if args else None
     dims = kwargs.get("dims", (2,))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from medlens.models.registry import register_model
+from medlens.models.registry import check_min_size, register_model
 
 
 def _conv(d: int):
@@ -60,6 +60,7 @@ def fundus_dr_cnn(in_channels: int, num_outputs: int, input_size=None, widths=(6
     """
     if len(widths) != len(kernels):
         raise ValueError(f"fundus_dr_cnn: {len(widths)} widths but {len(kernels)} kernel sizes")
+    check_min_size("fundus_dr_cnn", 2 ** len(widths), input_size)  # one 2x2 max-pool per convolution
     layers, c = [], in_channels
     for w, k in zip(widths, kernels):
         layers += [nn.Conv2d(c, int(w), int(k), padding=int(k) // 2), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
@@ -83,7 +84,7 @@ def luna16_nodule_cnn(in_channels: int, num_outputs: int, input_size=None, dense
     return _dense_head_cnn(features, in_channels, num_outputs, input_size, "luna16_nodule_cnn", dense, dropout)
 
 
-@register_model("dicom_tutorial_cnn", dims=(2,))
+@register_model("dicom_tutorial_cnn", dims=(2,), min_size=10)  # (conv 3x3 valid, pool) x2
 def dicom_tutorial_cnn(in_channels: int, num_outputs: int, input_size=None, dense: int = 128,
                        dropout: float = 0.5) -> nn.Module:
     """Keras-tutorial DICOM CNN: Conv 32@3x3, pool, Conv 64@3x3, pool, Dense 128, dropout, output."""

@@ -53,7 +53,7 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-@register_model("vgg16", dims=(2,))
+@register_model("vgg16", dims=(2,), min_size=32)  # five 2x2 max-pools
 def vgg16(in_channels: int, num_outputs: int, dense: int = 4096, dropout: float = 0.5) -> nn.Module:
     """VGG16 in torchvision's layout (13 conv 3x3, Dense 4096 x2): loads ImageNet state dicts by name."""
     return VGG(in_channels, num_outputs, dense, dropout)
@@ -219,10 +219,8 @@ class Inception3(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
-@register_model("inception_v3", dims=(2,))
+@register_model("inception_v3", dims=(2,), min_size=75)
 def inception_v3(in_channels: int, num_outputs: int, input_size=None, dropout: float = 0.5,
                  aux_logits: bool = False) -> nn.Module:
     """Inception v3 in torchvision's layout (needs >= 75 px): loads ImageNet state dicts by name."""
-    if input_size is not None and min(input_size) < 75:
-        raise ValueError(f"inception_v3 needs inputs of at least 75x75 px (data.size), not {tuple(input_size)}")
     return Inception3(in_channels, num_outputs, dropout, aux_logits)

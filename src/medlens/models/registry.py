@@ -25,6 +25,7 @@ class ModelEntry:
     dims: tuple[int, ...]
     task: str
     summary: str
+    min_size: int | None = None  # the smallest input side the architecture takes (its pooling stages); None: any
 
     @property
     def params(self) -> list[str]:
@@ -34,10 +35,13 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str | None = None, *, dims: tuple[int, ...] = (2,), task: str = "classification"):
+def register_model(name: str | None = None, *, dims: tuple[int, ...] = (2,), task: str = "classification",
+                   min_size: int | None = None):
     """Decorator: register a factory ``f(in_channels, num_outputs, spatial_dims=..., **kw) -> nn.Module``.
 
-    The first line of the factory's docstring is the summary shown by ``medlens models list``.
+    The first line of the factory's docstring is the summary shown by ``medlens models list``. ``min_size``: the
+    smallest input side the architecture takes; ``create_model`` refuses a smaller ``input_size`` in one line
+    before any network is built (a factory whose minimum depends on its options checks with ``check_min_size``).
     """
 
     def deco(fn: Callable[..., nn.Module]):
@@ -45,7 +49,7 @@ def register_model(name: str | None = None, *, dims: tuple[int, ...] = (2,), tas
         if key in _REGISTRY:
             raise ValueError(f"model '{key}' registered twice")
         doc = (inspect.getdoc(fn) or "").strip().splitlines()
-        _REGISTRY[key] = ModelEntry(key, fn, tuple(dims), task, doc[0] if doc else "")
+        _REGISTRY[key] = ModelEntry(key, fn, tuple(dims), task, doc[0] if doc else "", min_size)
         return fn
 
     return deco
@@ -61,6 +65,14 @@ def get_model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+def check_min_size(name: str, low: int | None, input_size) -> None:
+    """Refuse, in one line naming the model, its minimum and the configured size, an input side below ``low``."""
+    if low is not None and input_size is not None and min(input_size) < low:
+        given = "x".join(str(int(v)) for v in input_size)
+        raise ConfigError(f"model '{name}' needs inputs of at least {low} px per side; the configured input size is "
+                          f"{given} (data.size): set data.size to {low} or more, or choose another model")
+
+
 def create_model(name: str, in_channels: int, num_outputs: int, spatial_dims: int = 2,
                  input_size: tuple[int, ...] | None = None, **kwargs) -> nn.Module:
     """Build a registered model; unknown keyword arguments are a config error, not a crash."""
@@ -73,6 +85,7 @@ def create_model(name: str, in_channels: int, num_outputs: int, spatial_dims: in
     bad = [k for k in kwargs if k not in sig.parameters and not accepts_var]
     if bad:
         raise ConfigError(f"model '{name}' has no option(s) {bad}; it takes {entry.params[2:]}")
+    check_min_size(name, entry.min_size, input_size)
     extra = {}
     if "spatial_dims" in sig.parameters:
         extra["spatial_dims"] = spatial_dims
