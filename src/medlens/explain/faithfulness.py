@@ -15,6 +15,8 @@ import copy
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
+from skimage.metrics import structural_similarity
 
 from medlens.explain.methods import TwoClass, reference
 
@@ -44,7 +46,7 @@ def deletion_insertion(net, x: torch.Tensor, maps: np.ndarray, target: np.ndarra
         for arr, out in ((deleted, del_scores), (inserted, ins_scores)):
             probs = torch.cat([torch.softmax(model(arr[i:i + batch]).float(), 1) for i in range(0, n, batch)])
             out[:, si] = probs.gather(1, tgt.view(-1, 1))[:, 0].numpy()
-    return np.trapezoid(del_scores, fracs, axis=1), np.trapezoid(ins_scores, fracs, axis=1)
+    return np.asarray(np.trapezoid(del_scores, fracs, axis=1)), np.asarray(np.trapezoid(ins_scores, fracs, axis=1))
 
 
 def randomized_copy(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -52,20 +54,19 @@ def randomized_copy(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     rnd = copy.deepcopy(net)
     for m in rnd.modules():
-        if m is not rnd and hasattr(m, "reset_parameters") and any(True for _ in m.parameters(recurse=False)):
-            m.reset_parameters()
+        reset = getattr(m, "reset_parameters", None)
+        if m is not rnd and reset is not None and any(True for _ in m.parameters(recurse=False)):
+            reset()
     return rnd.eval()
 
 
 def map_similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Mean Spearman rank correlation and mean SSIM between two stacks of maps (N, *spatial)."""
-    from scipy.stats import spearmanr
-    from skimage.metrics import structural_similarity
-
     rs, ss = [], []
     for x, y in zip(a, b):
         x, y = x.astype(np.float64), y.astype(np.float64)
-        r = spearmanr(x.ravel(), y.ravel()).statistic
+        # scipy's axis/NaN-policy decorator hides SignificanceResult from type checkers: hence the ignore
+        r = spearmanr(x.ravel(), y.ravel()).statistic  # pyright: ignore[reportAttributeAccessIssue]
         rs.append(0.0 if not np.isfinite(r) else abs(r))
         nx = (x - x.min()) / (np.ptp(x) or 1.0)
         ny = (y - y.min()) / (np.ptp(y) or 1.0)

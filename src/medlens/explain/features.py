@@ -24,8 +24,13 @@ def first_layer_filters(net: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 def feature_maps(net: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     """Output of every convolution for one input: name -> (channels, *spatial)."""
     out: dict[str, np.ndarray] = {}
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, o[0].detach().float().numpy()))
-               for n, m in conv_layers(net, x[:1])]
+
+    def keep(name: str):
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            out[name] = output[0].detach().float().numpy()
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in conv_layers(net, x[:1])]
     try:
         with torch.no_grad():
             net.eval()(x[:1])

@@ -36,7 +36,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, tupl
     return [(n, mods[n], shapes[n], calls[n]) for n in order]
 
 
-def conv_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+def conv_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Conv2d | nn.Conv3d]]:
     """Convolution modules in execution order (for feature-map views)."""
     return [(n, m) for n, m, shape, _ in _trace(model, x) if isinstance(m, (nn.Conv2d, nn.Conv3d))]
 

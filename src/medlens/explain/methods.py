@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from captum._utils.models.linear_model import SkLearnLasso
+from captum.attr import IntegratedGradients, KernelShap, LayerGradCam, Lime, NoiseTunnel, Occlusion, Saliency
+from monai.networks.blocks.selfattention import SABlock
+from monai.visualize import GradCAMpp
+from skimage.segmentation import slic
 
 from medlens.errors import ConfigError, MedlensError
 from medlens.explain.layers import find_target_layer
+from medlens.models.vit import ViTClassifier
 
 
 class NonFiniteMapError(MedlensError):
@@ -99,17 +105,14 @@ def _activations_and_grads(model, layer, x, target):
 @_register("gradcam", uses_layer=True)
 def gradcam(model, x, target, layer, layer_name, **kw):
     """Grad-CAM (captum LayerGradCam): channel weights = spatially averaged gradients, ReLU."""
-    from captum.attr import LayerGradCam
-
-    attr = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+    # captum types attribute() for tuple inputs too; one tensor in gives one tensor out
+    attr = cast(torch.Tensor, LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True))
     return _upsample(attr.detach(), x.shape[2:])[:, 0]
 
 
 @_register("gradcam++", uses_layer=True)
 def gradcampp(model, x, target, layer, layer_name, **kw):
     """Grad-CAM++ (MONAI visualize.GradCAMpp): higher-order weighting of positive gradients."""
-    from monai.visualize import GradCAMpp
-
     cam = GradCAMpp(model, target_layers=layer_name, postprocessing=lambda t: t)
     out = [cam(x[i:i + 1], class_idx=int(target[i])) for i in range(len(x))]
     return torch.cat(out).detach()[:, 0]
@@ -157,22 +160,19 @@ def saliency(model, x, target, **kw):
     Signed, because for a one-logit binary model |gradient| is the same for both classes; the sign
     says which class a pixel's increase would favour.
     """
-    from captum.attr import Saliency
-
     return Saliency(model).attribute(x, target=target, abs=False).detach().sum(1)
 
 
 @_register("smoothgrad")
 def smoothgrad(model, x, target, n_samples: int = 16, **kw):
     """SmoothGrad (captum NoiseTunnel over Saliency): signed gradients averaged over noisy copies."""
-    from captum.attr import NoiseTunnel, Saliency
-
     nt = NoiseTunnel(Saliency(model))
     sd = float(0.15 * (x.max() - x.min()))
     state = torch.random.get_rng_state()
     torch.manual_seed(0)  # the same noise every call: reproducible maps
     try:
-        out = nt.attribute(x, nt_type="smoothgrad", nt_samples=n_samples, stdevs=sd, target=target, abs=False)
+        out = cast(torch.Tensor, nt.attribute(x, nt_type="smoothgrad", nt_samples=n_samples, stdevs=sd,
+                                               target=target, abs=False))   # one tensor in, one out (as above)
     finally:
         torch.random.set_rng_state(state)
     return out.detach().sum(1)
@@ -187,8 +187,6 @@ def reference(x: torch.Tensor) -> torch.Tensor:
 @_register("integrated_gradients")
 def integrated_gradients(model, x, target, n_steps: int = 32, **kw):
     """Integrated gradients (captum) from the mean-intensity reference; signed, summed over channels."""
-    from captum.attr import IntegratedGradients
-
     out = IntegratedGradients(model).attribute(x, baselines=reference(x), target=target, n_steps=n_steps,
                                                internal_batch_size=max(len(x) * 8, 64))
     return out.detach().sum(1)
@@ -197,8 +195,6 @@ def integrated_gradients(model, x, target, n_steps: int = 32, **kw):
 @_register("occlusion")
 def occlusion(model, x, target, **kw):
     """Occlusion sensitivity (captum Occlusion): score drop when a patch is replaced by the image mean."""
-    from captum.attr import Occlusion
-
     spatial = x.shape[2:]
     win = tuple(max(2, s // 7) for s in spatial)
     stride = tuple(max(1, w // 2) for w in win)
@@ -210,8 +206,6 @@ def occlusion(model, x, target, **kw):
 
 def superpixels(img: np.ndarray, n_segments: int) -> np.ndarray:
     """SLIC superpixels (scikit-image) of one image (C, *spatial) in [0, 1]; 3D gives supervoxels."""
-    from skimage.segmentation import slic
-
     arr = np.moveaxis(img, 0, -1)
     return slic(arr.astype(np.float64), n_segments=n_segments, compactness=0.1, start_label=0,
                 channel_axis=-1, enforce_connectivity=False)
@@ -238,24 +232,17 @@ def _perturbation(cls, model, x, target, n_samples, n_segments, **init):
 @_register("lime")
 def lime(model, x, target, n_samples: int = 200, n_segments: int = 40, **kw):
     """LIME on SLIC superpixels (captum Lime, Lasso surrogate): superpixel weights painted back."""
-    from captum._utils.models.linear_model import SkLearnLasso
-    from captum.attr import Lime
-
     return _perturbation(Lime, model, x, target, n_samples, n_segments, interpretable_model=SkLearnLasso(alpha=1e-4))
 
 
 @_register("kernelshap")
 def kernelshap(model, x, target, n_samples: int = 200, n_segments: int = 40, **kw):
     """KernelSHAP on SLIC superpixels (captum KernelShap): Shapley values of superpixels."""
-    from captum.attr import KernelShap
-
     return _perturbation(KernelShap, model, x, target, n_samples, n_segments)
 
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:
     """The self-attention blocks (MONAI ``SABlock``) of a model, in order; empty for convolutional models."""
-    from monai.networks.blocks.selfattention import SABlock
-
     return [m for m in model.modules() if isinstance(m, SABlock)]
 
 
@@ -267,8 +254,6 @@ def applicable(method: str, net: nn.Module) -> bool:
 
 
 def _token_grid(model: nn.Module, method: str) -> tuple[list[nn.Module], tuple[int, ...]]:
-    from medlens.models.vit import ViTClassifier
-
     blocks = attention_blocks(model)
     vits = [m for m in model.modules() if isinstance(m, ViTClassifier)]
     if not blocks or not vits:
@@ -277,10 +262,11 @@ def _token_grid(model: nn.Module, method: str) -> tuple[list[nn.Module], tuple[i
     return blocks, vits[0].grid
 
 
-def _attention_maps(model, x, target, blocks, need_grad: bool):
+def _attention_maps(model, x, target, blocks, need_grad: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each block's attention (N, heads, T, T) on ``x`` and, when ``need_grad``, its gradient w.r.t. the
     target score. MONAI's ``save_attn`` keeps a detached copy (``SABlock.att_mat``); the gradient needs the
-    live tensor, taken by a hook on the attention dropout (identity in eval mode), whose input it is."""
+    live tensor, taken by a hook on the attention dropout (identity in eval mode), whose input it is. Without
+    ``need_grad`` the gradients are an empty list."""
     atts = []
     hooks = [b.drop_weights.register_forward_hook(lambda m, i, o: atts.append(i[0])) for b in blocks]
     try:
@@ -296,7 +282,11 @@ def _attention_maps(model, x, target, blocks, need_grad: bool):
             h.remove()
     if len(atts) != len(blocks):
         raise MedlensError(f"expected {len(blocks)} attention maps, the forward pass gave {len(atts)}")
-    grads = [a.grad for a in atts] if need_grad else None
+    grads: list[torch.Tensor] = []
+    for a in atts if need_grad else []:
+        if a.grad is None:
+            raise MedlensError("the target score does not depend on the attention maps; no gradient to weight them")
+        grads.append(a.grad)
     return [a.detach() for a in atts], grads
 
 

@@ -6,6 +6,7 @@ import base64
 import json
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -13,10 +14,11 @@ import torch
 
 from medlens.errors import ConfigError, MedlensError
 from medlens.explain.faithfulness import deletion_insertion, map_similarity, randomized_copy
-from medlens.explain.methods import METHODS, applicable, explain
+from medlens.explain.methods import METHODS, TwoClass, applicable, explain
 from medlens.explain.render import overlay_png
-from medlens.run.sections import write_section
 from medlens.run import Predictor, Run
+from medlens.run.sections import write_section
+from medlens.transforms.preprocess import prepared_data
 from medlens.utils import atomic_path, unique_stems, write_json_atomic
 
 SLOW = {"lime", "kernelshap", "occlusion"}
@@ -40,7 +42,7 @@ def explain_files(run: Run | str | Path, files: list[str | Path], method: str, t
     predictor = Predictor(run)
     out = Path(out_dir) if out_dir else run.dir / "explanations"
     x = torch.from_numpy(np.stack([predictor.prepare(f) for f in files]))
-    maps, info = explain(run.model, x, method, target, layer)
+    maps, info = explain(run.network, x, method, target, layer)
     rows = []
     out.mkdir(parents=True, exist_ok=True)
     for i, (f, stem) in enumerate(zip(files, unique_stems(files))):
@@ -56,8 +58,6 @@ def explain_files(run: Run | str | Path, files: list[str | Path], method: str, t
 
 
 def _test_data(run: Run):
-    from medlens.transforms.preprocess import prepared_data
-
     return prepared_data(run.config.data, seed=run.config.seed).test
 
 
@@ -67,7 +67,7 @@ def evaluate_faithfulness(run_dir: str | Path, methods: list[str] | None = None,
     randomisation sanity check (Spearman, SSIM) and the time per image."""
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir, expect="classification")
     _require_torch(run)
-    net = run.model
+    net = run.network
     ds = _test_data(run)
     # by default every method that fits the model (attention methods: transformers only, CAM: not them);
     # a method named explicitly that does not fit fails with its one-line reason
@@ -82,8 +82,6 @@ def evaluate_faithfulness(run_dir: str | Path, methods: list[str] | None = None,
     rows = []
     random_maps = rng.random((len(x),) + tuple(x.shape[2:])).astype(np.float32)
     with torch.no_grad():
-        from medlens.explain.methods import TwoClass
-
         pred = torch.softmax(TwoClass(net)(x).float(), 1).argmax(1).numpy()
     rd, ri = deletion_insertion(net, x, random_maps, pred)
     for k, m in enumerate(methods):
@@ -107,45 +105,106 @@ def evaluate_faithfulness(run_dir: str | Path, methods: list[str] | None = None,
     return rows
 
 
+# the report's candidates when the config names no method: gradient and CAM methods, a second or so per image
+REPORT_CANDIDATES = ("gradcam", "gradcam++", "layercam", "saliency", "integrated_gradients")
+
+
+def faithfulness_against_random(net, x: torch.Tensor, method: str, seed: int = 0) -> dict:
+    """Deletion and insertion AUC of ``method``'s maps of the predicted class on ``x``, and of a random map on
+    the same images; whether the method beats random on each (deletion: lower, insertion: higher)."""
+    with torch.no_grad():
+        pred = torch.softmax(TwoClass(net)(x).float(), 1).argmax(1).numpy()
+    random_maps = np.random.default_rng(seed).random((len(x),) + tuple(x.shape[2:])).astype(np.float32)
+    rd, ri = deletion_insertion(net, x, random_maps, pred)
+    maps = explain(net, x, method, pred)[0]
+    d, ins = deletion_insertion(net, x, maps, pred)
+    return {"method": method, "n": int(len(x)), "deletion_auc": float(d.mean()), "random_deletion_auc": float(rd.mean()),
+            "insertion_auc": float(ins.mean()), "random_insertion_auc": float(ri.mean()),
+            "beats_random_deletion": bool(d.mean() < rd.mean()),
+            "beats_random_insertion": bool(ins.mean() > ri.mean())}
+
+
+def _sample(ds, n: int, seed: int) -> torch.Tensor:
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False))
+    return ds.batch(idx)[0]
+
+
+def choose_report_method(net, val, n: int = 8, seed: int = 0, candidates=REPORT_CANDIDATES) -> tuple[str, list[dict]]:
+    """The candidate most faithful on ``n`` validation images (highest insertion minus deletion AUC; each
+    against the same random maps), and every candidate's scores."""
+    x = _sample(val, n, seed)
+    usable = [m for m in candidates if m in METHODS and applicable(m, net) and (x.ndim - 2) in METHODS[m].dims]
+    rows = [faithfulness_against_random(net, x, m, seed) for m in usable]
+    if not rows:
+        raise MedlensError("no attribution method fits this model for the report's explanations")
+    best = max(rows, key=lambda r: r["insertion_auc"] - r["deletion_auc"])
+    return best["method"], rows
+
+
+def _rows(df: pd.DataFrame, keep) -> pd.DataFrame:
+    """The rows of ``df`` where the boolean mask ``keep`` holds (pandas types boolean indexing as giving a frame
+    or a column)."""
+    return cast(pd.DataFrame, df[keep])
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def write_report_section(run: Run | str | Path, method: str = "gradcam", k: int = 3, predictor=None,
-                         test=None) -> Path | None:
+def write_report_section(run: Run | str | Path, method: str | None = None, k: int = 3, predictor=None,
+                         test=None, val=None) -> Path | None:
     """Maps of the top true positives, the false positives and the false negatives (binary runs), or the
     most confident correct and wrong cases (multi-class), as the data of the report's explanations
-    section (``report_sections/explanations.json``; the report renders it through an escaping template)."""
+    section (``report_sections/explanations.json``; the report renders it through an escaping template).
+
+    ``method``: the one asked for (``explain.method`` in the config when None), else the most faithful on a
+    few validation images (``choose_report_method``). The shown method's deletion and insertion AUC against
+    random on ``explain.score_images`` test images go with the maps, so the report can say whether it beats
+    random."""
     run = run if isinstance(run, Run) else Run.open(run, expect="classification")
     if run.is_classical:
         return None  # hand-made features: no attribution maps
-    net = run.model
+    net = run.network
+    ecfg = run.config.explain
+    method = method or ecfg.method
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"explain.method '{method}' is not a method; choose from: {', '.join(METHODS)}")
+    chosen_on = None
+    if method is None:
+        if val is None or test is None:
+            data = prepared_data(run.config.data, seed=run.config.seed)
+            val, test = data.val, data.test
+        method, candidates = choose_report_method(net, val, ecfg.select_images, run.config.seed)
+        chosen_on = {"split": "val", "n": candidates[0]["n"], "candidates": candidates}
     preds = pd.read_csv(run.dir / "predictions.csv")
-    tp = preds[preds["split"] == "test"].reset_index(drop=True)
+    tp = _rows(preds, preds["split"] == "test").reset_index(drop=True)
     task = run.task_type
     if task.has_threshold:  # decisions at the validation threshold: the outcome groups
-        groups = {"True positives (highest probability)": tp[(tp.label == 1) & (tp.pred == 1)].nlargest(k, "prob"),
-                  "False positives": tp[(tp.label == 0) & (tp.pred == 1)].nlargest(k, "prob"),
-                  "False negatives": tp[(tp.label == 1) & (tp.pred == 0)].nsmallest(k, "prob")}
+        pos, neg = tp.label == 1, tp.label == 0
+        groups = {"True positives (highest probability)": _rows(tp, pos & (tp.pred == 1)).nlargest(k, "prob"),
+                  "False positives": _rows(tp, neg & (tp.pred == 1)).nlargest(k, "prob"),
+                  "False negatives": _rows(tp, pos & (tp.pred == 0)).nsmallest(k, "prob")}
     elif task.exclusive:  # one class per case by argmax: right and wrong, most confident first
         pcols = [c for c in tp.columns if c.startswith("prob_")]
-        tp = tp.assign(conf=tp[pcols].max(1))
-        groups = {"Correct, most confident": tp[tp.label == tp.pred].nlargest(k, "conf"),
-                  "Wrong, most confident": tp[tp.label != tp.pred].nlargest(k, "conf")}
+        tp = tp.assign(conf=cast(pd.DataFrame, tp[pcols]).max(axis=1))
+        groups = {"Correct, most confident": _rows(tp, tp.label == tp.pred).nlargest(k, "conf"),
+                  "Wrong, most confident": _rows(tp, tp.label != tp.pred).nlargest(k, "conf")}
     else:
         return None
     ds = test if test is not None else _test_data(run)
     out = run.dir / "explanations" / "report"
-    data = {"method": method, "groups": [], "faithfulness": []}
+    data = {"method": method, "groups": [], "faithfulness": [], "chosen_on": chosen_on,
+            "shown": {**faithfulness_against_random(net, _sample(ds, ecfg.score_images, run.config.seed + 1), method,
+                                                    run.config.seed), "split": "test"}}
     for title, rows in groups.items():
         cases = []
-        for _, r in rows.iterrows():
+        for r in rows.to_dict("records"):
             i = int(r["index"])
             x, _ = ds.batch([i])
             maps, info = explain(net, x, method)
             t = info["targets"][0]
             p = r["prob"] if "prob" in r else r["conf"]  # the run's (calibrated) probability and decision
-            cap = (f"#{i}: true {_label_name(run, int(r.label))}, predicted {_label_name(run, int(r.pred))} "
+            cap = (f"#{i}: true {_label_name(run, int(r['label']))}, predicted {_label_name(run, int(r['pred']))} "
                    f"(p={p:.2f}); map for '{_label_name(run, t)}'")
             png = overlay_png(x[0].numpy(), maps[0], out / f"{title.split()[0].lower()}_{i}.png", cap)
             cases.append({"caption": cap, "png": _b64(png)})

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 
 from medlens.errors import ConfigError, DataError, ShapeError
 from medlens.io.image import Image
+
+
+#: what the filters take and give back: an ``Image`` gives an ``Image`` on the same grid, an array an array
+ImageLike = TypeVar("ImageLike", Image, np.ndarray)
 
 
 def as_array(x, name: str = "image", finite: bool = True) -> np.ndarray:
@@ -17,9 +23,11 @@ def as_array(x, name: str = "image", finite: bool = True) -> np.ndarray:
     return a
 
 
-def like(x, arr: np.ndarray):
+def like(x: ImageLike, arr: np.ndarray) -> ImageLike:
     """Return ``arr`` in the type of ``x``: an ``Image`` on the same grid, or a plain array."""
-    return x.with_array(arr) if isinstance(x, Image) else arr
+    if isinstance(x, Image):
+        return x.with_array(arr)
+    return arr
 
 
 def check_mask(image: np.ndarray, mask, name: str = "mask") -> np.ndarray:

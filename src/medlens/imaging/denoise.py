@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import cast
 
-from medlens.imaging._common import as_array, like
+import numpy as np
+from scipy import ndimage
+from skimage.restoration import denoise_nl_means, denoise_tv_chambolle, denoise_wavelet, estimate_sigma
+
+from medlens.imaging._common import ImageLike, as_array, like
 
 
 def _scaled(a: np.ndarray):
@@ -13,38 +17,37 @@ def _scaled(a: np.ndarray):
     return (a - lo) / s, lo, s
 
 
-def median(x, size: int = 3):
-    from scipy import ndimage
+def _noise_sigma(a: np.ndarray) -> float:
+    """The estimated Gaussian noise sigma of a one-channel image (scikit-image types the result for
+    multichannel images too, where it is a list)."""
+    return float(cast(float, estimate_sigma(a)))
 
+
+def median(x: ImageLike, size: int = 3) -> ImageLike:
     return like(x, ndimage.median_filter(as_array(x).astype(np.float32), size=size))
 
 
-def wavelet(x, method: str = "BayesShrink", wavelet: str = "db2", sigma: float | None = None):
+def wavelet(x: ImageLike, method: str = "BayesShrink", wavelet: str = "db2", sigma: float | None = None) -> ImageLike:
     """Wavelet shrinkage (scikit-image + PyWavelets); ``method`` BayesShrink or VisuShrink."""
-    from skimage.restoration import denoise_wavelet, estimate_sigma
-
     a, lo, s = _scaled(as_array(x).astype(np.float64))
     sig = (sigma / s) if sigma is not None else estimate_sigma(a)
     out = denoise_wavelet(a, sigma=sig, wavelet=wavelet, method=method, mode="soft", rescale_sigma=True)
     return like(x, (out * s + lo).astype(np.float32))
 
 
-def nlm(x, h: float | None = None, patch_size: int = 5, patch_distance: int = 6, sigma: float | None = None):
+def nlm(x: ImageLike, h: float | None = None, patch_size: int = 5, patch_distance: int = 6,
+        sigma: float | None = None) -> ImageLike:
     """Non-local means (scikit-image, fast mode); ``h`` defaults to 0.8 x the estimated noise sigma."""
-    from skimage.restoration import denoise_nl_means, estimate_sigma
-
     a, lo, s = _scaled(as_array(x).astype(np.float64))
-    sig = (sigma / s) if sigma is not None else float(estimate_sigma(a))
+    sig = (sigma / s) if sigma is not None else _noise_sigma(a)
     out = denoise_nl_means(a, h=h if h is not None else 0.8 * sig, sigma=sig, patch_size=patch_size,
                            patch_distance=patch_distance, fast_mode=True)
     return like(x, (out * s + lo).astype(np.float32))
 
 
-def total_variation(x, weight: float | None = None, sigma: float | None = None):
+def total_variation(x: ImageLike, weight: float | None = None, sigma: float | None = None) -> ImageLike:
     """Chambolle total-variation denoising (scikit-image); weight defaults from the noise sigma."""
-    from skimage.restoration import denoise_tv_chambolle, estimate_sigma
-
     a, lo, s = _scaled(as_array(x).astype(np.float64))
-    sig = (sigma / s) if sigma is not None else float(estimate_sigma(a))
+    sig = (sigma / s) if sigma is not None else _noise_sigma(a)
     out = denoise_tv_chambolle(a, weight=weight if weight is not None else 1.2 * sig)
     return like(x, (out * s + lo).astype(np.float32))

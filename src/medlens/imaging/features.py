@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
+from scipy.spatial import ConvexHull
+from skimage.feature import graycomatrix, graycoprops
+from skimage.measure import marching_cubes, mesh_surface_area
 
+from medlens.errors import DataError
 from medlens.imaging._common import as_array, check_mask
 from medlens.io.image import Image
 
 
 def first_order(x, mask) -> dict[str, float]:
     """Intensity statistics of the voxels inside ``mask``."""
-    from scipy import stats
-
     a = as_array(x).astype(np.float64)
     v = a[check_mask(a, mask)]
     p10, p25, p50, p75, p90 = np.percentile(v, [10, 25, 50, 75, 90])
@@ -28,8 +31,6 @@ def glcm(x, mask=None, levels: int = 32, distances=(1,)) -> dict[str, float]:
     """Grey-level co-occurrence texture (scikit-image), averaged over 4 in-plane angles and, for a
     volume, over the slices that hold mask voxels. Averaging over 0/45/90/135 degrees makes the
     features invariant to 90-degree rotations."""
-    from skimage.feature import graycomatrix, graycoprops
-
     a = as_array(x).astype(np.float64)
     m = check_mask(a, mask) if mask is not None else np.ones(a.shape, bool)
     lo, hi = np.percentile(a[m], [0.5, 99.5])
@@ -51,14 +52,9 @@ def glcm(x, mask=None, levels: int = 32, distances=(1,)) -> dict[str, float]:
 
 def shape(mask: Image | np.ndarray, spacing=None) -> dict[str, float]:
     """3D shape of a mask in mm: volume, surface area (marching cubes), sphericity, maximum 3D diameter."""
-    from scipy.spatial import ConvexHull
-    from skimage.measure import marching_cubes, mesh_surface_area
-
     m = np.asarray(mask.array if isinstance(mask, Image) else mask).astype(bool)
     sp = tuple(mask.spacing) if isinstance(mask, Image) else tuple(spacing or (1.0,) * m.ndim)
     if not m.any():
-        from medlens.errors import DataError
-
         raise DataError("mask is empty (no foreground voxel)")
     volume = float(m.sum() * np.prod(sp))
     padded = np.pad(m, 1).astype(np.float32)

@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
 
-from medlens.imaging._common import as_array, like, positive
+from medlens.errors import ConfigError
+from medlens.imaging._common import ImageLike, as_array, like, positive
 
 
-def gaussian(x, sigma: float = 1.0):
-    from scipy import ndimage
-
+def gaussian(x: ImageLike, sigma: float = 1.0) -> ImageLike:
     positive(sigma, "gaussian sigma", allow_zero=np.ndim(sigma) > 0)  # per-axis sigmas may skip an axis
     return like(x, ndimage.gaussian_filter(as_array(x).astype(np.float32), sigma))
 
 
-def median(x, size: int = 3):
-    from scipy import ndimage
-
+def median(x: ImageLike, size: int = 3) -> ImageLike:
     positive(size, "median size")
     return like(x, ndimage.median_filter(as_array(x), size=size))
 
 
-def bilateral(x, sigma_spatial: float = 2.0, sigma_range: float | None = None):
+def bilateral(x: ImageLike, sigma_spatial: float = 2.0, sigma_range: float | None = None) -> ImageLike:
     """Edge-preserving bilateral filter (SimpleITK; 2D or 3D); ``sigma_range`` defaults to 10% of the range."""
-    import SimpleITK as sitk
-
     positive(sigma_spatial, "bilateral spatial sigma")
     a = as_array(x).astype(np.float32)
     sr = sigma_range if sigma_range is not None else 0.1 * float(np.ptp(a) or 1.0)
@@ -32,10 +29,9 @@ def bilateral(x, sigma_spatial: float = 2.0, sigma_range: float | None = None):
     return like(x, out)
 
 
-def anisotropic_diffusion(x, iterations: int = 10, conductance: float = 3.0, time_step: float | None = None):
+def anisotropic_diffusion(x: ImageLike, iterations: int = 10, conductance: float = 3.0,
+                          time_step: float | None = None) -> ImageLike:
     """Perona-Malik curvature-anisotropic diffusion (SimpleITK)."""
-    import SimpleITK as sitk
-
     positive(iterations, "diffusion iterations")
     positive(conductance, "diffusion conductance")
     a = as_array(x).astype(np.float32)
@@ -45,7 +41,8 @@ def anisotropic_diffusion(x, iterations: int = 10, conductance: float = 3.0, tim
     return like(x, sitk.GetArrayFromImage(out))
 
 
-def fft_filter(x, kind: str = "lowpass", cutoff: float = 0.1, high: float | None = None, order: int = 2):
+def fft_filter(x: ImageLike, kind: str = "lowpass", cutoff: float = 0.1, high: float | None = None,
+               order: int = 2) -> ImageLike:
     """Butterworth low/high/band-pass in the Fourier domain; cutoffs are fractions of the Nyquist frequency."""
     positive(cutoff, "FFT cutoff")
     a = as_array(x).astype(np.float32)
@@ -59,7 +56,5 @@ def fft_filter(x, kind: str = "lowpass", cutoff: float = 0.1, high: float | None
     elif kind == "bandpass":
         h = lp(high if high is not None else 2 * cutoff) * (1.0 - lp(cutoff))
     else:
-        from medlens.errors import ConfigError
-
         raise ConfigError(f"unknown FFT filter '{kind}'; expected lowpass, highpass or bandpass")
     return like(x, np.real(np.fft.ifftn(np.fft.fftn(a) * h)).astype(np.float32))

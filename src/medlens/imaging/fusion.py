@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pywt
 
 from medlens.errors import ShapeError
 from medlens.imaging._common import as_array
@@ -30,13 +31,11 @@ def checkerboard(a, b, tiles: int = 8) -> np.ndarray:
 
 def wavelet_fusion(a, b, wavelet: str = "db2", level: int = 2) -> np.ndarray:
     """Average the approximation, keep the larger-magnitude detail coefficients (PyWavelets)."""
-    import pywt
-
     a, b = _pair(a, b)
     ca = pywt.wavedecn(a, wavelet, level=level)
     cb = pywt.wavedecn(b, wavelet, level=level)
     fused = [(ca[0] + cb[0]) / 2]
     for da, db in zip(ca[1:], cb[1:]):
         fused.append({k: np.where(np.abs(da[k]) >= np.abs(db[k]), da[k], db[k]) for k in da})
-    out = pywt.waverecn(fused, wavelet)
+    out = np.asarray(pywt.waverecn(fused, wavelet))
     return out[tuple(slice(0, n) for n in a.shape)].astype(np.float32)

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
+from skimage.feature import blob_log
 
 from medlens.errors import DataError
+from medlens.imaging.segment import lung_mask
 from medlens.io.image import Image
+from medlens.io.limits import check_size
 
 AIR_HU, TISSUE_HU = -1000.0, 400.0  # the display range the blobs are found in
 # The voxel sizes of a CT nodule detection accepts: the lung mask closes with a 10 mm disk and the blobs are
@@ -62,12 +66,6 @@ def nodule_candidates(image: Image, lungs: np.ndarray | None = None, grid_mm: fl
     The lung box is resampled to an isotropic ``grid_mm`` grid; ``blob_log`` searches sigmas for diameters
     ``min_diameter_mm`` .. ``max_diameter_mm``; blobs whose centre is outside the lung mask are dropped.
     """
-    from scipy import ndimage
-    from skimage.feature import blob_log
-
-    from medlens.imaging.segment import lung_mask
-    from medlens.io.limits import check_size
-
     check_ct_spacing(image, image.meta.get("source"))
     if not np.isfinite(grid_mm) or grid_mm < MIN_SPACING_MM:
         raise DataError(f"grid_mm {grid_mm:g} must be at least {MIN_SPACING_MM:g} mm")
@@ -80,7 +78,7 @@ def nodule_candidates(image: Image, lungs: np.ndarray | None = None, grid_mm: fl
     zoom = np.asarray(image.spacing, float) / grid_mm
     check_size([max(1, round(n * z)) for n, z in zip(sub.shape, zoom)], f"{image.meta.get('source', 'scan')} "
                f"on the {grid_mm:g} mm grid", volume=True)
-    iso = ndimage.zoom(np.clip((sub - AIR_HU) / (TISSUE_HU - AIR_HU), 0, 1), zoom, order=1)
+    iso = np.asarray(ndimage.zoom(np.clip((sub - AIR_HU) / (TISSUE_HU - AIR_HU), 0, 1), zoom, order=1))
     k = np.sqrt(3.0)  # a sphere of radius r gives the strongest scale-normalised LoG at sigma = r / sqrt(3)
     s_min, s_max = min_diameter_mm / 2 / k / grid_mm, max_diameter_mm / 2 / k / grid_mm
     blobs = blob_log(iso, min_sigma=s_min, max_sigma=s_max, num_sigma=num_sigma, threshold=threshold,
@@ -102,8 +100,6 @@ def nodule_candidates(image: Image, lungs: np.ndarray | None = None, grid_mm: fl
 def _log_response(iso: np.ndarray, centre, sigma: float) -> float:
     """The scale-normalised LoG response ``-sigma^2 LoG`` at one point, from a crop of 4 sigma around it (the
     response ``blob_log`` thresholded; the crop keeps ranking 300 candidates cheap)."""
-    from scipy import ndimage
-
     c = np.round(np.asarray(centre)).astype(int)
     h = int(np.ceil(4 * sigma)) + 1
     lo = np.maximum(c - h, 0)

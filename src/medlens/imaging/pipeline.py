@@ -8,9 +8,12 @@ from typing import Callable
 
 import numpy as np
 
+from medlens.config import safe_load_yaml
 from medlens.errors import ConfigError
+from medlens.imaging import denoise, enhance, filters, segment
+from medlens.io import resample
 from medlens.io.image import Image
-
+from medlens.io.windows import apply_window
 
 # the argument each step takes: (cast, lowest value, lowest excluded?, what it is); None: no argument
 _NUMERIC_ARGS: dict[str, tuple[type, float, bool, str]] = {
@@ -53,15 +56,10 @@ def _check_arg(name: str, arg: str | None) -> None:
     elif name == "denoise" and arg not in _DENOISERS:
         raise ConfigError(f"unknown denoiser '{arg}'; expected one of {list(_DENOISERS)}")
     elif name == "window":
-        from medlens.io.windows import apply_window
-
         apply_window(np.zeros(1, np.float32), arg.replace("/", ","))  # raises ConfigError for a bad window
 
 
 def _steps() -> dict[str, tuple[Callable[[Image, str | None], Image], str]]:
-    from medlens.imaging import denoise, enhance, filters, segment
-    from medlens.io import resample
-
     def as_img(img, arr):
         return img.with_array(np.asarray(arr))
 
@@ -123,8 +121,6 @@ def parse_steps(spec: str | list) -> list[tuple[str, str | None]]:
 def load_steps(path_or_spec: str) -> list[tuple[str, str | None]]:
     p = Path(path_or_spec)
     if p.suffix in (".yaml", ".yml"):
-        from medlens.config import safe_load_yaml
-
         if not p.exists():
             raise ConfigError("pipeline file not found", p)
         d = safe_load_yaml(p.read_text(), p)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+from skimage.transform import iradon, iradon_sart, radon
 
 from medlens.errors import ShapeError
-from medlens.imaging._common import as_array
+from medlens.imaging._common import as_array, positive
 
 
 def forward_project(slice_2d, n_angles: int = 180) -> tuple[np.ndarray, np.ndarray]:
     """Parallel-beam sinogram of a 2D slice over ``n_angles`` angles in [0, 180)."""
-    from skimage.transform import radon
-
     a = as_array(slice_2d).astype(np.float64)
     if a.ndim != 2:
         raise ShapeError(f"forward projection needs a 2D slice, got {a.shape}")
@@ -21,8 +20,6 @@ def forward_project(slice_2d, n_angles: int = 180) -> tuple[np.ndarray, np.ndarr
 
 def fbp(sinogram: np.ndarray, theta: np.ndarray, size: int | None = None, filter_name: str = "ramp") -> np.ndarray:
     """Filtered back-projection."""
-    from skimage.transform import iradon
-
     return iradon(sinogram, theta=theta, output_size=size, filter_name=filter_name, circle=False)
 
 
@@ -34,11 +31,10 @@ def center_crop(img: np.ndarray, shape) -> np.ndarray:
 
 def sart(sinogram: np.ndarray, theta: np.ndarray, iterations: int = 2, size: int | None = None) -> np.ndarray:
     """Simultaneous algebraic reconstruction (SART), ``iterations`` passes; centre-cropped to ``size``."""
-    from skimage.transform import iradon_sart
-
-    rec = None
-    for _ in range(iterations):
-        rec = iradon_sart(sinogram.astype(np.float64), theta=theta, image=rec)
+    positive(iterations, "SART iterations")
+    rec = np.asarray(iradon_sart(sinogram.astype(np.float64), theta=theta))
+    for _ in range(iterations - 1):
+        rec = np.asarray(iradon_sart(sinogram.astype(np.float64), theta=theta, image=rec))
     return center_crop(rec, (size, size)) if size else rec
 
 

@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from medlens.errors import ConfigError, DataError
 from medlens.io.image import Image
+from medlens.io.limits import require_utf8
+from medlens.io.sitk_io import from_sitk, to_sitk
+from medlens.utils import atomic_path
 
 
 @dataclass
@@ -24,11 +28,6 @@ class Registration:
 
     def save(self, path: str | Path) -> Path:
         """Write the transform (``.tfm``, ``.txt``, ``.h5``, ``.mat``) atomically."""
-        import SimpleITK as sitk
-
-        from medlens.io.limits import require_utf8
-        from medlens.utils import atomic_path
-
         require_utf8(path, "transform path")  # SimpleITK aborts the process on such a path
         with atomic_path(path) as tmp:
             sitk.WriteTransform(self.transform, str(tmp))
@@ -36,10 +35,6 @@ class Registration:
 
     def apply(self, moving: Image, fixed: Image, mask: bool = False, default: float | None = None) -> Image:
         """Resample ``moving`` onto ``fixed``'s grid (nearest neighbour for masks)."""
-        import SimpleITK as sitk
-
-        from medlens.io.sitk_io import from_sitk, to_sitk
-
         interp = sitk.sitkNearestNeighbor if mask else sitk.sitkLinear
         fill = 0.0 if mask else (float(moving.array.min()) if default is None else default)
         out = sitk.Resample(to_sitk(moving), to_sitk(fixed), self.transform, interp, fill,
@@ -48,10 +43,6 @@ class Registration:
 
 
 def load_transform(path: str | Path) -> Registration:
-    import SimpleITK as sitk
-
-    from medlens.io.limits import require_utf8
-
     if not Path(path).exists():
         raise DataError("transform file not found", path)
     require_utf8(path, "transform path")
@@ -72,10 +63,6 @@ def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int =
     ``progress(done, total)`` is called from SimpleITK's iteration events: ``total`` is the iteration budget
     of all stages and levels; a level that converges early jumps to its budget's end.
     """
-    import SimpleITK as sitk
-
-    from medlens.io.sitk_io import to_sitk
-
     if kind not in ("rigid", "affine", "bspline"):
         raise ConfigError(f"unknown registration '{kind}'; expected rigid, affine or bspline")
     if fixed.spatial_dims != moving.spatial_dims:
@@ -93,8 +80,9 @@ def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int =
         base = sum(budgets[:stage])
         per = budgets[stage] // levels
         if progress is not None:
-            report = lambda: progress(base + reg.GetCurrentLevel() * per + min(reg.GetOptimizerIteration() + 1, per),  # noqa: E731
-                                      total)
+            tell = progress
+            report = lambda: tell(base + reg.GetCurrentLevel() * per + min(reg.GetOptimizerIteration() + 1, per),  # noqa: E731
+                                  total)
             reg.AddCommand(sitk.sitkIterationEvent, report)
         reg.Execute(f, m)
         if progress is not None:
@@ -148,8 +136,6 @@ def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int =
 
 def register_landmarks(fixed_points, moving_points, kind: str = "rigid") -> Registration:
     """Landmark registration: least-squares rigid (Kabsch) or affine from paired world points (N, 3)."""
-    import SimpleITK as sitk
-
     fp, mp = np.asarray(fixed_points, float), np.asarray(moving_points, float)
     if fp.shape != mp.shape or fp.ndim != 2 or len(fp) < fp.shape[1] + 1:
         raise DataError(f"need matching landmark lists with at least {fp.shape[-1] + 1} points, got {fp.shape} "

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # headless: before pyplot is imported
+import matplotlib.pyplot as plt
 import numpy as np
+from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+from skimage.measure import marching_cubes, mesh_surface_area
 
 from medlens.io.image import Image
 from medlens.io.views import mip, orthogonal_slices
+from medlens.utils import atomic_path
 
 
 def mpr(image: Image, center_zyx=None) -> dict[str, np.ndarray]:
@@ -22,15 +29,6 @@ def minip(image: Image, axis: int = 0) -> np.ndarray:
 def isosurface_png(image: Image | np.ndarray, path: str | Path, level: float, spacing=None, step: int = 2,
                    elev: float = 20, azim: float = -60) -> dict:
     """Marching-cubes isosurface (scikit-image) rendered with matplotlib to PNG; returns mesh stats."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
-    from skimage.measure import marching_cubes, mesh_surface_area
-
-    from medlens.utils import atomic_path
-
     arr = image.array if isinstance(image, Image) else np.asarray(image)
     sp = tuple(image.spacing) if isinstance(image, Image) else tuple(spacing or (1.0, 1.0, 1.0))
     verts, faces, _, _ = marching_cubes(arr.astype(np.float32), level=level, spacing=sp, step_size=step)

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
-import numpy as np
-from scipy import ndimage
+from typing import cast
 
+import cv2
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from skimage import morphology as morph
+from skimage.feature import peak_local_max
+from skimage.filters import frangi, sato, sobel, threshold_multiotsu, threshold_otsu
+from skimage.morphology import remove_small_objects
+from skimage.segmentation import watershed as skimage_watershed
+
+from medlens.errors import ConfigError
+from medlens.imaging._common import as_array
 from medlens.io.image import Image
+from medlens.transforms.intensity import clahe
+
+
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components: (label image, count). scipy types ``label`` for an ``output`` argument too, where
+    it returns the count alone."""
+    return cast(tuple[np.ndarray, int], ndimage.label(mask))
 
 
 def largest_components(mask: np.ndarray, n: int = 1) -> np.ndarray:
     """Keep the ``n`` largest connected components of a boolean mask."""
-    lab, k = ndimage.label(mask)
+    lab, k = _label(mask)
     if k <= n:
         return mask.astype(bool)
     sizes = ndimage.sum(mask, lab, range(1, k + 1))
@@ -26,7 +44,7 @@ def lung_mask(ct: Image, threshold_hu: float = -320.0) -> np.ndarray:
     (vessels and nodules) slice by slice.
     """
     air = ct.array < threshold_hu
-    lab, _ = ndimage.label(air)
+    lab, _ = _label(air)
     # outside air touches the in-plane edges; the lungs may touch the first/last slice, so z edges don't count
     border = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(), lab[:, :, 0].ravel(),
                                        lab[:, :, -1].ravel()]))
@@ -36,8 +54,6 @@ def lung_mask(ct: Image, threshold_hu: float = -320.0) -> np.ndarray:
     if lungs.sum() > 0 and biggest.sum() / lungs.sum() > 0.9:  # one dominant component: lungs touch
         lungs = biggest
     # close each slice with a ~10 mm disk and fill holes: vessels and juxtapleural nodules belong to the lung field
-    import cv2
-
     r = max(1, int(round(10.0 / ct.spacing[1])))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     out = np.zeros_like(lungs)
@@ -50,20 +66,12 @@ def lung_mask(ct: Image, threshold_hu: float = -320.0) -> np.ndarray:
 
 def otsu(x) -> np.ndarray:
     """Otsu threshold: boolean foreground mask (scikit-image)."""
-    from skimage.filters import threshold_otsu
-
-    from medlens.imaging._common import as_array
-
     a = as_array(x)
     return a > threshold_otsu(a)
 
 
 def multi_otsu(x, classes: int = 3) -> np.ndarray:
     """Multi-Otsu: label image 0..classes-1."""
-    from skimage.filters import threshold_multiotsu
-
-    from medlens.imaging._common import as_array
-
     a = as_array(x)
     return np.digitize(a, threshold_multiotsu(a, classes=classes)).astype(np.uint8)
 
@@ -75,11 +83,6 @@ def region_grow(x, seeds, lower: float | None = None, upper: float | None = None
 
     ``seeds`` are voxel indices in array order ((z, y, x) or (y, x)).
     """
-    import SimpleITK as sitk
-
-    from medlens.errors import ConfigError
-    from medlens.imaging._common import as_array
-
     a = as_array(x).astype(np.float32)
     img = sitk.GetImageFromArray(a)
     sitk_seeds = [tuple(int(v) for v in reversed(s)) for s in seeds]
@@ -96,29 +99,18 @@ def region_grow(x, seeds, lower: float | None = None, upper: float | None = None
 def watershed(x, markers=None, min_distance: int = 5) -> np.ndarray:
     """Marker-based watershed on the gradient magnitude (scikit-image); markers default to the
     peaks of the distance transform of the Otsu foreground."""
-    from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
-    from skimage.filters import sobel
-    from skimage.segmentation import watershed as _ws
-
-    from medlens.imaging._common import as_array
-
     a = as_array(x).astype(np.float32)
     fg = otsu(a)
     if markers is None:
-        dist = ndi.distance_transform_edt(fg)
+        dist = ndimage.distance_transform_edt(fg)
         peaks = peak_local_max(dist, min_distance=min_distance, labels=fg)
         markers = np.zeros(a.shape, np.int32)
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    return _ws(sobel(a), markers=markers, mask=fg)
+    return skimage_watershed(sobel(a), markers=markers, mask=fg)
 
 
 def morphology(mask, op: str = "open", radius: int = 1) -> np.ndarray:
     """Binary opening / closing / erosion / dilation with a ball (3D) or disk (2D)."""
-    from skimage import morphology as morph
-
-    from medlens.errors import ConfigError
-
     m = np.asarray(mask).astype(bool)
     fp = morph.ball(radius) if m.ndim == 3 else morph.disk(radius)
     ops = {"open": ndimage.binary_opening, "close": ndimage.binary_closing, "erode": ndimage.binary_erosion,
@@ -137,16 +129,9 @@ def frangi_vessels(x, sigmas=(2, 3, 4, 5), black_ridges: bool = True, fov_thresh
     vessel-like pixels of the field of view (vessels cover about 10% of it in CHASE_DB1), small
     components removed.
     """
-    from skimage.filters import frangi, sato
-    from skimage.morphology import remove_small_objects
-
-    from medlens.errors import ConfigError
-    from medlens.imaging._common import as_array
-    from medlens.transforms.intensity import clahe
-
     rgb = as_array(x)
     green = rgb[..., 1] if rgb.ndim == 3 else rgb
-    fov = ndimage.binary_erosion(green > fov_threshold, iterations=8)
+    fov = np.asarray(ndimage.binary_erosion(green > fov_threshold, iterations=8), dtype=bool)
     eq = clahe(green, clip_limit=2.0, tile=8).astype(np.float32) / 255.0
     if method not in ("frangi", "sato"):
         raise ConfigError(f"unknown vesselness '{method}'; expected frangi or sato")
