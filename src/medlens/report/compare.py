@@ -9,6 +9,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader
 
 from medlens import __version__
+from medlens.evaluation import plots
 from medlens.evaluation.compare import compare_runs
 from medlens.report.html import format_number
 from medlens.utils import write_json_atomic, write_text_atomic
@@ -18,8 +19,6 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path, n_boot: int = 
                      seed: int = 0) -> dict:
     """Compare the runs (the first is the reference), write ``compare.json``, ``roc.png`` and
     ``compare.html`` into ``out``; return the comparison."""
-    from medlens.evaluation import plots
-
     res = compare_runs(run_dirs, n_boot, ci, seed)
     runs = res.pop("_runs")
     out = Path(out)
