@@ -76,9 +76,7 @@ def load_source(spec: str, size: int, seed: int = 0) -> Source:
     image folder (``root/<class>/<image>``; its seeded training split, resized to ``size``, gray)."""
     p = Path(spec).expanduser()
     if p.is_dir():
-        # model_validate: pyright reads pydantic's positional Field defaults as required constructor arguments
-        dc = DataConfig.model_validate({"source": "folder", "path": str(p), "size": size, "color": "gray"})
-        data = prepared_data(dc, seed=seed)
+        data = prepared_data(DataConfig(source="folder", path=str(p), size=size, color="gray"), seed=seed)
         return Source(spec, f"folder {p} (train split)", _train_images(data, spec))
     if p.suffix == ".npz" or p.is_file():
         return Source(spec, str(p), _npz_train_images(p))
