@@ -103,13 +103,14 @@ def convert(src: Path = typer.Argument(..., help="image file or DICOM folder"),
                   f"spacing {tuple(round(s, 4) for s in img.spacing)})")
 
 
-def deid(in_dir: Path = typer.Argument(..., help="folder of DICOM files"),
+def deid(in_dir: Path = typer.Argument(..., help="folder of DICOM, PNG, JPEG or NIfTI files"),
          out_dir: Path = typer.Argument(..., help="new (or empty) output folder"),
          key: Optional[str] = typer.Option(None, "--key", help="secret for consistent UID remapping across runs"),
          date_shift: Optional[int] = typer.Option(None, "--date-shift",
                                                   help="shift study dates by N days (other dates follow the profile)"),
          log_values: bool = typer.Option(False, "--log-values", help="log old values too (identifying!)")) -> None:
-    """De-identify (PS3.15 basic profile): UIDs remapped, private tags removed, pixels untouched."""
+    """De-identify (DICOM: PS3.15 basic profile, UIDs remapped, private tags removed; PNG/JPEG: text and EXIF
+    removed; NIfTI: description fields and extensions removed); pixels untouched."""
     from medlens.io.deid import deidentify_folder
 
     with progress() as bar:

@@ -25,7 +25,10 @@ The attribute list and each attribute's action (Table E.1-1) come from the maint
   without the old values unless ``log_values=True``, with the exact count of files in, out and
   skipped (and why);
 - a folder is written into a hidden temporary folder beside the destination and renamed into place
-  only when complete; a non-empty destination is refused, so two runs never mix.
+  only when complete; a non-empty destination is refused, so two runs never mix;
+- PNG, JPEG and NIfTI files beside the DICOM (``io.deid_files``) lose their metadata (text chunks, EXIF,
+  comments; the NIfTI header's description fields and extensions) with their pixels copied byte for byte,
+  and are written as ``images/<NNNNNN><suffix>`` (the input's position, never its name).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from medlens.errors import DataError
+from medlens.io.deid_files import kind_of, strip_file
+from medlens.io.limits import max_decompressed_bytes
 from medlens.utils import atomic_dir
 
 PROFILE_DB = "dicomfields_2026c"
@@ -375,6 +380,9 @@ def _output_name(ds, index: int) -> Path:
 
 def _deid_file(deid: Deidentifier, path: Path, index: int, work: Path) -> tuple[Path, list[tuple], bool] | str:
     """De-identify one file into ``work``: (rel path, changes, burned-in), or why it was skipped."""
+    kind = kind_of(path.name)
+    if kind is not None:
+        return _deid_other(path, kind, index, work)
     ds = _read(path)
     if isinstance(ds, str):
         return ds
@@ -393,16 +401,30 @@ def _deid_file(deid: Deidentifier, path: Path, index: int, work: Path) -> tuple[
     return rel, changes, burned
 
 
+def _deid_other(path: Path, kind: tuple[str, str], index: int, work: Path) -> tuple[Path, list[tuple], bool] | str:
+    """A PNG, JPEG or NIfTI file without its metadata, pixels copied as they are (``io.deid_files``)."""
+    try:
+        data, changes = strip_file(kind[0], kind[1], path.read_bytes(), max_decompressed_bytes())
+    except (ValueError, OSError) as e:  # the class and our own message only: never a value of the file
+        detail = str(e) if isinstance(e, ValueError) else type(e).__name__
+        return f"could not be de-identified as {kind[0].upper()} ({detail})"
+    rel = Path("images") / f"{index:06d}{kind[1]}"
+    (work / rel).parent.mkdir(parents=True, exist_ok=True)
+    (work / rel).write_bytes(data)
+    return rel, changes, False
+
+
 LOG_FIELDS = ["file", "tag", "attribute", "action", "burned_in_annotation_flag", "detail"]
 
 
 def deidentify_folder(in_dir: str | Path, out_dir: str | Path, key: str | None = None,
                       date_shift_days: int | None = None, log_values: bool = False, progress=None) -> DeidReport:
-    """De-identify every DICOM file under ``in_dir`` into the new folder ``out_dir``; write ``deid_log.csv`` there.
+    """De-identify every DICOM, PNG, JPEG and NIfTI file under ``in_dir`` into the new folder ``out_dir``; write
+    ``deid_log.csv`` there.
 
     Output files are named ``<study>/<series>/<NNNNNN>.dcm`` (short hashes of the new UIDs and the
-    input's position in sorted order), so no identifier survives in a path and no two files collide.
-    Files that are not DICOM are skipped with a reason. The log starts with the exact counts of
+    input's position in sorted order), so no identifier survives in a path and no two files collide; PNG, JPEG
+    and NIfTI files go to ``images/<NNNNNN><suffix>``. Other files are skipped with a reason. The log starts with the exact counts of
     files in, out and skipped; then one row per file (written or skipped) and per changed
     attribute. ``out_dir`` must be absent or empty; everything is written into a hidden temp folder
     beside it and renamed into place when complete.
@@ -416,7 +438,7 @@ def deidentify_folder(in_dir: str | Path, out_dir: str | Path, key: str | None =
     with atomic_dir(out_dir) as work:
         rep, rows = _run(deid, in_dir, files, work, log_values, progress)
         if rep.files == 0:
-            raise DataError(f"no DICOM files found ({rep.files_in} file(s) skipped)", in_dir)
+            raise DataError(f"no DICOM, PNG, JPEG or NIfTI files found ({rep.files_in} file(s) skipped)", in_dir)
         _write_log(work / LOG_NAME, rep, rows, log_values)
     rep.log_path = out_dir / LOG_NAME
     return rep
