@@ -130,14 +130,18 @@ def view(src: Path = typer.Argument(..., help="volume file or DICOM folder"),
          out_dir: Path = typer.Argument(..., help="folder for the PNGs"),
          window: str = typer.Option("lung", "--window", help="preset or 'L,W'"),
          point: Optional[str] = typer.Option(None, "--point", help="world x,y,z (mm) to centre the slices on"),
+         mip_slab: Optional[float] = typer.Option(None, "--mip-slab", help="thickness (mm) of the coronal MIP's "
+                                                  "slab, centred on the coronal slice (default 10); 0: the whole "
+                                                  "volume"),
          allow_gaps: bool = typer.Option(False, "--allow-gaps", help="load a series with missing slices"),
          allow_outside: bool = typer.Option(False, "--allow-outside", help=_ALLOW_OUTSIDE_HELP)) -> None:
-    """Axial, coronal and sagittal slices and a coronal MIP as windowed PNGs."""
-    from medlens.io.views import write_views
+    """Axial, coronal and sagittal slices and a coronal slab MIP as windowed PNGs."""
+    from medlens.io.views import MIP_SLAB_MM, write_views
 
     center = _world_point(point) if point else None  # checked before the volume is read
     img = _load(src, None, allow_gaps, allow_outside)
     if center is not None:
         center = img.world_to_voxel(center)
-    for p in write_views(img, out_dir, window, center):
+    slab = MIP_SLAB_MM if mip_slab is None else (None if mip_slab == 0 else mip_slab)
+    for p in write_views(img, out_dir, window, center, mip_slab_mm=slab):
         console.print(f"wrote {p}")
