@@ -228,14 +228,19 @@ class DataConfig(_Strict):
     reference_suffix: str | None = None  # folder: a second observer's mask, reported as the human reference
     mask_column: str = "mask"            # CSV: column with the mask path
     reference_column: str | None = None  # CSV: column with a second observer's mask
-    patient_pattern: str | None = None   # regex on the file name; group 1 (or the match) is the patient id
+    # regex; group 1 (or the match) is the patient id: over the file name of segmentation pairs, over the
+    # relative path (<class>/<file>, or the manifest's path) of classification files
+    patient_pattern: str | None = None
     clahe: bool = False                  # CLAHE on 2D inputs (after the colour mode)
     intensity: Literal["unit", "zscore", "percentile"] = "unit"  # per-image scaling of segmentation inputs
     window: str | None = None            # CT window (name or "level,width") applied before scaling
     pixel_spacing: float | None = Field(default=None, gt=0)  # mm per pixel for 2D files that do not record it
     # classification labels: source label (class name or index) -> task label; null drops those samples
     label_map: dict[str | int, str | None] | None = None
-    positive_class: str | None = None    # binary: the task label that is the positive class (index 1)
+    # binary: the task label that is the positive class (index 1); without it a folder's or manifest's two classes
+    # take a conventional negative name (normal, negative, benign, healthy, control, no_*) as negative, or training
+    # refuses, asking for it
+    positive_class: str | None = None
     test_patient: str | None = None      # hdf5 store: hold this patient (seriesuid) out as the test split
 
     @field_validator("label_map")

@@ -52,15 +52,23 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
                                     deid_key=deid_key)
     else:
         rows, done = Predictor(run).predict_files([str(f) for f in files]), []
-    t = Table(title=f"predictions ({run_dir})")
-    for col in ("file", "prediction", "probability", "all classes"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(Path(r.source).name, r.prediction, f"{r.probability:.3f}",
-                  ", ".join(f"{k}: {v:.3f}" for k, v in r.probabilities.items()))
-    console.print(t)
+    console.print(_prediction_table(run_dir, rows))
     if out is not None:
         console.print(f"wrote [bold]{out}[/] (predictions.csv{_listing(done)})")
+
+
+def _prediction_table(run_dir: Path, rows: list[Any]) -> Table:
+    """The predicted class and its probability, then (binary) the probability of the positive class, named."""
+    positive = next((r.positive_class for r in rows if r.positive_class), None)
+    t = Table(title=f"predictions ({run_dir})")
+    for col in ("file", "predicted class", "P(predicted class)", *([f"P({positive})"] if positive else []),
+                "all classes"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(Path(r.source).name, r.prediction, f"{r.predicted_probability:.3f}",
+                  *([f"{r.probability:.3f}"] if positive else []),
+                  ", ".join(f"{k}: {v:.3f}" for k, v in r.probabilities.items()))
+    return t
 
 
 def _listing(done: Iterable[Any]) -> str:

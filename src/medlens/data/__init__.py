@@ -3,6 +3,7 @@ patch stores), with splits."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -28,11 +29,12 @@ def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Ca
     if cfg.label_map is not None or cfg.positive_class is not None:
         data = apply_label_map(data, cfg.label_map, cfg.positive_class)
     if cfg.max_samples:
-        data = SplitData(*(_cap(d, cfg.max_samples, seed) for d in (data.train, data.val, data.test)),
-                         split_method=data.split_method + f" (capped at {cfg.max_samples} per split)")
+        train, val, test = (_cap(d, cfg.max_samples, seed) for d in (data.train, data.val, data.test))
+        data = replace(data, train=train, val=val, test=test,
+                       split_method=data.split_method + f" (capped at {cfg.max_samples} per split)")
     if cfg.label_fraction < 1:
-        data = SplitData(label_subset(data.train, cfg.label_fraction, seed), data.val, data.test,
-                         split_method=data.split_method + f" (training labels: {cfg.label_fraction:g} kept, "
+        data = replace(data, train=label_subset(data.train, cfg.label_fraction, seed),
+                       split_method=data.split_method + f" (training labels: {cfg.label_fraction:g} kept, "
                                                           "stratified)")
     return data
 

@@ -213,6 +213,14 @@ class SplitData:
     val: Dataset
     test: Dataset
     split_method: str = "official"
+    # True: patient ids read from the data (a CSV column, data.patient_pattern, DICOM PatientID/StudyInstanceUID),
+    # so a split made here keeps each patient in one split; False: each image its own patient (a per-image split);
+    # None: a split the source gives (MedMNIST's official one), medlens states nothing about patients
+    patients_known: bool | None = None
+    # binary: the positive class (index 1) when the data say which (data.positive_class, a conventional negative
+    # name beside it, or the source's own order); needs_positive: two classes named only alphabetically
+    positive_class: str | None = None
+    needs_positive: bool = False
 
     def get(self, split: str) -> Dataset:
         if split not in ("train", "val", "test"):

@@ -1,20 +1,37 @@
-"""Image-folder (one sub-folder per class) and CSV-manifest datasets, with patient-level splits."""
+"""Image-folder (one sub-folder per class) and CSV-manifest datasets, with patient-level splits.
+
+Patients come from the data: a manifest's patient column, ``data.patient_pattern`` (a regex whose group 1, or the
+whole match, over each file's relative path is the patient), or the DICOM header (``PatientID``, else
+``StudyInstanceUID``), keyed-hashed (``hash_patient``) before it leaves this module. Where none of these tells,
+each image is its own patient and the split says so (``splits.PER_IMAGE``).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, cast
 
 import numpy as np
 import pandas as pd
+import pydicom
+from pydicom.errors import InvalidDicomError
 
 from medlens.data.base import (ArrayDataset, Preparer, SplitData, confined_paths, line_numbers, read_csv_checked,
                                refuse_blank_cells)
 from medlens.data.catalog import BINARY, MULTICLASS
-from medlens.data.splits import patient_split, split_method
+from medlens.data.labels import negative_first
+from medlens.data.splits import PER_IMAGE, patient_split, split_method
 from medlens.errors import DataError
 from medlens.io import load
-from medlens.io.formats import IMAGE_SUFFIXES, is_image_file, suffix_of  # noqa: F401  (IMAGE_SUFFIXES: public)
+from medlens.io.formats import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_image_file, suffix_of  # noqa: F401
+#                                                  (IMAGE_SUFFIXES: public)
+
+KEY_ENV = "MEDLENS_PATIENT_KEY"  # an optional secret mixed into the key of the patient hash
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -36,35 +53,113 @@ def _load_images(paths: Iterable[Path], prepare: Preparer, progress: Callable | 
     return np.stack(arrays)
 
 
-def _split(ds: ArrayDataset, val: float, test: float, seed: int) -> SplitData:
+def hash_patient(key: bytes, kind: str, value: str) -> str:
+    """A patient (or study) identifier as ``patient-<16 hex>``: HMAC-SHA256 under ``key``, never the value."""
+    return "patient-" + hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def _dicom_header(path: Path):
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True,
+                               specific_tags=["PatientID", "StudyInstanceUID", "SOPInstanceUID"])
+    except (InvalidDicomError, OSError, ValueError):
+        return None
+
+
+def dicom_patients(paths: list[Path]) -> np.ndarray | None:
+    """Keyed hashes of each DICOM file's ``PatientID`` (its ``StudyInstanceUID`` where the ID is blank); None unless
+    every file is DICOM and names one or the other. The key is SHA-256 over the files' SOP Instance UIDs (and
+    ``$MEDLENS_PATIENT_KEY`` when set): the same data give the same ids, which tell nothing without the files."""
+    if not paths or any(suffix_of(p) not in DICOM_SUFFIXES for p in paths):
+        return None
+    found = []
+    for p in paths:
+        h = _dicom_header(p)
+        if h is None:
+            return None
+        pid, study = str(h.get("PatientID", "") or "").strip(), str(h.get("StudyInstanceUID", "") or "").strip()
+        if not pid and not study:
+            return None
+        found.append(("P", pid) if pid else ("S", study))
+        found[-1] += (str(h.get("SOPInstanceUID", "") or p.name),)
+    key = hashlib.sha256("\n".join(sorted(f[2] for f in found)).encode()
+                         + os.environ.get(KEY_ENV, "").encode()).digest()
+    return np.array([hash_patient(key, kind, value) for kind, value, _ in found])
+
+
+def patients_of(paths: list[Path], names: list[str], pattern: str | None, where: Path) -> np.ndarray | None:
+    """Patient ids of image files from the data: ``pattern`` over each relative path in ``names``, else the DICOM
+    header (``dicom_patients``); None when neither tells."""
+    if pattern:
+        rx, out = re.compile(pattern), []
+        for n in names:
+            m = rx.search(n)
+            if m is None:
+                raise DataError(f"{n}: the path does not match data.patient_pattern {pattern!r}", where)
+            out.append(m.group(1) if m.groups() else m.group(0))
+        return np.array(out)
+    return dicom_patients(paths)
+
+
+def _ordered(classes: list[str]) -> tuple[list[str], dict]:
+    """Class names by name, a conventional negative first (``labels.negative_first``), and SplitData's fields."""
+    names, decided = negative_first(sorted(classes))
+    binary = len(names) == 2
+    return names, {"positive_class": str(names[1]) if binary and decided else None,
+                   "needs_positive": binary and not decided}
+
+
+def _split(ds: ArrayDataset, val: float, test: float, seed: int, known: bool) -> SplitData:
     tr, va, te = patient_split(ds.labels, ds.patient_ids, val=val, test=test, seed=seed)
     return SplitData(ds.subset(tr, f"{ds.name}/train"), ds.subset(va, f"{ds.name}/val"),
-                     ds.subset(te, f"{ds.name}/test"), split_method=split_method(seed, val, test))
+                     ds.subset(te, f"{ds.name}/test"), split_method=split_method(seed, val, test, known),
+                     patients_known=known)
+
+
+def _no_leak(parts: dict[str, ArrayDataset], where: Path) -> None:
+    seen: dict[str, str] = {}
+    for split, d in parts.items():
+        for pid in set(map(str, d.patient_ids)):
+            if seen.setdefault(pid, split) != split:
+                raise DataError(f"a patient is in both {seen[pid]} and {split} (patient ids are not shown)", where)
 
 
 def load_image_folder(root: str | Path, prepare: Preparer, *, val: float = 0.1,
-                      test: float = 0.2, seed: int = 0, progress: Callable | None = None) -> SplitData:
+                      test: float = 0.2, seed: int = 0, progress: Callable | None = None,
+                      patient_pattern: str | None = None) -> SplitData:
     """A Keras ``flow_from_directory`` layout: ``root/<class>/<image>``.
 
-    If ``root`` has ``train/``, ``val/`` and ``test/`` sub-folders, they are used as the split;
-    otherwise a stratified split is made (each file its own patient, as the layout has no ids).
+    If ``root`` has ``train/``, ``val/`` and ``test/`` sub-folders, they are used as the split (refused when a
+    known patient is in two); otherwise a stratified split keeps each patient in one split. Patients come from
+    ``patient_pattern`` over ``<class>/<file>`` or from DICOM headers; without either each file is its own patient
+    (a per-image split, which ``SplitData.patients_known`` False and the split method say).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError("image folder not found", root)
     if all((root / s).is_dir() for s in ("train", "val", "test")):
-        parts = {s: _folder_dataset(root / s, prepare, progress, name=f"{root.name}/{s}")
-                 for s in ("train", "val", "test")}
+        loaded = {s: _folder_dataset(root / s, prepare, progress, f"{root.name}/{s}", patient_pattern)
+                  for s in ("train", "val", "test")}
+        parts = {s: d for s, (d, _, _) in loaded.items()}
         names = parts["train"].class_names
         for s, d in parts.items():
             if d.class_names != names:
                 raise DataError(f"classes in {s}/ {d.class_names} differ from train/ {names}", root / s)
-        return SplitData(parts["train"], parts["val"], parts["test"], split_method="folders train/val/test")
-    return _split(_folder_dataset(root, prepare, progress, name=root.name), val, test, seed)
+        known = all(k for _, k, _ in loaded.values())
+        if known:
+            _no_leak(parts, root)
+        return SplitData(parts["train"], parts["val"], parts["test"],
+                         split_method="folders train/val/test" + ("" if known else f" ({PER_IMAGE})"),
+                         patients_known=known, **loaded["train"][2])
+    ds, known, fields = _folder_dataset(root, prepare, progress, root.name, patient_pattern)
+    return replace(_split(ds, val, test, seed, known), **fields)
 
 
-def _folder_dataset(root: Path, prepare: Preparer, progress, name: str) -> ArrayDataset:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _folder_dataset(root: Path, prepare: Preparer, progress, name: str,
+                    patient_pattern: str | None = None) -> tuple[ArrayDataset, bool, dict]:
+    """The folder's dataset, whether its patients are known, and the class fields of ``SplitData``."""
+    found = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    classes, fields = _ordered(found)
     if not classes:
         raise DataError("no class sub-folders (expected root/<class>/<images>)", root)
     if len(classes) < 2:
@@ -76,23 +171,28 @@ def _folder_dataset(root: Path, prepare: Preparer, progress, name: str) -> Array
             raise DataError(f"class '{c}' has no images", root / c)
         paths += files
         labels += [ci] * len(files)
+    rel = [p.relative_to(root).as_posix() for p in paths]
+    pids = patients_of(paths, rel, patient_pattern, root)
     images = _load_images(paths, prepare, progress)
-    return ArrayDataset(images, np.array(labels), BINARY if len(classes) == 2 else MULTICLASS, classes,
-                        patient_ids=np.array([str(p.relative_to(root)) for p in paths]),
-                        sources=np.array([str(p) for p in paths]), name=name)
+    ds = ArrayDataset(images, np.array(labels), BINARY if len(classes) == 2 else MULTICLASS, classes,
+                      patient_ids=pids if pids is not None else np.array(rel),
+                      sources=np.array([str(p) for p in paths]), name=name)
+    return ds, pids is not None, fields
 
 
 def load_csv_manifest(csv_path: str | Path, prepare: Preparer, *, image_root: str | Path | None = None,
                       path_column: str = "path", label_column: str = "label", patient_column: str = "patient_id",
                       suffix: str = "", val: float = 0.1, test: float = 0.2, seed: int = 0,
-                      progress: Callable | None = None, allow_outside_root: bool = False) -> SplitData:
+                      progress: Callable | None = None, allow_outside_root: bool = False,
+                      patient_pattern: str | None = None) -> SplitData:
     """A manifest ``path,label[,patient_id][,split]`` such as Kaggle's DR ``trainLabels.csv``.
 
     Paths are relative to ``image_root`` (default: the CSV's folder) and must stay inside it (no ``..``,
     absolute paths or symlinks that lead out) unless ``allow_outside_root``; ``suffix`` is appended
     (Kaggle lists ``image`` without ``.jpeg``). Empty paths, labels or patient ids are refused with their
     line numbers. With a ``split`` column, it is used; otherwise a stratified split keeps every patient
-    in one split.
+    in one split. Patients: the ``patient_column``, else ``patient_pattern`` over the listed paths, else the DICOM
+    headers; else each row is its own patient (a per-image split, said in the split method).
     """
     csv_path = Path(csv_path)
     df = read_csv_checked(csv_path, [path_column, label_column], "manifest")
@@ -106,12 +206,14 @@ def load_csv_manifest(csv_path: str | Path, prepare: Preparer, *, image_root: st
     if missing:
         raise DataError(f"{len(missing)} listed image(s) missing, first: {missing[0]}", csv_path)
     raw = cast(pd.Series, df[label_column])  # one column label: a Series (pandas' hints also allow a frame)
-    classes = sorted(raw.unique().tolist())
+    classes, fields = _ordered(raw.unique().tolist())
     if len(classes) < 2:
         raise DataError(f"only one label value ({classes[0]}); classification needs at least two", csv_path)
     labels = raw.map({c: i for i, c in enumerate(classes)}).to_numpy()
-    pids = df[patient_column].astype(str).to_numpy() if patient_column in df.columns else np.array(
-        [str(p) for p in df[path_column]])
+    known_pids = df[patient_column].astype(str).to_numpy() if patient_column in df.columns else \
+        patients_of(paths, names, patient_pattern, csv_path)
+    known = known_pids is not None
+    pids = known_pids if known_pids is not None else np.array([str(p) for p in df[path_column]])
     images = _load_images(paths, prepare, progress)
     ds = ArrayDataset(images, labels, BINARY if len(classes) == 2 else MULTICLASS, [str(c) for c in classes],
                       patient_ids=pids, sources=np.array([str(p) for p in paths]), name=csv_path.stem)
@@ -129,8 +231,9 @@ def load_csv_manifest(csv_path: str | Path, prepare: Preparer, *, image_root: st
         if leak:
             raise DataError(f"patient(s) in both train and val/test, e.g. {sorted(leak)[0]}", csv_path)
         return SplitData(*(ds.subset(parts[k], f"{ds.name}/{k}") for k in ("train", "val", "test")),
-                         split_method="manifest 'split' column")
-    return _split(ds, val, test, seed)
+                         split_method="manifest 'split' column" + ("" if known else f" ({PER_IMAGE})"),
+                         patients_known=known, **fields)
+    return replace(_split(ds, val, test, seed, known), **fields)
 
 
 def manifest_columns(csv_path: str | Path, columns: list[str], *, image_root: str | Path | None = None,

@@ -7,11 +7,16 @@ become "No DR" (grade 0) against "Severe/Proliferative" (grades 3 and 4), the mi
     label_map: {0: No DR, 1: null, 2: null, 3: Severe/Proliferative, 4: Severe/Proliferative}
     positive_class: Severe/Proliferative
 
-Without ``positive_class`` two classes keep their source order (alphabetical for folders and CSV
-manifests), which made "Normal" the positive class of an Abnormal/Normal manifest: name it.
+Without ``positive_class``, two classes named by the files (folders, CSV manifests) put a conventional negative
+name (``NEGATIVE_NAMES``, ``no_*``; any case) first, so its partner is the positive class; two names of which
+neither or both are conventional negatives are refused by training, asking for ``data.positive_class``
+(alphabetical order once made "Normal" the positive class of an Abnormal/Normal manifest).
 """
 
 from __future__ import annotations
+
+import re
+from dataclasses import replace
 
 import numpy as np
 
@@ -19,6 +24,32 @@ from medlens.data.base import ArrayDataset, SplitData
 from medlens.data.catalog import BINARY, MULTICLASS
 from medlens.errors import DataError
 from medlens.tasks import get_task
+
+
+NEGATIVE_NAMES = ("normal", "negative", "benign", "healthy", "control", "0", "false")
+
+
+def is_negative_name(name: str) -> bool:
+    """A conventional name of the negative class: ``NEGATIVE_NAMES`` or ``no_*`` (``no-*``, ``no *``), any case."""
+    n = str(name).strip().lower()
+    return n in NEGATIVE_NAMES or re.match(r"no[_\- ]", n) is not None
+
+
+def negative_first(names: list[str]) -> tuple[list[str], bool]:
+    """Two class names with the conventional negative one first, and whether the names decided it (exactly one
+    of them is a conventional negative); other lists come back unchanged, decided when they are not two."""
+    if len(names) != 2:
+        return list(names), True
+    neg = [is_negative_name(n) for n in names]
+    if neg == [False, True]:
+        return [names[1], names[0]], True
+    return list(names), neg == [True, False]
+
+
+def positive_question(names: list[str]) -> str:
+    """The one-line refusal of a binary task whose positive class nobody named."""
+    return (f"which of the classes {names[0]!r} and {names[1]!r} is the positive class? Set data.positive_class "
+            f"(conventional negative names, taken as negative without it: {', '.join(NEGATIVE_NAMES[:5])}, no_*)")
 
 
 def task_classes(class_names: list[str], label_map: dict[str, str | None] | None,
@@ -102,7 +133,10 @@ def apply_label_map(data: SplitData, label_map: dict[str, str | None] | None,
                             f"{len(np.unique(d.labels))} class(es); it needs both classes")
     how = data.split_method + (f"; labels mapped to {names}" if label_map else "") + \
         (f"; positive class {positive_class!r}" if positive_class else "")
-    return SplitData(*parts, split_method=how)
+    # a label map's task labels keep the order it names them in (its second one positive, as before): explicit
+    binary = len(names) == 2
+    return replace(data, train=parts[0], val=parts[1], test=parts[2], split_method=how,
+                   positive_class=names[1] if binary else None, needs_positive=False)
 
 
-__all__ = ["apply_label_map", "task_classes", "BINARY", "MULTICLASS"]
+__all__ = ["apply_label_map", "task_classes", "is_negative_name", "negative_first", "positive_question", "BINARY", "MULTICLASS"]

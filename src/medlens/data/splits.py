@@ -109,6 +109,11 @@ def patient_split(labels, patient_ids, val: float = 0.1, test: float = 0.2, seed
     return np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
 
 
-def split_method(seed: int, val: float, test: float) -> str:
-    """How ``patient_split`` split a source, for ``SplitData.split_method`` and the report."""
-    return f"stratified patient-level split (seed {seed}, val {val:.0%}, test {test:.0%})"
+PER_IMAGE = "per-image split: one patient may appear in several splits"
+
+
+def split_method(seed: int, val: float, test: float, patients_known: bool = True) -> str:
+    """How ``patient_split`` split a source, for ``SplitData.split_method`` and the report: patient-level only
+    when the patients are known (each file its own group otherwise, which ``PER_IMAGE`` says)."""
+    how = f"seed {seed}, val {val:.0%}, test {test:.0%}"
+    return f"stratified patient-level split ({how})" if patients_known else f"stratified {PER_IMAGE} ({how})"

@@ -12,6 +12,7 @@ import warnings
 from jinja2 import Environment, PackageLoader
 
 from medlens import __version__
+from medlens.data.splits import PER_IMAGE
 from medlens.errors import MedlensError, MedlensWarning
 from medlens.run import Run
 from medlens.run.sections import read_sections
@@ -80,7 +81,7 @@ def write_report(run: Run | str | Path) -> Path:
         checklist=items, card=card, recalibrated=meta.recalibrated_on, calibration=metrics.get("calibration"), shift=metrics.get("shift"),
         decision=metrics.get("decision_curve"), subgroups=metrics.get("subgroups"),
         reliability_png=plot("reliability.png"), shift_tolerance=run.config.evaluation.shift_tolerance, dca_png=plot("decision_curve.png"),
-        name=run.name, version=__version__, created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        name=run.config.name or run.name, version=__version__, created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         task=str(meta.task), dense=is_seg, model=meta.model, dataset=meta.dataset, class_names=meta.class_names,
         split_method=meta.split_method, n_samples=meta.n_samples,
         in_channels=meta.in_channels, input_size=meta.input_size, spatial_dims=meta.spatial_dims,
@@ -92,6 +93,8 @@ def write_report(run: Run | str | Path) -> Path:
         "'ACC (MedMNIST evaluator)' thresholds at 0.5 / argmax, as the MedMNIST paper does; the other "
         "binary metrics use the validation-chosen threshold.",
         ci_unit="patients (means over cases)" if is_seg else "cases",
-        figures=figs, extra_sections=sections, patient_level="patient" in meta.split_method,
+        # the split keeps patients apart only when the data named them (run.json's patients_known)
+        figures=figs, extra_sections=sections, patient_level=meta.patients_known is True,
+        per_image=meta.patients_known is False, per_image_text=PER_IMAGE, positive_class=meta.positive_class,
         config=(folder / "config.yaml").read_text() if (folder / "config.yaml").exists() else "")
     return write_text_atomic(folder / "report.html", html)

@@ -282,6 +282,10 @@ class RunMeta(_Strict):
     recalibrated_on: dict[str, Any] | None = None   # the site sample a recalibrated copy was adapted to
     dataset: str | None = None
     split_method: str = ""
+    # True: patients read from the data, the split keeps each in one split; False: a per-image split (one patient
+    # may appear in several splits); None: the source's own split, or a run written before this was recorded
+    patients_known: bool | None = None
+    positive_class: str | None = None   # binary: the positive class (class_names[1]), named by config or data
     n_samples: dict[str, int] = Field(default_factory=dict)
     class_counts: dict[str, list[int]] | None = None
     patients: dict[str, list[str]] | None = None

@@ -35,6 +35,12 @@ class Prediction:
     decision_rule: str = ""
     calibrated: str | None = None     # the calibration method when the probabilities are calibrated
     extra: dict = field(default_factory=dict)
+    positive_class: str | None = None  # binary: the class ``probability`` is the probability of (index 1)
+
+    @property
+    def predicted_probability(self) -> float:
+        """The probability of the predicted class (``probability`` is that of the positive class when binary)."""
+        return float(self.probabilities.get(self.prediction, self.probability))
 
     def as_dict(self) -> dict:
         d = {"file": self.source, "prediction": self.prediction, "probability": self.probability,
@@ -179,7 +185,8 @@ class Predictor:
             every = task.class_probabilities(p, names)
             rows.append(Prediction(str(f), cls, prob, every, th,
                                    self.meta.threshold.rule if th is not None and self.meta.threshold else "",
-                                   self.calibration, extra={"input_warnings": reasons}))
+                                   self.calibration, extra={"input_warnings": reasons},
+                                   positive_class=names[1] if th is not None and len(names) == 2 else None))
         return rows
 
     # ---------- segmentation ----------

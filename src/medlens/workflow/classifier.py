@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from medlens.data.labels import positive_question
+from medlens.data.splits import PER_IMAGE
 from medlens.engine.classical import CLASSICAL_MODELS
 from medlens.engine.train import (
     build_network,
@@ -18,7 +20,7 @@ from medlens.engine.train import (
     fit_classical_model,
     fit_classifier,
 )
-from medlens.errors import MedlensError
+from medlens.errors import ConfigError, MedlensError
 from medlens.evaluation.calibration import calibration_method, fit_calibration
 from medlens.evaluation.evaluate import evaluate_run
 from medlens.evaluation.threshold import choose_threshold
@@ -47,6 +49,9 @@ def classifier_meta(cfg, data, classical: bool = False) -> RunMeta:
                                 # a patch store windows its HU patches itself (lung): predict must window too
                                 window=getattr(tr, "window", None) or cfg.data.window),
         split_method=data.split_method, dataset=cfg.data.name or cfg.data.path,
+        patients_known=getattr(data, "patients_known", None),
+        positive_class=data.class_names[1] if get_task(data.task).has_threshold and get_task(data.task).exclusive
+        else None,
         n_samples={s: len(data.get(s)) for s in ("train", "val", "test")},
         class_counts={s: data.get(s).class_counts().tolist() for s in ("train", "val", "test")})
     return meta
@@ -62,6 +67,11 @@ def train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: boo
     tr = data.train
     if len(tr) == 0 or len(data.val) == 0 or len(data.test) == 0:
         raise MedlensError(f"empty split: train {len(tr)}, val {len(data.val)}, test {len(data.test)}")
+    if data.needs_positive:  # two classes named by files, neither (or both) a conventional negative
+        raise ConfigError(positive_question(data.class_names))
+    if data.patients_known is False:
+        log(f"warning: {PER_IMAGE}; name the patients (a CSV patient column, data.patient_pattern, or DICOM files "
+            "with PatientID) for a patient-level split")
     calibration_method(data.task, cfg.evaluation.calibration)  # a setting that does not fit the task fails now
     classical = cfg.model.name in CLASSICAL_MODELS
     meta = classifier_meta(cfg, data, classical)

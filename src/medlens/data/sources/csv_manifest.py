@@ -22,7 +22,7 @@ class CSVSource(DataSource):
                                  path_column=cfg.path_column, label_column=cfg.label_column,
                                  patient_column=cfg.patient_column, suffix=cfg.suffix, val=cfg.val_fraction,
                                  test=cfg.test_fraction, seed=seed, progress=progress,
-                                 allow_outside_root=cfg.allow_outside_root)
+                                 allow_outside_root=cfg.allow_outside_root, patient_pattern=cfg.patient_pattern)
 
     def pair_rows(self, cfg) -> list:
         rows = read_manifest(cfg.resolved_path(), cfg.path_column, cfg.mask_column, cfg.patient_column,

@@ -22,7 +22,7 @@ class FolderSource(DataSource):
 
     def load(self, cfg, *, seed, prepare, progress):
         return load_image_folder(cfg.resolved_path(), prepare, val=cfg.val_fraction, test=cfg.test_fraction,
-                                 seed=seed, progress=progress)
+                                 seed=seed, progress=progress, patient_pattern=cfg.patient_pattern)
 
     def pair_rows(self, cfg) -> list:
         triples = find_pairs(cfg.resolved_path(), cfg.mask_suffix, cfg.reference_suffix, cfg.image_suffix)
