@@ -488,6 +488,15 @@ class AnomalyConfig(_Strict):
     cases: int = Field(default=3, ge=1, le=12)  # report: test cases per group (anomaly map beside supervised Grad-CAM)
 
 
+class ExplainConfig(_Strict):
+    """The report's explanation (issue 26): ``method`` names one (``medlens explain --list``); without it the
+    method most faithful (deletion and insertion against random) on ``select_images`` validation images."""
+
+    method: str | None = None
+    select_images: int = Field(default=8, ge=2, le=64)
+    score_images: int = Field(default=32, ge=2, le=256)   # test images that score the shown method against random
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"        # the run folder is output_dir/<name>: one path component
     # a config name of a registered task (medlens.tasks): classification, segmentation, anomaly
@@ -500,6 +509,7 @@ class ExperimentConfig(_Strict):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
     # issue 17: what `medlens plan` recorded (fingerprint, measured speed, each decision with its reason).
     # Data about the config, never read by training.
     plan: dict[str, Any] | None = None

@@ -24,25 +24,35 @@ def _preds(run: Path, split: str) -> pd.DataFrame:
 
 def test_calibration_is_fitted_on_validation_and_used_by_predictions(trained_run):
     from medlens.run import Predictor, Run
+    from medlens.run.meta import Calibration
     from medlens.transforms.preprocess import prepared_data
 
     meta = json.loads((trained_run / "run.json").read_text())
-    cal = meta["calibration"]
-    assert cal["method"] == "platt" and cal["fitted_on"] == "val"
+    cal, choice = meta["calibration"], meta["calibration_choice"]
+    # issue 26: auto chose by cross-validation inside validation, and run.json says which and by how much
+    assert choice["setting"] == "auto" and choice["chosen"] == (cal["method"] if cal else "none")
+    losses = choice["held_out_log_loss"]
+    assert {"none", "platt", "temperature", "isotonic"} == set(losses)
+    if cal is not None:
+        assert cal["fitted_on"] == "val"
+        assert choice["improvement"] == pytest.approx(losses["none"] - losses[cal["method"]])
+        assert choice["improvement"] >= choice["min_gain"]
+    else:
+        assert losses["none"] - min(losses.values()) < choice["min_gain"]
     run = Run.open(trained_run)
     data = prepared_data(run.config.data, seed=run.config.seed)
     raw = Predictor(run).predict_dataset(data.test, calibrated=False)
-    logit = np.log(np.clip(raw, 1e-7, 1 - 1e-7) / (1 - np.clip(raw, 1e-7, 1 - 1e-7)))
-    by_hand = 1 / (1 + np.exp(-(cal["params"]["a"] * logit + cal["params"]["b"])))
+    by_hand = Calibration.model_validate(cal).apply(raw) if cal else raw
     test = _preds(trained_run, "test")
     assert np.allclose(test["prob"], by_hand, atol=1e-5)          # predictions.csv holds calibrated probabilities
-    assert not np.allclose(test["prob"], raw, atol=1e-3)          # ... which differ from the raw ones
-    # the Platt fit is the maximum-likelihood logistic regression of the validation labels on the raw logit:
-    # its gradient vanishes there (score equations: sum(y - p') = 0 and sum((y - p') * logit) = 0)
-    raw_val = Predictor(run).predict_dataset(data.val, calibrated=False)
-    zv = np.log(np.clip(raw_val, 1e-7, 1 - 1e-7) / (1 - np.clip(raw_val, 1e-7, 1 - 1e-7)))
-    resid = data.val.labels - 1 / (1 + np.exp(-(cal["params"]["a"] * zv + cal["params"]["b"])))
-    assert abs(resid.mean()) < 1e-3 and abs((resid * zv).mean()) < 1e-3 * max(1.0, np.abs(zv).mean())
+    if cal is not None and cal["method"] == "platt":
+        assert not np.allclose(test["prob"], raw, atol=1e-3)      # ... which differ from the raw ones
+        # the Platt fit is the maximum-likelihood logistic regression of the validation labels on the raw logit:
+        # its gradient vanishes there (score equations: sum(y - p') = 0 and sum((y - p') * logit) = 0)
+        raw_val = Predictor(run).predict_dataset(data.val, calibrated=False)
+        zv = np.log(np.clip(raw_val, 1e-7, 1 - 1e-7) / (1 - np.clip(raw_val, 1e-7, 1 - 1e-7)))
+        resid = data.val.labels - 1 / (1 + np.exp(-(cal["params"]["a"] * zv + cal["params"]["b"])))
+        assert abs(resid.mean()) < 1e-3 and abs((resid * zv).mean()) < 1e-3 * max(1.0, np.abs(zv).mean())
     # the Youden threshold is chosen on the calibrated validation probabilities
     val = _preds(trained_run, "val")
     fpr, tpr, thr = roc_curve(val["label"], val["prob"])
@@ -63,9 +73,11 @@ def test_metrics_hold_calibration_decision_curve_and_shift(trained_run):
     cal = m["calibration"]
     ece_after = float(binary_calibration_error(torch.tensor(test["prob"].to_numpy()), torch.tensor(test["label"]),
                                                n_bins=15))
-    assert cal["test"]["after"]["ece"]["value"] == pytest.approx(ece_after, abs=1e-6)
-    assert cal["test"]["after"]["ece"]["ci_low"] <= ece_after <= cal["test"]["after"]["ece"]["ci_high"]
-    assert {"before", "after"} <= set(cal["val"]) and (trained_run / "plots" / "reliability.png").stat().st_size > 0
+    stage = "after" if cal["method"] else "before"     # auto may keep the raw probabilities (issue 26)
+    assert ("after" in cal["test"]) == (cal["method"] is not None)
+    assert cal["test"][stage]["ece"]["value"] == pytest.approx(ece_after, abs=1e-6)
+    assert cal["test"][stage]["ece"]["ci_low"] <= ece_after <= cal["test"][stage]["ece"]["ci_high"]
+    assert {"before", stage} <= set(cal["val"]) and (trained_run / "plots" / "reliability.png").stat().st_size > 0
     # decision curve: net benefit at pt = 0.2 by hand from predictions.csv
     d = m["decision_curve"]
     i = d["thresholds"].index(0.2)
@@ -229,6 +241,7 @@ def test_recalibrate_on_a_site_sample(trained_run, tmp_path):
     refitted on it into a new run folder; the original run is untouched."""
     from medlens.data.medmnist import load_medmnist
     from medlens.run import Predictor, Run
+    from medlens.run.meta import Calibration
 
     src = load_medmnist("pneumoniamnist").test
     used = {int(s.split("[")[1].rstrip("]")) for s in _preds(trained_run, "test")["source"]}
@@ -239,18 +252,26 @@ def test_recalibrate_on_a_site_sample(trained_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (trained_run / "run.json").read_bytes() == before
     meta = json.loads((tmp_path / "site_run" / "run.json").read_text())
-    assert meta["threshold"]["chosen_on"] == "site" and meta["calibration"]["fitted_on"] == "site"
+    assert meta["threshold"]["chosen_on"] == "site"
+    # issue 26: the calibration is chosen inside the site sample too, and recorded as such
+    choice = meta["calibration_choice"]
+    assert choice["on"] == "site" and choice["n"] == 150
+    assert choice["chosen"] == (meta["calibration"]["method"] if meta["calibration"] else "none")
+    assert meta["calibration"] is None or meta["calibration"]["fitted_on"] == "site"
     assert meta["recalibrated_on"]["n"] == 150
+    # issue 26 (Why 7): the console and the checklist name the site sample, never validation
+    assert "chosen on the site sample of 150 cases" in r.stdout
+    assert "chosen on validation" not in r.stdout and "fitted on validation" not in r.stdout
+    checklist = (tmp_path / "site_run" / "checklist.json").read_text()
+    assert "chosen on validation" not in checklist and "chosen on a site's own labelled sample" in checklist
     orig = Run.open(trained_run)
     assert Run.open(tmp_path / "site_run").weights_sha256 == orig.weights_sha256
     pred = Predictor(orig)
     raw = pred.predict_arrays(np.stack([pred.prepare(tmp_path / f"s{i:03d}.png") for i in idx]), calibrated=False)
     y = src.labels[idx]
-    q = np.clip(raw.astype(np.float64), 1e-7, 1 - 1e-7)     # logits in float64, as the calibration computes them
-    z = np.log(q / (1 - q))
-    a, b = meta["calibration"]["params"]["a"], meta["calibration"]["params"]["b"]
-    p = (1 / (1 + np.exp(-(a * z + b)))).astype(np.float32)  # probabilities are float32 everywhere in medlens
-    assert abs((y - p).mean()) < 1e-3                         # the maximum-likelihood Platt fit on the site sample
+    p = Calibration.model_validate(meta["calibration"]).apply(raw) if meta["calibration"] else raw
+    if meta["calibration"] and meta["calibration"]["method"] == "platt":
+        assert abs((y - p).mean()) < 1e-3                     # the maximum-likelihood Platt fit on the site sample
     fpr, tpr, thr = roc_curve(y, p)
     assert meta["threshold"]["value"] == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0), abs=1e-6)
     html = (tmp_path / "site_run" / "report.html").read_text()

@@ -40,8 +40,13 @@ def _print_clinical(results: dict[str, Any], split: str) -> None:
         c = cal[split]
         line = f"calibration ({split}): ECE {c['before']['ece']['value']:.3f} uncalibrated"
         if "after" in c:
-            line += f", {c['after']['ece']['value']:.3f} after {cal['method']} scaling (fitted on validation)"
+            on = "the site sample" if cal.get("fitted_on") == "site" else "validation"
+            line += f", {c['after']['ece']['value']:.3f} after {cal['method']} scaling (fitted on {on})"
         say(line)
+        if "after" in c and c["after"]["ece"]["value"] > c["before"]["ece"]["value"]:
+            console.print(f"warning: {cal['method']} scaling made the {split} probabilities worse calibrated "
+                          f"(ECE {c['before']['ece']['value']:.3f} -> {c['after']['ece']['value']:.3f})",
+                          style="yellow", markup=False, highlight=False)
     for flag in results.get("shift", {}).get("flags", []):
         console.print(f"warning: {flag}", style="yellow", markup=False, highlight=False)
 

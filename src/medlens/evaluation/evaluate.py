@@ -120,7 +120,7 @@ def _clinical(run: Run, ds, p, raw, val, p_val, raw_val, split: str, threshold, 
         plots.plot_decision_curve(out["decision_curve"], pdir / "decision_curve.png", f"Decision curve ({split})")
     if split != "val":
         out["shift"] = shift_report(meta.task, meta.class_names, val.labels, p_val, ds.labels, p, threshold,
-                                    ev.shift_tolerance, split)
+                                    ev.shift_tolerance, split, meta.threshold.chosen_on if meta.threshold else "val")
     if ev.subgroups:
         d = cfg.data
         manifest = d.resolved_path()

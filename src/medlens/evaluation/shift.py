@@ -27,8 +27,9 @@ def _ks(a: np.ndarray, b: np.ndarray) -> dict[str, float] | None:
 
 def shift_report(task: str | Task, class_names: list[str], y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray,
                  p_test: np.ndarray, threshold: float | None, tolerance: float = 0.05,
-                 test_name: str = "test") -> dict:
-    """Prevalence, per-class score tests, operating-point drift and plain-language flags."""
+                 test_name: str = "test", chosen_on: str = "val") -> dict:
+    """Prevalence, per-class score tests, operating-point drift and plain-language flags. ``chosen_on``: where
+    the threshold was chosen (``Threshold.chosen_on``: val, or site for a recalibrated run), as the flag says."""
     y_val, y_test = np.asarray(y_val).astype(int), np.asarray(y_test).astype(int)
     p_val, p_test = np.asarray(p_val, float), np.asarray(p_test, float)
     k = len(class_names)
@@ -58,7 +59,9 @@ def shift_report(task: str | Task, class_names: list[str], y_val: np.ndarray, p_
         drops = [f"{m} {mv[m]:.3f} -> {mt[m]:.3f}" for m in ("sensitivity", "specificity")
                  if mv[m] - mt[m] > tolerance]
         if drops:
-            out["flags"].insert(0, "the threshold chosen on validation did not transfer: " + ", ".join(drops))
+            what = ("the threshold chosen on validation did not transfer" if chosen_on == "val" else
+                    f"the threshold chosen on the site sample does not hold from validation to {test_name}")
+            out["flags"].insert(0, f"{what}: " + ", ".join(drops))
     else:
         av = float((p_val.argmax(1) == y_val).mean())
         at = float((p_test.argmax(1) == y_test).mean())

@@ -136,8 +136,9 @@ def _calib(f):
         return None
     t = c.get(f.metrics.get("evaluated_split", "test"), {})
     after = t.get("after", {}).get("ece", {}).get("value")
+    on = "the site sample" if c.get("fitted_on") == "site" else "validation"
     return "Calibration", (f"ECE {_fmt(t['before']['ece']['value'])} before, {_fmt(after)} after "
-                           f"{c['method'] or 'no'} scaling (fitted on validation)")
+                           f"{c['method'] or 'no'} scaling (fitted on {on})")
 
 
 def _dca(f):
@@ -154,7 +155,8 @@ def _imbalance(f):
 
 def _threshold(f):
     th = f.meta.threshold
-    return ("Summary", f"{th.value:.4f} by {th.rule}, chosen on validation before the test split was scored"
+    on = "a site's own labelled sample" if th and th.chosen_on == "site" else "validation"
+    return ("Summary", f"{th.value:.4f} by {th.rule}, chosen on {on} before the test split was scored"
             if th else "argmax (no threshold)")
 
 

@@ -50,6 +50,22 @@ def class_code(name: str):
     return local(value, name)
 
 
+def calibration_parameters(meta) -> list[str]:
+    """Which calibration the probabilities carry (issue 26), as TID 4019 algorithm parameters (FHIR: Device
+    properties): the scaling and where it was fitted, or that they are the model's own; nothing for a run
+    that records neither (segmenters, runs written before the choice was recorded)."""
+    cal, choice = getattr(meta, "calibration", None), getattr(meta, "calibration_choice", None) or {}
+    gain = choice.get("improvement")
+    if cal is not None:
+        on = "validation" if cal.fitted_on == "val" else "a site sample"
+        by = f"; held-out log-loss lower by {gain:.4f}" if isinstance(gain, (int, float)) and gain > 0 else ""
+        return [f"probabilities calibrated ({cal.method}, fitted on {on}{by})"]
+    if choice:
+        return ["probabilities not calibrated (the model's own: no scaling lowered the held-out log-loss)"
+                if choice.get("setting") == "auto" else "probabilities not calibrated (evaluation.calibration: none)"]
+    return []
+
+
 @dataclass
 class Algorithm:
     """TID 4019 algorithm identification of a run."""
@@ -65,9 +81,7 @@ class Algorithm:
         from medlens import __version__
 
         params = [f"weights SHA-256 {run.weights_sha256}"]
-        cal = getattr(run.meta, "calibration", None)
-        if cal is not None:
-            params.append(f"probabilities calibrated ({cal.method}, fitted on {'validation' if cal.fitted_on == 'val' else 'a site sample'})")
+        params += calibration_parameters(run.meta)
         return cls(f"medlens {run.meta.model}", __version__, run.weights_sha256, run.meta.model, params)
 
     def template(self):

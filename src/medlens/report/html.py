@@ -31,6 +31,18 @@ FIGURES = [("training_curves.png", "Training curves", 760), ("roc.png", "ROC", 4
            ("gallery_fn.png", "False negatives", 520)]
 
 
+def calibration_warning(metrics: dict) -> dict | None:
+    """The evaluated split's ECE before and after scaling when the scaling made it worse (issue 26), else None."""
+    cal = metrics.get("calibration") or {}
+    split = metrics.get("evaluated_split", "test")
+    t = cal.get(split) or {}
+    if not cal.get("method") or "after" not in t:
+        return None
+    before, after = t["before"]["ece"]["value"], t["after"]["ece"]["value"]
+    return ({"method": cal["method"], "split": split, "before": before, "after": after,
+             "fitted_on": cal.get("fitted_on")} if after > before else None)
+
+
 def _fmt(v) -> str:
     return "n/a" if v is None or v != v else f"{v:.3f}"
 
@@ -79,6 +91,7 @@ def write_report(run: Run | str | Path) -> Path:
     html = env.get_template("report.html").render(
         published=run.config.evaluation.published, test_metrics=test, pretty=PRETTY,
         checklist=items, card=card, recalibrated=meta.recalibrated_on, calibration=metrics.get("calibration"), shift=metrics.get("shift"),
+        calibration_worse=calibration_warning(metrics), calibration_choice=meta.calibration_choice,
         decision=metrics.get("decision_curve"), subgroups=metrics.get("subgroups"),
         reliability_png=plot("reliability.png"), shift_tolerance=run.config.evaluation.shift_tolerance, dca_png=plot("decision_curve.png"),
         name=run.config.name or run.name, version=__version__, created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),

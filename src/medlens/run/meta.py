@@ -47,6 +47,7 @@ MAX_PARAM_DEPTH = 8
 MAX_SPACING_MM = 1e4
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 MAX_PLATT = 1e6
+MAX_KNOTS = 256   # isotonic calibration: bounded, so run.json and the ONNX metadata stay small
 
 
 def _finite(v: float, what: str) -> float:
@@ -201,13 +202,16 @@ class Threshold(_Strict):
 class Calibration(_Strict):
     """Probability calibration fitted on the validation split only (``evaluation.calibration``).
 
-    ``platt`` (binary): ``p' = sigmoid(a * logit(p) + b)``; ``temperature`` (multi-class/ordinal):
-    ``p' = softmax(log(p) / t)``, which keeps the argmax. Both keep the ranking, so AUC is unchanged.
+    ``platt`` (binary): ``p' = sigmoid(a * logit(p) + b)``; ``temperature``: ``p' = softmax(log(p) / t)``
+    (multi-class/ordinal, which keeps the argmax) or ``sigmoid(logit(p) / t)`` (binary); ``isotonic`` (binary):
+    ``p'`` interpolated linearly between ``knots`` ``[[p...], [p'...]]`` (at most ``MAX_KNOTS``, both in [0, 1],
+    ``p`` strictly and ``p'`` weakly increasing; constant outside). All keep the ranking (isotonic may tie it).
     The slope ``a`` and the temperature ``t`` must be positive: anything else reverses or breaks the ranking.
     """
 
-    method: Literal["platt", "temperature"]
+    method: Literal["platt", "temperature", "isotonic"]
     params: dict[str, float]
+    knots: list[list[float]] | None = None
     fitted_on: Literal["val", "site"] = "val"
     n: int = Field(ge=0)
 
@@ -217,11 +221,11 @@ class Calibration(_Strict):
         method = info.data.get("method")
         if method is None:   # the method itself was refused
             return params
-        want = ("a", "b") if method == "platt" else ("t",)
+        want = {"platt": ("a", "b"), "temperature": ("t",)}.get(method, ())
         missing = [k for k in want if k not in params]
         extra = sorted(set(params) - set(want))
         if missing or extra:
-            raise ValueError(f"{method} calibration takes {' and '.join(want)}; "
+            raise ValueError(f"{method} calibration takes {' and '.join(want) or 'no params'}; "
                              + (f"'{missing[0]}' is missing" if missing else f"'{extra[0]}' is not one of them"))
         for k, v in params.items():
             _finite(v, k)
@@ -235,12 +239,32 @@ class Calibration(_Strict):
                              f"{MAX_TEMPERATURE:g}")
         return params
 
+    @model_validator(mode="after")
+    def _knots(self) -> "Calibration":
+        if self.method != "isotonic":
+            if self.knots is not None:
+                raise ValueError(f"knots: a {self.method} calibration has none")
+            return self
+        k = self.knots
+        if k is None or len(k) != 2 or len(k[0]) != len(k[1]) or not 2 <= len(k[0]) <= MAX_KNOTS:
+            raise ValueError(f"knots: isotonic calibration takes [[p...], [p'...]] of 2 to {MAX_KNOTS} points each")
+        x, y = np.asarray(k[0], np.float64), np.asarray(k[1], np.float64)
+        if not (np.isfinite(x).all() and np.isfinite(y).all()) or x.min() < 0 or x.max() > 1 or y.min() < 0 \
+                or y.max() > 1:
+            raise ValueError("knots: isotonic knots must be finite probabilities in [0, 1]")
+        if not (np.all(np.diff(x) > 0) and np.all(np.diff(y) >= 0)):
+            raise ValueError("knots: isotonic knots must increase (p strictly, p' weakly)")
+        return self
+
     def apply(self, p: np.ndarray) -> np.ndarray:
         p = np.asarray(p, np.float64)
         with np.errstate(over="ignore"):   # exp overflow of a steep slope is a probability of 0 or 1
-            if self.method == "platt":
+            if self.method == "isotonic" and self.knots is not None:
+                return np.interp(p, self.knots[0], self.knots[1]).astype(np.float32)
+            if self.method == "platt" or p.ndim == 1:   # temperature on one binary score scales its logit
                 q = np.clip(p, 1e-7, 1 - 1e-7)
-                z = self.params["a"] * np.log(q / (1 - q)) + self.params["b"]
+                a, b = (self.params["a"], self.params["b"]) if self.method == "platt" else (1 / self.params["t"], 0.0)
+                z = a * np.log(q / (1 - q)) + b
                 return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
             z = np.log(np.clip(p, 1e-12, 1.0)) / self.params["t"]
             z -= z.max(axis=-1, keepdims=True)
@@ -280,6 +304,9 @@ class RunMeta(_Strict):
     threshold: Threshold | None = None
     calibration: Calibration | None = None
     recalibrated_on: dict[str, Any] | None = None   # the site sample a recalibrated copy was adapted to
+    # issue 26: how the calibration was chosen (held-out log-loss of each candidate by cross-validation inside
+    # the validation split, the one kept and its improvement over none); absent in older runs
+    calibration_choice: dict[str, Any] | None = None
     dataset: str | None = None
     split_method: str = ""
     # True: patients read from the data, the split keeps each in one split; False: a per-image split (one patient

@@ -90,6 +90,21 @@ def _number(v, what: str) -> float:
     return float(v)
 
 
+def _check_knots(knots) -> None:
+    """An isotonic calibration's knots: [[p...], [p'...]], 2 to 256 finite probabilities each, p strictly and p'
+    weakly increasing (as medlens.run.meta.Calibration checks them)."""
+    ok = (isinstance(knots, list) and len(knots) == 2 and all(isinstance(k, list) for k in knots)
+          and len(knots[0]) == len(knots[1]) and 2 <= len(knots[0]) <= 256
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for k in knots for v in k))
+    if ok:
+        x, y = np.asarray(knots[0], np.float64), np.asarray(knots[1], np.float64)
+        ok = bool(np.isfinite(x).all() and np.isfinite(y).all() and x.min() >= 0 and x.max() <= 1 and y.min() >= 0
+                  and y.max() <= 1 and np.all(np.diff(x) > 0) and np.all(np.diff(y) >= 0))
+    if not ok:
+        raise ExportError("medlens.calibration: isotonic knots must be [[p...], [p'...]] of 2 to 256 increasing "
+                          "probabilities")
+
+
 def check_metadata(task, class_names, prep, threshold, calibration, activation, in_channels, input_size) -> None:
     """The checks medlens's ``RunMeta`` makes, for the values this loader uses (a small copy: no medlens here)."""
     if task not in TASKS:
@@ -116,10 +131,13 @@ def check_metadata(task, class_names, prep, threshold, calibration, activation, 
         if not isinstance(calibration, dict) or not isinstance(calibration.get("params"), dict):
             raise ExportError("medlens.calibration is not an object with params")
         method, params = calibration.get("method"), calibration["params"]
-        want = {"platt": ("a", "b"), "temperature": ("t",)}.get(method) if isinstance(method, str) else None
+        want = ({"platt": ("a", "b"), "temperature": ("t",), "isotonic": ()}.get(method)
+                if isinstance(method, str) else None)
         if want is None or sorted(params) != sorted(want):
             raise ExportError(f"medlens.calibration: method {method!r} with params {sorted(params)} (platt takes a "
-                              "and b, temperature takes t)")
+                              "and b, temperature takes t, isotonic takes knots)")
+        if method == "isotonic":
+            _check_knots(calibration.get("knots"))
         for k in want:
             _number(params[k], f"medlens.calibration {k}")
         if method == "platt" and not 0 < params["a"] <= 1e6 or method == "platt" and abs(params["b"]) > 1e6:
@@ -374,9 +392,13 @@ class ExportedModel:
             raise ExportError("a segmentation export: run it per window with logits()")
         cal = self.calibration
         if cal:
-            if cal["method"] == "platt":
+            if cal["method"] == "isotonic":
+                p = np.interp(p, cal["knots"][0], cal["knots"][1])
+            elif cal["method"] == "platt" or p.ndim == 1:   # temperature on one binary score scales its logit
                 q = np.clip(p, 1e-7, 1 - 1e-7)
-                p = _sigmoid(cal["params"]["a"] * np.log(q / (1 - q)) + cal["params"]["b"])
+                a, b = ((cal["params"]["a"], cal["params"]["b"]) if cal["method"] == "platt"
+                        else (1.0 / cal["params"]["t"], 0.0))
+                p = _sigmoid(a * np.log(q / (1 - q)) + b)
             else:
                 zz = np.log(np.clip(p, 1e-12, 1.0)) / cal["params"]["t"]
                 p = _softmax(zz, -1)

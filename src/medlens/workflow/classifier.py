@@ -21,7 +21,7 @@ from medlens.engine.train import (
     fit_classifier,
 )
 from medlens.errors import ConfigError, MedlensError
-from medlens.evaluation.calibration import calibration_method, fit_calibration
+from medlens.evaluation.calibration import calibration_method, select_calibration
 from medlens.evaluation.evaluate import evaluate_run
 from medlens.evaluation.threshold import choose_threshold
 from medlens.explain.run import write_report_section
@@ -118,7 +118,9 @@ def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bo
     predictor = Predictor(run)
     # calibration first, then the threshold on the calibrated validation probabilities: both from validation only
     raw_val = predictor.predict_dataset(data.val, calibrated=False)
-    run.meta.calibration = fit_calibration(meta.task, data.val.labels, raw_val, cfg.evaluation.calibration)
+    # chosen by cross-validation inside validation: none unless a scaling lowers the held-out log-loss
+    run.meta.calibration, run.meta.calibration_choice = select_calibration(
+        meta.task, data.val.labels, raw_val, cfg.evaluation.calibration, seed=cfg.seed)
     if get_task(meta.task).has_threshold:
         rule = cfg.evaluation.threshold
         p_val = run.meta.calibration.apply(raw_val) if run.meta.calibration else raw_val
@@ -127,7 +129,8 @@ def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bo
     def evaluate(r: Run) -> None:
         evaluate_run(r, data=data, predictor=predictor)
         if not classical:
-            write_report_section(r, "gradcam", predictor=predictor, test=data.test)
+            # explain.method, or the method most faithful on a few validation images (issue 26)
+            write_report_section(r, cfg.explain.method, predictor=predictor, test=data.test, val=data.val)
         if after is not None:
             after(r, predictor)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from medlens.data.base import confined_paths, read_csv_checked, refuse_blank_cells
 from medlens.errors import DataError, MedlensError
-from medlens.evaluation.calibration import fit_calibration
+from medlens.evaluation.calibration import select_calibration
 from medlens.evaluation.evaluate import evaluate_run
 from medlens.evaluation.threshold import choose_threshold
 from medlens.report.html import write_report
@@ -64,11 +64,13 @@ def recalibrate(run_dir: str | Path, site_csv: str | Path, out: str | Path, over
     predictor = Predictor(run)
     raw = predictor.predict_arrays(np.stack([predictor.prepare(p) for p in paths]), calibrated=False)
     cfg = run.config
-    cal = fit_calibration(run.task, y, raw, cfg.evaluation.calibration)
+    # chosen like training's, by cross-validation, but inside the site sample: none unless it lowers the log-loss
+    cal, choice = select_calibration(run.task, y, raw, cfg.evaluation.calibration, seed=cfg.seed)
     if cal is not None:
         cal = cal.model_copy(update={"fitted_on": "site"})
     meta = run.meta.model_copy(deep=True)
     meta.calibration = cal
+    meta.calibration_choice = {**choice, "on": "site"} if choice is not None else None
     p = cal.apply(raw) if cal is not None else raw
     if task.has_threshold:
         rule = cfg.evaluation.threshold
