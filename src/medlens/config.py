@@ -235,6 +235,9 @@ class DataConfig(_Strict):
     intensity: Literal["unit", "zscore", "percentile"] = "unit"  # per-image scaling of segmentation inputs
     window: str | None = None            # CT window (name or "level,width") applied before scaling
     pixel_spacing: float | None = Field(default=None, gt=0)  # mm per pixel for 2D files that do not record it
+    # DICOM modality tag (MR, CT, DX, ...) of training images whose files do not say it (NIfTI, NRRD, PNG): the
+    # run's input profile records it, so predict/segment/serve/--push refuse another modality (issue 26)
+    modality: str | None = Field(default=None, pattern=r"^[A-Z]{2,4}$")
     # classification labels: source label (class name or index) -> task label; null drops those samples
     label_map: dict[str | int, str | None] | None = None
     # binary: the task label that is the positive class (index 1); without it a folder's or manifest's two classes

@@ -60,8 +60,14 @@ def test_classifier_round_trip(orthanc, lidc_in_pacs, trained_run, tmp_path):  #
     _one_line_error(medlens("predict", trained_run, "--from-pacs", orthanc.dicomweb, "--study", missing, "--push",
                             "--out", tmp_path / "x"), f"has no study {missing}")
     assert not (tmp_path / "x").exists()
+    srs = len(_new_instances(orthanc.dicomweb, lidc_in_pacs, "SR"))
+    # issue 26: CT slices are outside the X-ray model's training data: --push refuses them, nothing is stored
+    _one_line_error(medlens("predict", trained_run, "--from-pacs", orthanc.dicomweb, "--study", lidc_in_pacs,
+                            "--push", "--out", tmp_path / "refused"),
+                    "outside the training data", "modality CT (CT) but the model was trained on DX")
+    assert not (tmp_path / "refused").exists() and len(_new_instances(orthanc.dicomweb, lidc_in_pacs, "SR")) == srs
     r = medlens("predict", trained_run, "--from-pacs", orthanc.dicomweb, "--study", lidc_in_pacs, "--push",
-                "--out", tmp_path / "o", check=True)
+                "--out", tmp_path / "o", "--allow-out-of-profile", check=True)
     assert "stored 133 instance(s)" in r.stdout
     local = {pydicom.dcmread(p).SOPInstanceUID: p for p in (tmp_path / "o").glob("*_sr.dcm")}
     assert len(local) == 133
@@ -151,3 +157,25 @@ def test_segmenter_round_trip(orthanc, seg_run, tmp_path, data_root):  # noqa: F
     assert vals["Volume"] == pytest.approx(float(mask.sum() * np.prod(vol.spacing)), rel=1e-5)
     assert group.referenced_segment.referenced_sop_instance_uid == seg_ds.SOPInstanceUID
     assert group.finding_type.meaning == "Lesion"
+
+
+def test_a_mr_segmenter_refuses_a_ct_series_and_nothing_is_stored(orthanc, lidc_in_pacs, seg_run, tmp_path,  # noqa: F811
+                                                                  data_root):
+    """Issue 26: the brain-MR lesion model on the chest CT study. `predict --from-pacs --push` is refused in one
+    line before anything is written or stored (Orthanc holds no new SEG or SR), and so is `segment` with
+    DICOM outputs on the local series. The run's profile knows MR from the config (NRRD files do not say it)."""
+    from medlens.run import Run
+
+    assert Run.open(seg_run).meta.input_profile.modality == "MR"
+    before = {m: len(_new_instances(orthanc.dicomweb, lidc_in_pacs, m)) for m in ("SEG", "SR")}
+    _one_line_error(medlens("predict", seg_run, "--from-pacs", orthanc.dicomweb, "--study", lidc_in_pacs, "--push",
+                            "--out", tmp_path / "o"),
+                    "outside the training data", "modality CT (CT) but the model was trained on MR (MR) images")
+    assert not (tmp_path / "o").exists()
+    assert {m: len(_new_instances(orthanc.dicomweb, lidc_in_pacs, m)) for m in ("SEG", "SR")} == before
+    series = next((data_root / "lidc-idri-0001").rglob("*.dcm")).parent
+    _one_line_error(medlens("segment", seg_run, series, "--out", tmp_path / "s", "--outputs", "sr,seg,fhir"),
+                    series.name, "outside the training data", "trained on MR")
+    _one_line_error(medlens("segment", seg_run, series, "--out", tmp_path / "d", "--dicom-seg"),
+                    "outside the training data")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()

@@ -69,7 +69,9 @@ def files(tmp_path_factory, data_root):
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
     """p2d: the shared PneumoniaMNIST run, exported (ONNX Runtime); a3d: a 3D classifier (PyTorch); unet3d: a
-    3D U-Net (PyTorch). API keys on, small limits so the refusals can be provoked."""
+    3D U-Net (PyTorch). API keys on, small limits so the refusals can be provoked; --allow-out-of-profile, so that
+    the CT inputs the X-ray and adrenal models were not trained on are answered with the reasons (the refusal
+    without the flag: tests/integration/test_out_of_profile.py)."""
     from medlens.workflow.export import export_run
 
     base = tmp_path_factory.mktemp("served")
@@ -81,7 +83,7 @@ def server(trained_run, tmp_path_factory):
     unet = shutil.copytree(tiny_run("unet3d", tmp_path_factory), base / "unet3d")
     shutil.rmtree(unet / "export", ignore_errors=True)
     s = Server([p2d, a3d, unet], base / "server.log", "--max-upload-mb", "8", "--max-queue", "4",
-               "--max-wait-ms", "50", env={"MEDLENS_API_KEYS": KEY})
+               "--max-wait-ms", "50", "--allow-out-of-profile", env={"MEDLENS_API_KEYS": KEY})
     s.runs = {"p2d": p2d, "a3d": a3d, "unet3d": unet}
     yield s
     s.stop()
@@ -148,6 +150,8 @@ def test_predict_png_dicom_series_and_nifti(server, files):
         r = _post(c, "p2d", [files["ct_slice"]])          # a DICOM CT slice (512 x 512, HU) to the 2D model
         assert r.status_code == 200, r.text
         assert r.json()["input"]["kind"] == "dicom" and r.json()["input"]["shape"] == [512, 512]
+        assert r.json()["outside_training_data"] is True   # answered (--allow-out-of-profile), with the reasons
+        assert any(w.startswith("modality CT") for w in r.json()["input_warnings"]), r.json()["input_warnings"]
 
         r = _post(c, "a3d", files["series"], display="true")   # 12 DICOM files = one series
         assert r.status_code == 200, r.text

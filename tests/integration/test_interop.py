@@ -214,7 +214,9 @@ def test_classifier_sr_equals_predictions_csv(trained_run, phi_slice, tmp_path):
 
     from medlens.run import Predictor, Run
 
-    r = medlens("predict", trained_run, phi_slice, "--out", tmp_path / "o", "--outputs", "sr,fhir", check=True)
+    # a CT slice is outside the X-ray model's training data: exported only when allowed (issue 26)
+    r = medlens("predict", trained_run, phi_slice, "--out", tmp_path / "o", "--outputs", "sr,fhir",
+                "--allow-out-of-profile", check=True)
     _no_phi(r.stdout, r.stderr)
     csv = pd.read_csv(tmp_path / "o" / "predictions.csv").iloc[0]
     run = Run.open(trained_run)
@@ -228,11 +230,13 @@ def test_classifier_sr_equals_predictions_csv(trained_run, phi_slice, tmp_path):
     assert vals["Probability"] == [pytest.approx(csv[f"p_{positive}"], abs=1e-6)]
     assert vals["Decision threshold"] == [pytest.approx(csv["threshold"], abs=1e-9)]
     assert csv["threshold"] == pytest.approx(run.meta.threshold.value)
-    metrics = json.loads((trained_run / "metrics.json").read_text())["val"]["metrics"]
-    assert vals["Sensitivity at threshold on validation"] == [pytest.approx(metrics["sensitivity"]["value"])]
-    assert vals["Specificity at threshold on validation"] == [pytest.approx(metrics["specificity"]["value"])]
+    # the operating point of the split it was measured on, named: the test split of an evaluated run (issue 26)
+    metrics = json.loads((trained_run / "metrics.json").read_text())["test"]["metrics"]
+    assert vals["Sensitivity at validation threshold on test"] == [pytest.approx(metrics["sensitivity"]["value"])]
+    assert vals["Specificity at validation threshold on test"] == [pytest.approx(metrics["specificity"]["value"])]
+    assert not any("on validation" in k for k in vals)
     (group,) = hd.sr.srread(sr_path).content.get_image_measurement_groups()
-    (qe,) = group.get_qualitative_evaluations()
+    qe = group.get_qualitative_evaluations()[0]
     assert qe.name.meaning == positive and group.finding_type.meaning == positive
     assert qe.value.meaning == ("Present" if csv["prediction"] == positive else "Absent")
     # algorithm identification: model, medlens version, weights hash; evidence: the source instance
@@ -257,7 +261,7 @@ def _walk(items):
 
 def test_deidentify_and_no_phi_in_logs_or_errors(trained_run, phi_slice, tmp_path, data_root):
     r = medlens("predict", trained_run, phi_slice, "--out", tmp_path / "d", "--outputs", "sr,fhir", "--deidentify",
-                check=True)
+                "--allow-out-of-profile", check=True)
     _no_phi(r.stdout, r.stderr)
     sr = pydicom.dcmread(tmp_path / "d" / "slice_sr.dcm")
     src = pydicom.dcmread(phi_slice, stop_before_pixels=True)

@@ -12,6 +12,8 @@ from rich.table import Table
 from medlens.cli.common import console, quiet_libraries
 
 DEID_KEY_HELP = "UID remapping key (as medlens deid)"
+ALLOW_OOP_HELP = ("export SR/SEG/FHIR (and --push) even for an input outside the run's training data (modality, "
+                  "body part, colour, size, intensities); the SR and FHIR then say so, with the reasons")
 
 
 def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
@@ -29,7 +31,8 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
                                             "de-identified source attributes"),
             deid_key: Optional[str] = typer.Option(None, "--deid-key", help=DEID_KEY_HELP),
             allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="predict with a run whose "
-                                                  "training did not finish (status not 'complete')")
+                                                  "training did not finish (status not 'complete')"),
+            allow_out_of_profile: bool = typer.Option(False, "--allow-out-of-profile", help=ALLOW_OOP_HELP)
             ) -> None:
     """Predict image files with a trained run (a segmentation run with --from-pacs segments the study)."""
     from medlens.errors import MedlensError
@@ -38,7 +41,8 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
     quiet_libraries()
     Run.open(run_dir).require_complete(allow_incomplete)   # issue 25: finished runs only, unless asked
     if from_pacs or study or push:
-        return _from_pacs(run_dir, from_pacs, study, push, out, outputs, deidentify, deid_key, allow_http)
+        return _from_pacs(run_dir, from_pacs, study, push, out, outputs, deidentify, deid_key, allow_http,
+                          allow_out_of_profile)
     if not files:
         raise MedlensError("give image files to predict, or --from-pacs URL --study UID")
     run = Run.open(run_dir, expect="classification")
@@ -49,7 +53,7 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
         if out is None:
             raise MedlensError("--outputs needs --out FOLDER")
         rows, done = predict_export(run, paths, out, parse_outputs(outputs, False), deidentify=deidentify,
-                                    deid_key=deid_key)
+                                    deid_key=deid_key, allow_out_of_profile=allow_out_of_profile)
     else:
         rows, done = Predictor(run).predict_files([str(f) for f in files]), []
     console.print(_prediction_table(run_dir, rows))
@@ -81,7 +85,8 @@ def _listing(done: Iterable[Any]) -> str:
 
 
 def _from_pacs(run_dir: Path, url: str | None, study: str | None, push: bool, out: Path | None, outputs: str | None,
-               deidentify: bool, deid_key: str | None, allow_http: bool = False) -> None:
+               deidentify: bool, deid_key: str | None, allow_http: bool = False,
+               allow_out_of_profile: bool = False) -> None:
     from medlens.errors import MedlensError
     from medlens.io.net import shown_url
     from medlens.workflow.interop import pacs_round_trip
@@ -91,7 +96,7 @@ def _from_pacs(run_dir: Path, url: str | None, study: str | None, push: bool, ou
     if out is None:
         raise MedlensError("--from-pacs needs --out FOLDER for the local copy of the results")
     res = pacs_round_trip(run_dir, url, study, out, outputs, push=push, deidentify=deidentify, deid_key=deid_key,
-                          allow_http=allow_http)
+                          allow_http=allow_http, allow_out_of_profile=allow_out_of_profile)
     console.print(f"{res.n_inputs} input(s) from study {study}: wrote [bold]{out}[/] ({_listing(res.exported)[2:]})"
                   + (f"; stored {res.pushed} instance(s) at {shown_url(url)}" if push else ""))
 
@@ -108,7 +113,8 @@ def segment(run_dir: Path = typer.Argument(..., help="a segmentation run folder"
                                                   "TID 1500 SR, DICOM SEG (codes from the config), FHIR Bundle"),
             deidentify: bool = typer.Option(False, "--deidentify", help="build every export from PS3.15 "
                                             "de-identified source attributes"),
-            deid_key: Optional[str] = typer.Option(None, "--deid-key", help=DEID_KEY_HELP)
+            deid_key: Optional[str] = typer.Option(None, "--deid-key", help=DEID_KEY_HELP),
+            allow_out_of_profile: bool = typer.Option(False, "--allow-out-of-profile", help=ALLOW_OOP_HELP)
             ) -> None:
     """Segment files with a trained U-Net: a mask per input in its geometry (PNG 2D, NIfTI 3D) + overlay."""
     from medlens.workflow.segment import segment_files
@@ -121,9 +127,11 @@ def segment(run_dir: Path = typer.Argument(..., help="a segmentation run folder"
 
         wanted = parse_outputs(outputs or "seg", True) | ({"seg"} if dicom_seg else set())
         rows, _ = segment_export(Run.open(run_dir, expect="segmentation"), paths, out, wanted,
-                                 tta=tta, overlay=overlay, deidentify=deidentify, deid_key=deid_key)
+                                 tta=tta, overlay=overlay, deidentify=deidentify, deid_key=deid_key,
+                                 allow_out_of_profile=allow_out_of_profile)
     else:
-        rows = segment_files(run_dir, paths, out, tta=tta, overlay=overlay, dicom_seg=dicom_seg)
+        rows = segment_files(run_dir, paths, out, tta=tta, overlay=overlay, dicom_seg=dicom_seg,
+                             allow_out_of_profile=allow_out_of_profile)
     t = Table(title=f"segmentation ({run_dir})")
     for col in ("file", "mask", "foreground voxels", "area / volume"):
         t.add_column(col)

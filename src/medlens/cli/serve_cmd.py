@@ -61,7 +61,10 @@ def serve(runs: List[Path] = typer.Argument(..., help="one or more trained run f
           tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS"),
           tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
           allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="serve a run whose "
-                                                "training did not finish (status not 'complete')")
+                                                "training did not finish (status not 'complete')"),
+          allow_out_of_profile: bool = typer.Option(False, "--allow-out-of-profile", help="answer inputs outside "
+                                                    "a run's training data (with the reasons in the answer) "
+                                                    "instead of refusing them (422)")
           ) -> None:
     """Serve runs over HTTP(S): REST API, viewer at /, /openapi.json, /healthz, /readyz, /metrics."""
     from medlens.errors import ConfigError
@@ -79,5 +82,6 @@ def serve(runs: List[Path] = typer.Argument(..., help="one or more trained run f
                              max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads,
                              backend=backend, read_timeout_s=read_timeout, allowed_hosts=tuple(allowed_host),
                              tls_cert=str(tls_cert) if tls_cert else None,
-                             tls_key=str(tls_key) if tls_key else None, allow_incomplete=allow_incomplete)
+                             tls_key=str(tls_key) if tls_key else None, allow_incomplete=allow_incomplete,
+                             allow_out_of_profile=allow_out_of_profile)
     run_server([str(r) for r in runs], settings)

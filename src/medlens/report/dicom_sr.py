@@ -22,6 +22,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from highdicom.sr import QualitativeEvaluation
+from pydicom.sr.codedict import codes
+
 from medlens.errors import DataError
 from medlens.io.dicom_seg import SegmentCodes, prepare_sources, save_dataset
 
@@ -42,6 +45,31 @@ def local(value: str, meaning: str):
 THRESHOLD = ("threshold", "Decision threshold")
 SENSITIVITY = ("val-sensitivity", "Sensitivity at threshold on validation")
 SPECIFICITY = ("val-specificity", "Specificity at threshold on validation")
+SPLIT_NAMES = {"val": "validation", "test": "test", "train": "training"}
+# issue 26: an input outside the run's training profile, exported only when allowed, says so in every group
+OUTSIDE = ("ood-input", "Input outside the training data")
+OUTSIDE_REASON = ("ood-reason", "Outside the training data because")
+
+
+def operating_codes(split: str | None) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The sensitivity and specificity concepts of an operating point measured on ``split`` (named in the code)."""
+    if not split or split == "val":
+        return SENSITIVITY, SPECIFICITY
+    name = SPLIT_NAMES.get(split, split)
+    return ((f"{split}-sensitivity", f"Sensitivity at validation threshold on {name}"),
+            (f"{split}-specificity", f"Specificity at validation threshold on {name}"))
+
+
+def outside_evaluations(reasons: list[str] | None) -> list:
+    """Qualitative evaluations saying the input was outside the training data: one (Yes) and one per reason
+    (the reason as the coded value's meaning, at most 64 characters); empty when ``reasons`` is empty."""
+    if not reasons:
+        return []
+    out = [QualitativeEvaluation(local(*OUTSIDE), codes.SCT.Yes)]
+    for i, r in enumerate(reasons, start=1):
+        kind = r.split(" ", 1)[0].lower()
+        out.append(QualitativeEvaluation(local(*OUTSIDE_REASON), local(f"ood-{i}-{kind}", r)))
+    return out
 
 
 def class_code(name: str):
@@ -142,11 +170,15 @@ def _report(groups, algorithm: Algorithm, sources: list, seg=None, title_series:
 
 
 def classification_sr(sources: list, prediction, class_names: list[str], algorithm: Algorithm,
-                      threshold: float | None, operating_point: dict[str, float] | None = None):
+                      threshold: float | None, operating_point: dict | None = None,
+                      outside: list[str] | None = None):
     """A TID 1500 SR of one classifier prediction on ``sources`` (the DICOM instances it read).
 
     Binary: one group for the positive class (``class_names[1]``): Present when its probability reaches
-    ``threshold``. Multi-class: one group per class, Present for the predicted class."""
+    ``threshold``, with the operating point of the split it was measured on (``operating_point["split"]``,
+    named in the concept). Multi-class: one group per class, Present for the predicted class. ``outside``:
+    the reasons the input fell outside the training data (exported only when allowed), as qualitative
+    evaluations in every group."""
     import highdicom as hd
     from highdicom.sr import (Measurement, MeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
                               SourceImageForMeasurementGroup, TrackingIdentifier)
@@ -162,20 +194,24 @@ def classification_sr(sources: list, prediction, class_names: list[str], algorit
         meas = [Measurement(name=codes.DCM.Probability, value=p, unit=one)]
         if binary:
             meas.append(Measurement(name=local(*THRESHOLD), value=float(threshold), unit=one))
-            for key, code in (("sensitivity", SENSITIVITY), ("specificity", SPECIFICITY)):
+            sens, spec = operating_codes((operating_point or {}).get("split"))
+            for key, code in (("sensitivity", sens), ("specificity", spec)):
                 if operating_point and operating_point.get(key) is not None:
                     meas.append(Measurement(name=local(*code), value=float(operating_point[key]), unit=one))
         finding = class_code(name)
         groups.append(MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=f"finding: {name}"[:64]),
             finding_type=finding, algorithm_id=algorithm.template(), measurements=meas,
-            qualitative_evaluations=[QualitativeEvaluation(finding, codes.SCT.Present if present else codes.SCT.Absent)],
+            qualitative_evaluations=[QualitativeEvaluation(finding, codes.SCT.Present if present else codes.SCT.Absent),
+                                     *outside_evaluations(outside)],
             source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]))
     return _report(groups, algorithm, sources, title_series=f"{algorithm.name} classification")
 
 
-def segmentation_sr(sources: list, seg, findings: list[RoiFinding], algorithm: Algorithm):
-    """A TID 1500 SR with one TID 1411 volumetric group per segment of ``seg`` (the written DICOM SEG)."""
+def segmentation_sr(sources: list, seg, findings: list[RoiFinding], algorithm: Algorithm,
+                    outside: list[str] | None = None):
+    """A TID 1500 SR with one TID 1411 volumetric group per segment of ``seg`` (the written DICOM SEG);
+    ``outside``: why the input was outside the training data, as qualitative evaluations in every group."""
     from highdicom.sr import (FindingSite, Measurement, ReferencedSegment, SourceSeriesForSegmentation,
                               TrackingIdentifier, VolumetricROIMeasurementsAndQualitativeEvaluations)
     from pydicom.sr.codedict import codes
@@ -194,7 +230,8 @@ def segmentation_sr(sources: list, seg, findings: list[RoiFinding], algorithm: A
             referenced_segment=ReferencedSegment(seg.SOPClassUID, seg.SOPInstanceUID, f.segment_number,
                                                  source_series=SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)),
             finding_type=typ, finding_category=category, algorithm_id=algorithm.template(),
-            finding_sites=[FindingSite(region)] if region is not None else None, measurements=meas))
+            finding_sites=[FindingSite(region)] if region is not None else None, measurements=meas,
+            qualitative_evaluations=outside_evaluations(outside) or None))
     return _report(groups, algorithm, sources, seg, title_series=f"{algorithm.name} measurements")
 
 

@@ -19,9 +19,11 @@ It reads any TID 1500 SR (through highdicom's content model), not only the ones 
 from __future__ import annotations
 
 import uuid
+import warnings
 from typing import Any
 
 from medlens.errors import DataError
+from medlens.report.dicom_sr import LOCAL_SCHEME, OUTSIDE, OUTSIDE_REASON
 
 SYSTEMS = {"SCT": "http://snomed.info/sct", "DCM": "http://dicom.nema.org/resources/ontology/DCM",
            "LN": "http://loinc.org", "UCUM": "http://unitsofmeasure.org", "FMA": "http://purl.org/sig/ont/fma",
@@ -198,8 +200,30 @@ def sr_to_bundle(sr):
     when = _datetime(sr)
     if when:
         report["effectiveDateTime"] = when
+    outside = _outside_reasons(groups)
+    if outside is not None:  # issue 26: an input outside the training data, exported only when allowed
+        report["note"] = [{"text": "Input outside the training data of the model"
+                                   + (f": {'; '.join(outside)}" if outside else "")
+                                   + ". Treat the result with caution."}]
     b.add(report)
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": b.entries})
+
+
+def _outside_reasons(groups) -> list[str] | None:
+    """The reasons of the SR's "input outside the training data" evaluations (``report.dicom_sr.OUTSIDE``);
+    None when no group says the input was outside."""
+    found, reasons = False, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for g in groups:
+            for q in g.get_qualitative_evaluations():
+                if str(q.name.scheme_designator) != LOCAL_SCHEME:
+                    continue
+                if str(q.name.value) == OUTSIDE[0]:
+                    found = True
+                elif str(q.name.value) == OUTSIDE_REASON[0] and str(q.value.meaning) not in reasons:
+                    reasons.append(str(q.value.meaning))
+    return reasons if found else None
 
 
 def _title(sr):

@@ -100,7 +100,7 @@ class Predictor:
         if profile is None:
             return []
         return check_input(profile, prepared, image.modality, image.is_rgb,
-                           tuple(int(v) for v in image.shape[:image.spatial_dims]))
+                           tuple(int(v) for v in image.shape[:image.spatial_dims]), image.meta.get("BodyPartExamined"))
 
     # ---------- classification ----------
     @property

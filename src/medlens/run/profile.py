@@ -8,6 +8,10 @@ X-ray model is then answered with a warning beside the prediction, not silently.
 (a wrong modality tag, a colour mismatch, a size far from the training sizes, an intensity histogram
 farther, by earth mover's distance, from the training one than the training images' own 99.5th
 percentile), not a guarantee: a CT slice is told apart by its modality tag and size, not by its intensities.
+The body part is compared when both the training headers and the input's say it (DICOM BodyPartExamined).
+Segmenters record a profile too (``profile_of_cases``: their training cases' volumes, histogram on a sample of
+voxels). ``require_in_profile`` is the gate of every export that leaves medlens (SR, SEG, FHIR, serve answers,
+PACS push): an input outside the profile is refused unless the caller allows it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medlens.data.sources import get_source
+from medlens.errors import DataError
 
 N_BINS = 32
 SIZE_FACTOR = 2.0          # an input more than 2x larger or smaller than every training image is flagged
@@ -36,6 +41,7 @@ class InputProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     modality: str | None = None           # DICOM modality tag of the training images, when known
+    body_part: str | None = None          # DICOM BodyPartExamined of the training images, when one and known
     source_rgb: bool | None = None        # were the source images colour (before the colour mode)?
     size_min: list[int] | None = None     # smallest training image before resizing (spatial axes)
     size_max: list[int] | None = None
@@ -106,13 +112,25 @@ def distance(h: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(np.cumsum(h) - np.cumsum(ref)).sum() / (len(ref) - 2))
 
 
+def _body_part(value) -> str | None:
+    v = " ".join(str(value or "").upper().replace("_", " ").split())
+    return v or None
+
+
 def build_profile(ds, modality: str | None, source_rgb: bool | None, sizes: list[tuple[int, ...]] | None,
-                  max_images: int = 2048, seed: int = 0) -> InputProfile:
+                  max_images: int = 2048, seed: int = 0, body_part: str | None = None) -> InputProfile:
     """The profile of a training dataset (``len``/``batch(idx)``), from up to ``max_images`` images."""
     n = len(ds)
     idx = np.sort(np.random.default_rng(seed).choice(n, min(n, max_images), replace=False))
     xs = np.concatenate([ds.batch(idx[i:i + 256])[0].numpy() for i in range(0, len(idx), 256)])
-    lo, hi = (float(v) for v in np.quantile(xs, [0.001, 0.999]))
+    return _profile(list(xs), modality, source_rgb, sizes, body_part)
+
+
+def _profile(xs: list[np.ndarray], modality: str | None, source_rgb: bool | None,
+             sizes: list[tuple[int, ...]] | None, body_part: str | None) -> InputProfile:
+    """The profile of prepared inputs ``xs`` (any shapes) and what their sources looked like."""
+    pooled = np.concatenate([np.ravel(x) for x in xs])
+    lo, hi = (float(v) for v in np.quantile(pooled, [0.001, 0.999]))
     if hi <= lo:
         hi = lo + 1.0
     hists = np.stack([histogram(x, lo, hi) for x in xs])
@@ -123,18 +141,22 @@ def build_profile(ds, modality: str | None, source_rgb: bool | None, sizes: list
     if sizes:
         arr = np.array([s[-2:] for s in sizes])
         smin, smax = arr.min(0).astype(int).tolist(), arr.max(0).astype(int).tolist()
-    return InputProfile(modality=modality, source_rgb=source_rgb, size_min=smin, size_max=smax,
-                        hist_range=[lo, hi], hist=ref.round(6).tolist(), distance_limit=round(limit, 6),
-                        n=int(len(xs)))
+    return InputProfile(modality=modality, body_part=_body_part(body_part), source_rgb=source_rgb, size_min=smin,
+                        size_max=smax, hist_range=[lo, hi], hist=ref.round(6).tolist(),
+                        distance_limit=round(limit, 6), n=int(len(xs)))
 
 
 def check_input(profile: InputProfile, prepared: np.ndarray, modality: str | None = None,
-                is_rgb: bool | None = None, shape: tuple[int, ...] | None = None) -> list[str]:
+                is_rgb: bool | None = None, shape: tuple[int, ...] | None = None,
+                body_part: str | None = None) -> list[str]:
     """Reasons an input falls outside the training profile (empty when it does not)."""
     out = []
     want, got = _family(profile.modality), _family(modality)
     if want and got and want != got:
         out.append(f"modality {modality} ({got}) but the model was trained on {profile.modality} ({want}) images")
+    part = _body_part(body_part)
+    if profile.body_part and part and part != profile.body_part:
+        out.append(f"body part {part} but the model was trained on {profile.body_part} images")
     if profile.source_rgb is not None and is_rgb is not None and bool(is_rgb) != profile.source_rgb:
         out.append(f"a {'colour' if is_rgb else 'gray-scale'} image, but the model was trained on "
                    f"{'colour' if profile.source_rgb else 'gray-scale'} images")
@@ -159,11 +181,51 @@ def profile_of(data, cfg_data) -> InputProfile | None:
         return None
     raw = getattr(tr, "meta", {}).get("raw_inputs")
     hints = get_source(cfg_data.source).profile_hints(tr, cfg_data)
+    declared = getattr(cfg_data, "modality", None)  # data.modality: for files that do not say it
     if hints is not None:  # what the source itself knows (catalogue modality, patch store in HU)
-        return build_profile(tr, hints[0], hints[1], [tr.image_shape])
+        return build_profile(tr, hints[0] or declared, hints[1], [tr.image_shape])
     if raw:
-        mods = {m for _, _, m in raw if m not in UNKNOWN_MODALITIES}
-        rgbs = {r for _, r, _ in raw}
-        return build_profile(tr, mods.pop() if len(mods) == 1 else None, rgbs.pop() if len(rgbs) == 1 else None,
-                             [s for s, _, _ in raw if len(s) >= 2])
-    return build_profile(tr, None, None, None)
+        mods = {r[2] for r in raw if r[2] not in UNKNOWN_MODALITIES}
+        rgbs = {r[1] for r in raw}
+        parts = {_body_part(r[3]) if len(r) > 3 else None for r in raw}
+        return build_profile(tr, mods.pop() if len(mods) == 1 else declared,
+                             rgbs.pop() if len(rgbs) == 1 else None, [r[0] for r in raw if len(r[0]) >= 2],
+                             body_part=parts.pop() if len(parts) == 1 else None)
+    return build_profile(tr, declared, None, None)
+
+
+def profile_of_cases(cases, modality: str | None = None, max_voxels: int = 200_000,
+                     seed: int = 0) -> InputProfile | None:
+    """The input profile of a segmenter's training cases (``data.segmentation.SegCase``: prepared image, and the
+    source's geometry with its modality and header): the histogram of each case on up to ``max_voxels`` voxels,
+    modality (the headers', else ``modality``: ``data.modality``), body part and colour when every case says
+    the same, and the in-plane sizes."""
+    if not cases:
+        return None
+    rng = np.random.default_rng(seed)
+    xs = []
+    for k in cases:
+        v = np.asarray(k.image, np.float32).ravel()
+        xs.append(v if v.size <= max_voxels else v[rng.choice(v.size, max_voxels, replace=False)])
+    geo = [k.geometry for k in cases]
+    mods = {g.modality for g in geo if g.modality not in UNKNOWN_MODALITIES}
+    parts = {_body_part(g.meta.get("BodyPartExamined")) for g in geo}
+    rgbs = {k.display is not None and k.display.ndim == k.mask.ndim + 1 for k in cases}
+    sizes = [tuple(int(v) for v in g.shape[:g.spatial_dims]) for g in geo]
+    return _profile(xs, mods.pop() if len(mods) == 1 else modality, rgbs.pop() if len(rgbs) == 1 else None,
+                    [s for s in sizes if len(s) >= 2], parts.pop() if len(parts) == 1 else None)
+
+
+class OutOfProfile(DataError):
+    """An input outside the run's training profile, refused where results would leave medlens."""
+
+    def __init__(self, reasons: list[str], path) -> None:
+        self.reasons = list(reasons)
+        super().__init__(f"outside the training data ({'; '.join(self.reasons)}); refused: nothing written "
+                         "(--allow-out-of-profile exports it with the reasons attached)", path)
+
+
+def require_in_profile(reasons: list[str], path, allow: bool) -> None:
+    """The export gate: raise ``OutOfProfile`` naming ``path`` and the ``reasons`` unless ``allow``."""
+    if reasons and not allow:
+        raise OutOfProfile(reasons, path)

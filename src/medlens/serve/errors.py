@@ -24,9 +24,11 @@ from medlens.serve.logs import log, route_template
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None) -> None:
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None,
+                 details: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+        self.details = details or {}   # extra JSON fields of the error (e.g. an out-of-profile input's reasons)
 
 
 def status_of(e: Exception) -> tuple[int, str]:
@@ -71,9 +73,12 @@ class ErrorResponder:
     def __init__(self, roots: tuple[str, ...]) -> None:
         self.roots = roots
 
-    def __call__(self, status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"status": status, "type": kind, "message": redact_paths(message, self.roots)}},
-                            status_code=status, headers=headers)
+    def __call__(self, status: int, kind: str, message: str, headers: dict | None = None,
+                 details: dict | None = None) -> JSONResponse:
+        error = {"status": status, "type": kind, "message": redact_paths(message, self.roots)}
+        for k, v in (details or {}).items():
+            error.setdefault(k, v)
+        return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI, error_response: ErrorResponder) -> None:
@@ -82,7 +87,7 @@ def install_error_handlers(app: FastAPI, error_response: ErrorResponder) -> None
 
     @app.exception_handler(HttpError)
     async def _http_error(request: Request, e: HttpError):
-        return error_response(e.status, e.kind, e.message, e.headers)
+        return error_response(e.status, e.kind, e.message, e.headers, e.details)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):

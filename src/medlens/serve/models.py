@@ -217,13 +217,14 @@ class ServedModel:
             out["decision_rule"] = th.rule if th else "0.5 (no validation threshold recorded)"
         return out
 
-    def result_sr(self, sources: list, p: np.ndarray):
-        """The TID 1500 DICOM SR of one answer (``medlens.report.dicom_sr``) on its DICOM source instances."""
+    def result_sr(self, sources: list, p: np.ndarray, outside: list[str] | None = None):
+        """The TID 1500 DICOM SR of one answer (``medlens.report.dicom_sr``) on its DICOM source instances;
+        ``outside``: why the input was outside the training data (answered only when the server allows it)."""
         a = self.answer(p)
         pred = Prediction("upload", a["prediction"], a["probability"], a["probabilities"], a.get("threshold"))
         th = a.get("threshold") if self.task.has_threshold else None
         return classification_sr(sources, pred, list(self.meta.class_names), Algorithm.of_run(self.torch_run), th,
-                                 operating_point(self.torch_run))
+                                 operating_point(self.torch_run), outside)
 
     # ---------------------------------------------------------------- heatmap and masks
     def heatmap(self, x: np.ndarray, target: int | None = None) -> tuple[np.ndarray, dict]:

@@ -31,6 +31,7 @@ class ServeSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     allow_incomplete: bool = False
+    allow_out_of_profile: bool = False         # answer inputs outside a run's training profile (reasons attached)
 
     @property
     def auth(self) -> bool:

@@ -43,6 +43,7 @@ from medlens.report.dicom_sr import Algorithm, RoiFinding, classification_sr, re
 from medlens.report.fhir import sr_to_bundle
 from medlens.run import Predictor, Run
 from medlens.run.operating import operating_point
+from medlens.run.profile import require_in_profile
 from medlens.tasks import task_of
 from medlens.utils import atomic_dir, atomic_path, remove_pid_named, unique_stems
 from medlens.workflow.segment import segment_files
@@ -110,7 +111,8 @@ class Exported:
 
 
 def _write_roi_outputs(work: Path, final: Path, stem: str, image: Image, sources: list, labels: np.ndarray,
-                       names: list[str], codes: list, algorithm, outputs: set[str], prefix: str = "") -> Exported:
+                       names: list[str], codes: list, algorithm, outputs: set[str], prefix: str = "",
+                       outside: list[str] | None = None) -> Exported:
     ex = Exported(stem)
     findings = roi_findings(image, labels, names, codes, prefix)
     present = [f.segment_number for f in findings]
@@ -130,7 +132,7 @@ def _write_roi_outputs(work: Path, final: Path, stem: str, image: Image, sources
         save_dataset(seg, work / f"{stem}_seg.dcm")
         ex.files["seg"] = final / f"{stem}_seg.dcm"
     if "sr" in outputs:
-        sr = segmentation_sr(sources, seg, findings, algorithm)
+        sr = segmentation_sr(sources, seg, findings, algorithm, outside)
         write_sr(sr, work / f"{stem}_sr.dcm")
         ex.files["sr"] = final / f"{stem}_sr.dcm"
         if "fhir" in outputs:
@@ -185,9 +187,13 @@ def export_nodules(xml: str | Path, scan: str | Path, out: str | Path, outputs: 
 
 
 def predict_export(run, files: Sequence[str | Path], out: str | Path, outputs: set[str], *, deidentify: bool = False,
-                   deid_key: str | None = None) -> tuple[list, list[Exported]]:
+                   deid_key: str | None = None, allow_out_of_profile: bool = False) -> tuple[list, list[Exported]]:
     """Classify files (or DICOM series folders) with a run: ``predictions.csv`` in the new folder ``out``, and
-    for DICOM inputs the outputs asked for (an SR per input, a FHIR Bundle made from it)."""
+    for DICOM inputs the outputs asked for (an SR per input, a FHIR Bundle made from it).
+
+    With outputs, an input outside the run's training profile is refused (``run.profile.OutOfProfile``, one
+    line naming the file and the reasons) before anything is written, unless ``allow_out_of_profile``: then its
+    SR carries the reasons as qualitative evaluations and the FHIR Bundle a note."""
     predictor = Predictor(run)
     paths = [Path(f) for f in files]
     images = [predictor.load(f) for f in paths]
@@ -199,6 +205,9 @@ def predict_export(run, files: Sequence[str | Path], out: str | Path, outputs: s
         if src:
             require_single_subject(src, f)
         sources.append(deidentified(src, deid_key) if deidentify and src else src)
+    if outputs:  # issue 26: the gate before SR/FHIR leave medlens, before the model runs or anything is written
+        for f, img in zip(paths, images):
+            require_in_profile(predictor.input_warnings(img, predictor.prepare(img, str(f))), f, allow_out_of_profile)
     rows = predictor.predict_files([str(f) for f in paths])
     algo = Algorithm.of_run(run) if outputs else None
     th = predictor.binary_threshold() if task_of(run).has_threshold else None
@@ -213,7 +222,7 @@ def predict_export(run, files: Sequence[str | Path], out: str | Path, outputs: s
                           **{f"p_{k}": v for k, v in r.probabilities.items()}})
             ex = Exported(str(f))
             if outputs and algo is not None:
-                sr = classification_sr(src, r, run.class_names, algo, th, op)
+                sr = classification_sr(src, r, run.class_names, algo, th, op, r.extra.get("input_warnings"))
                 write_sr(sr, work / f"{stem}_sr.dcm")
                 ex.files["sr"] = final / f"{stem}_sr.dcm"
                 if "fhir" in outputs:
@@ -226,21 +235,25 @@ def predict_export(run, files: Sequence[str | Path], out: str | Path, outputs: s
 
 
 def segment_export(run, files: Sequence[str | Path], out: str | Path, outputs: set[str], *, tta: bool | None = None,
-                   overlay: bool = True, deidentify: bool = False, deid_key: str | None = None
-                   ) -> tuple[list[dict], list[Exported]]:
+                   overlay: bool = True, deidentify: bool = False, deid_key: str | None = None,
+                   allow_out_of_profile: bool = False) -> tuple[list[dict], list[Exported]]:
     """``segment_files`` (masks and overlays) plus, for DICOM series inputs, a SEG coded from the run's config
     (``segmentation.dicom_codes``), an SR with a volumetric group per class, and a FHIR Bundle; all in ``out``,
-    which appears only when complete."""
+    which appears only when complete. An input outside the run's training profile is refused before anything
+    runs or is written, unless ``allow_out_of_profile`` (then its SR carries the reasons)."""
     paths = [Path(f) for f in files]
     predictor = Predictor(run, tta=tta)
     images = [predictor.load(f) for f in paths]
-    sources = []
+    sources, outside = [], []
     for f, img in zip(paths, images):
         if not is_dicom_input(f, img) or not f.is_dir():
             raise DataError("SR/SEG/FHIR outputs need a DICOM series folder as input", f)
         src = dicom_sources(f, img)
         require_single_subject(src, f)
         sources.append(deidentified(src, deid_key) if deidentify else src)
+        reasons = predictor.input_warnings(img, predictor.prepare(img, str(f)))  # issue 26: the export gate
+        require_in_profile(reasons, f, allow_out_of_profile)  # allowed: segment_files warns, the SR says so
+        outside.append(reasons)
     names = [str(n) for n in run.class_names[1:]]
     codes = codes_from_config(run.config.segmentation.dicom_codes, len(names))
     algo = Algorithm.of_run(run)
@@ -256,9 +269,9 @@ def segment_export(run, files: Sequence[str | Path], out: str | Path, outputs: s
             for k in ("mask", "overlay"):
                 if k in r:
                     r[k] = str(final / Path(r[k]).name)
-        for f, stem, img, src, r in zip(paths, unique_stems(paths), images, sources, rows):
+        for f, stem, img, src, r, why in zip(paths, unique_stems(paths), images, sources, rows, outside):
             labels = np.asarray(load(work / Path(r["mask"]).name).array).astype(np.uint8)
-            ex = _write_roi_outputs(work, final, stem, img, src, labels, names, codes, algo, outputs)
+            ex = _write_roi_outputs(work, final, stem, img, src, labels, names, codes, algo, outputs, outside=why)
             for k, v in ex.files.items():
                 r[f"dicom_{k}" if k != "fhir" else "fhir"] = str(v)
             done.append(ex)
@@ -314,14 +327,16 @@ def _private_tempdir():
 
 def pacs_round_trip(run_dir, url: str, study_uid: str, out: str | Path, outputs: str | None = None, *,
                     push: bool = False, deidentify: bool = False, deid_key: str | None = None,
-                    allow_http: bool = False) -> RoundTrip:
+                    allow_http: bool = False, allow_out_of_profile: bool = False) -> RoundTrip:
     """Pull ``study_uid`` from the PACS at ``url``, run the model (a segmenter on each image series; a classifier
     on each series, or on each instance for 2D models), write the results into ``out`` and, with ``push``,
     store the SRs (and SEGs) back in the same PACS.
 
     The study is pulled with the checks of ``medlens pacs pull`` into a private temporary folder that is removed
     on every exit (an error, Ctrl-C, SIGTERM; one left by a killed process is removed by the next call), and
-    every series must belong to one patient, study and frame of reference before any result is made of it."""
+    every series must belong to one patient, study and frame of reference before any result is made of it.
+    A series outside the run's training profile is refused before anything is written or pushed, unless
+    ``allow_out_of_profile``."""
     run = Run.open(run_dir)
     seg = task_of(run).dense
     wanted = parse_outputs(outputs or ("sr,seg" if seg else "sr"), seg)
@@ -344,9 +359,11 @@ def pacs_round_trip(run_dir, url: str, study_uid: str, out: str | Path, outputs:
             else:
                 inputs += sorted(s.files)
         if seg:
-            rows, done = segment_export(run, inputs, out, wanted, deidentify=deidentify, deid_key=deid_key)
+            rows, done = segment_export(run, inputs, out, wanted, deidentify=deidentify, deid_key=deid_key,
+                                        allow_out_of_profile=allow_out_of_profile)
         else:
-            rows, done = predict_export(run, inputs, out, wanted, deidentify=deidentify, deid_key=deid_key)
+            rows, done = predict_export(run, inputs, out, wanted, deidentify=deidentify, deid_key=deid_key,
+                                        allow_out_of_profile=allow_out_of_profile)
     res = RoundTrip(study_uid, len(inputs), done, rows=rows)
     if push:
         objs = [pydicom.dcmread(ex.files[k]) for ex in done for k in ("seg", "sr") if k in ex.files]

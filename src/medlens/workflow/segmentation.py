@@ -16,6 +16,7 @@ from medlens.evaluation.threshold import choose_dice_threshold
 from medlens.models import get_model_entry
 from medlens.models.transfer import apply_transfer
 from medlens.run import InputPrep, Predictor, Run, RunMeta, Threshold
+from medlens.run.profile import profile_of_cases
 from medlens.tasks import TaskType
 from medlens.transforms.preprocess import prepared_segmentation
 from medlens.workflow.lifecycle import Progress, finish, loading, write_start
@@ -53,6 +54,8 @@ def train_segmentation(cfg, path: Path, resume: bool, callbacks, progress_bar: b
         split_method=data.split_method, dataset=cfg.data.path,
         n_samples={s: len(data.get(s)) for s in ("train", "val", "test")},
         patients={s: sorted({k.patient_id for k in data.get(s)}) for s in ("train", "val", "test")})
+    # issue 26: segmenters record the training inputs' profile too; segment, serve and --push check inputs on it
+    meta.input_profile = profile_of_cases(data.train, cfg.data.modality)
     write_start(cfg, meta, path)
     torch.manual_seed(cfg.seed)
     net = build_network(meta.model, c, meta.n_outputs, meta.spatial_dims, meta.input_size, meta.model_params,

@@ -46,17 +46,18 @@ async def predict(name: str, ctx: Ctx, file: list[UploadFile] = files_param,
         t0 = time.perf_counter()
         sources: list = []   # the DICOM instances of the input, for a standard answer
         if small_png(uploads) and not standard:   # a thread hop costs more than decoding a small PNG
-            image, kind, x = _prepare(m, uploads)
+            image, kind, x, reasons = _prepare(m, uploads)
         else:
-            image, kind, x = await asyncio.to_thread(_prepare, m, uploads, sources if standard else None)
+            image, kind, x, reasons = await asyncio.to_thread(_prepare, m, uploads, sources if standard else None)
+        _gate(ctx, m, reasons)
         t_prep = time.perf_counter()
         p = await m.probabilities(x)
         if standard:
-            return await asyncio.to_thread(m.result_sr, sources, p)
+            return await asyncio.to_thread(m.result_sr, sources, p, reasons)
         out = {"model": m.name, "backend": m.backend, "task": str(m.meta.task),
                "input": {"kind": kind, "shape": list(image.shape), "spacing_mm": [float(s) for s in image.spacing],
                          "files": len(uploads)},
-               **m.answer(p)}
+               **m.answer(p), **_outside(reasons)}
         t_inf = time.perf_counter()
         if heatmap and m.backend != "classical":
             hm, info = await m.run_in_worker(m.heatmap, x)
@@ -83,12 +84,14 @@ async def segment(name: str, ctx: Ctx, file: list[UploadFile] = files_param,
 
     async def work():
         t0 = time.perf_counter()
-        image, kind, x = await asyncio.to_thread(_prepare, m, uploads)
+        image, kind, x, reasons = await asyncio.to_thread(_prepare, m, uploads)
+        _gate(ctx, m, reasons)
         _, labels = await m.run_in_worker(m.segment, x)
         out = {"model": m.name, "backend": m.backend, "task": "segmentation", "classes": list(m.meta.class_names),
                "threshold": m.meta.threshold.value if m.meta.threshold else None,
                "input": {"kind": kind, "shape": list(image.shape),
-                         "spacing_mm": [float(s) for s in image.spacing], "files": len(uploads)}}
+                         "spacing_mm": [float(s) for s in image.spacing], "files": len(uploads)},
+               **_outside(reasons)}
         out.update(await asyncio.to_thread(_mask_payload, m, image, labels, display))
         out["timing_ms"] = {"total": round((time.perf_counter() - t0) * 1000, 2)}
         return out
@@ -97,6 +100,21 @@ async def segment(name: str, ctx: Ctx, file: list[UploadFile] = files_param,
 
 
 # ---------------------------------------------------------------- admission, limits, formats
+def _gate(ctx: ServeContext, m: ServedModel, reasons: list[str]) -> None:
+    """Issue 26: an input outside the run's training profile is refused (422, the reasons in the JSON) unless
+    the server was started with --allow-out-of-profile."""
+    if reasons and not ctx.settings.allow_out_of_profile:
+        log("refused", 30, model=m.name, status=422, error="OutOfProfile")
+        raise HttpError(422, "OutOfProfile", f"upload: outside the training data of '{m.name}' "
+                        f"({'; '.join(reasons)}); refused (the server answers such inputs only when started "
+                        "with --allow-out-of-profile)", details={"outside_training_data": True, "reasons": reasons})
+
+
+def _outside(reasons: list[str]) -> dict:
+    """What an allowed out-of-profile answer carries: the flag and the reasons (nothing for an ordinary input)."""
+    return {"outside_training_data": True, "input_warnings": list(reasons)} if reasons else {}
+
+
 async def _read_body_limited(ctx: ServeContext, files: list) -> list[Upload]:
     """Upload parts as bytes (their sum is bounded by the Gate's streaming limit; checked again here)."""
     limit = ctx.settings.max_upload_bytes
@@ -166,7 +184,7 @@ def _prepare(m: ServedModel, uploads: list[Upload], sources: list | None = None)
     if m.meta.spatial_dims == 2 and m.meta.preprocessing.pixel_spacing and image.spatial_dims == 2:
         image = image.with_array(image.array, spacing=np.array([m.meta.preprocessing.pixel_spacing] * 2))
     x = m.predictor.prepare(image, "upload")
-    return image, kind, x
+    return image, kind, x, m.predictor.input_warnings(image, x)
 
 
 def _display_b64(image) -> str:
