@@ -153,3 +153,29 @@ def test_body_part_is_part_of_the_profile():
     assert check_input(prof, x, "DX", body_part="chest") == []
     assert check_input(prof, x, "DX", body_part=None) == []
     assert check_input(prof, x, "DX", body_part="SKULL") == ["body part SKULL but the model was trained on CHEST images"]
+
+
+def test_a_classifier_trained_on_dicom_records_the_body_part(tmp_path, data_root):
+    """The profile of a DICOM folder dataset (real LIDC chest CT slices, BodyPartExamined CHEST, one patient
+    each) records CT and CHEST from the headers; the same slice saying HEAD is outside it."""
+    from medlens.config import config_from_dict
+    from medlens.run.profile import check_input, profile_of
+    from medlens.transforms.preprocess import prepared_data
+
+    slices = sorted((data_root / "lidc-idri-0001").rglob("*.dcm"))[40:64]
+    for i, src in enumerate(slices):
+        ds = pydicom.dcmread(src)
+        ds.PatientID = f"P{i:03d}"
+        out = tmp_path / "ds" / ("normal" if i % 2 else "nodule") / f"{i:03d}.dcm"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out)
+    cfg = config_from_dict({"name": "bp", "output_dir": str(tmp_path / "runs"),
+                            "data": {"source": "folder", "path": str(tmp_path / "ds"), "size": 28,
+                                     "window": "lung"}})
+    data = prepared_data(cfg.data)
+    prof = profile_of(data, cfg.data)
+    assert prof is not None and prof.modality == "CT" and prof.body_part == "CHEST"
+    x = data.train.batch(np.arange(1))[0].numpy()[0]
+    assert check_input(prof, x, "CT", False, (512, 512), "CHEST") == []
+    assert check_input(prof, x, "CT", False, (512, 512), "HEAD") == [
+        "body part HEAD but the model was trained on CHEST images"]
