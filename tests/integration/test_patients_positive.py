@@ -17,6 +17,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from clirun import medlens
+from interop_checks import dciodvfy
 from medlens.config import config_from_dict
 from medlens.data.labels import is_negative_name, negative_first
 from medlens.data.splits import PER_IMAGE
@@ -120,6 +121,15 @@ def test_dicom_folder_split_by_patient_disc_positive_and_predict_columns(tmp_pat
     p_pred, p_disc = float(cells[2]), float(cells[3])
     th = meta["threshold"]["value"]
     assert abs(p_disc - th) < 2e-3 or (cells[1] == "disc") == (p_disc > th)  # decided at the threshold (3 digits)
+    # the SR and the FHIR Bundle name the positive class (an algorithm parameter -> a Device property)
+    res = medlens("predict", run, files[0], "--out", tmp_path / "sr", "--outputs", "sr,fhir")
+    assert res.returncode == 0, res.stderr[-2000:]
+    sr_file, = (tmp_path / "sr").glob("*_sr.dcm")
+    dciodvfy(sr_file)
+    texts = [str(e.value) for e in pydicom.dcmread(sr_file).iterall() if e.keyword == "TextValue"]
+    assert "positive class disc" in texts
+    fhir, = (tmp_path / "sr").glob("*_fhir.json")
+    assert "positive class disc" in fhir.read_text()
     assert p_pred == pytest.approx(p_disc if cells[1] == "disc" else 1 - p_disc, abs=2e-3)
 
 
@@ -184,3 +194,26 @@ def test_conventional_negative_names():
     assert negative_first(["a", "b"]) == (["a", "b"], False)
     assert negative_first(["normal", "healthy"]) == (["normal", "healthy"], False)
     assert negative_first(["x", "y", "z"]) == (["x", "y", "z"], True)
+
+
+def test_report_captions_give_the_probability_of_the_predicted_class(trained_run):
+    # "true pneumonia, predicted normal (p=0.74)" quoted P(pneumonia) beside the class normal
+    import re
+
+    meta = json.loads((trained_run / "run.json").read_text())
+    names, positive = meta["class_names"], meta["positive_class"]
+    assert positive == names[1] == "pneumonia"
+    preds = pd.read_csv(trained_run / "predictions.csv")
+    prob = {int(i): p for i, p in zip(preds.loc[preds["split"] == "test", "index"],
+                                      preds.loc[preds["split"] == "test", "prob"])}
+    section = json.loads((trained_run / "report_sections" / "explanations.json").read_text())["data"]
+    seen = set()
+    for group in section["groups"]:
+        for case in group["cases"]:
+            m = re.match(r"#(\d+): true (\w+), predicted (\w+) \(p=([0-9.]+)\)", case["caption"])
+            assert m, case["caption"]
+            i, predicted, p = int(m[1]), m[3], float(m[4])
+            want = prob[i] if predicted == positive else 1 - prob[i]
+            assert p == pytest.approx(want, abs=0.006), case["caption"]
+            seen.add(predicted)
+    assert seen == {"normal", "pneumonia"}  # false negatives (predicted normal) are among the cases

@@ -204,6 +204,8 @@ def write_report_section(run: Run | str | Path, method: str | None = None, k: in
             maps, info = explain(net, x, method)
             t = info["targets"][0]
             p = r["prob"] if "prob" in r else r["conf"]  # the run's (calibrated) probability and decision
+            if "prob" in r and int(r["pred"]) == 0:  # binary: prob is P(positive); the caption gives P(predicted)
+                p = 1.0 - p
             cap = (f"#{i}: true {_label_name(run, int(r['label']))}, predicted {_label_name(run, int(r['pred']))} "
                    f"(p={p:.2f}); map for '{_label_name(run, t)}'")
             png = overlay_png(x[0].numpy(), maps[0], out / f"{title.split()[0].lower()}_{i}.png", cap)

@@ -110,6 +110,8 @@ class Algorithm:
 
         params = [f"weights SHA-256 {run.weights_sha256}"]
         params += calibration_parameters(run.meta)
+        if getattr(run.meta, "positive_class", None):  # binary: the class the probability and the finding are of
+            params.append(f"positive class {run.meta.positive_class}")
         return cls(f"medlens {run.meta.model}", __version__, run.weights_sha256, run.meta.model, params)
 
     def template(self):
