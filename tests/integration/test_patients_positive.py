@@ -217,3 +217,26 @@ def test_report_captions_give_the_probability_of_the_predicted_class(trained_run
             assert p == pytest.approx(want, abs=0.006), case["caption"]
             seen.add(predicted)
     assert seen == {"normal", "pneumonia"}  # false negatives (predicted normal) are among the cases
+
+
+def test_csv_manifest_of_dicom_files_takes_patients_from_the_headers(tmp_path, data_root):
+    owner = _dicom_folder(data_root, tmp_path / "dicom")
+    rows = [{"path": str(Path(f).relative_to(tmp_path)), "label": Path(f).parent.name} for f in owner]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)  # no patient column
+    cfg = config_from_dict(_config(tmp_path, "csv", tmp_path / "m.csv", source="csv"))
+    data = prepared_data(cfg.data, seed=0)
+    assert data.patients_known is True and "patient-level" in data.split_method
+    assert data.class_names == ["normal", "disc"] and data.positive_class == "disc"
+    split_of: dict[str, set] = {}
+    for split in ("train", "val", "test"):
+        d = data.get(split)
+        assert not any("LIDC-TEST" in str(p) for p in d.patient_ids)  # hashed
+        for src in d.sources:
+            split_of.setdefault(owner[str(src)], set()).add(split)
+    assert len(split_of) == N_PATIENTS and all(len(s) == 1 for s in split_of.values())
+    # the same manifest of PNGs: nothing names the patients
+    _png_folder(data_root, tmp_path / "png")
+    pd.DataFrame([{"path": str(f.relative_to(tmp_path)), "label": f.parent.name}
+                  for f in sorted((tmp_path / "png").rglob("*.png"))]).to_csv(tmp_path / "p.csv", index=False)
+    png = prepared_data(config_from_dict(_config(tmp_path, "csv", tmp_path / "p.csv", source="csv")).data, seed=0)
+    assert png.patients_known is False and PER_IMAGE in png.split_method
