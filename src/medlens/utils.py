@@ -6,7 +6,6 @@ import contextlib
 import difflib
 import json
 import os
-import random
 import re
 import shutil
 import stat
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from medlens.errors import MedlensError
 
@@ -84,18 +82,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch, and ask torch for deterministic kernels.
-
-    ``PYTHONHASHSEED`` is not set here: it only takes effect at interpreter start-up. Nothing in medlens
-    depends on string-hash order (sets are sorted before use), which a test checks across hash seeds.
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def unique_stems(paths) -> list[str]:

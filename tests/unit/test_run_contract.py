@@ -118,7 +118,7 @@ def test_splits_do_not_depend_on_the_string_hash_seed():
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")]
     assert outs[0] and outs[0] == outs[1]
-    from medlens.utils import seed_everything
+    from medlens.engine.train import seed_everything
 
     before = os.environ.get("PYTHONHASHSEED")
     seed_everything(11)

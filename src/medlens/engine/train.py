@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -257,3 +258,15 @@ class _ThreadsPerProcess(Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         torch.set_num_threads(self.n)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels.
+
+    ``PYTHONHASHSEED`` is not set here: it only takes effect at interpreter start-up. Nothing in medlens
+    depends on string-hash order (sets are sorted before use), which a test checks across hash seeds.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -56,14 +56,13 @@ from medlens.engine.federated import (
 )
 from medlens.engine.module import validation_scores
 from medlens.engine.strategies import StrategySettings, get_strategy
-from medlens.engine.train import build_network, environment
+from medlens.engine.train import build_network, environment, seed_everything
 from medlens.errors import ConfigError, MedlensError, MedlensWarning
 from medlens.evaluation.metrics import compute_metrics
 from medlens.run.profile import profile_of
 from medlens.run.sections import write_section
 from medlens.tasks import get_task
 from medlens.transforms.preprocess import prepared_data
-from medlens.utils import seed_everything
 from medlens.workflow.classifier import classifier_meta, finish_classifier
 from medlens.workflow.lifecycle import RunStart, resolve_run_dir, save_weights, write_record, write_start, write_table
 

@@ -21,8 +21,8 @@ import torch
 
 from medlens.config import ExperimentConfig
 from medlens.engine.distributed import plan
+from medlens.engine.train import seed_everything
 from medlens.errors import MedlensWarning
-from medlens.utils import seed_everything
 from medlens.workflow.anomaly import train_anomaly
 from medlens.workflow.classifier import train_classifier
 from medlens.workflow.lifecycle import Progress, RunStart, resolve_run_dir
