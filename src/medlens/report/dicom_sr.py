@@ -22,9 +22,34 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from highdicom.sr import QualitativeEvaluation
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    Comprehensive3DSR,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    ImageRegion3D,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    ReferencedSegment,
+    SourceImageForMeasurementGroup,
+    SourceSeriesForSegmentation,
+    TrackingIdentifier,
+    VolumetricROIMeasurementsAndQualitativeEvaluations,
+)
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 
+from medlens import __version__
 from medlens.errors import DataError
 from medlens.io.dicom_seg import SegmentCodes, prepare_sources, save_dataset
 
@@ -33,8 +58,6 @@ TEMPLATE = "1500"
 
 
 def _code(value: str, scheme: str, meaning: str):
-    from highdicom.sr import CodedConcept
-
     return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning[:64])
 
 
@@ -106,8 +129,6 @@ class Algorithm:
 
     @classmethod
     def of_run(cls, run) -> "Algorithm":
-        from medlens import __version__
-
         params = [f"weights SHA-256 {run.weights_sha256}"]
         params += calibration_parameters(run.meta)
         if getattr(run.meta, "positive_class", None):  # binary: the class the probability and the finding are of
@@ -115,8 +136,6 @@ class Algorithm:
         return cls(f"medlens {run.meta.model}", __version__, run.weights_sha256, run.meta.model, params)
 
     def template(self):
-        from highdicom.sr import AlgorithmIdentification
-
         return AlgorithmIdentification(name=self.name[:64], version=self.version[:64], parameters=self.parameters)
 
     @property
@@ -143,12 +162,6 @@ class RoiFinding:
 
 def _report(groups, algorithm: Algorithm, sources: list, seg=None, title_series: str = "medlens results",
             procedure=None):
-    import highdicom as hd
-    from highdicom.sr import (Comprehensive3DSR, DeviceObserverIdentifyingAttributes, MeasurementReport,
-                              ObservationContext, ObserverContext)
-    from pydicom.dataset import Dataset
-    from pydicom.sr.codedict import codes
-
     prepare_sources(sources)
     device = DeviceObserverIdentifyingAttributes(uid=algorithm.device_uid, name=algorithm.name[:64],
                                                  manufacturer_name="medlens", model_name=algorithm.model[:64])
@@ -181,21 +194,16 @@ def classification_sr(sources: list, prediction, class_names: list[str], algorit
     named in the concept). Multi-class: one group per class, Present for the predicted class. ``outside``:
     the reasons the input fell outside the training data (exported only when allowed), as qualitative
     evaluations in every group."""
-    import highdicom as hd
-    from highdicom.sr import (Measurement, MeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
-                              SourceImageForMeasurementGroup, TrackingIdentifier)
-    from pydicom.sr.codedict import codes
-
     one = codes.UCUM.NoUnits
-    binary = threshold is not None and len(class_names) == 2
-    chosen = class_names[1:] if binary else list(class_names)
+    cut = threshold if len(class_names) == 2 else None   # binary: the positive class against the threshold
+    chosen = class_names[1:] if cut is not None else list(class_names)
     groups = []
     for name in chosen:
         p = float(prediction.probabilities[name])
-        present = (p >= threshold) if binary else (name == prediction.prediction)
+        present = (p >= cut) if cut is not None else (name == prediction.prediction)
         meas = [Measurement(name=codes.DCM.Probability, value=p, unit=one)]
-        if binary:
-            meas.append(Measurement(name=local(*THRESHOLD), value=float(threshold), unit=one))
+        if cut is not None:
+            meas.append(Measurement(name=local(*THRESHOLD), value=float(cut), unit=one))
             sens, spec = operating_codes((operating_point or {}).get("split"))
             for key, code in (("sensitivity", sens), ("specificity", spec)):
                 if operating_point and operating_point.get(key) is not None:
@@ -214,10 +222,6 @@ def segmentation_sr(sources: list, seg, findings: list[RoiFinding], algorithm: A
                     outside: list[str] | None = None):
     """A TID 1500 SR with one TID 1411 volumetric group per segment of ``seg`` (the written DICOM SEG);
     ``outside``: why the input was outside the training data, as qualitative evaluations in every group."""
-    from highdicom.sr import (FindingSite, Measurement, ReferencedSegment, SourceSeriesForSegmentation,
-                              TrackingIdentifier, VolumetricROIMeasurementsAndQualitativeEvaluations)
-    from pydicom.sr.codedict import codes
-
     groups = []
     for f in findings:
         category, typ, region = f.codes.coded()
@@ -243,10 +247,6 @@ def write_sr(sr, path: str | Path) -> Path:
 
 def read_tid1500(path: str | Path):
     """Read a DICOM SR and check that it is a TID 1500 measurement report; a one-line error otherwise."""
-    import highdicom as hd
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path)
@@ -291,12 +291,6 @@ def detection_sr(sources: list, findings: list[DetectedNodule], algorithm: Algor
     """A TID 1500 SR with one TID 1410 planar ROI group per detected nodule: the axial circle of its estimated
     diameter around its centre (SCOORD3D polygon in the scan's frame of reference), the diameter, the probability
     and the decision threshold, and the finding Nodule Present."""
-    import highdicom as hd
-    import numpy as np
-    from highdicom.sr import (ImageRegion3D, Measurement, PlanarROIMeasurementsAndQualitativeEvaluations,
-                              QualitativeEvaluation, TrackingIdentifier)
-    from pydicom.sr.codedict import codes
-
     one = codes.UCUM.NoUnits
     angles = np.linspace(0, 2 * np.pi, 25)
     groups = []

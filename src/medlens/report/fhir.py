@@ -22,7 +22,12 @@ import uuid
 import warnings
 from typing import Any
 
+import requests
+from fhir.resources.bundle import Bundle
+from highdicom.sr import CodedConcept
+
 from medlens.errors import DataError
+from medlens.io import net
 from medlens.report.dicom_sr import LOCAL_SCHEME, OUTSIDE, OUTSIDE_REASON
 
 SYSTEMS = {"SCT": "http://snomed.info/sct", "DCM": "http://dicom.nema.org/resources/ontology/DCM",
@@ -163,10 +168,6 @@ def _sop_class(uid: str) -> dict:
 def sr_to_bundle(sr):
     """A FHIR R5 transaction ``Bundle`` for a TID 1500 SR (a highdicom ``Comprehensive3DSR`` or any SR
     dataset ``highdicom.sr.srread`` gives)."""
-    import warnings
-
-    from fhir.resources.bundle import Bundle
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -227,8 +228,6 @@ def _outside_reasons(groups) -> list[str] | None:
 
 
 def _title(sr):
-    from highdicom.sr import CodedConcept
-
     return CodedConcept.from_dataset(sr.ConceptNameCodeSequence[0])
 
 
@@ -261,8 +260,6 @@ def _sources(b: _Builder, sr, study_ref: str, study_uid: str) -> str | None:
 
 def _group(b: _Builder, g, study_ref, study_uid, sr_ref, source_ref, devices, body) -> str:
     """One measurement group -> its member Observations and the grouping Observation; returns the latter."""
-    from highdicom.sr import CodedConcept
-
     finding = g.finding_type
     sites = [s.value for s in (g.finding_sites or [])]
     site_ccs = [concept(CodedConcept.from_dataset(s) if not isinstance(s, CodedConcept) else s) for s in sites]
@@ -353,10 +350,6 @@ def post_bundle(bundle, url: str, timeout: float | None = None, allow_http: bool
     the Bundle, patient identifier included, elsewhere); plain ``http://`` to another host needs
     ``allow_http``; ``timeout`` (default ``MEDLENS_NET_TIMEOUT``) bounds the connect and each read; the reply
     is read within ``MEDLENS_MAX_RESPONSE_BYTES``, an error reply up to 64 KiB."""
-    import requests
-
-    from medlens.io import net
-
     net.check_http_url(url, allow_http, "FHIR server")
     shown = net.shown_url(url)
     connect, read = net.timeouts()

@@ -31,6 +31,11 @@ FIGURES = [("training_curves.png", "Training curves", 760), ("roc.png", "ROC", 4
            ("gallery_fn.png", "False negatives", 520)]
 
 
+def metric_name(key: str) -> str:
+    """How the report names a metric (its key when it has no pretty name)."""
+    return PRETTY.get(key, key)
+
+
 def calibration_warning(metrics: dict) -> dict | None:
     """The evaluated split's ECE before and after scaling when the scaling made it worse (issue 26), else None."""
     cal = metrics.get("calibration") or {}
@@ -72,7 +77,7 @@ def write_report(run: Run | str | Path) -> Path:
     split = metrics.get("evaluated_split", "test")
     test, val = metrics[split]["metrics"], metrics["val"]["metrics"]
     unit = f" ({metrics['distance_unit']})" if "distance_unit" in metrics else ""
-    rows = [{"name": PRETTY.get(k, k) + (unit if k in ("hd95", "msd") else ""), "value": _fmt(v["value"]),
+    rows = [{"name": metric_name(k) + (unit if k in ("hd95", "msd") else ""), "value": _fmt(v["value"]),
              "ci": f"{_fmt(v['ci_low'])} - {_fmt(v['ci_high'])}",
              "val": _fmt(val.get(k, {}).get("value"))} for k, v in test.items()]
     figs = [{"caption": cap, "data": _b64(folder / "plots" / f), "width": w}
