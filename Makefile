@@ -51,11 +51,14 @@ $(NIIVUE):
 run: $(STAMP) viewer
 	$(VENV)/bin/medlens train $(RUN_CONFIG) --overwrite
 
-# The import contracts (pyproject's [tool.importlinter]) and ruff first: an upward import or an undefined name fails the suite.
+# The import contracts (pyproject's [tool.importlinter]), ruff and pyright (basic) first: an upward import, an
+# in-function import outside medlens/cli, an undefined name or a type error fails the suite. Then pytest on both
+# cores (pytest-xdist, one module's tests on one worker).
 test: $(STAMP) browser system-deps viewer
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check --quiet src tests tools benchmarks
-	$(PY) -m pytest -q -ra --durations=25
+	$(VENV)/bin/pyright
+	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadscope --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PY) benchmarks/medmnist.py
