@@ -53,6 +53,26 @@ SLOW_FIRST = [
 ]
 
 
+#: set in an xdist worker (80 x 24) though the run itself has none: the CLI then sizes its tables to 80 columns
+#: instead of its 160 for pipes and logs, and tests that read the tables fail under xdist only
+_TERMINAL_VARS = ("COLUMNS", "LINES")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """(xdist, in the controller) hand each worker the terminal variables of the run."""
+    node.workerinput["terminal_env"] = {k: os.environ.get(k) for k in _TERMINAL_VARS}
+
+
+def pytest_configure(config):
+    """(xdist, in a worker) the tests see the run's terminal variables, as without xdist."""
+    for k, v in getattr(config, "workerinput", {}).get("terminal_env", {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def _data_root() -> Path:
     env = os.environ.get("MEDLENS_DATA")
     root = Path(env) if env else REPO.parent / "shared" / "data"
