@@ -64,8 +64,11 @@ def quiet_flower(level: int = logging.ERROR) -> None:
     and no colour codes unless stderr is a terminal. FLWR_LOG_LEVEL, when set, still chooses the level."""
     import flwr.common.logger as flwr_logger  # importing flwr installs its handler: adjust it after
 
-    flwr_logger.update_console_handler(level=None if os.environ.get("FLWR_LOG_LEVEL") else level,
-                                       colored=sys.stderr.isatty())
+    chosen = None if os.environ.get("FLWR_LOG_LEVEL") else level
+    flwr_logger.update_console_handler(level=chosen, colored=sys.stderr.isatty())
+    if chosen is not None:
+        # the logger's own level too: Flower's simulation resets its console handler's level when it starts
+        flwr_logger.FLOWER_LOGGER.setLevel(chosen)
 
 
 def progress(transient: bool = True, download: bool = False) -> Progress:
