@@ -9,6 +9,7 @@ whole run, by whichever worker needs them first, and read by the other (``shared
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -40,7 +41,6 @@ SLOW_FIRST = [
     "tests/integration/test_training.py",
     "tests/integration/test_clinical_report.py",
     "tests/integration/test_detect.py",
-    "tests/integration/test_auto.py",
     "tests/integration/test_ddp.py",
     "tests/integration/test_explain_runs.py",
     "tests/integration/test_federated.py",
@@ -99,14 +99,39 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 def pytest_collection_modifyitems(config, items):
     """A test that reads the real data (the ``data_root`` fixture, directly or through a fixture built on it,
     like ``trained_run``) is an integration test: ``pytest -m "not integration"`` runs without a data folder.
-    Under xdist the slowest modules are moved to the front (``SLOW_FIRST``), each module's tests kept together
-    and in their order; every worker computes the same order, as xdist requires."""
+    Under xdist the slowest modules are moved to the front (``SLOW_FIRST``) and the modules with an ``alone``
+    test to the end (the other worker then waits for a short test, not a long one), each module's tests kept
+    together and in their order; every worker computes the same order, as xdist requires."""
     for item in items:
         if "data_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
     if WORKER:
         rank = {m: i for i, m in enumerate(SLOW_FIRST)}
-        items.sort(key=lambda it: rank.get(it.nodeid.split("::")[0], len(rank)))  # stable: order kept within
+        alone = {it.nodeid.split("::")[0] for it in items if it.get_closest_marker("alone")}
+
+        def key(it):
+            module = it.nodeid.split("::")[0]
+            return module in alone, rank.get(module, len(rank))
+
+        items.sort(key=key)  # stable: each module's tests stay together and in their order
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under xdist a test marked ``alone`` runs while no other worker runs a test: it measures wall time against
+    a budget that the code planned from the machine's speed, which another worker's load would change half-way.
+    Every test holds a shared lock from its setup to its teardown, an ``alone`` test an exclusive one; a gate,
+    passed before the lock, keeps new tests from starting while an ``alone`` test waits for the running ones."""
+    if not WORKER:
+        return (yield)
+    root = item.config._tmp_path_factory.getbasetemp().parent  # shared by the workers of this run
+    mode = fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH
+    with open(root / "alone.gate", "a") as gate, open(root / "alone.lock", "a") as lock:
+        fcntl.flock(gate, mode)
+        fcntl.flock(lock, mode)
+        if mode == fcntl.LOCK_SH:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        return (yield)  # closing the files releases the locks
 
 
 def shared_folder(tmp_path_factory, name: str, build) -> Path:

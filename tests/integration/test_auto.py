@@ -12,6 +12,10 @@ import yaml
 
 from clirun import medlens
 
+# the budget is planned from the speed measured at its start: another xdist worker's tests beside it would
+# change that speed half-way (conftest.py: `alone`)
+pytestmark = pytest.mark.alone
+
 BUDGET = 100   # seconds: planning + loading + fitting + evaluation/report of 200 images per split
 SETS = ["data.max_samples=200", "evaluation.bootstrap=50"]
 

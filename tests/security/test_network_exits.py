@@ -188,9 +188,11 @@ def test_predict_from_pacs_confined_one_patient_and_no_leftovers(server, lidc, t
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where predict --from-pacs keeps the pulled study
 
+    # the shared run learnt 28 px X-rays and the study is CT: the out-of-profile gate (its own tests are in
+    # tests/integration/test_out_of_profile.py) is passed so that these checks reach the network exits
     def predict(port, out):
         return medlens_here("predict", trained_run, "--from-pacs", f"http://127.0.0.1:{port}/dicom-web", "--study",
-                            STUDY, "--push", "--out", out)
+                            STUDY, "--push", "--out", out, "--allow-out-of-profile")
 
     record = tmp_path / "stow.txt"
     victim, before = _victim(tmp_path)
