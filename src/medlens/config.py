@@ -212,6 +212,11 @@ class DataConfig(_Strict):
     allow_outside_root: bool = False  # CSV: allow image/mask paths that leave image_root (absolute, ../, symlinks)
     path_column: str = "path"
     label_column: str = "label"
+    # issue 26, CSV manifests: several 0/1 label columns, one per label (a multi-label task), or one numeric target
+    # column (``task: regression``, e.g. an age or a score) in the unit ``target_unit`` (a UCUM code: a, mm, 1...)
+    label_columns: list[str] | None = None
+    target_column: str | None = None
+    target_unit: str = Field(default="1", min_length=1, max_length=32, pattern=r"^[!-~]+$")
     patient_column: str = "patient_id"
     suffix: str = ""                 # CSV: appended to each path (Kaggle lists ids without .jpeg)
     color: Literal["gray", "rgb", "green"] = "gray"
@@ -261,6 +266,17 @@ class DataConfig(_Strict):
             raise ValueError("data.label_map: task labels must not be empty")
         return out
 
+
+    @field_validator("label_columns")
+    @classmethod
+    def _label_columns(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError("data.label_columns names at least two 0/1 label columns (one is data.label_column)")
+        if len(set(v)) != len(v) or any(not c.strip() for c in v):
+            raise ValueError("data.label_columns must be distinct, non-empty column names")
+        return v
 
     @field_validator("source")
     @classmethod
@@ -398,6 +414,8 @@ class EvalConfig(_Strict):
     min_subgroup: int = Field(default=30, ge=1)    # groups smaller than this are flagged as unreliable
     # a sensitivity/specificity drop from validation to test larger than this is flagged as threshold drift
     shift_tolerance: float = Field(default=0.05, gt=0, lt=1)
+    # regression runs (issue 26): the coverage of the split-conformal prediction interval fitted on validation
+    interval: float = Field(default=0.9, gt=0, lt=1)
     published: PublishedFigures | None = None   # e.g. a seed system's figures, shown beside ours in the report
 
     @field_validator("threshold")
@@ -563,9 +581,33 @@ class ExperimentConfig(_Strict):
             if not (a.hflip or a.vflip or a.dflip):
                 raise ValueError("evaluation.tta averages over the flips that training uses; train.augment has no "
                                  "hflip, vflip or dflip")
+        self._check_targets(task, source)
         if self.evaluation.subgroups and (not source.subgroups or not task.subgroups):
             raise ValueError("evaluation.subgroups names columns of a classification CSV manifest (data.source: csv)")
         return self
+
+
+    def _check_targets(self, task, source: DataSource) -> None:
+        """Issue 26: several label columns (multi-label) and a numeric target (regression) of a CSV manifest."""
+        d = self.data
+        if (d.label_columns or d.target_column) and not source.label_columns:
+            have = " or ".join(f"'{s.name}'" for s in list_data_sources() if s.label_columns)
+            raise ValueError(f"data.label_columns and data.target_column name columns of a manifest (data.source {have})")
+        if d.label_columns and (task.dense or task.numeric):
+            raise ValueError(f"data.label_columns: a multi-label classification (task: classification), not {self.task}")
+        if task.numeric and not d.target_column:
+            raise ValueError(f"task {self.task} reads a numeric column: set data.target_column")
+        if d.target_column and not task.numeric:
+            raise ValueError("data.target_column is the numeric target of a regression (task: regression)")
+        if (d.label_columns or d.target_column) and (d.label_map or d.positive_class):
+            raise ValueError("data.label_map and data.positive_class relabel one class column; not with "
+                             "data.label_columns or data.target_column")
+        if d.label_columns and d.target_column:
+            raise ValueError("data.label_columns (multi-label) and data.target_column (regression): one or the other")
+        if task.numeric and self.train.ensemble > 1:
+            raise ValueError("train.ensemble votes over class probabilities; a regression trains one network")
+        if task.numeric and self.train.monitor not in task.monitors and "monitor" not in self.train.model_fields_set:
+            self.train.monitor = task.monitor   # the default follows the task (val_loss for a regression)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -69,13 +69,19 @@ class Task:
     monitors: tuple[str, ...] = CLASSIFIER_MONITORS   # what ``train.monitor`` may name
     # what DICOM SR / FHIR encode: one_of (one class present per case), any_of (each label present or
     # absent), segments (one volumetric group per segment)
-    coding: Literal["one_of", "any_of", "segments"] = "one_of"
+    coding: Literal["one_of", "any_of", "segments", "measurement"] = "one_of"
     # how an exported graph's logits become probabilities (``medlens.activation`` in the exported file):
     # softmax, sigmoid (one logit: P(class 1)), sigmoid_each (independent), segmentation (per voxel)
     export_activation: str = "softmax"
     # config-level rules, shared by every task of one config_name
     flip_tta: bool = True                 # evaluation.tta averages over the training flips: they must exist
     subgroups: bool = True                # evaluation.subgroups applies (columns of a CSV manifest)
+    # issue 26: one decision threshold per label, each chosen on validation by evaluation.threshold
+    # (``RunMeta.label_thresholds``; independent labels)
+    label_thresholds: bool = False
+    # issue 26: a numeric target (one value per case, no classes): a split-conformal prediction interval from the
+    # validation residuals (``RunMeta.interval``); the config names the target column (``data.target_column``)
+    numeric: bool = False
 
     # ---------- outputs ----------
     def n_outputs(self, n_classes: int) -> int:
@@ -140,11 +146,12 @@ class Task:
         return float(counts.max() / max(counts.min(), 1))
 
     # ---------- decisions ----------
-    def hard_predictions(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    def hard_predictions(self, probs: np.ndarray, threshold: "float | np.ndarray | None" = None) -> np.ndarray:
         """The predicted class index per case."""
         return np.asarray(probs).argmax(1)
 
-    def decide(self, probs: np.ndarray, names: list[str], threshold: float | None = None) -> list[tuple[str, float]]:
+    def decide(self, probs: np.ndarray, names: list[str],
+               threshold: "float | np.ndarray | None" = None) -> list[tuple[str, float]]:
         """(predicted class name, its probability) per case."""
         return [(names[int(np.argmax(p))], float(np.max(p))) for p in probs]
 
@@ -171,7 +178,7 @@ class Task:
         return setting
 
     # ---------- predictions.csv ----------
-    def prediction_columns(self, labels: np.ndarray, prob: np.ndarray, threshold: float | None,
+    def prediction_columns(self, labels: np.ndarray, prob: np.ndarray, threshold: "float | np.ndarray | None",
                            names: list[str]) -> dict[str, np.ndarray]:
         """The label, probability and decision columns of ``predictions.csv``."""
         cols = {"label": labels}
@@ -254,8 +261,9 @@ class MultilabelTask(Task):
     exclusive: bool = False
     metrics: str | None = "multilabel"
     calibrations: tuple[str, ...] = ()
-    coding: Literal["one_of", "any_of", "segments"] = "any_of"
+    coding: Literal["one_of", "any_of", "segments", "measurement"] = "any_of"
     export_activation: str = "sigmoid_each"
+    label_thresholds: bool = True
 
     def outputs_problem(self, n_classes, n_outputs):
         return None if n_classes >= 1 and n_outputs == n_classes else "one class name per output"
@@ -289,17 +297,100 @@ class MultilabelTask(Task):
         return float(np.max((n - counts) / np.maximum(counts, 1)))
 
     def hard_predictions(self, probs, threshold=None):
-        return (np.asarray(probs) >= 0.5).astype(int)
+        """Each label at its own threshold (``threshold``: one per label, or one for all; 0.5 without)."""
+        return (np.asarray(probs) >= _per_label(threshold)).astype(int)
 
     def decide(self, probs, names, threshold=None):
-        return [(", ".join(n for n, q in zip(names, p) if q >= 0.5) or "none", float(p.max())) for p in probs]
+        t = np.broadcast_to(_per_label(threshold), (len(names),))
+        return [(", ".join(n for n, q, c in zip(names, p, t) if q >= c) or "none", float(p.max())) for p in probs]
 
     def prediction_columns(self, labels, prob, threshold, names):
         cols = {}
+        pred = self.hard_predictions(prob, threshold)
         for j in range(len(names)):
             cols[f"label_{j}"] = labels[:, j].astype(int)
             cols[f"prob_{j}"] = prob[:, j]
+            if threshold is not None:   # the decision at the label's validation threshold
+                cols[f"pred_{j}"] = pred[:, j]
         return cols
+
+
+def _per_label(threshold) -> np.ndarray:
+    return np.asarray(0.5 if threshold is None else threshold, dtype=float)
+
+
+@dataclass(frozen=True)
+class RegressionTask(Task):
+    """A numeric target (an age, a score, a volume): one output per case, used as it is (no activation), Huber
+    or squared-error loss, MAE/RMSE/R² with CIs, no classes, thresholds or calibration; a split-conformal
+    prediction interval from the validation residuals. ``class_names`` holds one name: the target column."""
+
+    title: str = "regression"
+    config_name: str = "regression"
+    exclusive: bool = False
+    numeric: bool = True
+    metrics: str | None = "regression"
+    calibrations: tuple[str, ...] = ()
+    monitor: str = "val_loss"
+    monitors: tuple[str, ...] = ("val_loss", "val_mae")
+    coding: Literal["one_of", "any_of", "segments", "measurement"] = "measurement"
+    export_activation: str = "identity"
+    subgroups: bool = False
+
+    def n_outputs(self, n_classes):
+        return 1
+
+    def one_score(self, n_classes):
+        return True
+
+    def outputs_problem(self, n_classes, n_outputs):
+        return None if n_classes == 1 and n_outputs == 1 else "exactly 1 target name and 1 output"
+
+    def activation(self, logits):
+        return logits.float().reshape(-1)
+
+    def loss(self, logits, y, class_weights=None, pos_weight=None, label_smoothing=0.0):
+        return F.mse_loss(logits.float().reshape(-1), y.float().reshape(-1))
+
+    def loss_weights(self, counts):
+        return None, None
+
+    def batch_accuracy(self, prob, y):
+        """No accuracy of a number: the negative mean absolute error (higher is better, as accuracies are)."""
+        return -(prob.reshape(-1) - y.float().reshape(-1)).abs().mean()
+
+    def validation_scores(self, prob, y):
+        return {"val_mae": (prob.reshape(-1) - y.float().reshape(-1)).abs().mean()}
+
+    def prepare_labels(self, labels, n):
+        return np.asarray(labels, dtype=np.float32).reshape(n)
+
+    def class_counts(self, labels, n_classes):
+        return np.array([len(labels)])
+
+    def imbalance(self, counts, n):
+        return 1.0
+
+    def hard_predictions(self, probs, threshold=None):
+        return np.asarray(probs, float)
+
+    def decide(self, probs, names, threshold=None):
+        return [(f"{float(v):.4g}", float(v)) for v in np.asarray(probs, float).reshape(-1)]
+
+    def class_probabilities(self, p, names):
+        return {}
+
+    def confidence(self, probs):
+        return np.asarray(probs, float)
+
+    def confidence_name(self, names):
+        return "predicted " + names[0]
+
+    def prediction_columns(self, labels, prob, threshold, names):
+        return {"label": labels, "value": prob}
+
+    def read_probabilities(self, df, names):
+        return df["value"].to_numpy(float)
 
 
 @dataclass(frozen=True)
@@ -313,7 +404,7 @@ class SegmentationTask(Task):
     calibrations: tuple[str, ...] = ()
     monitor: str = "val_dice"
     monitors: tuple[str, ...] = ("val_dice",)
-    coding: Literal["one_of", "any_of", "segments"] = "segments"
+    coding: Literal["one_of", "any_of", "segments", "measurement"] = "segments"
     export_activation: str = "segmentation"
     flip_tta: bool = False                # segmentation.tta flips every axis itself
     subgroups: bool = False
@@ -420,5 +511,7 @@ SEGMENTATION_TASK = register_task(SegmentationTask("segmentation"))
 # writes is a binary run (normal / abnormal at a validation threshold), so it records ``binary``
 ANOMALY_TASK = register_task(BinaryTask("anomaly", title="anomaly detection", config_name="anomaly",
                                         records_runs=False, flip_tta=False, subgroups=False))
+# issue 26: a numeric target of a CSV manifest (``task: regression``, ``data.target_column``)
+REGRESSION_TASK = register_task(RegressionTask("regression"))
 
 CLASSIFICATION_TASKS = tuple(t for t in TaskType if t.is_classification)

@@ -40,7 +40,7 @@ def test_run_meta_round_trip_and_one_line_refusals(tmp_path):
     (run / "run.json").write_text("{not json")
     with pytest.raises(DataError, match="corrupt run.json"):
         RunMeta.load(run)
-    (run / "run.json").write_text(json.dumps(_meta_dict(task="regression")))
+    (run / "run.json").write_text(json.dumps(_meta_dict(task="survival")))
     with pytest.raises(DataError, match="invalid run.json \\(task"):
         RunMeta.load(run)
     meta = RunMeta.model_validate(_meta_dict(threshold={"rule": "youden", "value": 0.37}))

@@ -66,8 +66,8 @@ def _config(task: str) -> dict:
 def test_builtin_tasks_are_registered_with_their_rules():
     names = [t.name for t in list_tasks()]
     assert names[:6] == ["binary", "multiclass", "ordinal", "multilabel", "segmentation", "anomaly"]
-    assert config_task_names() == ["classification", "segmentation", "anomaly"]
-    assert run_task_names() == ["binary", "multiclass", "ordinal", "multilabel", "segmentation"]
+    assert config_task_names() == ["classification", "segmentation", "anomaly", "regression"]
+    assert run_task_names() == ["binary", "multiclass", "ordinal", "multilabel", "segmentation", "regression"]
     b, mc, o, ml, seg = (get_task(n) for n in ("binary", "multiclass", "ordinal", "multilabel", "segmentation"))
     assert [t.n_outputs(2) for t in (b, mc, ml, seg)] == [1, 2, 2, 1] and seg.n_outputs(3) == 3
     assert b.has_threshold and not mc.has_threshold and not ml.has_threshold
@@ -91,7 +91,7 @@ def test_builtin_tasks_are_registered_with_their_rules():
 
 def test_unknown_task_names_say_which_was_meant():
     with pytest.raises(ConfigError, match=r"^'task': unknown task 'segmentaton' \(did you mean 'segmentation'\?\); "
-                                          r"expected one of classification, segmentation, anomaly$"):
+                                          r"expected one of classification, segmentation, anomaly, regression$"):
         config_from_dict(_config("segmentaton"))
     with pytest.raises(ConfigError, match=r"unknown task 'multilable' \(did you mean 'multilabel'\?\)"):
         get_task("multilable")

@@ -23,14 +23,16 @@ from pydicom.errors import InvalidDicomError
 
 from medlens.data.base import (ArrayDataset, Preparer, SplitData, confined_paths, line_numbers, read_csv_checked,
                                refuse_blank_cells)
-from medlens.data.catalog import BINARY, MULTICLASS
+from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL
 from medlens.data.labels import negative_first
 from medlens.data.splits import PER_IMAGE, patient_split, split_method
 from medlens.errors import DataError
 from medlens.io import load
+from medlens.tasks import REGRESSION_TASK
 from medlens.io.formats import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_image_file, suffix_of  # noqa: F401
 #                                                  (IMAGE_SUFFIXES: public)
 
+REGRESSION = REGRESSION_TASK.name
 KEY_ENV = "MEDLENS_PATIENT_KEY"  # an optional secret mixed into the key of the patient hash
 
 
@@ -184,8 +186,13 @@ def load_csv_manifest(csv_path: str | Path, prepare: Preparer, *, image_root: st
                       path_column: str = "path", label_column: str = "label", patient_column: str = "patient_id",
                       suffix: str = "", val: float = 0.1, test: float = 0.2, seed: int = 0,
                       progress: Callable | None = None, allow_outside_root: bool = False,
-                      patient_pattern: str | None = None) -> SplitData:
+                      patient_pattern: str | None = None, label_columns: list[str] | None = None,
+                      target_column: str | None = None) -> SplitData:
     """A manifest ``path,label[,patient_id][,split]`` such as Kaggle's DR ``trainLabels.csv``.
+
+    ``label_columns`` (several 0/1 columns, one per label) make it a multi-label dataset; ``target_column`` (one
+    numeric column) a regression dataset: either replaces ``label_column``. A cell that is not 0/1, not a finite
+    number or blank is refused with the file and its line.
 
     Paths are relative to ``image_root`` (default: the CSV's folder) and must stay inside it (no ``..``,
     absolute paths or symlinks that lead out) unless ``allow_outside_root``; ``suffix`` is appended
@@ -195,27 +202,35 @@ def load_csv_manifest(csv_path: str | Path, prepare: Preparer, *, image_root: st
     headers; else each row is its own patient (a per-image split, said in the split method).
     """
     csv_path = Path(csv_path)
-    df = read_csv_checked(csv_path, [path_column, label_column], "manifest")
+    targets = list(label_columns) if label_columns else [target_column] if target_column else [label_column]
+    df = read_csv_checked(csv_path, [path_column, *targets], "manifest")
     if df.empty:
         raise DataError("manifest has no rows", csv_path)
-    refuse_blank_cells(df, [path_column, label_column, patient_column], csv_path)
+    refuse_blank_cells(df, [path_column, *targets, patient_column], csv_path)
     root = Path(image_root) if image_root else csv_path.parent
     names = [f"{p}{suffix}" for p in df[path_column].astype(str)]
     paths = confined_paths(root, names, csv_path, path_column, allow_outside_root)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DataError(f"{len(missing)} listed image(s) missing, first: {missing[0]}", csv_path)
-    raw = cast(pd.Series, df[label_column])  # one column label: a Series (pandas' hints also allow a frame)
-    classes, fields = _ordered(raw.unique().tolist())
-    if len(classes) < 2:
-        raise DataError(f"only one label value ({classes[0]}); classification needs at least two", csv_path)
-    labels = raw.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    if label_columns:
+        labels, classes, task, fields = _multi_hot(df, list(label_columns), csv_path), list(label_columns), \
+            MULTILABEL, {}
+    elif target_column:
+        labels, classes, task, fields = _numeric(df, target_column, csv_path), [target_column], REGRESSION, {}
+    else:
+        raw = cast(pd.Series, df[label_column])  # one column label: a Series (pandas' hints also allow a frame)
+        classes, fields = _ordered(raw.unique().tolist())
+        if len(classes) < 2:
+            raise DataError(f"only one label value ({classes[0]}); classification needs at least two", csv_path)
+        labels = raw.map({c: i for i, c in enumerate(classes)}).to_numpy()
+        task = BINARY if len(classes) == 2 else MULTICLASS
     known_pids = df[patient_column].astype(str).to_numpy() if patient_column in df.columns else \
         patients_of(paths, names, patient_pattern, csv_path)
     known = known_pids is not None
     pids = known_pids if known_pids is not None else np.array([str(p) for p in df[path_column]])
     images = _load_images(paths, prepare, progress)
-    ds = ArrayDataset(images, labels, BINARY if len(classes) == 2 else MULTICLASS, [str(c) for c in classes],
+    ds = ArrayDataset(images, labels, task, [str(c) for c in classes],
                       patient_ids=pids, sources=np.array([str(p) for p in paths]), name=csv_path.stem)
     if "split" in df.columns:
         s = df["split"].astype(str).str.strip().str.lower().to_numpy()
@@ -234,6 +249,35 @@ def load_csv_manifest(csv_path: str | Path, prepare: Preparer, *, image_root: st
                          split_method="manifest 'split' column" + ("" if known else f" ({PER_IMAGE})"),
                          patients_known=known, **fields)
     return replace(_split(ds, val, test, seed, known), **fields)
+
+
+def _multi_hot(df: pd.DataFrame, columns: list[str], where: Path) -> np.ndarray:
+    """(N, K) 0/1 labels of ``columns``; a cell that is not 0 or 1 (or a label never present) is a one-line error."""
+    out = np.zeros((len(df), len(columns)), np.float32)
+    for j, col in enumerate(columns):
+        cells = df[col].astype(str).str.strip().str.lower()
+        value = cells.map({"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1})
+        bad = np.flatnonzero(value.isna().to_numpy())
+        if len(bad):
+            raise DataError(f"label column '{col}' is {str(df[col].iloc[bad[0]])[:40]!r} on line(s) "
+                            f"{line_numbers(bad)}; a label column holds 0 or 1", where)
+        out[:, j] = value.to_numpy(float)
+        if out[:, j].min() == out[:, j].max():
+            raise DataError(f"label column '{col}' is {int(out[0, j])} on every row; a label needs both 0 and 1 "
+                            "cases", where)
+    return out
+
+
+def _numeric(df: pd.DataFrame, column: str, where: Path) -> np.ndarray:
+    """The finite numbers of ``column``; a cell that is not one is a one-line error naming its line."""
+    values = np.asarray(pd.to_numeric(df[column], errors="coerce"), dtype=float)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise DataError(f"target column '{column}' is {str(df[column].iloc[bad[0]])[:40]!r} on line(s) "
+                        f"{line_numbers(bad)}; a regression target is a finite number", where)
+    if values.min() == values.max():
+        raise DataError(f"target column '{column}' is {values[0]:g} on every row; nothing to learn", where)
+    return np.asarray(values, np.float32)
 
 
 def manifest_columns(csv_path: str | Path, columns: list[str], *, image_root: str | Path | None = None,

@@ -14,6 +14,7 @@ from medlens.errors import MedlensError
 from medlens.evaluation import plots
 from medlens.evaluation.calibration import calibration_with_ci, reliability_bins
 from medlens.evaluation.decision import decision_curve
+from medlens.evaluation.intervals import interval_coverage
 from medlens.evaluation.metrics import compute_metrics
 from medlens.evaluation.shift import shift_report
 from medlens.evaluation.subgroups import subgroup_metrics
@@ -43,6 +44,10 @@ def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predicto
         if meta.threshold is None:
             raise MedlensError("the run records no validation threshold (it did not finish training)", run.dir)
         threshold = meta.threshold.value
+    # issue 26: multi-label runs decide each label at its validation threshold
+    label_t = meta.label_thresholds if task.label_thresholds else None
+    metric_t = label_t if label_t else threshold
+    column_t = np.array([label_t[n] for n in names]) if label_t else threshold
     cal = meta.calibration
     ev = cfg.evaluation
 
@@ -55,25 +60,33 @@ def evaluate_run(run: Run | str | Path, split: str = "test", data=None, predicto
     results = {"task": task.name, "class_names": names, "dataset": meta.dataset,
                "split_method": meta.split_method, "evaluated_split": split,
                "calibrated": cal.method if cal else None,
-               "val": compute_metrics(task, val.labels, p_val, threshold, ev.bootstrap, ev.ci, cfg.seed, raw=raw_val)}
+               "val": compute_metrics(task, val.labels, p_val, metric_t, ev.bootstrap, ev.ci, cfg.seed, raw=raw_val)}
     if task.has_threshold and meta.threshold is not None:  # (checked above: a thresholded task has one)
         results["threshold"] = meta.threshold.model_dump()  # a copy for the reader; the run holds it
-    pred_frames = [_pred_frame("val", val, p_val, task, threshold, names)]
+    pred_frames = [_pred_frame("val", val, p_val, task, column_t, names, meta.interval)]
     if split != "val":
         ds = data.get(split)
         p, raw = probs(ds)
-        results[split] = compute_metrics(task, ds.labels, p, threshold, ev.bootstrap, ev.ci, cfg.seed, raw=raw)
-        pred_frames.append(_pred_frame(split, ds, p, task, threshold, names))
+        results[split] = compute_metrics(task, ds.labels, p, metric_t, ev.bootstrap, ev.ci, cfg.seed, raw=raw)
+        pred_frames.append(_pred_frame(split, ds, p, task, column_t, names, meta.interval))
     else:
         ds, p, raw = val, p_val, raw_val
     pdir = run.dir / "plots"
+    if meta.interval is not None:  # issue 26: how often the validation-fitted interval covers the true value
+        results[split]["interval"] = {**meta.interval.model_dump(mode="json"),
+                                      "coverage_observed": interval_coverage(ds.labels, p, meta.interval.half_width)}
     if task.exclusive:  # calibration, decision curve, shift and subgroups read one class per case
         results.update(_clinical(run, ds, p, raw, val, p_val, raw_val, split, threshold, pdir))
     write_json_atomic(run.dir / "metrics.json", results)
     with atomic_path(run.dir / "predictions.csv") as tmp:
         pd.concat(pred_frames).to_csv(tmp, index=False)
     plots.plot_history(run.dir / "history.csv", pdir / "training_curves.png")
-    plots.plot_roc(task, ds.labels, p, names, pdir / "roc.png", threshold, title=f"ROC ({split})")
+    if task.numeric:  # issue 26: a number has no ROC; predictions against the truth, the interval as a band
+        plots.plot_predicted_vs_true(ds.labels, p, pdir / "predicted_vs_true.png",
+                                     meta.interval.half_width if meta.interval else None, names[0],
+                                     title=f"Predicted vs true ({split})")
+    else:
+        plots.plot_roc(task, ds.labels, p, names, pdir / "roc.png", threshold, title=f"ROC ({split})")
     if task.has_threshold:  # all four outcome galleries, as the LUNA16 seed system shows them
         y = ds.labels
         for kind, sel, what in (("tp", (y == 1) & (p >= threshold), "true positives"),
@@ -135,9 +148,12 @@ def _clinical(run: Run, ds, p, raw, val, p_val, raw_val, split: str, threshold, 
     return out
 
 
-def _pred_frame(split: str, ds, prob: np.ndarray, task: str | Task, threshold, names) -> pd.DataFrame:
+def _pred_frame(split: str, ds, prob: np.ndarray, task: str | Task, threshold, names,
+                interval=None) -> pd.DataFrame:
     df = pd.DataFrame({"split": split, "index": np.arange(len(ds)), "source": ds.sources,
                        "patient_id": ds.patient_ids})
     for col, values in get_task(task).prediction_columns(ds.labels, prob, threshold, names).items():
         df[col] = values
+    if interval is not None:  # issue 26: a regression's prediction interval around each value
+        df["lower"], df["upper"] = prob - interval.half_width, prob + interval.half_width
     return df

@@ -70,13 +70,42 @@ def multiclass_metrics(y: np.ndarray, prob: np.ndarray, ordinal: bool = False) -
     return out
 
 
-def multilabel_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    """Mean per-label AUC and mean per-label accuracy at 0.5 (the MedMNIST evaluator's definition)."""
+def multilabel_metrics(y: np.ndarray, prob: np.ndarray, thresholds: np.ndarray | None = None,
+                       names: list[str] | None = None) -> dict[str, float]:
+    """Mean per-label AUC and mean per-label accuracy at 0.5 (the MedMNIST evaluator's definition).
+
+    With ``thresholds`` (one per label, chosen on validation; issue 26) also each label's AUC, sensitivity,
+    specificity and F1 at its threshold (keys ``"<label>: auc"``...; ``names`` default ``label_<j>``) and their
+    macro means (``macro_sensitivity``, ``macro_specificity``, ``macro_f1``)."""
     y = np.asarray(y).astype(int)
     prob = np.asarray(prob, float)
-    aucs = [roc_auc_score(y[:, j], prob[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    aucs = [roc_auc_score(y[:, j], prob[:, j]) if 0 < y[:, j].sum() < len(y) else float("nan")
+            for j in range(y.shape[1])]
+    defined = [a for a in aucs if np.isfinite(a)]
     acc = float(((prob >= 0.5).astype(int) == y).mean())
-    return {"auc": float(np.mean(aucs)) if aucs else float("nan"), "accuracy": acc, "medmnist_acc": acc}
+    out = {"auc": float(np.mean(defined)) if defined else float("nan"), "accuracy": acc, "medmnist_acc": acc}
+    if thresholds is None:
+        return out
+    names = names or [f"label_{j}" for j in range(y.shape[1])]
+    per: dict[str, list[float]] = {"sensitivity": [], "specificity": [], "f1": []}
+    for j, name in enumerate(names):
+        m = binary_metrics(y[:, j], prob[:, j], float(thresholds[j]))
+        out[f"{name}: auc"] = aucs[j]
+        for k in per:
+            out[f"{name}: {k}"] = m[k]
+            per[k].append(m[k])
+    for k, v in per.items():
+        out[f"macro_{k}"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+    return out
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Mean absolute error, root mean squared error and R² (1 - SSE / SST; NaN when the targets do not vary)."""
+    y, pred = np.asarray(y, float).reshape(-1), np.asarray(pred, float).reshape(-1)
+    err = pred - y
+    sst = float(((y - y.mean()) ** 2).sum())
+    return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
+            "r2": 1.0 - float((err ** 2).sum()) / sst if sst > 0 else float("nan")}
 
 
 def bootstrap_ci(fn: Callable[[np.ndarray], dict[str, float]], n: int, n_boot: int = 1000, ci: float = 0.95,
@@ -99,7 +128,8 @@ def bootstrap_ci(fn: Callable[[np.ndarray], dict[str, float]], n: int, n_boot: i
     return out
 
 
-def compute_metrics(task: str | Task, y: np.ndarray, prob: np.ndarray, threshold: float | None = None,
+def compute_metrics(task: str | Task, y: np.ndarray, prob: np.ndarray,
+                    threshold: float | dict[str, float] | None = None,
                     n_boot: int = 1000, ci: float = 0.95, seed: int = 0, raw: np.ndarray | None = None) -> dict:
     """Point estimates, CIs and the confusion matrix for one split.
 
@@ -113,7 +143,12 @@ def compute_metrics(task: str | Task, y: np.ndarray, prob: np.ndarray, threshold
     family = METRIC_FAMILIES.get(task.metrics)
     if family is None:
         raise ValueError(f"no case metrics for a {task.name} task (metrics family {task.metrics!r})")
-    thr = (0.5 if threshold is None else float(threshold)) if task.has_threshold else None
+    # binary: one threshold; multi-label: one per label (``{label: threshold}``, issue 26), else none
+    thr: float | dict[str, float] | None = None
+    if task.has_threshold:
+        thr = 0.5 if threshold is None or isinstance(threshold, dict) else float(threshold)
+    elif task.label_thresholds:
+        thr = threshold
     fn, cm = family(task, y, prob, thr, raw)
     point = fn(np.arange(len(y)))
     cis = bootstrap_ci(fn, len(y), n_boot, ci, seed)
@@ -124,6 +159,8 @@ def compute_metrics(task: str | Task, y: np.ndarray, prob: np.ndarray, threshold
         out["confusion_matrix"] = cm.tolist()
     if task.has_threshold:
         out["threshold"] = thr
+    elif isinstance(thr, dict):
+        out["label_thresholds"] = dict(thr)
     return out
 
 
@@ -140,10 +177,19 @@ def _multiclass_family(task: Task, y, prob, thr, raw):
 
 
 def _multilabel_family(task: Task, y, prob, thr, raw):
-    return (lambda idx: multilabel_metrics(y[idx], prob[idx])), None
+    """``thr``: None, one threshold for every label, or ``{label: threshold}`` (the run's, from validation)."""
+    names = list(thr) if isinstance(thr, dict) else None
+    t = None if thr is None else np.broadcast_to(np.asarray(list(thr.values()) if isinstance(thr, dict) else thr,
+                                                            float), (prob.shape[1],))
+    return (lambda idx: multilabel_metrics(y[idx], prob[idx], t, names)), None
 
 
-MetricFamily = Callable[[Task, np.ndarray, np.ndarray, "float | None", "np.ndarray | None"],
+def _regression_family(task: Task, y, prob, thr, raw):
+    return (lambda idx: regression_metrics(y[idx], prob[idx])), None
+
+
+MetricFamily = Callable[[Task, np.ndarray, np.ndarray, "float | dict[str, float] | None", "np.ndarray | None"],
                         "tuple[Callable[[np.ndarray], dict[str, float]], np.ndarray | None]"]
 METRIC_FAMILIES: dict[str | None, MetricFamily] = {
-    "binary": _binary_family, "multiclass": _multiclass_family, "multilabel": _multilabel_family}
+    "binary": _binary_family, "multiclass": _multiclass_family, "multilabel": _multilabel_family,
+    "regression": _regression_family}

@@ -87,6 +87,24 @@ def plot_roc(task: str | Task, y: np.ndarray, prob: np.ndarray, class_names: lis
     return save_figure(fig, out)
 
 
+def plot_predicted_vs_true(y: np.ndarray, pred: np.ndarray, out: Path, half_width: float | None = None,
+                           name: str = "value", title: str = "Predicted vs true (test)") -> Path:
+    """A regression's predictions against the true values, the identity line and (when given) the band of the
+    prediction interval ``pred +- half_width`` around it."""
+    y, pred = np.asarray(y, float).reshape(-1), np.asarray(pred, float).reshape(-1)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    line = np.array([lo, hi])
+    if half_width:
+        ax.fill_between(line, line - half_width, line + half_width, color="tab:blue", alpha=0.12,
+                        label=f"prediction interval (+-{half_width:.3g})")
+    ax.plot(line, line, "--", color="grey", lw=1, label="identity")
+    ax.scatter(y, pred, s=10, alpha=0.6, label="cases")
+    ax.set_xlabel(f"true {name}"[:40]); ax.set_ylabel(f"predicted {name}"[:40]); ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left")
+    return save_figure(fig, out)
+
+
 def plot_confusion(confusion: list[list[int]], class_names: list[str], out: Path,
                    title: str = "Confusion matrix (test)") -> Path:
     cm = np.asarray(confusion)

@@ -55,3 +55,10 @@ def choose_dice_threshold(prob_fg: list[np.ndarray], refs: list[np.ndarray], gri
         if d > best[1] + 1e-9:
             best = (float(t), d)
     return best
+
+
+def choose_label_thresholds(y_val: np.ndarray, p_val: np.ndarray, names: list[str],
+                            rule: str = "youden") -> dict[str, float]:
+    """Multi-label: one threshold per label, each by ``rule`` on that label's validation column (never test)."""
+    y, p = np.asarray(y_val), np.asarray(p_val, float)
+    return {name: choose_threshold(y[:, j], p[:, j], rule) for j, name in enumerate(names)}

@@ -71,6 +71,9 @@ SPECIFICITY = ("val-specificity", "Specificity at threshold on validation")
 SPLIT_NAMES = {"val": "validation", "test": "test", "train": "training"}
 # issue 26: an input outside the run's training profile, exported only when allowed, says so in every group
 OUTSIDE = ("ood-input", "Input outside the training data")
+# issue 26: a regression's split-conformal prediction interval, fitted on validation
+INTERVAL_LOW = ("pi-lower", "Prediction interval lower limit")
+INTERVAL_HIGH = ("pi-upper", "Prediction interval upper limit")
 OUTSIDE_REASON = ("ood-reason", "Outside the training data because")
 
 
@@ -185,19 +188,32 @@ def _report(groups, algorithm: Algorithm, sources: list, seg=None, title_series:
 
 
 def classification_sr(sources: list, prediction, class_names: list[str], algorithm: Algorithm,
-                      threshold: float | None, operating_point: dict | None = None,
-                      outside: list[str] | None = None):
-    """A TID 1500 SR of one classifier prediction on ``sources`` (the DICOM instances it read).
+                      threshold, operating_point: dict | None = None,
+                      outside: list[str] | None = None, coding: str = "one_of"):
+    """A TID 1500 SR of one classifier (or regression) prediction on ``sources`` (the DICOM instances it read).
 
-    Binary: one group for the positive class (``class_names[1]``): Present when its probability reaches
-    ``threshold``, with the operating point of the split it was measured on (``operating_point["split"]``,
-    named in the concept). Multi-class: one group per class, Present for the predicted class. ``outside``:
-    the reasons the input fell outside the training data (exported only when allowed), as qualitative
-    evaluations in every group."""
+    ``coding`` is the run task's (``Task.coding``). ``one_of``: binary, one group for the positive class
+    (``class_names[1]``): Present when its probability reaches ``threshold``, with the operating point of the split
+    it was measured on (``operating_point["split"]``, named in the concept); multi-class, one group per class,
+    Present for the predicted class. ``any_of`` (multi-label): one group per label, Present when its probability
+    reaches the label's validation threshold (``threshold``: one per label, or None for 0.5). ``measurement``
+    (regression, issue 26): one group whose numeric measurement is the predicted value in the target's UCUM unit,
+    with the prediction interval's limits. ``outside``: the reasons the input fell outside the training data
+    (exported only when allowed), as qualitative evaluations in every group."""
+    groups = [MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=f"finding: {name}"[:64]),
+        finding_type=class_code(name), algorithm_id=algorithm.template(), measurements=meas,
+        qualitative_evaluations=[*present, *outside_evaluations(outside)] or None,
+        source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources])
+        for name, meas, present in CODINGS[coding](prediction, class_names, threshold, operating_point)]
+    return _report(groups, algorithm, sources, title_series=f"{algorithm.name} classification")
+
+
+def _one_of(prediction, class_names: list[str], threshold, operating_point: dict | None) -> list:
     one = codes.UCUM.NoUnits
     cut = threshold if len(class_names) == 2 else None   # binary: the positive class against the threshold
     chosen = class_names[1:] if cut is not None else list(class_names)
-    groups = []
+    out = []
     for name in chosen:
         p = float(prediction.probabilities[name])
         present = (p >= cut) if cut is not None else (name == prediction.prediction)
@@ -208,14 +224,42 @@ def classification_sr(sources: list, prediction, class_names: list[str], algorit
             for key, code in (("sensitivity", sens), ("specificity", spec)):
                 if operating_point and operating_point.get(key) is not None:
                     meas.append(Measurement(name=local(*code), value=float(operating_point[key]), unit=one))
-        finding = class_code(name)
-        groups.append(MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=f"finding: {name}"[:64]),
-            finding_type=finding, algorithm_id=algorithm.template(), measurements=meas,
-            qualitative_evaluations=[QualitativeEvaluation(finding, codes.SCT.Present if present else codes.SCT.Absent),
-                                     *outside_evaluations(outside)],
-            source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]))
-    return _report(groups, algorithm, sources, title_series=f"{algorithm.name} classification")
+        out.append((name, meas, [_presence(name, present)]))
+    return out
+
+
+def _any_of(prediction, class_names: list[str], threshold, operating_point: dict | None) -> list:
+    one = codes.UCUM.NoUnits
+    cuts = np.broadcast_to(np.asarray(0.5 if threshold is None else threshold, float), (len(class_names),))
+    out = []
+    for name, cut in zip(class_names, cuts):
+        p = float(prediction.probabilities[name])
+        meas = [Measurement(name=codes.DCM.Probability, value=p, unit=one),
+                Measurement(name=local(*THRESHOLD), value=float(cut), unit=one)]
+        out.append((name, meas, [_presence(name, p >= cut)]))
+    return out
+
+
+def _measurement(prediction, class_names: list[str], threshold, operating_point: dict | None) -> list:
+    unit_code = str(prediction.unit or "1")
+    unit = _code(unit_code, "UCUM", unit_code)
+    name = class_names[0]
+    meas = [Measurement(name=class_code(name), value=float(prediction.value), unit=unit)]
+    if prediction.lower is not None and prediction.upper is not None:
+        pct = f"{100 * float(prediction.coverage):g}%"
+        meas += [Measurement(name=local(*INTERVAL_LOW), value=float(prediction.lower), unit=unit),
+                 Measurement(name=local(*INTERVAL_HIGH), value=float(prediction.upper), unit=unit),
+                 Measurement(name=local("pi-coverage", f"Prediction interval coverage ({pct})"),
+                             value=float(prediction.coverage), unit=codes.UCUM.NoUnits)]
+    return [(name, meas, [])]
+
+
+def _presence(name: str, present) -> QualitativeEvaluation:
+    return QualitativeEvaluation(class_code(name), codes.SCT.Present if present else codes.SCT.Absent)
+
+
+# how each task coding (``Task.coding``) becomes measurement groups: (name, measurements, evaluations) per group
+CODINGS = {"one_of": _one_of, "any_of": _any_of, "measurement": _measurement}
 
 
 def segmentation_sr(sources: list, seg, findings: list[RoiFinding], algorithm: Algorithm,

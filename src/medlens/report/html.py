@@ -23,9 +23,11 @@ from medlens.utils import write_json_atomic, write_text_atomic
 PRETTY = {"auc": "AUC", "accuracy": "accuracy", "sensitivity": "sensitivity (recall)", "specificity": "specificity",
           "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1", "balanced_accuracy": "balanced accuracy",
           "medmnist_acc": "ACC (MedMNIST evaluator)", "macro_f1": "macro F1", "qwk": "quadratic-weighted kappa",
-          "mae": "mean absolute grade error", "dice": "Dice", "iou": "IoU (Jaccard)", "precision": "precision",
+          "mae": "mean absolute error", "rmse": "root mean squared error", "r2": "R² (coefficient of determination)",
+          "macro_sensitivity": "macro sensitivity", "macro_specificity": "macro specificity", "dice": "Dice", "iou": "IoU (Jaccard)", "precision": "precision",
           "hd95": "HD95", "msd": "mean surface distance", "cldice": "clDice (centre-line)"}
 FIGURES = [("training_curves.png", "Training curves", 760), ("roc.png", "ROC", 420),
+           ("predicted_vs_true.png", "Predicted against true value (prediction interval from validation)", 460),
            ("confusion_matrix.png", "Confusion matrix", 420), ("gallery_tp.png", "True positives", 520),
            ("gallery_tn.png", "True negatives", 520), ("gallery_fp.png", "False positives", 520),
            ("gallery_fn.png", "False negatives", 520)]
@@ -105,7 +107,8 @@ def write_report(run: Run | str | Path) -> Path:
         in_channels=meta.in_channels, input_size=meta.input_size, spatial_dims=meta.spatial_dims,
         epochs_run=meta.epochs_run if meta.epochs_run is not None else "?",
         train_seconds=meta.train_seconds if meta.train_seconds is not None else "?",
-        threshold=meta.threshold, split=split, metric_rows=rows,
+        threshold=meta.threshold, split=split, metric_rows=rows, label_thresholds=meta.label_thresholds,
+        interval=meta.interval, interval_test=metrics[split].get("interval"),
         n_bootstrap=metrics[split].get("n_bootstrap", 0), confusion=metrics[split].get("confusion_matrix"),
         medmnist_note="" if is_seg else
         "'ACC (MedMNIST evaluator)' thresholds at 0.5 / argmax, as the MedMNIST paper does; the other "

@@ -7,9 +7,9 @@ everything that serves or exports a run.
 """
 
 from medlens.run.folder import RunFolder, run_lock
-from medlens.run.meta import SCHEMA_VERSION, Calibration, InputPrep, RunMeta, Threshold
+from medlens.run.meta import SCHEMA_VERSION, Calibration, InputPrep, PredictionInterval, RunMeta, Threshold
 from medlens.run.predictor import Prediction, Predictor
 from medlens.run.run import Run
 
-__all__ = ["SCHEMA_VERSION", "Calibration", "InputPrep", "Prediction", "Predictor", "Run", "RunFolder", "RunMeta", "Threshold",
+__all__ = ["SCHEMA_VERSION", "Calibration", "InputPrep", "PredictionInterval", "Prediction", "Predictor", "Run", "RunFolder", "RunMeta", "Threshold",
            "run_lock"]

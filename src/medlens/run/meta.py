@@ -272,6 +272,23 @@ class Calibration(_Strict):
             return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+class PredictionInterval(_Strict):
+    """A regression run's prediction interval (issue 26), split-conformal: ``value +- half_width`` covers the true
+    value of a new case with probability ``coverage`` when ``half_width`` is the ``ceil((n + 1) coverage) / n``
+    empirical quantile of the ``n`` absolute validation residuals (Lei et al. 2018). Fitted on validation only."""
+
+    method: Literal["split-conformal"] = "split-conformal"
+    coverage: float = Field(gt=0, lt=1)
+    half_width: float = Field(ge=0)
+    n: int = Field(ge=1)
+    fitted_on: Literal["val"] = "val"
+
+    @field_validator("coverage", "half_width")
+    @classmethod
+    def _finite_values(cls, v: float, info) -> float:
+        return _finite(v, info.field_name)
+
+
 ExportKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
 
 
@@ -302,6 +319,10 @@ class RunMeta(_Strict):
     label_values: list[int] | None = None   # segmentation: raw mask values in class order
     preprocessing: InputPrep
     threshold: Threshold | None = None
+    # issue 26: multi-label runs, one validation-chosen threshold per label (class name -> probability)
+    label_thresholds: dict[str, float] | None = None
+    # issue 26: regression runs, the prediction interval fitted on the validation residuals
+    interval: PredictionInterval | None = None
     calibration: Calibration | None = None
     recalibrated_on: dict[str, Any] | None = None   # the site sample a recalibrated copy was adapted to
     # issue 26: how the calibration was chosen (held-out log-loss of each candidate by cross-validation inside
@@ -339,6 +360,14 @@ class RunMeta(_Strict):
     def _task(cls, v: Any) -> Any:
         return check_run_task(str(v)) if isinstance(v, str) else v  # not a string: pydantic's type error
 
+    @field_validator("label_thresholds")
+    @classmethod
+    def _label_thresholds(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for name, t in (v or {}).items():
+            if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+                raise ValueError(f"{name!r}: {t} is not a probability in [0, 1]")
+        return v
+
     @field_validator("model_params")
     @classmethod
     def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -364,6 +393,11 @@ class RunMeta(_Strict):
         if want:
             raise ValueError(f"class_names: a {task.name} run needs {want}; this one has {n} class name(s) and "
                              f"n_outputs {k}")
+        if self.label_thresholds is not None and (not task.label_thresholds
+                                                  or list(self.label_thresholds) != self.class_names):
+            raise ValueError(f"label_thresholds: one per class name of a {task.title} run with per-label thresholds")
+        if self.interval is not None and not task.numeric:
+            raise ValueError(f"interval: a prediction interval belongs to a numeric target, not a {task.title} run")
         if self.label_values is not None and len(self.label_values) != n:
             raise ValueError(f"label_values: {len(self.label_values)} values for {n} classes")
         prep = self.preprocessing

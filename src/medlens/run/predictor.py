@@ -36,6 +36,13 @@ class Prediction:
     calibrated: str | None = None     # the calibration method when the probabilities are calibrated
     extra: dict = field(default_factory=dict)
     positive_class: str | None = None  # binary: the class ``probability`` is the probability of (index 1)
+    # issue 26, numeric targets: the predicted value and its prediction interval (validation-fitted), in ``unit``
+    value: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+    coverage: float | None = None
+    unit: str | None = None
+    label_thresholds: dict[str, float] | None = None   # multi-label: each label's validation threshold
 
     @property
     def predicted_probability(self) -> float:
@@ -43,12 +50,23 @@ class Prediction:
         return float(self.probabilities.get(self.prediction, self.probability))
 
     def as_dict(self) -> dict:
-        d = {"file": self.source, "prediction": self.prediction, "probability": self.probability,
-             "probabilities": self.probabilities, "calibrated": self.calibrated or "no"}
-        if self.threshold is not None:
-            d["threshold"] = self.threshold
+        d: dict = {"file": self.source, "prediction": self.prediction}
+        d.update(self.answer_fields())
         if "input_warnings" in self.extra:
             d["input_warnings"] = list(self.extra["input_warnings"])
+        return d
+
+    def answer_fields(self) -> dict:
+        """The answer without the file: a value with its interval (numeric targets), else the probabilities."""
+        if self.value is not None:
+            return {"value": self.value, "lower": self.lower, "upper": self.upper, "interval_coverage": self.coverage,
+                    "unit": self.unit}
+        d: dict = {"probability": self.probability, "probabilities": self.probabilities,
+                   "calibrated": self.calibrated or "no"}
+        if self.threshold is not None:
+            d["threshold"] = self.threshold
+        if self.label_thresholds is not None:
+            d["label_thresholds"] = self.label_thresholds
         return d
 
 
@@ -149,9 +167,22 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0,))
 
     def decide(self, probs: np.ndarray) -> list[tuple[str, float]]:
-        """(predicted class name, its probability) per row, at the run's validation threshold."""
-        threshold = self.binary_threshold() if self.task.has_threshold else None
-        return self.task.decide(probs, self.meta.class_names, threshold)
+        """(predicted class name, its probability) per row, at the run's validation threshold(s)."""
+        return self.task.decide(probs, self.meta.class_names, self.thresholds())
+
+    def thresholds(self) -> float | np.ndarray | None:
+        """The decision threshold: binary, the validation one; multi-label, each label's (issue 26); else None."""
+        if self.task.has_threshold:
+            return self.binary_threshold()
+        lt = self.meta.label_thresholds
+        return np.array([lt[n] for n in self.meta.class_names]) if lt else None
+
+    def value_fields(self, value: float) -> dict:
+        """A numeric target's prediction with its validation-fitted interval (``Prediction`` fields; issue 26)."""
+        iv = self.meta.interval
+        return {"value": float(value), "lower": float(value) - iv.half_width if iv else None,
+                "upper": float(value) + iv.half_width if iv else None, "coverage": iv.coverage if iv else None,
+                "unit": self.run.config.data.target_unit}
 
     def binary_threshold(self) -> float:
         th = self.meta.threshold
@@ -178,16 +209,23 @@ class Predictor:
                               "with caution", MedlensWarning, stacklevel=2)
         xs = np.stack(xs)
         probs = self.predict_arrays(xs)
-        names, task = self.meta.class_names, self.task
-        th = self.binary_threshold() if task.has_threshold else None
         rows = []
         for f, p, (cls, prob), reasons in zip(files, probs, self.decide(probs), checks):
-            every = task.class_probabilities(p, names)
-            rows.append(Prediction(str(f), cls, prob, every, th,
-                                   self.meta.threshold.rule if th is not None and self.meta.threshold else "",
-                                   self.calibration, extra={"input_warnings": reasons},
-                                   positive_class=names[1] if th is not None and len(names) == 2 else None))
+            rows.append(self.prediction(str(f), p, cls, prob, reasons))
         return rows
+
+    def prediction(self, source: str, p: np.ndarray, cls: str, prob: float, reasons: list[str] | None = None
+                   ) -> Prediction:
+        """One input's ``Prediction`` from its output ``p`` and decision ``(cls, prob)``."""
+        names, task = self.meta.class_names, self.task
+        th = self.binary_threshold() if task.has_threshold else None
+        extra = {} if reasons is None else {"input_warnings": reasons}
+        return Prediction(source, cls, prob, task.class_probabilities(p, names), th,
+                          self.meta.threshold.rule if th is not None and self.meta.threshold else "",
+                          self.calibration, extra=extra,
+                          positive_class=names[1] if th is not None and len(names) == 2 else None,
+                          label_thresholds=self.meta.label_thresholds,
+                          **(self.value_fields(float(p)) if task.numeric else {}))
 
     # ---------- segmentation ----------
     def segment_probs(self, x: np.ndarray, name: str = "image") -> np.ndarray:

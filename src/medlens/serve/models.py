@@ -204,27 +204,30 @@ class ServedModel:
                     f.set_result(p)
 
     def answer(self, p: np.ndarray) -> dict:
-        """Probabilities and the decision at the validation threshold, as ``Predictor.predict_files`` gives them."""
-        pr = self.predictor
-        names, task = self.meta.class_names, self.task
-        cls, prob = pr.decide(np.asarray(p)[None])[0]
-        every = task.class_probabilities(p, list(names))
-        out = {"prediction": cls, "probability": prob, "probabilities": every,
-               "calibrated": pr.calibration if hasattr(pr, "calibration") else None}
-        if task.has_threshold:
+        """Probabilities and the decision at the validation threshold(s), or a numeric target's value with its
+        prediction interval, as ``Predictor.predict_files`` gives them."""
+        pred = self.prediction(p)
+        out = {"prediction": pred.prediction, **pred.answer_fields()}
+        if pred.value is None:
+            out["calibrated"] = pred.calibrated
+        if self.task.has_threshold:
             th = self.meta.threshold
             out["threshold"] = th.value if th else 0.5
             out["decision_rule"] = th.rule if th else "0.5 (no validation threshold recorded)"
         return out
 
+    def prediction(self, p: np.ndarray) -> Prediction:
+        pr = self.predictor
+        cls, prob = pr.decide(np.asarray(p)[None])[0]
+        return pr.prediction("upload", np.asarray(p), cls, prob)
+
     def result_sr(self, sources: list, p: np.ndarray, outside: list[str] | None = None):
         """The TID 1500 DICOM SR of one answer (``medlens.report.dicom_sr``) on its DICOM source instances;
         ``outside``: why the input was outside the training data (answered only when the server allows it)."""
-        a = self.answer(p)
-        pred = Prediction("upload", a["prediction"], a["probability"], a["probabilities"], a.get("threshold"))
-        th = a.get("threshold") if self.task.has_threshold else None
+        pred = self.prediction(p)
+        th = self.predictor.thresholds()
         return classification_sr(sources, pred, list(self.meta.class_names), Algorithm.of_run(self.torch_run), th,
-                                 operating_point(self.torch_run), outside)
+                                 operating_point(self.torch_run), outside, coding=self.task.coding)
 
     # ---------------------------------------------------------------- heatmap and masks
     def heatmap(self, x: np.ndarray, target: int | None = None) -> tuple[np.ndarray, dict]:

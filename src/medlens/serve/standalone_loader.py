@@ -51,23 +51,26 @@ class TaskRule:
     """What a task means for this loader: its own small copy of ``medlens.tasks`` (this file runs without
     medlens). ``activation``: the one the file's metadata must name; ``min_classes``/``max_classes``: the class
     names it needs; ``one_score``: one output, P(second class), decided at the threshold (binary);
-    ``independent``: each label decided at 0.5 (multi-label); ``dense``: one output per voxel. A plain class:
+    ``independent``: each label decided at its threshold (``medlens.label_thresholds``, else 0.5; multi-label);
+    ``numeric``: one output, the value itself (regression); ``dense``: one output per voxel. A plain class:
     this file is also loaded by path, outside ``sys.modules``, where dataclasses cannot resolve it."""
 
     def __init__(self, activation: str, min_classes: int = 2, max_classes: int | None = None,
-                 one_score: bool = False, independent: bool = False, dense: bool = False) -> None:
+                 one_score: bool = False, independent: bool = False, dense: bool = False,
+                 numeric: bool = False) -> None:
         self.activation, self.min_classes, self.max_classes = activation, min_classes, max_classes
-        self.one_score, self.independent, self.dense = one_score, independent, dense
+        self.one_score, self.independent, self.dense, self.numeric = one_score, independent, dense, numeric
 
     def n_outputs(self, n_classes: int) -> int:
-        return 1 if self.one_score or (self.dense and n_classes == 2) else n_classes
+        return 1 if self.one_score or self.numeric or (self.dense and n_classes == 2) else n_classes
 
 
 TASKS = {"binary": TaskRule("sigmoid", max_classes=2, one_score=True),
          "multiclass": TaskRule("softmax"),
          "ordinal": TaskRule("softmax"),
          "multilabel": TaskRule("sigmoid_each", min_classes=1, independent=True),
-         "segmentation": TaskRule("segmentation", dense=True)}
+         "segmentation": TaskRule("segmentation", dense=True),
+         "regression": TaskRule("identity", min_classes=1, max_classes=1, numeric=True)}
 MAX_AXIS = 8192
 # the image limits of medlens (``medlens.io.limits``): the same settings, the same defaults
 MAX_PIXELS = ("MEDLENS_MAX_PIXELS", 2 ** 26)
@@ -170,6 +173,23 @@ def check_metadata(task, class_names, prep, threshold, calibration, activation, 
             raise ExportError(f"{key} {size} = {math.prod(size):,} values, over the limit of {limit:,}")
 
 
+def check_decision_extras(label_thresholds, interval, class_names) -> None:
+    """Multi-label thresholds (one probability per class name) and a regression's prediction interval (finite
+    half-width >= 0, coverage in (0, 1)), as ``RunMeta`` checks them."""
+    if label_thresholds is not None:
+        if not isinstance(label_thresholds, dict) or list(label_thresholds) != list(class_names):
+            raise ExportError("medlens.label_thresholds must name each class once, in order")
+        for k, v in label_thresholds.items():
+            if not 0.0 <= _number(v, f"medlens.label_thresholds {k}") <= 1.0:
+                raise ExportError(f"medlens.label_thresholds {k}: {v} is not a probability in [0, 1]")
+    if interval is not None:
+        if not isinstance(interval, dict):
+            raise ExportError("medlens.interval is not an object")
+        if _number(interval.get("half_width"), "medlens.interval half_width") < 0 or \
+                not 0 < _number(interval.get("coverage"), "medlens.interval coverage") < 1:
+            raise ExportError("medlens.interval: half_width must be >= 0 and coverage in (0, 1)")
+
+
 def n_outputs(task: str, n_classes: int) -> int:
     return TASKS[task].n_outputs(n_classes)
 
@@ -249,6 +269,8 @@ class ExportedModel:
             self.prep = json.loads(meta["medlens.preprocessing"])
             self.threshold = json.loads(meta.get("medlens.threshold", "null"))
             self.calibration = json.loads(meta.get("medlens.calibration", "null"))
+            self.label_thresholds = json.loads(meta.get("medlens.label_thresholds", "null"))
+            self.interval = json.loads(meta.get("medlens.interval", "null"))
             self.activation = meta["medlens.activation"]
             self.in_channels = int(meta["medlens.in_channels"])
             self.input_size = json.loads(meta["medlens.input_size"])
@@ -257,6 +279,7 @@ class ExportedModel:
                               f"{str(e)[:80]})") from None
         check_metadata(self.task, self.class_names, self.prep, self.threshold, self.calibration, self.activation,
                        self.in_channels, self.input_size)
+        check_decision_extras(self.label_thresholds, self.interval, self.class_names)
         if run_meta is not None:
             for key, ours, theirs in (("task", self.task, run_meta.get("task")),
                                       ("class names", self.class_names, run_meta.get("class_names")),
@@ -388,6 +411,8 @@ class ExportedModel:
             p = _sigmoid(z)
         elif act == "softmax":
             p = _softmax(z, 1)
+        elif act == "identity":   # a numeric target: the output is the value
+            return self._finite(z.reshape(-1).astype(np.float32))
         else:
             raise ExportError("a segmentation export: run it per window with logits()")
         cal = self.calibration
@@ -409,14 +434,22 @@ class ExportedModel:
         if rule.one_score:
             t = self.threshold["value"] if self.threshold else 0.5
             return names[int(p >= t)], float(p)
+        if rule.numeric:
+            return f"{float(p):.4g}", float(p)
         if rule.independent:
-            return ", ".join(n for n, q in zip(names, p) if q >= 0.5) or "none", float(np.max(p))
+            lt = self.label_thresholds or {}
+            return ", ".join(n for n, q in zip(names, p) if q >= float(lt.get(n, 0.5))) or "none", float(np.max(p))
         return names[int(np.argmax(p))], float(np.max(p))
 
     def predict(self, source) -> dict:
         """The model's answer for one image file or array."""
         p = self.probabilities(self.prepare(source)[None])[0]
         cls, prob = self.decide(p)
+        if TASKS[self.task].numeric:
+            hw = float(self.interval["half_width"]) if self.interval else None
+            return {"prediction": cls, "value": prob, "lower": None if hw is None else prob - hw,
+                    "upper": None if hw is None else prob + hw,
+                    "interval_coverage": self.interval["coverage"] if self.interval else None}
         one_score = TASKS[self.task].one_score
         every = ({self.class_names[0]: float(1 - p), self.class_names[1]: float(p)} if one_score
                  else dict(zip(self.class_names, map(float, p))))

@@ -23,12 +23,13 @@ from medlens.engine.train import (
 from medlens.errors import ConfigError, MedlensError
 from medlens.evaluation.calibration import calibration_method, select_calibration
 from medlens.evaluation.evaluate import evaluate_run
-from medlens.evaluation.threshold import choose_threshold
+from medlens.evaluation.intervals import conformal_interval
+from medlens.evaluation.threshold import choose_label_thresholds, choose_threshold
 from medlens.explain.run import write_report_section
 from medlens.models.transfer import apply_transfer
 from medlens.run import InputPrep, Predictor, Run, RunMeta, Threshold
 from medlens.run.profile import profile_of
-from medlens.tasks import TaskType, get_task
+from medlens.tasks import get_task
 from medlens.transforms.preprocess import prepared_data
 from medlens.workflow.ensemble import fit_ensemble
 from medlens.workflow.lifecycle import Progress, finish, loading, write_start
@@ -41,7 +42,7 @@ def classifier_meta(cfg, data, classical: bool = False) -> RunMeta:
     mean, std = (channel_stats(tr) if cfg.data.normalize == "dataset" and not classical
                  else ([0.0] * c, [1.0] * c))
     meta = RunMeta(
-        kind="classical" if classical else "torch", task=TaskType(data.task), model=cfg.model.name,
+        kind="classical" if classical else "torch", task=data.task, model=cfg.model.name,
         model_params=cfg.model.params, in_channels=c, n_outputs=tr.n_outputs, input_size=list(tr.image_shape),
         class_names=data.class_names,
         preprocessing=InputPrep(spatial_dims=tr.spatial_dims, size=list(tr.image_shape), color=cfg.data.color,
@@ -74,6 +75,8 @@ def train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: boo
             "with PatientID) for a patient-level split")
     calibration_method(data.task, cfg.evaluation.calibration)  # a setting that does not fit the task fails now
     classical = cfg.model.name in CLASSICAL_MODELS
+    if classical and get_task(data.task).numeric:
+        raise ConfigError(f"model '{cfg.model.name}' is a classical classifier; a {data.task} trains a network")
     meta = classifier_meta(cfg, data, classical)
     c, mean, std = tr.in_channels, meta.preprocessing.mean, meta.preprocessing.std
     if writer:  # global rank 0 (issue 15: the other data-parallel processes only fit)
@@ -125,6 +128,12 @@ def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bo
         rule = cfg.evaluation.threshold
         p_val = run.meta.calibration.apply(raw_val) if run.meta.calibration else raw_val
         run.meta.threshold = Threshold(rule=rule, value=choose_threshold(data.val.labels, p_val, rule))
+    task = get_task(meta.task)
+    if task.label_thresholds:  # issue 26: each label's own threshold by evaluation.threshold on validation
+        run.meta.label_thresholds = choose_label_thresholds(data.val.labels, raw_val, run.meta.class_names,
+                                                            cfg.evaluation.threshold)
+    if task.numeric:  # issue 26: a split-conformal prediction interval from the validation residuals
+        run.meta.interval = conformal_interval(data.val.labels, raw_val, cfg.evaluation.interval)
 
     def evaluate(r: Run) -> None:
         evaluate_run(r, data=data, predictor=predictor)

@@ -89,7 +89,9 @@ def _score(run: Run, task: Task, probs, labels) -> tuple[str, float]:
         return "dice", float(np.mean([foreground_dice(pred.labels(p), c.mask, p.shape[0]) for p, c in zip(probs, labels)]))
     labels, probs = np.asarray(labels), np.asarray(probs, float)
     case_metrics, _ = METRIC_FAMILIES[task.metrics](task, labels, probs, 0.5, None)
-    return "auc", case_metrics(np.arange(len(labels)))["auc"]
+    scores = case_metrics(np.arange(len(labels)))
+    key = "auc" if "auc" in scores else next(iter(scores))   # a regression's first metric (mae)
+    return key, scores[key]
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", quantize: str | None = None, n_parity: int = 200,

@@ -210,19 +210,19 @@ def predict_export(run, files: Sequence[str | Path], out: str | Path, outputs: s
             require_in_profile(predictor.input_warnings(img, predictor.prepare(img, str(f))), f, allow_out_of_profile)
     rows = predictor.predict_files([str(f) for f in paths])
     algo = Algorithm.of_run(run) if outputs else None
-    th = predictor.binary_threshold() if task_of(run).has_threshold else None
+    th = predictor.thresholds()
+    coding = task_of(run).coding
     op = operating_point(run)
     final = Path(out)
     done = []
     with atomic_dir(final) as work:
         table = []
         for f, stem, r, src in zip(paths, unique_stems(paths), rows, sources):
-            table.append({"file": str(f), "prediction": r.prediction, "probability": r.probability,
-                          "threshold": r.threshold, "calibrated": getattr(r, "calibrated", None) or "no",
-                          **{f"p_{k}": v for k, v in r.probabilities.items()}})
+            table.append(_table_row(f, r))
             ex = Exported(str(f))
             if outputs and algo is not None:
-                sr = classification_sr(src, r, run.class_names, algo, th, op, r.extra.get("input_warnings"))
+                sr = classification_sr(src, r, run.class_names, algo, th, op, r.extra.get("input_warnings"),
+                                       coding=coding)
                 write_sr(sr, work / f"{stem}_sr.dcm")
                 ex.files["sr"] = final / f"{stem}_sr.dcm"
                 if "fhir" in outputs:
@@ -232,6 +232,20 @@ def predict_export(run, files: Sequence[str | Path], out: str | Path, outputs: s
         with atomic_path(work / "predictions.csv") as tmp:
             pd.DataFrame(table).to_csv(tmp, index=False)
     return rows, done
+
+
+def _table_row(f, r) -> dict:
+    """One ``predictions.csv`` row: the value and its prediction interval (numeric targets, issue 26), else the
+    probabilities and the decision (multi-label: each label's decision at its validation threshold)."""
+    if r.value is not None:
+        return {"file": str(f), "prediction": r.prediction, "value": r.value, "lower": r.lower, "upper": r.upper,
+                "interval_coverage": r.coverage, "unit": r.unit}
+    row = {"file": str(f), "prediction": r.prediction, "probability": r.probability,
+           "threshold": r.threshold, "calibrated": getattr(r, "calibrated", None) or "no",
+           **{f"p_{k}": v for k, v in r.probabilities.items()}}
+    for k, t in (r.label_thresholds or {}).items():
+        row[f"pred_{k}"] = int(r.probabilities[k] >= t)
+    return row
 
 
 def segment_export(run, files: Sequence[str | Path], out: str | Path, outputs: set[str], *, tta: bool | None = None,

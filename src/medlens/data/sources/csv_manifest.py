@@ -11,15 +11,18 @@ from medlens.data.sources.registry import DataSource, register_source
 @register_source
 class CSVSource(DataSource):
     name = "csv"
-    summary = "CSV manifest: image path, label, patient id (or image and mask paths)"
+    summary = ("CSV manifest: image path, label (or several 0/1 label columns, or a numeric target), patient id "
+               "(or image and mask paths)")
     reads_files = True
     pairs = True
     subgroups = True
+    label_columns = True
     plan_suffixes = (".csv",)
 
     def load(self, cfg, *, seed, prepare, progress):
         return load_csv_manifest(cfg.resolved_path(), prepare, image_root=cfg.resolved_image_root(),
                                  path_column=cfg.path_column, label_column=cfg.label_column,
+                                 label_columns=cfg.label_columns, target_column=cfg.target_column,
                                  patient_column=cfg.patient_column, suffix=cfg.suffix, val=cfg.val_fraction,
                                  test=cfg.test_fraction, seed=seed, progress=progress,
                                  allow_outside_root=cfg.allow_outside_root, patient_pattern=cfg.patient_pattern)

@@ -31,6 +31,7 @@ class DataSource:
     pairs: bool = False              # image + mask pairs for segmentation (``pair_rows``)
     holds_out_patient: bool = False  # data.test_patient names a patient to hold out as the test split
     subgroups: bool = False          # evaluation.subgroups names columns of its manifest
+    label_columns: bool = False      # data.label_columns (multi-label) and data.target_column (regression) apply
     plan_suffixes: tuple[str, ...] = ()  # files `medlens plan FILE` reads as this source (".csv")
     plan_folder: bool = False        # `medlens plan FOLDER` reads a folder as this source
 

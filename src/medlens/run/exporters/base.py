@@ -113,6 +113,10 @@ def export_metadata(run: Run) -> dict[str, str]:
         "medlens.weights_sha256": run.weights_sha256,
         "medlens.medlens_version": m.medlens_version,
     }
+    if m.label_thresholds is not None:   # issue 26: multi-label, each label's validation threshold
+        out["medlens.label_thresholds"] = json.dumps(m.label_thresholds)
+    if m.interval is not None:           # issue 26: regression, the validation-fitted prediction interval
+        out["medlens.interval"] = json.dumps(m.interval.model_dump(mode="json"))
     if task_of(m).dense:
         s = run.config.segmentation
         out["medlens.sliding_window"] = json.dumps({"patch_size": list(m.input_size), "overlap": s.overlap,
