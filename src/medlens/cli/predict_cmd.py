@@ -62,9 +62,19 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
 
 
 def _prediction_table(run_dir: Path, rows: list[Any]) -> Table:
-    """The predicted class and its probability, then (binary) the probability of the positive class, named."""
+    """The predicted class and its probability, then (binary) the probability of the positive class, named; a
+    numeric target's value with its prediction interval (issue 26)."""
     positive = next((r.positive_class for r in rows if r.positive_class), None)
     t = Table(title=f"predictions ({run_dir})")
+    if rows and getattr(rows[0], "value", None) is not None:
+        for col in ("file", "predicted value", "interval low", "interval high"):
+            t.add_column(col)
+        for r in rows:
+            unit = f" {r.unit}" if r.unit and r.unit != "1" else ""
+            lo, hi = ((f"{r.lower:.4g}", f"{r.upper:.4g}") if r.lower is not None and r.upper is not None
+                      else ("-", "-"))
+            t.add_row(Path(r.source).name, f"{r.value:.4g}{unit}", lo, hi)
+        return t
     for col in ("file", "predicted class", "P(predicted class)", *([f"P({positive})"] if positive else []),
                 "all classes"):
         t.add_column(col)
