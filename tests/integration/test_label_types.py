@@ -168,9 +168,12 @@ def test_multilabel_predict_sr_fhir_serve_and_export(multilabel_run, manifest, t
 
 
 # ------------------------------------------------------------------------------------------ regression
-def test_regression_manifest_trains_with_metrics_and_a_conformal_interval(regression_run):
+def test_regression_manifest_trains_with_metrics_and_a_conformal_interval(regression_run, manifest):
     run = Run.open(regression_run)
     assert run.meta.task == "regression" and run.meta.class_names == ["dr_grade"] and run.meta.n_outputs == 1
+    # the network learns the grade standardised by the training grades and answers in grades
+    train_grades = pd.read_csv(manifest).query("split == 'train'")["dr_grade"].to_numpy(float)
+    assert run.meta.target_scale == pytest.approx([train_grades.mean(), train_grades.std()], rel=1e-5)
     assert run.meta.threshold is None and run.meta.calibration is None and run.config.train.monitor == "val_loss"
     pred = pd.read_csv(regression_run / "predictions.csv")
     val, test = pred[pred.split == "val"], pred[pred.split == "test"]

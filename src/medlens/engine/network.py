@@ -29,10 +29,17 @@ class Normalize(nn.Module):
 class ClassifierNet(nn.Module):
     """Normalisation + network: what is saved as ``model.pt`` and what explainers see."""
 
-    def __init__(self, net: nn.Module, mean, std) -> None:
+    def __init__(self, net: nn.Module, mean, std, target: list[float] | None = None) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
+        self.scaled = target is not None
+        if target is not None:   # a numeric target (issue 26): the network learns it standardised, answers in units
+            self.register_buffer("target_mean", torch.tensor(float(target[0]), dtype=torch.float32))
+            self.register_buffer("target_std", torch.tensor(float(target[1]), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+        out = self.net(self.normalize(x))
+        if self.scaled:
+            out = out * self.target_std + self.target_mean
+        return out

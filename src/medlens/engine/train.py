@@ -73,10 +73,11 @@ def channel_stats(ds) -> tuple[list[float], list[float]]:
 
 
 def build_network(model: str, in_channels: int, n_outputs: int, spatial_dims: int, input_size, params: dict,
-                  mean, std) -> ClassifierNet:
-    """An untrained network: the registered architecture behind per-channel normalisation."""
+                  mean, std, target: list[float] | None = None) -> ClassifierNet:
+    """An untrained network: the registered architecture behind per-channel normalisation (and, for a numeric
+    target, its training ``[mean, std]`` applied to the output: ``RunMeta.target_scale``)."""
     net = create_model(model, in_channels, n_outputs, spatial_dims, tuple(input_size), **params)
-    return ClassifierNet(net, mean, std)
+    return ClassifierNet(net, mean, std, target)
 
 
 def class_weights(counts: np.ndarray, task: str | Task, mode: str):

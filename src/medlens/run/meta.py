@@ -321,8 +321,10 @@ class RunMeta(_Strict):
     threshold: Threshold | None = None
     # issue 26: multi-label runs, one validation-chosen threshold per label (class name -> probability)
     label_thresholds: dict[str, float] | None = None
-    # issue 26: regression runs, the prediction interval fitted on the validation residuals
+    # issue 26: regression runs, the prediction interval fitted on the validation residuals, and the training
+    # targets' [mean, standard deviation]: the network's output is scaled by them (it learns standardised values)
     interval: PredictionInterval | None = None
+    target_scale: list[float] | None = None
     calibration: Calibration | None = None
     recalibrated_on: dict[str, Any] | None = None   # the site sample a recalibrated copy was adapted to
     # issue 26: how the calibration was chosen (held-out log-loss of each candidate by cross-validation inside
@@ -396,6 +398,12 @@ class RunMeta(_Strict):
         if self.label_thresholds is not None and (not task.label_thresholds
                                                   or list(self.label_thresholds) != self.class_names):
             raise ValueError(f"label_thresholds: one per class name of a {task.title} run with per-label thresholds")
+        if self.target_scale is not None and (not task.numeric or len(self.target_scale) != 2
+                                              or not all(math.isfinite(v) for v in self.target_scale)
+                                              or not 0 < self.target_scale[1] <= MAX_PARAM_FLOAT
+                                              or abs(self.target_scale[0]) > MAX_PARAM_FLOAT):
+            raise ValueError(f"target_scale: a numeric target's [mean, std > 0], finite; not {self.target_scale} "
+                             f"in a {task.title} run")
         if self.interval is not None and not task.numeric:
             raise ValueError(f"interval: a prediction interval belongs to a numeric target, not a {task.title} run")
         if self.label_values is not None and len(self.label_values) != n:

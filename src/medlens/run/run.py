@@ -111,7 +111,7 @@ class Run:
         m, prep = self.meta, self.meta.preprocessing
         net = create_model(m.model, m.in_channels, m.n_outputs, prep.spatial_dims, tuple(m.input_size),
                            **m.model_params)
-        return ClassifierNet(net, prep.mean, prep.std)
+        return ClassifierNet(net, prep.mean, prep.std, m.target_scale)
 
     @property
     def model(self) -> torch.nn.Module | ClassicalModel:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from medlens.data.labels import positive_question
@@ -55,6 +56,9 @@ def classifier_meta(cfg, data, classical: bool = False) -> RunMeta:
         else None,
         n_samples={s: len(data.get(s)) for s in ("train", "val", "test")},
         class_counts={s: data.get(s).class_counts().tolist() for s in ("train", "val", "test")})
+    if get_task(data.task).numeric:  # issue 26: the network learns the target standardised by its training values
+        y = np.asarray(tr.labels, np.float64)
+        meta.target_scale = [float(y.mean()), float(max(y.std(), 1e-6))]
     return meta
 
 
@@ -90,7 +94,7 @@ def train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: boo
         def network(seed: int):
             torch.manual_seed(seed)
             net = build_network(cfg.model.name, c, meta.n_outputs, tr.spatial_dims, meta.input_size,
-                                cfg.model.params, mean, std)
+                                cfg.model.params, mean, std, meta.target_scale)
             if cfg.model.pretrained or cfg.model.freeze:
                 meta.transfer = apply_transfer(net.net, cfg.model.pretrained, cfg.model.freeze)
                 log(f"transfer: loaded {meta.transfer['loaded']} tensors, skipped "
