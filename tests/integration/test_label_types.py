@@ -244,6 +244,11 @@ def test_regression_predict_sr_fhir_serve_and_export(regression_run, manifest, t
                     params={"format": "fhir"})
         assert sr.status_code == 200 and "valueQuantity" in sr.text
 
+    from medlens.explain.run import explain_files
+
+    (ex,) = explain_files(run, [png], "gradcam", out_dir=tmp_path / "maps")   # what raises the predicted value
+    assert ex["target"] == "higher dr_grade" and ex["value"] == pytest.approx(value, rel=1e-5)
+
     export_run(regression_run, "onnx", n_parity=40)   # refuses (raises) when ONNX and PyTorch disagree
     onnx = next((regression_run / "export").glob("*.onnx"))
     loaded = ExportedModel(onnx, run=regression_run)

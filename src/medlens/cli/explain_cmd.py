@@ -41,8 +41,8 @@ def explain(run_dir: Optional[Path] = typer.Argument(None, help="a run folder (n
 
         rows = explain_files(run_dir, [str(f) for f in files], method, target, layer, out)
         for r in rows:
-            console.print(f"{Path(r['file']).name}: {method} for '{r['target']}' (p={r['probability']:.3f}) "
-                          f"-> {r['png']}")
+            said = f"value={r['value']:.4g}" if "value" in r else f"p={r['probability']:.3f}"
+            console.print(f"{Path(r['file']).name}: {method} for '{r['target']}' ({said}) -> {r['png']}")
         if features:
             _write_features(run_dir, files[0], (out or run_dir / "explanations") / "features")
     if report:

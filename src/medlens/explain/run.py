@@ -42,7 +42,10 @@ def explain_files(run: Run | str | Path, files: list[str | Path], method: str, t
     predictor = Predictor(run)
     out = Path(out_dir) if out_dir else run.dir / "explanations"
     x = torch.from_numpy(np.stack([predictor.prepare(f) for f in files]))
-    maps, info = explain(run.network, x, method, target, layer)
+    numeric = run.task_type.numeric
+    # a numeric target (issue 26): the map of what raises the predicted value (the one output's gradient)
+    maps, info = explain(run.network, x, method, 1 if numeric and target is None else target, layer)
+    values = predictor.predict_arrays(x.numpy()) if numeric else None
     rows = []
     out.mkdir(parents=True, exist_ok=True)
     for i, (f, stem) in enumerate(zip(files, unique_stems(files))):
@@ -50,10 +53,15 @@ def explain_files(run: Run | str | Path, files: list[str | Path], method: str, t
         with atomic_path(npy) as tmp:
             np.save(tmp, maps[i])
         t = info["targets"][i]
-        title = f"{Path(f).name}: {method} for '{_label_name(run, t)}' (p={info['probabilities'][i]:.3f})"
+        name = f"higher {run.class_names[0]}" if values is not None else _label_name(run, t)
+        said = f"value={values[i]:.4g}" if values is not None else f"p={info['probabilities'][i]:.3f}"
+        title = f"{Path(f).name}: {method} for '{name}' ({said})"
         png = overlay_png(x[i].numpy(), maps[i], out / f"{stem}_{method}.png", title)
-        rows.append({"file": str(f), "target": _label_name(run, t), "probability": info["probabilities"][i],
-                     "png": str(png), "npy": str(npy), "layer": info["layer"]})
+        row = {"file": str(f), "target": name, "probability": info["probabilities"][i],
+               "png": str(png), "npy": str(npy), "layer": info["layer"]}
+        if values is not None:
+            row["value"] = float(values[i])
+        rows.append(row)
     return rows
 
 
