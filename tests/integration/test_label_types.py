@@ -165,6 +165,13 @@ def test_multilabel_predict_sr_fhir_serve_and_export(multilabel_run, manifest, t
     report = export_run(multilabel_run, "onnx", n_parity=40)   # raises when ONNX and PyTorch disagree
     assert report["max_abs_prob_diff"] < report["tolerance"]
     assert json.loads(report["metadata"]["medlens.label_thresholds"]) == t
+    from medlens.serve.standalone_loader import ExportedModel   # numpy + onnxruntime only: the same decisions
+
+    png = manifest.parent / "images" / "test_0000.png"
+    ours = Predictor(run).predict_files([png])[0]
+    theirs = ExportedModel(next((multilabel_run / "export").glob("*.onnx")), run=multilabel_run).predict(str(png))
+    assert theirs["prediction"] == ours.prediction
+    assert theirs["probabilities"] == pytest.approx(ours.probabilities, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ regression
