@@ -82,6 +82,7 @@ class Task:
     # issue 26: a numeric target (one value per case, no classes): a split-conformal prediction interval from the
     # validation residuals (``RunMeta.interval``); the config names the target column (``data.target_column``)
     numeric: bool = False
+    train_metric: str = "acc"             # what ``batch_accuracy`` measures, logged as ``train_<it>`` beside ``val_<it>``
 
     # ---------- outputs ----------
     def n_outputs(self, n_classes: int) -> int:
@@ -333,6 +334,7 @@ class RegressionTask(Task):
     calibrations: tuple[str, ...] = ()
     monitor: str = "val_loss"
     monitors: tuple[str, ...] = ("val_loss", "val_mae")
+    train_metric: str = "mae"
     coding: Literal["one_of", "any_of", "segments", "measurement"] = "measurement"
     export_activation: str = "identity"
     subgroups: bool = False
@@ -356,8 +358,8 @@ class RegressionTask(Task):
         return None, None
 
     def batch_accuracy(self, prob, y):
-        """No accuracy of a number: the negative mean absolute error (higher is better, as accuracies are)."""
-        return -(prob.reshape(-1) - y.float().reshape(-1)).abs().mean()
+        """No accuracy of a number: the training batch's mean absolute error (``train_mae`` beside ``val_mae``)."""
+        return (prob.reshape(-1) - y.float().reshape(-1)).abs().mean()
 
     def validation_scores(self, prob, y):
         return {"val_mae": (prob.reshape(-1) - y.float().reshape(-1)).abs().mean()}

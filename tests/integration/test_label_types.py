@@ -203,6 +203,8 @@ def test_regression_manifest_trains_with_metrics_and_a_conformal_interval(regres
     assert metrics["test"]["interval"]["coverage_observed"] == pytest.approx(covered)
     assert covered >= 0.75, covered   # 90% nominal; 100 exchangeable test cases
     assert r2_score(y, p) > 0.05   # the real grade is learnt from the fundus photographs, if roughly (R² 0.25)
+    history = pd.read_csv(regression_run / "history.csv")
+    assert {"train_mae", "val_mae"} <= set(history.columns) and "train_acc" not in history.columns
     assert (regression_run / "plots" / "predicted_vs_true.png").is_file()
     assert not (regression_run / "plots" / "roc.png").exists()
     html = (regression_run / "report.html").read_text()

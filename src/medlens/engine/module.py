@@ -140,8 +140,8 @@ class ClassifierModule(L.LightningModule):
             loss = mix.lam * self.loss(logits, y) + (1 - mix.lam) * self.loss(logits, y[mix.perm])
             y = y if mix.lam >= 0.5 else y[mix.perm]
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
-        self.log("train_acc", train_accuracy(self.task_type, logits.detach(), y), on_step=False, on_epoch=True,
-                 batch_size=len(x))
+        self.log(f"train_{self.task_type.train_metric}", train_accuracy(self.task_type, logits.detach(), y),
+                 on_step=False, on_epoch=True, batch_size=len(x))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
