@@ -1,6 +1,9 @@
 """Run folders and reports as an attacker or a careless user would treat them (issue: security).
 
-Real runs on real PneumoniaMNIST images, the real CLI in subprocesses, real headless Chromium.
+Real runs on real PneumoniaMNIST images, real headless Chromium. The CLI runs in a subprocess (``medlens``)
+where the process itself is the point: a file that could run code when loaded, a lock held by another process,
+a kill mid-epoch. Elsewhere it runs in this process (``inproc``, tests/clirun.py): the same entry point, exit
+code and output, without paying the library's imports again for each command.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from clirun import medlens as inproc
 from skops_gadget import GADGET, forge
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,11 +62,11 @@ def xray_png(data_root: Path, path: Path, i: int = 0) -> Path:
 
 def test_forged_skops_model_runs_no_code(tmp_path, data_root):
     cfg = tiny(tmp_path, "rf", model={"name": "random_forest", "params": {"n_estimators": 5}})
-    r = medlens("train", cfg, "--quiet")
+    r = inproc("train", cfg, "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     run = tmp_path / "runs" / "rf"
     png = xray_png(data_root, tmp_path / "x.png")
-    assert medlens("predict", run, png).returncode == 0  # the genuine file loads
+    assert inproc("predict", run, png).returncode == 0  # the genuine file loads
     sentinel = tmp_path / "code_ran.txt"
     forge(run / "model.skops", sentinel)
     for args in (("predict", run, png), ("evaluate", run)):
@@ -76,13 +80,13 @@ def test_overwrite_deletes_only_run_folders_and_names_stay_inside(tmp_path, data
     victim.mkdir(parents=True)
     (victim / "precious.txt").write_text("keep me")
     cfg = tiny(tmp_path, "ok")
-    one_line_error(medlens("train", cfg, "--set", "name=victim", "--overwrite"), "not a medlens run")
+    one_line_error(inproc("train", cfg, "--set", "name=victim", "--overwrite"), "not a medlens run")
     assert (victim / "precious.txt").read_text() == "keep me"
     sibling = tmp_path / "runs" / "ok_sibling"
     sibling.mkdir()
     (sibling / "x").write_text("x")
     for bad in ("../victim", ".", "..", "a/b", ""):
-        r = medlens("train", cfg, "--set", f"name={bad}", "--overwrite")
+        r = inproc("train", cfg, "--set", f"name={bad}", "--overwrite")
         assert r.returncode != 0 and "name" in r.stderr, (bad, r.stderr[-500:])
     assert (victim / "precious.txt").exists() and (sibling / "x").exists()
 
@@ -115,8 +119,8 @@ def test_killed_in_epoch_zero_evaluate_and_resume_agree(tmp_path, data_root):
     finally:
         proc.wait(timeout=60)
     assert not (run / "checkpoints" / "last.ckpt").exists() and not (run / "model.pt").exists()
-    one_line_error(medlens("evaluate", run), "--resume")
-    r = medlens("train", cfg_path, "--resume", "--quiet", "--set", "train.epochs=1")
+    one_line_error(inproc("evaluate", run), "--resume")
+    r = inproc("train", cfg_path, "--resume", "--quiet", "--set", "train.epochs=1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "starts again from epoch 0" in r.stderr
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
@@ -177,7 +181,7 @@ def test_hostile_class_names_and_sections_inject_nothing(tmp_path, data_root):
         cfg_d = yaml.safe_load(cfg.read_text())
         cfg_d["data"].pop("name")
         cfg.write_text(yaml.safe_dump(cfg_d))
-        r = medlens("train", cfg, "--quiet")
+        r = inproc("train", cfg, "--quiet")
         assert r.returncode == 0, r.stderr[-2000:]
         run = tmp_path / "runs" / name
         assert HOSTILE in json.loads((run / "run.json").read_text())["class_names"]
@@ -191,7 +195,7 @@ def test_hostile_class_names_and_sections_inject_nothing(tmp_path, data_root):
     ex["data"]["method"] = '<img id="injected" src=x>'
     ex["data"]["groups"] = [{"title": HOSTILE, "cases": [{"caption": HOSTILE, "png": '" onerror="alert(1)'}]}]
     (sections / "explanations.json").write_text(json.dumps(ex))
-    r = medlens("report", run)
+    r = inproc("report", run)
     assert r.returncode == 0 and "zz_raw.json (not a medlens section)" in r.stderr, r.stderr[-1000:]
     dom = _dom(run / "report.html", tmp_path)
     _assert_no_injection(dom)
@@ -228,14 +232,14 @@ def test_torch_files_load_weights_only_including_lightning_resume(tmp_path, trai
     sentinel = tmp_path / "pwned"
     torch.save({"state_dict": _Gadget(str(sentinel))}, run / "model.pt")
     png = xray_png(data_root, tmp_path / "x.png")
-    one_line_error(medlens("predict", run, png), "model.pt", "cannot load weights")
+    one_line_error(inproc("predict", run, png), "model.pt", "cannot load weights")
     assert not sentinel.exists()
     (run / "model.pt").unlink()
     torch.save({"state_dict": _Gadget(str(sentinel))}, run / "checkpoints" / "last.ckpt")
     meta = json.loads((run / "run.json").read_text())
     meta["status"] = "training"
     (run / "run.json").write_text(json.dumps(meta))
-    r = medlens("train", run / "config.yaml", "--resume", "--run-dir", run, "--quiet")
+    r = inproc("train", run / "config.yaml", "--resume", "--run-dir", run, "--quiet")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert not sentinel.exists()
 
@@ -245,18 +249,18 @@ def test_non_finite_inputs_are_refused_with_the_file_name(tmp_path, trained_run)
     a[3:6, 3:6] = np.nan
     bad = tmp_path / "nan_patch.npy"
     np.save(bad, a)
-    one_line_error(medlens("predict", trained_run, bad), "nan_patch.npy", "NaN or infinite")
+    one_line_error(inproc("predict", trained_run, bad), "nan_patch.npy", "NaN or infinite")
     a[3:6, 3:6] = 0.5
     a[10, 10] = np.inf
     np.save(tmp_path / "inf_patch.npy", a)
-    one_line_error(medlens("predict", trained_run, tmp_path / "inf_patch.npy"), "inf_patch.npy")
+    one_line_error(inproc("predict", trained_run, tmp_path / "inf_patch.npy"), "inf_patch.npy")
 
 
 def test_same_stem_inputs_get_distinct_explanations(tmp_path, trained_run, data_root):
     a = xray_png(data_root, tmp_path / "a" / "x.png", 0)
     b = xray_png(data_root, tmp_path / "b" / "x.png", 5)
     out = tmp_path / "maps"
-    r = medlens("explain", trained_run, a, b, "--out", out)
+    r = inproc("explain", trained_run, a, b, "--out", out)
     assert r.returncode == 0, r.stderr[-1500:]
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["x-2_gradcam.png", "x_gradcam.png"]

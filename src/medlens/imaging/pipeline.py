@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from medlens.config import safe_load_yaml
+from medlens.safe_yaml import safe_load_yaml
 from medlens.errors import ConfigError
 from medlens.imaging import denoise, enhance, filters, segment
 from medlens.io import resample
