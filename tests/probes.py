@@ -1,4 +1,5 @@
-"""Helpers of the security tests: a one-line error from a finished command, and a load in a capped child."""
+"""Helpers of the security tests: a one-line error from a finished command, a load in a capped child, and the
+library chatter that must not reach the console of a real `medlens federate` process."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+# Flower's deprecation notices and log lines ("INFO :  [ROUND 1]"), Ray's actor prefix "(ClientAppActor pid=..)",
+# Python warnings from any process, and colour codes
+FEDERATE_CHATTER = ("DEPRECATED", "deprecated", "flwr", "Flower", "INFO ", "WARNING ", "ClientAppActor",
+                    "Warning:", "not writable", "\x1b[")
+
+
+def assert_no_federate_chatter(text: str) -> None:
+    """What a `medlens federate` process printed holds medlens's own lines only (issue 29, item 8)."""
+    found = [c for c in FEDERATE_CHATTER if c in text]
+    assert not found, f"library chatter on the console: {found}\n{text[-4000:]}"
 
 
 _CHILD = r"""

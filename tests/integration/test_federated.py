@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from medlens.cli.main import main
+from probes import assert_no_federate_chatter
 from medlens.run import Run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -84,12 +85,18 @@ def test_server_and_three_site_processes(tmp_path, data_root):
     try:
         out, _ = server.communicate(timeout=240)
         assert server.returncode == 0, out[-3000:]
+        good_out = [p.communicate(timeout=60) for p in procs[:2]]
         bad_out, bad_err = procs[2].communicate(timeout=60)
     finally:
         for p in [server, *procs]:
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGTERM)
                 p.wait(timeout=30)
+    # the console carries medlens's own lines only: no Flower log lines or deprecations, no colour codes (issue 29)
+    assert "round 3:" in out and all(p.returncode == 0 for p in procs[:2]), out[-2000:]
+    assert "federation finished" in good_out[0][0], good_out[0]
+    for text in (out, *(o + e for o, e in good_out)):
+        assert_no_federate_chatter(text)
     # the mismatched site: a one-line error naming its config
     assert procs[2].returncode != 0
     err = [ln for ln in bad_err.strip().splitlines() if ln.startswith("error:")]
