@@ -126,12 +126,14 @@ def test_splits_do_not_depend_on_the_string_hash_seed():
 
 
 def test_debug_flag_is_parsed_not_scanned(tmp_path):
-    """A file argument that happens to read '--debug' must not switch on tracebacks; the option does."""
-    r = subprocess.run([sys.executable, "-m", "medlens.cli.main", "predict", str(tmp_path / "norun"), "--",
-                        "--debug"], capture_output=True, text=True, timeout=120)
+    """A file argument that happens to read '--debug' must not switch on tracebacks; the option does.
+    ``main`` parses the flag, so the console script's entry point is called in this process (tests/clirun.py,
+    which prints an escaping exception's traceback as the interpreter would)."""
+    from clirun import medlens
+
+    r = medlens("predict", tmp_path / "norun", "--", "--debug")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "run folder not found" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "medlens.cli.main", "--debug", "predict", str(tmp_path / "norun"),
-                        "x.png"], capture_output=True, text=True, timeout=120)
+    r = medlens("--debug", "predict", tmp_path / "norun", "x.png")
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
