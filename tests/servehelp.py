@@ -22,7 +22,11 @@ def _config(kind: str, out: Path):
     if kind == "a3d":   # AdrenalMNIST3D, 28^3 CT: a 3D classifier
         d = {"name": "a3d", "data": {"source": "medmnist", "name": "adrenalmnist3d", "size": 28, "max_samples": 32},
              "model": {"name": "fast_cnn3d", "params": {"widths": [4, 8, 16, 32]}},
-             "train": {"epochs": 1, "batch_size": 16, "precision": "32"}}
+             "train": {"epochs": 1, "batch_size": 16, "precision": "32"},
+             # the report's explanation: one named method on a few test images, not the search over every
+             # method on validation images (a minute of 3D attributions; tests/integration/test_explain_runs.py
+             # covers the methods and the choice)
+             "explain": {"method": "gradcam", "score_images": 4}}
     elif kind == "unet2d":   # CHASE_DB1 fundus vessels (4 children, both eyes): a 2D U-Net
         d = {"name": "unet2d", "task": "segmentation",
              "data": {"source": "folder", "path": str(chase_subset(out / "chase")), "mask_suffix": "_1stHO.png",
