@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clirun import medlens as inproc
 from servehelp import REPO, Server, free_port
 
 KEY = "serve-exits-" + "k" * 24
@@ -436,9 +437,9 @@ def test_tls_handshake_and_secure_cookie(trained_run, tmp_path):
 def test_tls_files_that_do_not_load_are_one_line(trained_run, tmp_path):
     bad = tmp_path / "cert.pem"
     bad.write_text("not a certificate\n")
-    r = subprocess.run([sys.executable, "-m", "medlens.cli.main", "serve", str(trained_run), "--port",
-                        str(free_port()), "--tls-cert", str(bad), "--tls-key", str(bad)],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    # the CLI's entry point in this process: the files are checked before the server starts (a subprocess
+    # would add only the library's imports)
+    r = inproc("serve", trained_run, "--port", free_port(), "--tls-cert", bad, "--tls-key", bad, cwd=REPO)
     err = r.stderr.strip()
     assert r.returncode != 0 and len(err.splitlines()) == 1 and "Traceback" not in err, err[-500:]
     assert "TLS certificate and key do not load" in err, err
