@@ -310,18 +310,29 @@ def test_plain_http_to_another_host_needs_allow_http(lidc, trained_run, tmp_path
              ("pacs", "push", f"http://{remote}/dicom-web", sr),
              ("predict", trained_run, "--from-pacs", f"http://{remote}/dicom-web", "--study", STUDY, "--out",
               tmp_path / "o")]
+    # the CLI's entry point in this process (tests/clirun.py): the time measured is the command's, not the
+    # library's imports, so "refused before any connection" is a tight bound
+    from clirun import medlens as inproc
+
+    def timed(*args, env=None):
+        t0 = time.monotonic()
+        r = inproc(*args, env=env)
+        r.seconds = time.monotonic() - t0
+        return r
+
     for args in cases:
-        r = medlens(*args)
+        r = timed(*args)
         one_line_error(r, "unencrypted", "--allow-http")
-        assert r.seconds < 15
+        assert r.seconds < 5, (args[:2], r.seconds)
     assert not (tmp_path / "o").exists()
-    # with the flag the request is attempted (and fails on the timeout, as nothing answers there)
-    r = medlens("fhir", sr, "--post", f"http://{remote}/fhir", "--allow-http", env={"MEDLENS_NET_TIMEOUT": "1"})
+    # with the flag the request is attempted (and fails: unreachable, or the timeout where packets are dropped)
+    r = timed("fhir", sr, "--post", f"http://{remote}/fhir", "--allow-http",
+              env={**os.environ, "MEDLENS_NET_TIMEOUT": "1"})
     one_line_error(r, "FHIR server")
-    assert "unencrypted" not in r.stderr and r.seconds < 20
+    assert "unencrypted" not in r.stderr and r.seconds < 10, r.seconds
     # this machine is fine over http: 127.0.0.1, ::1 and localhost (refused connection, not refused URL)
     for host in ("127.0.0.1", "[::1]", "localhost"):
-        one_line_error(medlens("fhir", sr, "--post", f"http://{host}:9/fhir"), "unreachable")
+        one_line_error(inproc("fhir", sr, "--post", f"http://{host}:9/fhir"), "unreachable")
 
 
 # ------------------------------------------------------------------------------------------ timeouts and caps
