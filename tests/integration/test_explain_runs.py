@@ -62,8 +62,11 @@ def test_every_method_on_a_2d_run(pneumonia_batch, method):
 @pytest.fixture(scope="module")
 def adrenal_run(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("adrenal")
+    # the report names its method (the search over every method on 3D validation images is a minute that this
+    # test does not read; test_calibration_honesty checks the search)
     return train(tiny_config(tmp, "adrenal", data={"source": "medmnist", "name": "adrenalmnist3d", "max_samples": 120},
-                             model={"name": "fast_cnn3d", "params": {"widths": [4, 8, 8, 16]}}), progress_bar=False)
+                             model={"name": "fast_cnn3d", "params": {"widths": [4, 8, 8, 16]}},
+                             explain={"method": "gradcam", "score_images": 4}), progress_bar=False)
 
 
 def test_every_3d_method_on_an_adrenal_run(adrenal_run):
