@@ -165,7 +165,8 @@ def test_segmentation_uses_the_one_splitter_stratified_by_foreground(tmp_path, d
         assert [ids[s] for s in ("train", "val", "test")] == [sorted(names[i]) for i in expect]
         for s, n in (("train", 12), ("val", 4), ("test", 4)):
             assert len(data.get(s)) == n and sum(int(c.mask.any()) for c in data.get(s)) == n // 2
-        assert "stratified patient-level split" in data.split_method
+        # no data.patient_pattern, patient column or DICOM: each case its own patient, said as a per-image split
+        assert "stratified per-image split" in data.split_method and data.patients_known is False
 
 
 def test_folder_takes_every_suffix_of_the_one_list(tmp_path, data_root):

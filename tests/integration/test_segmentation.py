@@ -53,6 +53,43 @@ def test_chase_pairs_and_child_level_split(data_root):
     assert c.reference is not None and c.reference.shape == c.mask.shape
 
 
+def test_chase_patients_known_only_from_the_data(data_root, tmp_path):
+    """Four children (both eyes) of CHASE_DB1: with data.patient_pattern the split keeps each child in one split
+    and says so; without it (no CSV column, no DICOM) each photo is its own patient, which the split says."""
+    from medlens.data.sources import get_source
+    from medlens.data.splits import PER_IMAGE
+    from medlens.transforms.preprocess import prepared_segmentation
+
+    src = data_root / "chasedb1" / "CHASEDB1"
+    for p in src.glob("Image_0[1-4][LR]*"):
+        (tmp_path / p.name).symlink_to(p)
+    cfg = load_config(REPO / "configs" / "chasedb1_unet.yaml")
+    named = cfg.data.model_copy(update={"path": str(tmp_path), "val_fraction": 0.25, "test_fraction": 0.25,
+                                        "clahe": False})
+    rows = get_source("folder").pair_rows(named)
+    assert sorted({r[3] for r in rows}) == ["01", "02", "03", "04"]
+    data = prepared_segmentation(named, cfg.segmentation, seed=0)
+    assert data.patients_known is True and "patient-level" in data.split_method and PER_IMAGE not in data.split_method
+    kids = [{c.patient_id for c in data.get(s)} for s in ("train", "val", "test")]
+    assert sum(map(len, kids)) == 4 and all(len(data.get(s)) == 2 * len(k) for s, k in zip(("train", "val", "test"), kids))
+    unnamed = named.model_copy(update={"patient_pattern": None})
+    assert {r[3] for r in get_source("folder").pair_rows(unnamed)} == {None}  # JPEGs name no patient
+    data = prepared_segmentation(unnamed, cfg.segmentation, seed=0)
+    assert data.patients_known is False and PER_IMAGE in data.split_method and "patient-level" not in data.split_method
+    cases = [c for s in ("train", "val", "test") for c in data.get(s)]
+    assert sorted(c.patient_id for c in cases) == sorted(c.case_id for c in cases)  # each photo its own unit
+    images = sorted(p.name for p in tmp_path.glob("Image_*.jpg"))
+    manifest = pd.DataFrame({"path": images, "mask": [n.replace(".jpg", "_1stHO.png") for n in images]})
+    manifest.to_csv(tmp_path / "pairs.csv", index=False)
+    csv = unnamed.model_copy(update={"source": "csv", "path": str(tmp_path / "pairs.csv"), "mask_column": "mask",
+                                      "allow_outside_root": True})  # the files are links to the data
+    assert {r[3] for r in get_source("csv").pair_rows(csv)} == {None}  # no patient column, pattern or DICOM
+    manifest.assign(patient_id=[f"child{n[6:8]}" for n in images]).to_csv(tmp_path / "pairs.csv", index=False)
+    assert sorted({r[3] for r in get_source("csv").pair_rows(csv)}) == [f"child0{i}" for i in range(1, 5)]
+    assert sorted({r[3] for r in get_source("csv").pair_rows(csv.model_copy(update={"patient_column": "x"}))}) \
+        == [None]  # a column that is not there names no patient
+
+
 def test_metrics_match_monai_on_real_observer_masks(data_root):
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
     from PIL import Image
@@ -77,6 +114,7 @@ def test_chase_training_run_folder(chase_run, data_root):
     assert m["task"] == "segmentation" and m["threshold"]["chosen_on"] == "val"
     assert 0.1 <= m["threshold"]["value"] <= 0.9 and meta["threshold"] == m["threshold"]  # one source: the run
     assert meta["threshold"]["val_score"] > 0  # the mean validation Dice it was chosen for
+    assert meta["patients_known"] is True and "patient-level" in meta["split_method"]  # data.patient_pattern
     test = m["test"]["metrics"]
     for k in ("dice", "iou", "sensitivity", "precision", "hd95", "msd", "cldice"):
         v = test[k]

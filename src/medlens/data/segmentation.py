@@ -3,9 +3,10 @@
 Every case is loaded once into memory in the model's input form: ``image`` (C, *spatial) float32 after
 the colour mode, CLAHE, CT window and per-image scaling, and ``mask`` (*spatial) uint8 class indices.
 Masks are checked against their image: the same grid (shape, and for volumes spacing, origin and
-direction) and only values from the label set. Splits are by patient (``data.patient_pattern`` or
-the manifest's patient column) with the one splitter of ``medlens.data.splits``, stratified by whether a
-mask holds foreground; training draws random patches, a share of them centred on foreground.
+direction) and only values from the label set. Splits are by patient (``data.patient_pattern``, the
+manifest's patient column or the DICOM PatientID) with the one splitter of ``medlens.data.splits``, stratified
+by whether a mask holds foreground; without any of them each image is its own patient (a per-image split, which
+``SegSplit.patients_known`` False and the split method say); training draws random patches, a share of them centred on foreground.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class SegSplit:
     test: list[SegCase]
     split_method: str
     class_names: list[str] = field(default_factory=lambda: ["background", "foreground"])
+    # True: patient ids from the data (data.patient_pattern, a manifest patient column, DICOM PatientID); False:
+    # each image its own patient (a per-image split), as ``SplitData.patients_known`` says for classification
+    patients_known: bool = True
 
     def get(self, split: str) -> list[SegCase]:
         return {"train": self.train, "val": self.val, "test": self.test}[split]
@@ -187,16 +191,20 @@ def load_case(image_path: Path, mask_path: Path | None, cfg, label_values, patie
 
 def load_segmentation(cfg, seg_cfg, prepare: Preparer, rows: list, seed: int = 0,
                       progress: Callable | None = None) -> SegSplit:
-    """Build the patient-level train/val/test split of a segmentation ``DataConfig`` from its source's
-    ``rows`` ``(image, mask, reference or None, patient id)`` (``DataSource.pair_rows``); images are prepared by
-    ``prepare`` (``medlens.transforms.preprocess.prepared_segmentation`` passes the config's)."""
+    """Build the train/val/test split of a segmentation ``DataConfig`` from its source's ``rows`` ``(image, mask,
+    reference or None, patient id or None)`` (``DataSource.pair_rows``); images are prepared by ``prepare``
+    (``medlens.transforms.preprocess.prepared_segmentation`` passes the config's). The split is patient-level when
+    every row names its patient; otherwise each image is its own patient (``patients_known`` False, a per-image
+    split that the split method says)."""
     path = cfg.resolved_path()
     if not rows:
         raise DataError("segmentation manifest has no rows", path)
+    known = all(pid is not None for *_, pid in rows)
     cases = []
     for k, (i, m, r, pid) in enumerate(rows):
         if progress:
             progress(k, len(rows))
+        pid = pid if known else patient_of(Path(i).name, None, cfg.image_suffix)  # the image is the unit
         cases.append(load_case(i, m, cfg, seg_cfg.label_values, pid, prepare, r))
     dims = {c.image.ndim - 1 for c in cases}
     chans = {c.image.shape[0] for c in cases}
@@ -210,9 +218,10 @@ def load_segmentation(cfg, seg_cfg, prepare: Preparer, rows: list, seed: int = 0
     k = int(max(c.mask.max() for c in cases)) + 1
     n_cls = len(seg_cfg.label_values) if seg_cfg.label_values else max(k, 2)
     names = seg_cfg.class_names or (["background", "foreground"] if n_cls == 2 else [f"class_{i}" for i in range(n_cls)])
+    how = split_method(seed, cfg.val_fraction, cfg.test_fraction, known)
     return SegSplit(pick(tr), pick(va), pick(te),
-                    f"{split_method(seed, cfg.val_fraction, cfg.test_fraction)}; {n_pat} patients, {len(cases)} cases",
-                    names)
+                    f"{how}; {n_pat} patients, {len(cases)} cases" if known else f"{how}; {len(cases)} cases",
+                    names, patients_known=known)
 
 
 def pad_to(arr: np.ndarray, size: Sequence[int], what: str = "image", warn: bool = True) -> np.ndarray:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medlens.data.splits import PER_IMAGE
 from medlens.engine.train import build_network, fit_segmentation
 from medlens.errors import ConfigError, MedlensError
 from medlens.evaluation.segmentation import evaluate_segmentation_run
@@ -35,6 +36,9 @@ def train_segmentation(cfg, path: Path, resume: bool, callbacks, progress_bar: b
         data = prepared_segmentation(cfg.data, seg, seed=cfg.seed, progress=report)
     if not data.train or not data.val or not data.test:
         raise MedlensError(f"empty split: train {len(data.train)}, val {len(data.val)}, test {len(data.test)}")
+    if not data.patients_known and log is not None:
+        log(f"warning: {PER_IMAGE}; name the patients (data.patient_pattern, a CSV patient column, or DICOM files "
+            "with PatientID) for a patient-level split")
     first = data.train[0]
     n_cls = len(data.class_names)
     c = int(first.image.shape[0])
@@ -51,7 +55,7 @@ def train_segmentation(cfg, path: Path, resume: bool, callbacks, progress_bar: b
         preprocessing=InputPrep(spatial_dims=first.image.ndim - 1, color=cfg.data.color, clahe=cfg.data.clahe,
                                 window=cfg.data.window, intensity=cfg.data.intensity, mean=mean, std=std,
                                 pixel_spacing=cfg.data.pixel_spacing),
-        split_method=data.split_method, dataset=cfg.data.path,
+        split_method=data.split_method, dataset=cfg.data.path, patients_known=data.patients_known,
         n_samples={s: len(data.get(s)) for s in ("train", "val", "test")},
         patients={s: sorted({k.patient_id for k in data.get(s)}) for s in ("train", "val", "test")})
     # issue 26: segmenters record the training inputs' profile too; segment, serve and --push check inputs on it

@@ -3,7 +3,7 @@ and mask paths (segmentation), confined to ``data.image_root``."""
 
 from __future__ import annotations
 
-from medlens.data.folder import load_csv_manifest
+from medlens.data.folder import dicom_patients, load_csv_manifest
 from medlens.data.segmentation import patient_of, read_manifest
 from medlens.data.sources.registry import DataSource, register_source
 
@@ -30,5 +30,11 @@ class CSVSource(DataSource):
     def pair_rows(self, cfg) -> list:
         rows = read_manifest(cfg.resolved_path(), cfg.path_column, cfg.mask_column, cfg.patient_column,
                              cfg.reference_column, cfg.resolved_image_root(), cfg.allow_outside_root)
-        return [(i, m, r, pid if pid is not None else patient_of(i.name, cfg.patient_pattern))
-                for i, m, r, pid in rows]
+        # the patient: the manifest's column, else data.patient_pattern over the image's name, else the DICOM
+        # PatientID; None when none tells (``load_segmentation`` then splits per image and says so)
+        if rows and rows[0][3] is None:
+            if cfg.patient_pattern:
+                return [(i, m, r, patient_of(i.name, cfg.patient_pattern)) for i, m, r, _ in rows]
+            ids = dicom_patients([i for i, *_ in rows])
+            return [(i, m, r, None if ids is None else str(ids[k])) for k, (i, m, r, _) in enumerate(rows)]
+        return rows

@@ -3,7 +3,7 @@ mask pairs named by ``data.mask_suffix`` (segmentation)."""
 
 from __future__ import annotations
 
-from medlens.data.folder import load_image_folder
+from medlens.data.folder import dicom_patients, load_image_folder
 from medlens.data.segmentation import find_pairs, patient_of
 from medlens.data.sources.registry import DataSource, register_source
 
@@ -25,5 +25,10 @@ class FolderSource(DataSource):
                                  seed=seed, progress=progress, patient_pattern=cfg.patient_pattern)
 
     def pair_rows(self, cfg) -> list:
+        """Pairs with their patient: ``data.patient_pattern`` over the image's name, else the DICOM PatientID;
+        None when neither tells (``load_segmentation`` then splits per image and says so)."""
         triples = find_pairs(cfg.resolved_path(), cfg.mask_suffix, cfg.reference_suffix, cfg.image_suffix)
-        return [(i, m, r, patient_of(i.name, cfg.patient_pattern, cfg.image_suffix)) for i, m, r in triples]
+        if cfg.patient_pattern:
+            return [(i, m, r, patient_of(i.name, cfg.patient_pattern, cfg.image_suffix)) for i, m, r in triples]
+        ids = dicom_patients([i for i, _, _ in triples])
+        return [(i, m, r, None if ids is None else str(ids[k])) for k, (i, m, r) in enumerate(triples)]
