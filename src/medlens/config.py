@@ -80,6 +80,9 @@ def resolve_data_path(value: str | Path | None) -> Path | None:
 
 
 THRESHOLD_RULES = ("youden", "f1", "sensitivity", "specificity", "fixed")
+# evaluation.calibration: auto chooses among none and the task's scalings by cross-validation inside validation;
+# a named scaling is fitted on validation as asked (the task decides which fit: medlens.tasks.Task.calibration_names)
+CALIBRATIONS = ("auto", "none", "platt", "temperature", "isotonic")
 
 
 def parse_threshold_rule(rule: str) -> tuple[str, float | None]:
@@ -326,8 +329,9 @@ class EvalConfig(_Strict):
     bootstrap: int = Field(default=1000, ge=0)
     ci: float = Field(default=0.95, gt=0, lt=1)
     tta: bool = False   # classifiers: average the probabilities over the flips that train.augment uses
-    # probability calibration fitted on validation: Platt (binary), temperature (multi-class), or none
-    calibration: Literal["auto", "platt", "temperature", "none"] = "auto"
+    # probability calibration fitted on validation (CALIBRATIONS): auto (none or a scaling, by cross-validation
+    # inside validation), none, platt (binary), temperature (binary, multi-class, ordinal) or isotonic (binary)
+    calibration: str = "auto"
     calibration_bins: int = Field(default=15, ge=2, le=100)   # equal-width bins of ECE/MCE and the reliability diagram
     # decision-curve analysis over threshold probabilities [low, high] (binary runs)
     decision_curve: tuple[float, float] = (0.01, 0.60)
@@ -347,6 +351,16 @@ class EvalConfig(_Strict):
             parse_threshold_rule(v)
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration(cls, v: str) -> str:
+        if v not in CALIBRATIONS:
+            close = difflib.get_close_matches(v, CALIBRATIONS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"evaluation.calibration: unknown '{str(v)[:40]}'{hint}; expected one of "
+                             f"{', '.join(CALIBRATIONS)}")
         return v
 
     @field_validator("decision_curve")

@@ -173,10 +173,16 @@ class Task:
             return None
         if setting == "auto":
             return self.calibrations[0]
-        if setting not in self.calibrations:
+        if setting not in self.calibration_names():
             raise ConfigError(f"evaluation.calibration '{setting}' does not fit a {self.name} run "
-                              "(platt: binary; temperature: multi-class or ordinal)")
+                              "(platt: binary; temperature: binary, multi-class or ordinal; isotonic: binary)")
         return setting
+
+    def calibration_names(self) -> tuple[str, ...]:
+        """The scalings ``evaluation.calibration`` may name (``auto`` chooses among the same): the task's own, plus
+        temperature and isotonic where a case has one score (binary)."""
+        extra = ("temperature", "isotonic") if self.calibrations and self.one_score(2) else ()
+        return tuple(dict.fromkeys((*self.calibrations, *extra)))
 
     # ---------- predictions.csv ----------
     def prediction_columns(self, labels: np.ndarray, prob: np.ndarray, threshold: "float | np.ndarray | None",

@@ -67,6 +67,15 @@ def test_sr_and_fhir_say_which_calibration_the_probability_carries(tmp_path, dat
         "none": (SimpleNamespace(calibration=None, model="cnn",
                                  calibration_choice={"setting": "auto", "chosen": "none", "improvement": 0.0}),
                  "probabilities not calibrated (the model's own: no scaling lowered the held-out log-loss)"),
+        # named in the config (evaluation.calibration: temperature / isotonic): the same wording as auto's pick
+        "named": (SimpleNamespace(calibration=Calibration(method="temperature", params={"t": 1.7}, n=50), model="cnn",
+                                  calibration_choice={"setting": "temperature", "chosen": "temperature",
+                                                      "improvement": -0.002}),
+                  "probabilities calibrated (temperature, fitted on validation)"),
+        "named-unfit": (SimpleNamespace(calibration=None, model="cnn",
+                                        calibration_choice={"setting": "isotonic", "chosen": "none"}),
+                        "probabilities not calibrated (the model's own: evaluation.calibration isotonic gave no "
+                        "usable fit on validation)"),
     }
     for name, (meta, text) in cases.items():
         algo = Algorithm.of_run(SimpleNamespace(meta=meta, weights_sha256="ab" * 32))

@@ -3,6 +3,8 @@ assumed to help. Synthetic scores, so the right answer is known."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -82,3 +84,77 @@ def test_the_standalone_loader_understands_isotonic_knots():
     for bad in ([[0.5, 0.1], [0.0, 1.0]], [[0.1, 0.5], [0.0, 2.0]], None, [[0.1], [0.2]]):
         with pytest.raises(loader.ExportError, match="isotonic knots"):
             loader.check_metadata(*args, {**cal.model_dump(mode="json"), "knots": bad}, "sigmoid", 1, [28, 28])
+
+
+def test_named_temperature_and_isotonic_are_fitted_on_validation_only():
+    """evaluation.calibration temperature / isotonic (issue 26): each gives the scaling it names, fitted on the
+    validation arrays alone, equal to an independent fit of the same arrays (scipy; sklearn), recorded as auto's."""
+    from scipy.optimize import minimize_scalar
+    from sklearn.isotonic import IsotonicRegression
+
+    from medlens.config import config_from_dict
+    from medlens.report.dicom_sr import calibration_parameters
+
+    y, p = _cases(3.0, n=1200, seed=5)
+    yv, pv, pt = y[:600], p[:600], p[600:]          # validation; the rest stands for test and must not matter
+    for name in ("temperature", "isotonic"):
+        assert config_from_dict({"name": "c", "data": {"name": "pneumoniamnist"},
+                                 "evaluation": {"calibration": name}}).evaluation.calibration == name
+        cal, ev = select_calibration("binary", yv, pv, name)
+        assert cal is not None and cal.method == name and cal.n == 600 and cal.fitted_on == "val"
+        assert ev is not None and ev["setting"] == name and ev["chosen"] == name and ev["n"] == 600
+        assert set(ev["held_out_log_loss"]) == {"none", name}
+        back = Calibration.model_validate_json(cal.model_dump_json())   # run.json round trip, as auto's
+        assert np.allclose(back.apply(pt), cal.apply(pt))
+        assert calibration_parameters(SimpleNamespace(calibration=cal, calibration_choice=ev))[0].startswith(
+            f"probabilities calibrated ({name}, fitted on validation")
+        other, _ = select_calibration("binary", y, p, name)     # fitted on validation + test: a different fit
+        assert other is not None and not np.allclose(other.apply(pt), cal.apply(pt))
+    z = np.log(np.clip(pv, 1e-7, 1 - 1e-7) / np.clip(1 - pv, 1e-7, 1))
+
+    def nll(t: float) -> float:    # binary temperature by hand: sigmoid(logit / t), mean negative log-likelihood
+        q = np.clip(1 / (1 + np.exp(-z / t)), 1e-7, 1 - 1e-7)
+        return float(-np.mean(yv * np.log(q) + (1 - yv) * np.log(1 - q)))
+
+    t_ref = minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-8}).x
+    t_cal = select_calibration("binary", yv, pv, "temperature")[0]
+    assert t_cal is not None and t_cal.params["t"] == pytest.approx(t_ref, rel=1e-3) and t_ref > 1.5  # 3x sharp
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(pv, yv.astype(float))
+    assert len(iso.X_thresholds_) <= MAX_KNOTS       # no knot thinning: the curve is sklearn's own
+    i_cal = select_calibration("binary", yv, pv, "isotonic")[0]
+    assert i_cal is not None and np.allclose(i_cal.apply(pt), iso.predict(pt), atol=1e-9)
+
+    rng = np.random.default_rng(1)                    # multi-class temperature: softmax(log p / t) by hand
+    logits = rng.normal(size=(900, 4)) * 2
+    yk = np.array([rng.choice(4, p=np.exp(r) / np.exp(r).sum()) for r in logits])
+    pk = np.exp(3 * logits) / np.exp(3 * logits).sum(1, keepdims=True)
+
+    def nll_k(t: float) -> float:
+        s = np.log(pk[:600]) / t
+        s = s - s.max(1, keepdims=True)
+        return float(-(s[np.arange(600), yk[:600]] - np.log(np.exp(s).sum(1))).mean())
+
+    k_cal = select_calibration("multiclass", yk[:600], pk[:600], "temperature")[0]
+    t_k = minimize_scalar(nll_k, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-8}).x
+    assert k_cal is not None and k_cal.params["t"] == pytest.approx(t_k, rel=1e-3) and t_k > 1.5
+
+
+def test_a_calibration_name_that_is_wrong_or_does_not_fit_is_one_config_error_line():
+    from medlens.config import config_from_dict
+    from medlens.errors import ConfigError
+    from medlens.report.dicom_sr import calibration_parameters
+
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"name": "c", "data": {"name": "pneumoniamnist"}, "evaluation": {"calibration": "isotonc"}})
+    assert "\n" not in str(e.value) and "did you mean 'isotonic'" in str(e.value)
+    assert "evaluation.calibration" in str(e.value)
+    y, p = _cases(2.0, n=300)
+    with pytest.raises(ConfigError, match="isotonic: binary") as e:   # one score per case only
+        select_calibration("multiclass", y, np.stack([1 - p, p], 1), "isotonic")
+    assert "\n" not in str(e.value)
+    # a named scaling that validation cannot fit (one class) leaves the model's own, and SR/FHIR say so
+    cal, ev = select_calibration("binary", np.ones(50, int), p[:50], "isotonic")
+    assert cal is None and ev is not None and ev["setting"] == "isotonic" and ev["chosen"] == "none"
+    assert calibration_parameters(SimpleNamespace(calibration=None, calibration_choice=ev)) == [
+        "probabilities not calibrated (the model's own: evaluation.calibration isotonic gave no usable fit on "
+        "validation)"]

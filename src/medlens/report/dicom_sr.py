@@ -115,8 +115,14 @@ def calibration_parameters(meta) -> list[str]:
         by = f"; held-out log-loss lower by {gain:.4f}" if isinstance(gain, (int, float)) and gain > 0 else ""
         return [f"probabilities calibrated ({cal.method}, fitted on {on}{by})"]
     if choice:
-        return ["probabilities not calibrated (the model's own: no scaling lowered the held-out log-loss)"
-                if choice.get("setting") == "auto" else "probabilities not calibrated (evaluation.calibration: none)"]
+        setting = choice.get("setting")
+        if setting == "auto":
+            return ["probabilities not calibrated (the model's own: no scaling lowered the held-out log-loss)"]
+        if setting in (None, "none"):
+            return ["probabilities not calibrated (evaluation.calibration: none)"]
+        # a named scaling that validation could not fit (one class, or a fit that would reverse the ranking)
+        return [f"probabilities not calibrated (the model's own: evaluation.calibration {setting} gave no usable fit "
+                "on validation)"]
     return []
 
 
