@@ -39,6 +39,8 @@ def run_0002(data_root, tmp_path_factory):
         repo = Path(__file__).resolve().parents[2]
         cfg = load_config(repo / "configs" / "luna16_seed_cnn.yaml",
                           [f"data.path={tmp / 's.h5'}", f"output_dir={tmp}", "train.epochs=1", "evaluation.bootstrap=10",
+                           # the report names its method: the search over methods is not what this test reads
+                           "explain.method=gradcam", "explain.score_images=4",
                            "data.test_patient=null", "data.val_fraction=0.3", "data.test_fraction=0.3"])
         return train(cfg, progress_bar=False)
 
