@@ -12,13 +12,13 @@ import json
 import re
 import secrets
 import shutil
-import subprocess
-import sys
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clirun import medlens as inproc
 from servehelp import REPO, Server, tiny_run
 
 pytestmark = pytest.mark.integration
@@ -314,10 +314,14 @@ def test_logs_are_json_without_phi_or_keys(server, files):
                                   "status", "ms"} for r in req)
 
 
-def test_non_local_bind_requires_a_key(trained_run):
-    env = {k: v for k, v in __import__("os").environ.items() if k != "MEDLENS_API_KEYS"}
-    r = subprocess.run([sys.executable, "-m", "medlens.cli.main", "serve", str(trained_run), "--host", "0.0.0.0",
-                        "--port", "1"], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+def test_non_local_bind_requires_a_key(trained_run, monkeypatch):
+    # the CLI's entry point in this process (a subprocess added only the library's imports); the port is held
+    # here, so that a server that started anyway would fail to bind (exit 1) instead of serving
+    monkeypatch.delenv("MEDLENS_API_KEYS", raising=False)
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        r = inproc("serve", trained_run, "--host", "0.0.0.0", "--port", held.getsockname()[1], cwd=REPO)
     assert r.returncode == 2
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "requires API keys" in err and "MEDLENS_API_KEYS" in err
