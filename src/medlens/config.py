@@ -28,7 +28,7 @@ from medlens.data.sources import DataSource, get_source, list_sources
 from medlens.errors import ConfigError, MedlensWarning
 from medlens.safe_yaml import safe_load_yaml
 from medlens.tasks import config_task
-from medlens.utils import data_dir
+from medlens.utils import data_dir, smoke_mode
 
 # ------------------------------------------------------------------------------------- names, paths
 
@@ -618,22 +618,28 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         train = cfg.train.model_copy(update={"epochs": cap,
                                              "warmup_epochs": min(cfg.train.warmup_epochs, cap - 1)})
         cfg = cfg.model_copy(update={"train": train})
-    if os.environ.get(SMOKE_ENV, "").strip() == "1":
+    if smoke_mode():
         cfg = cfg.model_copy(update={
             "data": cfg.data.model_copy(update={"max_samples": min(cfg.data.max_samples or SMOKE_SAMPLES,
                                                                    SMOKE_SAMPLES)}),
             "evaluation": cfg.evaluation.model_copy(update={"bootstrap": min(cfg.evaluation.bootstrap, 20)}),
             "segmentation": cfg.segmentation.model_copy(update={
-                "patches_per_epoch": min(cfg.segmentation.patches_per_epoch, 16)})})
+                "patches_per_epoch": min(cfg.segmentation.patches_per_epoch, 16),
+                "overlap": min(cfg.segmentation.overlap, 0.25), "cldice": False}),
+            "explain": cfg.explain.model_copy(update={
+                "select_images": min(cfg.explain.select_images, SMOKE_EXPLAIN_IMAGES),
+                "score_images": min(cfg.explain.score_images, SMOKE_EXPLAIN_IMAGES)})})
     return cfg
 
 
 MAX_EPOCHS_ENV = "MEDLENS_MAX_EPOCHS"
-#: ``$MEDLENS_SMOKE=1``, the README test's other aid: every config loaded from a file also uses at most
-#: ``SMOKE_SAMPLES`` samples per split, 20 bootstrap resamples and 16 segmentation patches per epoch, so each
-#: documented command proves it runs in seconds. Its figures mean nothing; unset in use.
-SMOKE_ENV = "MEDLENS_SMOKE"
+#: ``$MEDLENS_SMOKE=1`` (``medlens.utils.smoke_mode``), the README test's other aid: every config loaded from a
+#: file also uses at most ``SMOKE_SAMPLES`` samples per split, 20 bootstrap resamples, 16 segmentation patches per
+#: epoch, a 0.25 sliding-window overlap, no clDice, and ``SMOKE_EXPLAIN_IMAGES`` images to choose and score the
+#: report's explanation method, so each documented command proves it runs in seconds. Its figures mean nothing;
+#: unset in use.
 SMOKE_SAMPLES = 96
+SMOKE_EXPLAIN_IMAGES = 4
 
 
 def max_epochs_cap() -> int | None:

@@ -26,6 +26,16 @@ def data_dir() -> Path:
     return Path(env).expanduser().resolve() if env else Path.home() / ".medlens" / "data"
 
 
+SMOKE_ENV = "MEDLENS_SMOKE"
+
+
+def smoke_mode() -> bool:
+    """``$MEDLENS_SMOKE=1``: a test aid (the README test runs every documented command in seconds) that caps the
+    work of configs loaded from files (``medlens.config.load_config``) and the iterations of ``medlens register``.
+    Figures made under it mean nothing; unset in use. Read through this function only."""
+    return os.environ.get(SMOKE_ENV, "").strip() == "1"
+
+
 def current_umask() -> int:
     """The process umask (read by setting and restoring it: the only way POSIX offers)."""
     mask = os.umask(0o022)

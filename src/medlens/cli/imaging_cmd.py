@@ -37,6 +37,7 @@ def register_images(fixed: Path = typer.Argument(..., help="fixed image"),
     from medlens.imaging.register import register as do_register
     from medlens.io import load, save
     from medlens.io.limits import require_utf8
+    from medlens.utils import smoke_mode
     from medlens.io.writers import check_output
 
     mout = _mask_output(out) if mask else None
@@ -47,7 +48,8 @@ def register_images(fixed: Path = typer.Argument(..., help="fixed image"),
         require_utf8(transform, "transform path")  # checked before the work: SimpleITK aborts on such a path
     f, m = load(fixed), load(moving)
     with progress_step(f"registering ({kind})") as report:
-        reg = do_register(f, m, kind, progress=report)
+        # 200 iterations per level; 20 under the README test's $MEDLENS_SMOKE (medlens.utils.smoke_mode)
+        reg = do_register(f, m, kind, iterations=20 if smoke_mode() else 200, progress=report)
     save(reg.apply(m, f), out)
     console.print(f"[green]registered[/] ({kind}, Mattes MI {reg.metric:.4f}) -> {out}")
     if transform:

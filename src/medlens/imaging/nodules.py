@@ -85,12 +85,11 @@ def nodule_candidates(image: Image, lungs: np.ndarray | None = None, grid_mm: fl
                      exclude_border=False)
     if len(blobs) == 0:
         return pd.DataFrame(columns=["coordX", "coordY", "coordZ", "diameter_mm", "score"])
-    sigmas = blobs[:, 3]
-    score = np.array([_log_response(iso, b[:3], b[3]) for b in blobs])  # to rank the candidates
     vox = blobs[:, :3] / zoom + np.array([sl.start for sl in box], float)  # full-resolution (z, y, x)
     iv = np.minimum(np.round(vox).astype(int), np.array(image.shape) - 1)
     keep = lungs[tuple(iv.T)]
-    vox, sigmas, score = vox[keep], sigmas[keep], score[keep]
+    blobs, vox, sigmas = blobs[keep], vox[keep], blobs[keep, 3]
+    score = np.array([_log_response(iso, b[:3], b[3]) for b in blobs])  # ranks the candidates inside the lungs
     order = np.argsort(-score, kind="stable")[:max_candidates]
     world = np.array([image.voxel_to_world(v) for v in vox[order]]).reshape(-1, 3)
     return pd.DataFrame({"coordX": world[:, 0], "coordY": world[:, 1], "coordZ": world[:, 2],
