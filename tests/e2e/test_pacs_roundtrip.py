@@ -27,7 +27,7 @@ def _study_uid(folder: Path) -> str:
 def lidc_in_pacs(orthanc, data_root):  # noqa: F811
     series = data_root / "lidc-idri-0001"
     r = medlens("pacs", "push", orthanc.dicomweb, series, check=True)
-    assert "stored 133 instance(s)" in r.stdout
+    assert "stored 133 instance(s)" in " ".join(r.stdout.split())  # the console may wrap the line
     return _study_uid(series)
 
 
@@ -68,7 +68,7 @@ def test_classifier_round_trip(orthanc, lidc_in_pacs, trained_run, tmp_path):  #
     assert not (tmp_path / "refused").exists() and len(_new_instances(orthanc.dicomweb, lidc_in_pacs, "SR")) == srs
     r = medlens("predict", trained_run, "--from-pacs", orthanc.dicomweb, "--study", lidc_in_pacs, "--push",
                 "--out", tmp_path / "o", "--allow-out-of-profile", check=True)
-    assert "stored 133 instance(s)" in r.stdout
+    assert "stored 133 instance(s)" in " ".join(r.stdout.split())  # the console may wrap the line
     local = {pydicom.dcmread(p).SOPInstanceUID: p for p in (tmp_path / "o").glob("*_sr.dcm")}
     assert len(local) == 133
     remote = _new_instances(orthanc.dicomweb, lidc_in_pacs, "SR")
@@ -125,7 +125,7 @@ def test_segmenter_round_trip(orthanc, seg_run, tmp_path, data_root):  # noqa: F
     study = _study_uid(series)
     r = medlens("predict", seg_run, "--from-pacs", orthanc.dicomweb, "--study", study, "--push", "--out",
                 tmp_path / "o", check=True)
-    assert "stored 2 instance(s)" in r.stdout
+    assert "stored 2 instance(s)" in " ".join(r.stdout.split())  # the console may wrap the line
     out = tmp_path / "o"
     (mask_path,) = out.glob("*_mask.nii.gz")
     (sr_path,) = out.glob("*_sr.dcm")
