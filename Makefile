@@ -52,16 +52,16 @@ run: $(STAMP) viewer
 	$(VENV)/bin/medlens train $(RUN_CONFIG) --overwrite
 
 # The import contracts (pyproject's [tool.importlinter]) and ruff first: an upward import, an in-function import
-# outside medlens/cli or an undefined name fails the suite. Then pytest on three workers (pytest-xdist, one
-# module's tests on one worker), with pyright (basic) beside it. The machine has two cores, but the suite's tests
-# spend about a third of their time waiting on servers, subprocesses and timeouts: with two workers the cores
-# were idle 30% of the run (1507 s of CPU in a 1060 s make test), so a third worker and pyright (about a minute of
-# one core) fill that time. A type error fails the suite as before; pyright's verdict is printed after pytest's.
+# outside medlens/cli or an undefined name fails the suite. Then pytest on both cores (pytest-xdist, one module's
+# tests on one worker), with pyright (basic) beside it: pyright takes about a minute of one core, and pytest leaves
+# part of the two idle while its tests wait on servers and subprocesses (a fresh-clone make test used 1507 s of CPU
+# in 1060 s). A third worker was measured slower (1091 s of pytest against 960 s). A type error fails the suite as
+# before; pyright's verdict is printed after pytest's.
 test: $(STAMP) browser system-deps viewer
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check --quiet src tests tools benchmarks
 	@$(VENV)/bin/pyright > $(VENV)/pyright.log 2>&1 & pyright=$$!; \
-	$(PY) -m pytest -q -ra --durations=25 -n 3 --dist loadscope --no-loadscope-reorder; tests=$$?; \
+	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadscope --no-loadscope-reorder; tests=$$?; \
 	wait $$pyright; types=$$?; echo "pyright:"; cat $(VENV)/pyright.log; \
 	test $$tests = 0 && test $$types = 0
 

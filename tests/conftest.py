@@ -1,7 +1,7 @@
 """Shared fixtures. Integration tests read real data from $MEDLENS_DATA (CI: ../shared/data).
 
-`make test` runs the suite on three pytest-xdist workers on two cores (``-n 3 --dist loadscope``; the Makefile
-says why): each module runs whole on one worker (its module fixtures are built once), the slowest modules first
+`make test` runs the suite on two pytest-xdist workers (``-n 2 --dist loadscope``; the Makefile says why not
+three): each module runs whole on one worker (its module fixtures are built once), the slowest modules first
 (``SLOW_FIRST``) so that the workers finish at about the same time. Session fixtures that train (``trained_run``)
 are built once for the whole run, by whichever worker needs them first, and read by the others
 (``shared_folder``). Plain ``pytest`` (no ``-n``) runs everything in one process, as before.

@@ -418,8 +418,12 @@ def federate(cfg, *, sites: int = 5, rounds: int = 5, partition: str = "iid", st
             return ServerAppComponents(strategy=strat, config=ServerConfig(num_rounds=rounds))
 
         log(f"federated: {sites} sites ({partition}), {strategy}, {rounds} rounds")
+        # log_to_driver off: Ray forwards its actors' own log lines ("(ClientAppActor pid=..) WARNING: Manually
+        # terminating ClientAppActor", printed when a busy machine ends a round late) to this console; a site's
+        # failure still reaches the strategy as a failed result, and medlens reports it
         run_simulation(ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn), num_supernodes=sites,
-                       backend_config={"client_resources": {"num_cpus": cpus_per_site}}, verbose_logging=False)
+                       backend_config={"client_resources": {"num_cpus": cpus_per_site},
+                                       "init_args": {"log_to_driver": False}}, verbose_logging=False)
         info = {"mode": "simulation", "engine": "flwr", "strategy": strategy, "sites": sites, "partition": partition,
                 "local_epochs": local_epochs, "sites_missing_a_class": lacking, "sites_without_training_data": empty,
                 "site_sizes": [len(p[0]) for p in parts], "dp": privacy}
