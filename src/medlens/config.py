@@ -15,7 +15,6 @@ What the config guards, so that no later stage has to:
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from medlens.data.sources import DataSource, get_source, list_sources
 from medlens.errors import ConfigError, MedlensWarning
 from medlens.safe_yaml import safe_load_yaml
 from medlens.tasks import config_task
-from medlens.utils import data_dir, smoke_mode
+from medlens.utils import data_dir, positive_int_env, smoke_mode
 
 # ------------------------------------------------------------------------------------- names, paths
 
@@ -645,12 +644,7 @@ SMOKE_EXPLAIN_IMAGES = 4
 def max_epochs_cap() -> int | None:
     """``$MEDLENS_MAX_EPOCHS``: a test aid that caps ``train.epochs`` of every config loaded from a file (the
     README test runs each documented training in seconds). Unset: no cap. Read here and nowhere else."""
-    raw = os.environ.get(MAX_EPOCHS_ENV, "").strip()
-    if not raw:
-        return None
-    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
-        raise ConfigError(f"${MAX_EPOCHS_ENV} must be a positive whole number, not {raw[:20]!r}")
-    return int(raw)
+    return positive_int_env(MAX_EPOCHS_ENV)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

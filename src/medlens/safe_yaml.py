@@ -5,14 +5,13 @@ process --steps file.yaml``) do not load the configuration's model and data regi
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from medlens.errors import ConfigError
+from medlens.utils import positive_int_env
 
 YAML_MAX_NODES_ENV = "MEDLENS_YAML_MAX_NODES"
 DEFAULT_YAML_MAX_NODES = 100_000  # a real config has a few hundred nodes
@@ -20,12 +19,7 @@ DEFAULT_YAML_MAX_NODES = 100_000  # a real config has a few hundred nodes
 
 def yaml_max_nodes() -> int:
     """The node limit of config YAML: ``$MEDLENS_YAML_MAX_NODES`` or 100,000."""
-    raw = os.environ.get(YAML_MAX_NODES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_YAML_MAX_NODES
-    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
-        raise ConfigError(f"${YAML_MAX_NODES_ENV} must be a positive whole number, not {raw[:20]!r}")
-    return int(raw)
+    return positive_int_env(YAML_MAX_NODES_ENV) or DEFAULT_YAML_MAX_NODES
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

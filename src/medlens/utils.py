@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from medlens.errors import MedlensError
+from medlens.errors import ConfigError, MedlensError
 
 DATA_ENV = "MEDLENS_DATA"
 
@@ -34,6 +34,16 @@ def smoke_mode() -> bool:
     work of configs loaded from files (``medlens.config.load_config``) and the iterations of ``medlens register``.
     Figures made under it mean nothing; unset in use. Read through this function only."""
     return os.environ.get(SMOKE_ENV, "").strip() == "1"
+
+
+def positive_int_env(name: str) -> int | None:
+    """``$name`` as a positive whole number, or None when unset or blank; anything else is one ConfigError line."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
+        raise ConfigError(f"${name} must be a positive whole number, not {raw[:20]!r}")
+    return int(raw)
 
 
 def current_umask() -> int:
