@@ -9,10 +9,12 @@ are built once for the whole run, by whichever worker needs them first, and read
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,12 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 # 16 s of CPU with the default policy, 6 s with PASSIVE. Results are unchanged (only how idle threads wait).
 # Set before torch is imported (the test modules import it); the processes the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The prepared store (medlens.data.store) of this test process: a temporary folder, removed at exit, so the tests
+# write nothing under the home folder and never read another run's entries; the processes the tests start inherit it.
+if not os.environ.get("MEDLENS_CACHE"):
+    os.environ["MEDLENS_CACHE"] = tempfile.mkdtemp(prefix="medlens-store-")
+    atexit.register(shutil.rmtree, os.environ["MEDLENS_CACHE"], True)
 
 #: test modules in the order they are handed out under xdist, slowest first (a module that trains several
 #: models or drives many real processes; from `--durations`); every other module follows in collection order.

@@ -150,6 +150,10 @@ class DataConfig(_Strict):
     max_samples: int | None = Field(default=None, ge=1)  # cap each split (quick experiments, tests)
     # issue 17: a stratified share of the training labels kept (seeded; low-label studies); val/test untouched
     label_fraction: float = Field(default=1.0, gt=0, le=1)
+    # issue 27, the prepared store of image files (medlens.data.store): its root folder (default $MEDLENS_CACHE, else
+    # ~/.cache/medlens/store) and the worker processes that build it (default min(2, CPU count))
+    store: str | None = None
+    workers: int | None = Field(default=None, ge=1, le=64)
     normalize: Literal["dataset", "none"] = "dataset"
     # segmentation pairs (task: segmentation)
     mask_suffix: str | None = None       # folder: mask of <stem><image_suffix>.<ext> is <stem><mask_suffix>

@@ -1,15 +1,16 @@
-"""``medlens data list|info|fetch``."""
+"""``medlens data list|info|fetch|samples|prepare``."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from medlens.cli.common import console, progress
+from medlens.cli.common import console, progress, progress_step
 
-app = typer.Typer(help="Datasets: list, describe, download.", no_args_is_help=True)
+app = typer.Typer(help="Datasets: list, describe, download, prepare.", no_args_is_help=True)
 
 
 @app.command("list")
@@ -88,3 +89,25 @@ def samples(out: Path = typer.Argument(..., help="new or empty folder for the sa
     for name, what in made.items():
         t.add_row(name, what)
     console.print(t)
+
+
+@app.command()
+def prepare(config: Path = typer.Argument(..., help="experiment YAML whose image files to prepare"),
+            workers: Optional[int] = typer.Option(None, "--workers", min=1, max=64,
+                                                  help="worker processes (default data.workers, else "
+                                                       "min(2, CPU count))"),
+            set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. data.size=64")) -> None:
+    """Read and prepare the config's image files once, in parallel, into the prepared store that train, evaluate,
+    export, explain and the others read (medlens.data.store; the folder: data.store, else $MEDLENS_CACHE)."""
+    from medlens.config import load_config
+    from medlens.transforms.preprocess import prepare_store_for
+
+    cfg = load_config(config, list(set_))
+    with progress_step("preparing") as report:
+        results = prepare_store_for(cfg.data, seed=cfg.seed, workers=workers, progress=report)
+    if not results:
+        console.print(f"nothing to prepare: the '{cfg.data.source}' source reads no image files")
+        return
+    built, reused = sum(r.built for r in results), sum(r.reused for r in results)
+    folders = sorted({str(r.folder) for r in results})
+    console.print(f"prepared store {', '.join(folders)}: {built} image(s) prepared, {reused} reused")

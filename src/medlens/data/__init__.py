@@ -12,6 +12,7 @@ from medlens.data.base import ArrayDataset, Dataset, Preparer, Sample, SplitData
 from medlens.data.catalog import MEDMNIST, get_info
 from medlens.data.labels import apply_label_map
 from medlens.data.sources import get_source  # the package registers every built-in source
+from medlens.data.store import deferred, realize
 
 __all__ = ["ArrayDataset", "Dataset", "Sample", "SplitData", "MEDMNIST", "get_info", "build_data"]
 
@@ -19,13 +20,16 @@ __all__ = ["ArrayDataset", "Dataset", "Sample", "SplitData", "MEDMNIST", "get_in
 def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Callable | None = None) -> SplitData:
     """Build train/val/test datasets from a ``DataConfig`` (``$MEDLENS_DATA`` in its paths expanded here).
 
-    Image files (folder and CSV sources) are prepared by ``prepare`` as they load; callers pass the
-    run's preparer (``medlens.transforms.preprocess.prepared_data`` does it from the config)."""
+    Image files (folder and CSV sources) are prepared by ``prepare``; callers pass the run's preparer
+    (``medlens.transforms.preprocess.prepared_data`` does it from the config). Through the prepared store
+    (``medlens.data.store``) the splits, ``label_map``, ``max_samples`` and ``label_fraction`` select first; only the
+    files selected are then prepared (once: later calls read the store), ``progress`` following them."""
     source = get_source(cfg.source)
     if source.reads_files and prepare is None:
         raise TypeError(f"the '{source.name}' source reads image files: it needs prepare= "
                         "(see medlens.transforms.preprocess.prepared_data)")
-    data = source.load(cfg, seed=seed, prepare=prepare, progress=progress)
+    with deferred():
+        data = source.load(cfg, seed=seed, prepare=prepare, progress=progress)
     if cfg.label_map is not None or cfg.positive_class is not None:
         data = apply_label_map(data, cfg.label_map, cfg.positive_class)
     if cfg.max_samples:
@@ -36,6 +40,7 @@ def build_data(cfg, seed: int = 0, prepare: Preparer | None = None, progress: Ca
         data = replace(data, train=label_subset(data.train, cfg.label_fraction, seed),
                        split_method=data.split_method + f" (training labels: {cfg.label_fraction:g} kept, "
                                                           "stratified)")
+    realize([data.train, data.val, data.test], progress)
     return data
 
 

@@ -26,6 +26,7 @@ from medlens.data.base import (ArrayDataset, Preparer, SplitData, confined_paths
 from medlens.data.catalog import BINARY, MULTICLASS, MULTILABEL
 from medlens.data.labels import negative_first
 from medlens.data.splits import PER_IMAGE, patient_split, split_method
+from medlens.data.store import StoreImages, store_key, stored_images
 from medlens.errors import DataError
 from medlens.io import load
 from medlens.tasks import REGRESSION_TASK
@@ -44,8 +45,15 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _load_images(paths: Iterable[Path], prepare: Preparer, progress: Callable | None = None) -> np.ndarray:
-    arrays = []
+    """The images of ``paths`` as ``prepare`` makes them: a view through the prepared store (``data.store``: read
+    and prepared once, in parallel; under ``build_data`` only after its selection) for a preparer the store can
+    key, else decoded here, in memory."""
     paths = list(paths)
+    if store_key(prepare) is not None:
+        view: StoreImages = stored_images(paths, prepare, getattr(getattr(prepare, "spec", None), "spatial_dims", 2),
+                                          progress)
+        return cast(np.ndarray, view)  # array-like: what ArrayDataset does with its images, a view does too
+    arrays = []
     for i, p in enumerate(paths):
         arrays.append(prepare(load(p), str(p)))
         if progress:

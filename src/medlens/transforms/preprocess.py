@@ -7,12 +7,14 @@ segmentation pairs) and prediction (``medlens.run.Predictor``: files, arrays, DI
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
 from scipy.ndimage import zoom
 
+from medlens import __version__
 from medlens.data import build_data
 from medlens.data.segmentation import load_segmentation
 from medlens.data.sources import get_source
@@ -22,6 +24,7 @@ from medlens.io.windows import apply_window, to_uint8
 from medlens.transforms.intensity import clahe as _clahe, normalize
 
 COLOR_MODES = ("gray", "rgb", "green")
+PREP_VERSION = 1  # raise when prepare_raw/prepare_input change what they make: prepared stores are keyed by it
 
 
 def to_unit_range(arr: np.ndarray) -> np.ndarray:
@@ -154,12 +157,25 @@ def display_image(image: Image, spec: InputSpec) -> np.ndarray:
 
 
 class Preparer:
-    """An ``InputSpec`` as the callable that data loaders take (``medlens.data.base.Preparer``)."""
+    """An ``InputSpec`` as the callable that data loaders take (``medlens.data.base.Preparer``).
 
-    def __init__(self, spec: InputSpec, scale: bool = False) -> None:
+    ``store_root`` and ``workers`` (``data.store``, ``data.workers``) tell the prepared store (``medlens.data.store``)
+    where its folder lies and how many processes build it; ``store_key`` is the preparation's identity there;
+    ``store_log`` collects what each build did. Picklable: the store's worker processes each get a copy."""
+
+    def __init__(self, spec: InputSpec, scale: bool = False, store_root: str | None = None,
+                 workers: int | None = None) -> None:
         self.spec, self.scale = spec, scale
+        self.store_root, self.workers = store_root, workers
+        self.store_log: list = []
         # name -> (spatial shape, rgb, modality, body part examined)
         self.seen: dict[str, tuple[tuple[int, ...], bool, str, str | None]] = {}
+
+    @property
+    def store_key(self) -> str | None:
+        """The preparation as text: spec, scaling, PREP_VERSION, medlens, OpenCV and NumPy versions."""
+        return json.dumps({"spec": asdict(self.spec), "scale": self.scale, "prep": PREP_VERSION,
+                           "medlens": __version__, "cv2": cv2.__version__, "numpy": np.__version__}, sort_keys=True)
 
     def __call__(self, image: Image, name: str | None = None) -> np.ndarray:
         if name is not None:  # what the source looked like, for the run's input profile
@@ -184,11 +200,22 @@ def segmentation_spec(cfg_data, spatial_dims: int) -> InputSpec:
 def prepared_data(cfg_data, seed: int = 0, progress=None):
     """``medlens.data.build_data`` with this module's preparation of image files: what training,
     evaluation and explanation all load, so they see the same tensors as ``Predictor.prepare``."""
-    prep = Preparer(classifier_spec(cfg_data))
+    prep = Preparer(classifier_spec(cfg_data), store_root=getattr(cfg_data, "store", None),
+                    workers=getattr(cfg_data, "workers", None))
     data = build_data(cfg_data, seed=seed, prepare=prep, progress=progress)
     if prep.seen:  # the training images as they were on disk (size, colour, modality): the run's input profile
         data.train.meta["raw_inputs"] = [prep.seen[s] for s in data.train.sources if s in prep.seen]
     return data
+
+
+def prepare_store_for(cfg_data, seed: int = 0, workers: int | None = None, progress=None) -> list:
+    """Build the prepared store of what ``prepared_data`` reads for ``cfg_data`` (``medlens data prepare``); the
+    ``medlens.data.store.BuildResult`` of each pass (none for a source without image files)."""
+    if workers is not None:
+        cfg_data = cfg_data.model_copy(update={"workers": workers})
+    prep = Preparer(classifier_spec(cfg_data), store_root=cfg_data.store, workers=cfg_data.workers)
+    build_data(cfg_data, seed=seed, prepare=prep, progress=progress)
+    return prep.store_log
 
 
 class _SegPreparer(Preparer):
@@ -197,6 +224,10 @@ class _SegPreparer(Preparer):
     def __init__(self, cfg_data) -> None:
         self.cfg = cfg_data
         super().__init__(segmentation_spec(cfg_data, 2), scale=True)
+
+    @property
+    def store_key(self) -> str | None:
+        return None  # the spec follows each image: not one preparation the store could key
 
     def _for(self, image: Image) -> InputSpec:
         return segmentation_spec(self.cfg, image.spatial_dims)
