@@ -15,8 +15,8 @@ import sys
 import typer
 from rich.markup import escape
 
-from medlens.cli import (data_cmd, explain_cmd, federate_cmd, imaging_cmd, interop_cmd, io_cmd, models_cmd,
-                         nodules_cmd, plan_cmd, predict_cmd, pretrain_cmd, run_cmd, serve_cmd, system_cmd)
+from medlens.cli import (data_cmd, explain_cmd, federate_cmd, gateway_cmd, imaging_cmd, interop_cmd, io_cmd,
+                         models_cmd, nodules_cmd, plan_cmd, predict_cmd, pretrain_cmd, run_cmd, serve_cmd, system_cmd)
 from medlens.cli.common import SHORT_HELP, err_console, quiet_libraries
 
 app = typer.Typer(name="medlens", help="Deep learning on medical images: data to a validated, explained model.",
@@ -44,6 +44,7 @@ app.command("serve")(serve_cmd.serve)
 app.command("federate", context_settings=SHORT_HELP)(federate_cmd.federate)
 app.command("plan")(plan_cmd.plan)
 app.command("pretrain", context_settings=SHORT_HELP)(pretrain_cmd.pretrain)
+app.command("gateway")(gateway_cmd.gateway)
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(nodules_cmd.app, name="nodules")

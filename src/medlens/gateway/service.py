@@ -1,0 +1,77 @@
+"""``medlens gateway CONFIG``: the receiver and the worker together until a stop is asked (SIGTERM/SIGINT in the
+CLI), and ``medlens gateway status CONFIG``: the queue's state read from its file."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from medlens.errors import ConfigError
+from medlens.gateway.audit import AuditLog, uid_hash
+from medlens.gateway.config import GatewayConfig
+from medlens.gateway.metrics import GatewayMetrics
+from medlens.gateway.queue import Queue
+from medlens.gateway.scp import StoreSCP
+from medlens.gateway.worker import Worker
+
+
+@dataclass
+class Listening:
+    dicom: str
+    metrics: str | None
+
+
+def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], None] | None = None,
+                ready: Callable[[Listening], None] | None = None, source=None) -> None:
+    """Open the runs, the queue and the audit log, start the SCP (and the metrics endpoint), then work the queue
+    every ``poll_s`` until ``stop`` is set; everything is closed on the way out. Work left in the queue by an
+    earlier process (killed or stopped) is taken up first."""
+    key = cfg.site_key(source)
+    queue = Queue(cfg.queue_path)
+    audit = AuditLog(cfg.audit, key)
+    metrics = GatewayMetrics()
+    worker = Worker(cfg, queue, audit, metrics, say)
+    scp = StoreSCP(cfg, queue, audit, metrics)
+    http = None
+    try:
+        worker.open_runs()
+        try:
+            scp.start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen for DICOM on {cfg.listen.host}:{cfg.listen.port} ({e.strerror or e})",
+                              source) from None
+        shown = None
+        if cfg.metrics is not None:
+            try:
+                http = metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            except OSError as e:
+                raise ConfigError(f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port} "
+                                  f"({e.strerror or e})", source) from None
+            shown = f"http://{cfg.metrics.host}:{http[0].server_port}/metrics"
+        if ready is not None:
+            ready(Listening(f"{cfg.listen.ae_title}@{cfg.listen.host}:{cfg.listen.port}", shown))
+        while not stop.is_set():
+            worker.step()
+            stop.wait(cfg.poll_s)
+    finally:
+        scp.stop()
+        if http is not None:
+            http[0].shutdown()
+        queue.close()
+
+
+def gateway_status(cfg: GatewayConfig, source=None) -> dict:
+    """Counts by state (series, jobs, deliveries, spooled instances) and the problems (unrouted series, refused
+    and failed jobs, deliveries waiting after a failure), series named by their audit-trail hash."""
+    key = cfg.site_key(source)
+    queue = Queue(cfg.queue_path, readonly=True)
+    try:
+        counts, problems = queue.counts(), queue.problems()
+    finally:
+        queue.close()
+    for p in problems:
+        p["id"] = uid_hash(key, p["id"])[:12]
+        if "run" in p:
+            p["run"] = p["run"].rstrip("/").rsplit("/", 1)[-1]
+    return {"counts": counts, "problems": problems}
