@@ -9,16 +9,20 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from medlens.cli.common import console, quiet_libraries
+from medlens.cli.common import console, progress_step, quiet_libraries, say
 
+TABLE_SUFFIXES = (".csv", ".parquet")   # --out naming a results table: batch mode
 DEID_KEY_HELP = "UID remapping key (as medlens deid)"
 ALLOW_OOP_HELP = ("export SR/SEG/FHIR (and --push) even for an input outside the run's training data (modality, "
                   "body part, colour, size, intensities); the SR and FHIR then say so, with the reasons")
 
 
 def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
-            files: Optional[List[Path]] = typer.Argument(None, help="PNG/JPEG/TIFF/NPZ/NPY (DICOM, NIfTI, MHD, NRRD)"),
-            out: Optional[Path] = typer.Option(None, "--out", help="new folder: predictions.csv (+ --outputs)"),
+            files: Optional[List[Path]] = typer.Argument(None, help="PNG/JPEG/TIFF/NPZ/NPY (DICOM, NIfTI, MHD, NRRD); "
+                                                         "with --out X.csv|X.parquet also folders, @list.txt, "
+                                                         "CSV manifests"),
+            out: Optional[Path] = typer.Option(None, "--out", help="new folder: predictions.csv (+ --outputs); or a "
+                                               "results table X.csv / X.parquet: batch mode (streamed, resumable)"),
             outputs: Optional[str] = typer.Option(None, "--outputs", help="DICOM inputs: 'sr,fhir' (segmentation "
                                                   "runs: 'sr,seg,fhir') TID 1500 SR, DICOM SEG, FHIR R5 Bundle"),
             from_pacs: Optional[str] = typer.Option(None, "--from-pacs", help="pull --study from this PACS "
@@ -32,9 +36,21 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
             deid_key: Optional[str] = typer.Option(None, "--deid-key", help=DEID_KEY_HELP),
             allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="predict with a run whose "
                                                   "training did not finish (status not 'complete')"),
-            allow_out_of_profile: bool = typer.Option(False, "--allow-out-of-profile", help=ALLOW_OOP_HELP)
+            allow_out_of_profile: bool = typer.Option(False, "--allow-out-of-profile", help=ALLOW_OOP_HELP),
+            resume: bool = typer.Option(False, "--resume", help="batch mode: continue the results table a killed "
+                                        "run left (same INPUTs): no input twice, none missed"),
+            batch_size: int = typer.Option(64, "--batch-size", min=1, help="batch mode: inputs per batch"),
+            workers: int = typer.Option(2, "--workers", min=0, help="batch mode: decoding processes (local) or "
+                                        "Ray actors (--engine ray)"),
+            engine: str = typer.Option("local", "--engine", help="batch mode: local, or ray (Ray Data)"),
+            address: Optional[str] = typer.Option(None, "--address", help="--engine ray: a running Ray cluster "
+                                                  "(default: start a local instance, stopped at the end)"),
             ) -> None:
-    """Predict image files with a trained run (a segmentation run with --from-pacs segments the study)."""
+    """Predict image files with a trained run (a segmentation run with --from-pacs segments the study).
+
+    With --out X.csv or X.parquet: batch mode over an archive, one row per input (file, class, probabilities,
+    out-of-profile warning), appended per batch; unreadable inputs go to X.errors.csv. Exit 0, or 3 when some
+    inputs were listed in the errors file."""
     from medlens.errors import MedlensError
     from medlens.run import Predictor, Run
 
@@ -46,6 +62,12 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
     if not files:
         raise MedlensError("give image files to predict, or --from-pacs URL --study UID")
     run = Run.open(run_dir, expect="classification")
+    if out is not None and out.suffix.lower() in TABLE_SUFFIXES:   # batch mode (medlens.run.batch)
+        if outputs:
+            raise MedlensError("--outputs (SR/SEG/FHIR) writes into a folder: give --out FOLDER, not a table")
+        return _predict_table(run, [str(f) for f in files], out, resume, batch_size, workers, engine, address)
+    if resume or engine != "local" or address:
+        raise MedlensError("--resume, --engine and --address are for batch mode: --out results.csv|.parquet")
     paths: list[str | Path] = list(files)
     if out is not None or outputs:
         from medlens.workflow.interop import parse_outputs, predict_export  # DICOM exports: only when asked
@@ -59,6 +81,37 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
     console.print(_prediction_table(run_dir, rows))
     if out is not None:
         console.print(f"wrote [bold]{out}[/] (predictions.csv{_listing(done)})")
+
+
+def _predict_table(run: Any, inputs: list[str], out: Path, resume: bool, batch_size: int, workers: int,
+                   engine: str, address: str | None) -> None:
+    """Batch mode: stream the inputs into a results table; one summary line; exit 3 when some inputs failed."""
+    from medlens.errors import MedlensError
+    from medlens.run import Predictor
+    from medlens.run.batch import collect_inputs, predict_archive
+
+    if engine not in ("local", "ray"):
+        raise MedlensError(f"--engine is local or ray, not {engine!r}")
+    if address and engine != "ray":
+        raise MedlensError("--address is for --engine ray")
+    predictor = Predictor(run)
+    files = collect_inputs(inputs, predictor.spec.spatial_dims, run.config.data.path_column)
+    with progress_step("predicting", len(files)) as report:
+        if engine == "ray":
+            from medlens.run.batch_ray import ray_batches, ray_session
+
+            with ray_session(address, num_cpus=max(workers, 1)):
+                s = predict_archive(predictor, files, out, resume=resume, progress=report, engine=lambda todo:
+                                    ray_batches(run.dir, todo, batch_size, max(workers, 1), predictor.tta))
+        else:
+            s = predict_archive(predictor, files, out, resume=resume, batch_size=batch_size, workers=workers,
+                                progress=report)
+    say(f"{s.n_inputs} input(s): {s.predicted} predicted ({s.out_of_profile} outside the training data), "
+        f"{s.errors} error(s){f' listed in {s.errors_file}' if s.errors else ''}"
+        f"{f', {s.already_done} done before (--resume)' if s.already_done else ''}; wrote {out} "
+        f"({s.files_per_second:.0f} files/s)")
+    if s.errors:
+        raise typer.Exit(3)
 
 
 def _prediction_table(run_dir: Path, rows: list[Any]) -> Table:
