@@ -174,16 +174,21 @@ retry: {{base_s: 0.3, max_s: 1.0, timeout_s: 5}}
 """)
         self.proc: subprocess.Popen | None = None
         self.metrics_url: str | None = None
-        self.log = folder / "gateway.log"
+        self.logs: list[Path] = []  # one per start
 
     def env(self, **extra) -> dict:
         return {**os.environ, "MEDLENS_TEST_SITE_KEY": SITE_KEY, **extra}
 
+    @property
+    def log(self) -> Path:
+        return self.logs[-1]
+
     def start(self, **extra_env) -> subprocess.Popen:
-        self.log.write_text("")
-        out = open(self.log, "ab")
+        self.logs.append(self.folder / f"gateway-{len(self.logs) + 1}.log")
+        out = open(self.log, "wb")
         self.proc = subprocess.Popen([str(MEDLENS), "gateway", str(self.config)], stdout=out, stderr=subprocess.STDOUT,
                                      env=self.env(**extra_env), start_new_session=True)
+        out.close()  # the child holds its own copy
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             m = re.search(r"metrics at (http://\S+/metrics)", self.log.read_text())
@@ -393,5 +398,16 @@ def test_the_audit_trail_holds_no_phi_and_no_raw_uids(gw, trained_run):
     assert all(e["weights_sha256"] == Run.open(trained_run).weights_sha256 for e in predicted)
     routed = [e for e in events if e["event"] == "routed"]
     assert {e["rule"] for e in routed} == {"chest-xray", "misrouted-ct"}
-    log = gw.log.read_text()
-    assert NAME not in log and PID not in log and "Traceback" not in log
+    # a clean stop on SIGTERM; the console held one line per outcome and nothing of the libraries'
+    gw.kill(signal.SIGTERM)
+    assert gw.proc is not None and gw.proc.returncode == 0
+    assert gw.log.read_text().splitlines()[-1] == "gateway stopped"
+    outcomes = []
+    for log in gw.logs:  # every start: the one killed, the one that exited after a send, the last one
+        lines = log.read_text().splitlines()
+        assert lines[0].startswith("gateway listening as MEDLENS_GW@127.0.0.1:"), lines
+        outcomes += [ln for ln in lines[1:] if ln != "gateway stopped"]
+        assert NAME not in "".join(lines) and PID not in "".join(lines)
+    for ln in outcomes:
+        assert re.fullmatch(r"series [0-9a-f]{12}( -> \S+)?: (delivered|refused|not routed|failed).*", ln), ln
+    assert len([ln for ln in outcomes if ": delivered (" in ln]) == 3  # the studies of the tests, each once

@@ -28,14 +28,14 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
     every ``poll_s`` until ``stop`` is set; everything is closed on the way out. Work left in the queue by an
     earlier process (killed or stopped) is taken up first."""
     key = cfg.site_key(source)
+    runs = Worker.open_runs(cfg)  # before anything is written: a bad run folder is a one-line error
     queue = Queue(cfg.queue_path)
     audit = AuditLog(cfg.audit, key)
     metrics = GatewayMetrics()
-    worker = Worker(cfg, queue, audit, metrics, say)
+    worker = Worker(cfg, queue, audit, metrics, say, runs)
     scp = StoreSCP(cfg, queue, audit, metrics)
     http = None
     try:
-        worker.open_runs()
         try:
             scp.start()
         except OSError as e:

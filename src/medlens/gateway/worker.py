@@ -145,25 +145,24 @@ def _one_line(e: BaseException) -> str:
 
 class Worker:
     def __init__(self, cfg: GatewayConfig, queue: Queue, audit: AuditLog, metrics: GatewayMetrics,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None, runs: dict[str, Run] | None = None) -> None:
         self.cfg, self.queue, self.audit, self.metrics = cfg, queue, audit, metrics
         self.say = say or (lambda _line: None)
-        self.runs: dict[str, Run] = {}
+        self.runs: dict[str, Run] = dict(runs or {})
         self.rng = random.Random()
         self.results = cfg.spool / "results"
 
     # ---------------------------------------------------------------------------------------------- runs
 
-    def open_runs(self) -> None:
-        """Open every run the rules name (a missing or broken run is a one-line error at start-up)."""
-        for rule in self.cfg.rules:
-            for r in rule.runs:
-                self.run(str(r))
-
     def run(self, path: str) -> Run:
         if path not in self.runs:
             self.runs[path] = Run.open(path)
         return self.runs[path]
+
+    @staticmethod
+    def open_runs(cfg: GatewayConfig) -> dict[str, Run]:
+        """Every run the rules name, opened (a missing or broken run is a one-line error at start-up)."""
+        return {str(r): Run.open(r) for rule in cfg.rules for r in rule.runs}
 
     @staticmethod
     def run_label(path: str) -> str:

@@ -1,0 +1,215 @@
+"""The gateway's parts on their own (issue 28): the config's one-line errors, the durable queue's state machine
+and idempotency, routing reasons, the bounded jittered backoff, and the C-STORE SCP over a real pynetdicom
+association (a write that fails answers 0xA700 and leaves nothing; the same instance twice is kept once).
+The whole gateway against Orthanc is tests/e2e/test_gateway.py."""
+
+from __future__ import annotations
+
+import random
+import socket
+import sqlite3
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from clirun import medlens
+from medlens.gateway.audit import AuditLog, uid_hash
+from medlens.gateway.config import GatewayConfig, load_gateway_config
+from medlens.gateway.metrics import GatewayMetrics
+from medlens.gateway.queue import Queue
+from medlens.gateway.scp import StoreSCP
+from medlens.gateway.worker import backoff, choose_rule, result_uid
+
+KEY = "unit-site-key-0123456789"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(tmp_path, **over) -> dict:
+    d = {"listen": {"ae_title": "GW", "host": "127.0.0.1", "port": _free_port()}, "allowed_aets": ["SENDER"],
+         "spool": str(tmp_path / "spool"), "audit": str(tmp_path / "audit.jsonl"), "site_key_env": "GW_UNIT_KEY",
+         "rules": [{"name": "xr", "match": {"modality": ["DX"]}, "runs": [str(tmp_path / "run")]}],
+         "destinations": [{"name": "pacs", "kind": "dimse", "url": "dimse://PACS@127.0.0.1:104"}]}
+    d.update(over)
+    return d
+
+
+def _one_line(r, *needles) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_config_errors_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    import yaml
+
+    cfg = tmp_path / "gw.yaml"
+    cases = [
+        ({**_config(tmp_path), "quiet_perid_s": 3}, ["unknown key 'quiet_perid_s'"]),
+        (_config(tmp_path, allowed_aets=["A\\B"]), ["not a DICOM AE title"]),
+        (_config(tmp_path, rules=[{"name": "r", "match": {"series_description": "(["}, "runs": ["x"]}]),
+         ["not a regular expression"]),
+        (_config(tmp_path, rules=[{"name": "r", "match": {"slices": {"min": 9, "max": 2}}, "runs": ["x"]}]),
+         ["range min 9.0 is above max 2.0"]),
+        (_config(tmp_path, destinations=[{"name": "p", "kind": "dimse", "url": "http://x/"}]),
+         ["a dimse destination is dimse://AET@host:port"]),
+    ]
+    for raw, needles in cases:
+        cfg.write_text(yaml.safe_dump(raw))
+        _one_line(medlens("gateway", cfg), "gw.yaml", *needles)
+    cfg.write_text(yaml.safe_dump(_config(tmp_path)))
+    monkeypatch.delenv("GW_UNIT_KEY", raising=False)
+    _one_line(medlens("gateway", cfg), "$GW_UNIT_KEY must hold the site key")
+    monkeypatch.setenv("GW_UNIT_KEY", KEY)
+    _one_line(medlens("gateway", cfg), "run")  # the rule's run folder does not exist: refused before listening
+    _one_line(medlens("gateway", "status", cfg), "no gateway queue here")
+    _one_line(medlens("gateway", tmp_path / "missing.yaml"), "missing.yaml")
+    assert not (tmp_path / "audit.jsonl").exists()
+    # relative paths are the config folder's
+    (tmp_path / "sub").mkdir()
+    rel = tmp_path / "sub" / "gw.yaml"
+    rel.write_text(yaml.safe_dump(_config(tmp_path, spool="sp", audit="a.jsonl")))
+    got = load_gateway_config(rel)
+    assert got.spool == tmp_path / "sub" / "sp" and got.queue_path == tmp_path / "sub" / "sp" / "queue.sqlite"
+
+
+def test_queue_state_machine_is_durable_and_idempotent(tmp_path):
+    q = Queue(tmp_path / "q.sqlite")
+    assert q.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert q.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert q.add_instance("1.2.3", "1.2.4", "1.2.5", str(tmp_path / "a.dcm"), "SENDER", now=100.0)
+    assert not q.add_instance("1.2.3", "1.2.4", "1.2.5", str(tmp_path / "a.dcm"), "SENDER", now=101.0)
+    assert q.add_instance("1.2.6", "1.2.4", "1.2.5", str(tmp_path / "b.dcm"), "SENDER", now=103.0)
+    assert q.due_series(5.0, now=107.0) == [] and q.due_series(5.0, now=108.0) == ["1.2.4"]
+    q.route("1.2.4", "xr", ["/runs/a", "/runs/b"])
+    q.route("1.2.4", "xr", ["/runs/a"])  # routed again (a restart): no second job
+    jobs = q.jobs("pending")
+    assert [j.run for j in jobs] == ["/runs/a", "/runs/b"]
+    q.job_closed(jobs[1].id, "refused", "modality CT")
+    q.job_predicted(jobs[0].id, str(tmp_path / "res"), "cnn", "abc", ["pacs", "ehr"])
+    q.close()
+    q = Queue(tmp_path / "q.sqlite")  # reopened: everything committed is there
+    assert {(d.destination, d.attempts) for d in q.due_deliveries()} == {("pacs", 0), ("ehr", 0)}
+    assert q.record_attempt(jobs[0].id, "pacs", False, "unreachable", next_at=10**12) is None
+    assert [d.destination for d in q.due_deliveries()] == ["ehr"]  # pacs waits for its backoff
+    assert q.close_finished_series() == []  # a job still delivering: the series stays, its files too
+    assert q.removable_files() == []
+    assert q.record_attempt(jobs[0].id, "ehr", True) is None  # pacs still open
+    assert q.counts()["jobs"] == {"delivering": 1, "refused": 1}
+    assert q.problems()[-1]["reason"] == "unreachable"
+    q.db.execute("UPDATE deliveries SET next_at=0")
+    latency = q.record_attempt(jobs[0].id, "pacs", True)
+    assert latency is not None and latency > 0
+    assert q.counts()["jobs"] == {"delivered": 1, "refused": 1}
+    assert q.close_finished_series() == ["1.2.4"]
+    assert sorted(s for s, _ in q.removable_files()) == ["1.2.3", "1.2.6"]
+    q.mark_deleted(["1.2.3", "1.2.6"])
+    assert q.depth() == 0 and q.counts()["instances"] == {"spooled": 0}
+    n = q.db.execute("SELECT count(*), sum(ok) FROM attempts").fetchone()
+    assert n == (3, 2)
+    q.close()
+
+
+def test_routing_takes_the_first_matching_rule_and_says_why_not():
+    cfg = GatewayConfig.model_validate(
+        {"allowed_aets": ["A"], "spool": "s", "audit": "a", "site_key_env": "K",
+         "destinations": [{"name": "p", "kind": "stow", "url": "http://127.0.0.1/dicom-web"}],
+         "rules": [{"name": "xr", "match": {"modality": ["dx", "CR"], "body_part": ["CHEST"],
+                                            "pixel_spacing_mm": {"min": 0.1, "max": 1.0}}, "runs": ["r1"]},
+                   {"name": "ct", "match": {"modality": ["CT"], "slices": {"min": 20},
+                                            "series_description": "(?i)lung"}, "runs": ["r2"]}]})
+    base = {"modality": "DX", "body_part": "CHEST", "sop_class_uid": "1.2", "series_description": "",
+            "pixel_spacing_mm": 0.5, "slices": 1}
+    rule, _ = choose_rule(cfg.rules, base)
+    assert rule is not None and rule.name == "xr"
+    rule, why = choose_rule(cfg.rules, {**base, "pixel_spacing_mm": 2.0})
+    assert rule is None and "xr: pixel spacing 2.0 mm outside the rule's range" in why
+    rule, why = choose_rule(cfg.rules, {**base, "modality": "CT", "slices": 5, "series_description": "Lung 1mm"})
+    assert rule is None and "ct: 5 instance(s), outside the rule's range" in why and "xr: modality CT" in why
+    rule, _ = choose_rule(cfg.rules, {**base, "modality": "CT", "slices": 50, "series_description": "Lung 1mm"})
+    assert rule is not None and rule.name == "ct"
+    rule, why = choose_rule(cfg.rules, {**base, "body_part": ""})
+    assert rule is None and "body part unknown not in ['CHEST']" in why
+
+
+def test_backoff_is_exponential_capped_and_jittered():
+    rng = random.Random(0)
+    waits = [[backoff(a, 2.0, 60.0, 0.5, rng) for _ in range(200)] for a in range(8)]
+    for a, w in enumerate(waits):
+        cap = min(60.0, 2.0 * 2 ** a)
+        assert cap * 0.5 <= min(w) and max(w) <= cap * 1.5 and len(set(w)) > 100  # jittered, bounded
+    medians = [sorted(w)[100] for w in waits]
+    assert medians[0] < medians[1] < medians[2] < medians[3] < medians[4] and medians[6] == pytest.approx(60, rel=0.15)
+    assert result_uid("sr", "1.2", "run", "abc") == result_uid("sr", "1.2", "run", "abc")
+    assert result_uid("sr", "1.2", "run", "abc") != result_uid("sr", "1.2", "run", "abd")
+    assert len(result_uid("sr", "1.2", "run", "abc")) <= 64
+
+
+def _instance(sop: str, series: str) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = SC_STORAGE, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), series
+    ds.Modality, ds.PatientName, ds.PatientID = "OT", "Unitperson^Zed", "PID-UNIT-1"
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(16)
+    return ds
+
+
+def _store(port: int, datasets: list, aet: str = "SENDER") -> list[int]:
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(SC_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="GW")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_scp_answers_a700_on_a_failed_write_and_keeps_duplicates_once(tmp_path):
+    cfg = GatewayConfig.model_validate(_config(tmp_path))
+    q = Queue(cfg.queue_path)
+    scp = StoreSCP(cfg, q, AuditLog(cfg.audit, KEY.encode()), GatewayMetrics())
+    scp.start()
+    try:
+        series = generate_uid()
+        a, b = _instance(generate_uid(), series), _instance(generate_uid(), series)
+        # a write that fails (here the spool's instance folder is a file: ENOTDIR, as a full disk fails a write)
+        (cfg.spool / "instances").parent.mkdir(parents=True, exist_ok=True)
+        (cfg.spool / "instances").write_text("in the way")
+        assert _store(cfg.listen.port, [a]) == [0xA700]
+        assert q.counts()["instances"] == {"spooled": 0} and q.counts()["series"] == {}
+        assert not [p for p in cfg.spool.rglob("*") if p.name.endswith(".tmp")]
+        (cfg.spool / "instances").unlink()
+        assert _store(cfg.listen.port, [a, b, a]) == [0, 0, 0]  # the sender retries; a duplicate is fine
+        files = sorted(cfg.spool.rglob("*.dcm"))
+        assert len(files) == 2 and q.counts()["instances"] == {"spooled": 2}
+        assert all(str(a.SOPInstanceUID) not in str(p) and series not in str(p) for p in files)  # names are HMACs
+        assert files[0].parent.name == uid_hash(KEY.encode(), series)[:24]
+        text = cfg.audit.read_text()
+        assert text.count('"received"') == 2 and "Unitperson" not in text and "PID-UNIT-1" not in text
+        assert series not in text and uid_hash(KEY.encode(), series) in text
+        con = sqlite3.connect(cfg.queue_path)
+        assert con.execute("SELECT count(*) FROM instances").fetchone() == (2,)
+        con.close()
+        ae = AE(ae_title="STRANGER")
+        ae.add_requested_context(SC_STORAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", cfg.listen.port, ae_title="GW")
+        assert assoc.is_rejected
+    finally:
+        scp.stop()
+        q.close()
