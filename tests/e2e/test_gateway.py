@@ -303,6 +303,30 @@ def test_an_xray_study_comes_back_as_an_sr_in_the_pacs(gw, orthanc, xrays, train
     assert "medlens_gateway_queue_depth" in text
 
 
+def _orthanc_call(orthanc, method: str, path: str, body: bytes) -> dict | list | str:  # noqa: F811
+    req = urllib.request.Request(orthanc.base + path, data=body, method=method)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        text = r.read()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text.decode()
+
+
+def test_orthanc_forwards_a_study_to_the_gateway_and_gets_the_sr_back(gw, orthanc, xrays, tmp_path):  # noqa: F811
+    """The README's round trip: the gateway declared as a DICOM modality of Orthanc, a study uploaded to Orthanc
+    and sent on with /modalities/medlens/store; the SR comes back into the same study."""
+    f, study, _ = xray_file(tmp_path, xrays[4])
+    stored = _orthanc_call(orthanc, "POST", "/instances", f.read_bytes())
+    assert isinstance(stored, dict)
+    _orthanc_call(orthanc, "PUT", "/modalities/medlens", json.dumps([GW_AET, "127.0.0.1", gw.port]).encode())
+    _orthanc_call(orthanc, "POST", "/modalities/medlens/store", stored["ParentStudy"].encode())
+    (sop,) = wait_for("the SR of the forwarded study", lambda: srs_in_orthanc(orthanc, study))
+    received = [e for e in gw.audit() if e["event"] == "received" and e["study"] == hashed(study)]
+    assert [e["calling_aet"] for e in received] == ["ORTHANC"]
+    assert sop.startswith("2.25.")  # the gateway's UID, fixed by series, run and weights
+
+
 def test_a_ct_slice_is_not_sent_through_the_xray_model(gw, orthanc, data_root, trained_run, tmp_path):  # noqa: F811
     """No rule matches a CT slice (unrouted); one sent with a description a rule routes to the X-ray model by
     mistake is refused by the out-of-profile gate. Both recorded with the reason, in the queue and the audit
@@ -393,7 +417,8 @@ def test_the_audit_trail_holds_no_phi_and_no_raw_uids(gw, trained_run):
     assert NAME not in text and NAME.split("^")[0] not in text and PID not in text
     assert not re.search(r"\d+\.\d+\.\d+\.\d+\.\d+", text), "a raw DICOM UID in the audit trail"
     received = [e for e in events if e["event"] == "received"]
-    assert all(e["calling_aet"] in ("MODALITY1",) and re.fullmatch("[0-9a-f]{32}", e["instance"]) for e in received)
+    assert all(e["calling_aet"] in ("MODALITY1", "ORTHANC") and re.fullmatch("[0-9a-f]{32}", e["instance"])
+               for e in received)
     predicted = [e for e in events if e["event"] == "predicted"]
     assert all(e["weights_sha256"] == Run.open(trained_run).weights_sha256 for e in predicted)
     routed = [e for e in events if e["event"] == "routed"]
@@ -410,4 +435,4 @@ def test_the_audit_trail_holds_no_phi_and_no_raw_uids(gw, trained_run):
         assert NAME not in "".join(lines) and PID not in "".join(lines)
     for ln in outcomes:
         assert re.fullmatch(r"series [0-9a-f]{12}( -> \S+)?: (delivered|refused|not routed|failed).*", ln), ln
-    assert len([ln for ln in outcomes if ": delivered (" in ln]) == 3  # the studies of the tests, each once
+    assert len([ln for ln in outcomes if ": delivered (" in ln]) == 4  # the studies of the tests, each once
