@@ -213,3 +213,39 @@ def test_scp_answers_a700_on_a_failed_write_and_keeps_duplicates_once(tmp_path):
     finally:
         scp.stop()
         q.close()
+
+
+def test_result_uids_are_fixed_and_the_sr_still_references_its_seg(tmp_path, data_root):
+    """Real SR + SEG + FHIR (the LIDC reader nodules of LIDC-IDRI-0001, built by workflow.interop), written twice:
+    after ``fix_result_uids`` both copies carry the same SR/SEG UIDs, the SR references the SEG by its new UID,
+    the FHIR Bundle names the final SR, and both objects still pass dciodvfy."""
+    import json
+
+    import pydicom
+
+    from interop_checks import dciodvfy
+    from medlens.gateway.worker import fix_result_uids
+    from medlens.workflow.interop import export_nodules
+
+    scan = data_root / "lidc-idri-0001"
+    xml = next(scan.rglob("*.xml"))
+    uids = []
+    for k in range(2):
+        out = tmp_path / f"o{k}"
+        export_nodules(xml, scan, out, {"sr", "seg", "fhir"})
+        (seg0,) = out.glob("*_seg.dcm")
+        old_seg = str(pydicom.dcmread(seg0, stop_before_pixels=True).SOPInstanceUID)
+        fix_result_uids(out, "1.2.3.4", "run", "abc")
+        (sr,), (seg,) = out.glob("*_sr.dcm"), out.glob("*_seg.dcm")
+        s, g = pydicom.dcmread(sr), pydicom.dcmread(seg, stop_before_pixels=True)
+        assert s.file_meta.MediaStorageSOPInstanceUID == s.SOPInstanceUID
+        refs = {str(e.value) for e in s.iterall() if e.tag == (0x0008, 0x1155)}  # ReferencedSOPInstanceUID
+        assert str(g.SOPInstanceUID) in refs and old_seg not in refs
+        bundle = (next(out.glob("*_fhir.json"))).read_text()
+        assert str(s.SOPInstanceUID) in bundle
+        json.loads(bundle)
+        uids.append((str(s.SOPInstanceUID), str(s.SeriesInstanceUID), str(g.SOPInstanceUID)))
+        if k == 0:
+            dciodvfy(sr)
+            dciodvfy(seg)
+    assert uids[0] == uids[1] and len(set(uids[0])) == 3
