@@ -37,7 +37,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import blosc2
 import numpy as np
@@ -120,7 +120,7 @@ class Store:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._entries: dict[str, Entry] = {}
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, Any] = {}
 
     @classmethod
     def for_preparer(cls, prepare: Preparer, root: str | Path | None = None) -> "Store":
@@ -170,7 +170,7 @@ class Store:
         order = sorted(range(len(entries)), key=lambda i: (entries[i].chunk, entries[i].row))
         for i in order:
             e = entries[i]
-            arr = self._handles.get(e.chunk)
+            arr: Any = self._handles.get(e.chunk)
             if arr is None:
                 try:
                     arr = blosc2.open(str(self.chunks / e.chunk), mode="r", dparams=_DPARAMS)
@@ -178,7 +178,13 @@ class Store:
                     raise DataError(f"prepared store chunk unreadable ({type(err).__name__}); remove the folder "
                                     "to prepare it again", self.chunks / e.chunk) from None
                 self._handles[e.chunk] = arr
-            out[i] = np.asarray(arr[e.row])  # type: ignore[index]
+            # one image per Blosc2 chunk (``_write_chunk``): chunk ``row`` is the row, decompressed whole
+            try:
+                raw = cast(bytes, arr.schunk.decompress_chunk(e.row))
+                out[i] = np.frombuffer(raw, dtype=e.dtype).reshape(e.shape)
+            except Exception as err:  # damaged inside: the size was right, the content is not
+                raise DataError(f"prepared store chunk unreadable at row {e.row} ({type(err).__name__}); remove "
+                                "the folder to prepare it again", self.chunks / e.chunk) from None
         return [a for a in out if a is not None]
 
     @contextmanager
