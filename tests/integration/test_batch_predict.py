@@ -95,13 +95,13 @@ def test_folder_list_and_manifest_give_one_row_per_input(trained_run, archive, r
     df = _read(out)
     _check_against(df, reference, {p.name for p in folder + listed + manifest})
     assert set(df.columns[:5]) == {"file", "prediction", "predicted_probability", "p_normal", "p_pneumonia"}
-    assert (df["positive_class"] == "pneumonia").all()
+    assert set(df["positive_class"]) == {"pneumonia"}
     assert np.allclose(df["positive_probability"], df["p_pneumonia"])
     assert set(df["prediction"]) <= {"normal", "pneumonia"}
     # the decision is the run's validation threshold applied to P(pneumonia)
     th = Run.open(trained_run).meta.threshold
     assert th is not None
-    assert ((df["p_pneumonia"] >= th.value) == (df["prediction"] == "pneumonia")).all()
+    assert np.array_equal(df["p_pneumonia"].to_numpy() >= th.value, df["prediction"].to_numpy() == "pneumonia")
     assert "0 error(s)" in r.stdout and f"{N_FOLDER + N_LIST + N_MANIFEST} predicted" in r.stdout
     assert not out.with_name(out.name + ".parts").exists()   # parquet: the parts are combined and gone
 
@@ -121,7 +121,7 @@ def test_kill_9_then_resume_gives_each_input_once(trained_run, archive, referenc
             if out.exists() and out.read_bytes().count(b"\n") > 10:   # the header and at least 10 rows
                 break
             time.sleep(0.005)
-        assert p.poll() is None, "the run ended before it could be killed: " + (p.stderr.read() or b"").decode()
+        assert p.poll() is None, "the run ended before it could be killed: " + (p.stderr.read() if p.stderr else b"").decode()
         os.kill(p.pid, signal.SIGKILL)
         assert p.wait(30) == -signal.SIGKILL
     finally:
@@ -213,3 +213,15 @@ def test_ray_engine_gives_the_local_probabilities(trained_run, archive, referenc
     assert r.returncode == 0, r.stderr
     assert "ray" not in r.stderr.lower()    # no Ray console chatter
     _check_against(_read(out), reference, {p.name for p in folder + listed})
+
+
+def test_a_dicom_series_is_one_input_of_a_volume_run_and_its_slices_inputs_of_a_2d_run(data_root, tmp_path):
+    """Folder expansion: the LIDC scan's slices are one series input (its folder) for a 3D run, and each slice an
+    input of its own for a 2D run."""
+    from medlens.run.batch import collect_inputs
+
+    scan = data_root / "lidc-idri-0001"
+    slices = sorted(p for p in scan.rglob("*.dcm"))
+    assert len(slices) > 50
+    assert collect_inputs([scan], spatial_dims=3) == [str(slices[0].parent)]
+    assert collect_inputs([scan], spatial_dims=2) == [str(p) for p in slices]

@@ -108,8 +108,8 @@ def _predict_table(run: Any, inputs: list[str], out: Path, resume: bool, batch_s
                                 progress=report)
     say(f"{s.n_inputs} input(s): {s.predicted} predicted ({s.out_of_profile} outside the training data), "
         f"{s.errors} error(s){f' listed in {s.errors_file}' if s.errors else ''}"
-        f"{f', {s.already_done} done before (--resume)' if s.already_done else ''}; wrote {out} "
-        f"({s.files_per_second:.0f} files/s)")
+        f"{f', {s.already_done} done before (--resume)' if s.already_done else ''}; wrote {out}"
+        + (f" ({s.files_per_second:.0f} files/s)" if s.predicted + s.errors else ""))
     if s.errors:
         raise typer.Exit(3)
 

@@ -88,12 +88,13 @@ def _manifest(path: Path, column: str) -> list[str]:
 
 
 def _folder(folder: Path, spatial_dims: int) -> list[str]:
-    """A folder's inputs: every image file under it; for a volume run, each DICOM series is one input (its
-    folder), grouped by ``medlens.io.dicom.list_series``, and its slices are not inputs of their own."""
+    """A folder's inputs: every image file under it; for a volume run, each DICOM series is one input (the folder
+    holding its files), grouped by ``medlens.io.dicom.list_series``, and its slices are not inputs of their own."""
     files = list_images(folder)
     if spatial_dims != 3:
         return [str(p) for p in files]
-    series_dirs = sorted({str(_common_parent(s.files)) for s in list_series(folder)})
+    series_dirs = sorted({str(s.files[0] if len(s.files) == 1 else _common_parent(s.files))
+                          for s in list_series(folder)})   # a one-file series (multi-frame) is that file
     return series_dirs + [str(p) for p in files if suffix_of(p) not in DICOM_SUFFIXES]
 
 
