@@ -36,6 +36,7 @@ from test_cli import medlens
 
 NAME, PID = "Gatewayson^Quillanova", "PID-GW-580217"  # a distinctive patient, to hunt for in every output
 SITE_KEY = "test-site-key-0123456789abcdef"
+API_KEY = "gateway-test-api-key-abcdefghijklmnop"
 GW_AET = "MEDLENS_GW"
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 MEDLENS = Path(sys.executable).with_name("medlens")
@@ -150,7 +151,7 @@ class Relay:
 
 class Gateway:
     def __init__(self, folder: Path, run: Path, relay: Relay) -> None:
-        self.folder, self.port = folder, free_port()
+        self.folder, self.port, self.stow_port = folder, free_port(), free_port()
         self.config = folder / "gateway.yaml"
         self.config.write_text(f"""
 listen: {{ae_title: {GW_AET}, host: 127.0.0.1, port: {self.port}}}
@@ -161,6 +162,7 @@ spool: spool
 audit: audit.jsonl
 site_key_env: MEDLENS_TEST_SITE_KEY
 metrics: {{host: 127.0.0.1, port: 0}}
+stow: {{host: 127.0.0.1, port: {self.stow_port}}}
 rules:
   - name: chest-xray
     match: {{modality: [DX, CR], body_part: [CHEST]}}
@@ -177,7 +179,7 @@ retry: {{base_s: 0.3, max_s: 1.0, timeout_s: 5}}
         self.logs: list[Path] = []  # one per start
 
     def env(self, **extra) -> dict:
-        return {**os.environ, "MEDLENS_TEST_SITE_KEY": SITE_KEY, **extra}
+        return {**os.environ, "MEDLENS_TEST_SITE_KEY": SITE_KEY, "MEDLENS_API_KEYS": API_KEY, **extra}
 
     @property
     def log(self) -> Path:
@@ -327,6 +329,33 @@ def test_orthanc_forwards_a_study_to_the_gateway_and_gets_the_sr_back(gw, orthan
     assert sop.startswith("2.25.")  # the gateway's UID, fixed by series, run and weights
 
 
+def test_a_study_stored_by_stow_rs_on_the_serve_app_comes_back_as_an_sr(gw, orthanc, xrays, tmp_path):  # noqa: F811
+    """STOW-RS (dicomweb-client, a real DICOMweb client) to the serve app's /studies: refused without the API key
+    (nothing kept), stored with it, and answered like a C-STORE: the SR arrives in Orthanc."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    f, study, series = xray_file(tmp_path, xrays[5])
+    ds = pydicom.dcmread(f)
+    url = f"http://127.0.0.1:{gw.stow_port}"
+    boundary = "medlens-test-boundary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + f.read_bytes() + \
+        f"\r\n--{boundary}--\r\n".encode()
+    r = requests.post(f"{url}/studies", data=body, timeout=30,
+                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert r.status_code == 401
+    assert gw.db("SELECT count(*) FROM instances WHERE series_uid=?", (series,)) == [(0,)]
+    answer = DICOMwebClient(url, headers={"X-API-Key": API_KEY}).store_instances([ds])
+    assert [str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence] == [str(ds.SOPInstanceUID)]
+    assert "FailedSOPSequence" not in answer
+    wait_for("the SR of the study stored by STOW-RS", lambda: srs_in_orthanc(orthanc, study))
+    received = [e for e in gw.audit() if e["event"] == "received" and e["series"] == hashed(series)]
+    assert [e["calling_aet"] for e in received] == ["STOW-RS"]
+    r = requests.post(f"{url}/studies", data=b"not multipart", timeout=30,
+                      headers={"X-API-Key": API_KEY, "Content-Type": "application/dicom"})
+    assert r.status_code == 415
+
+
 def test_a_ct_slice_is_not_sent_through_the_xray_model(gw, orthanc, data_root, trained_run, tmp_path):  # noqa: F811
     """No rule matches a CT slice (unrouted); one sent with a description a rule routes to the X-ray model by
     mistake is refused by the out-of-profile gate. Both recorded with the reason, in the queue and the audit
@@ -417,7 +446,7 @@ def test_the_audit_trail_holds_no_phi_and_no_raw_uids(gw, trained_run):
     assert NAME not in text and NAME.split("^")[0] not in text and PID not in text
     assert not re.search(r"\d+\.\d+\.\d+\.\d+\.\d+", text), "a raw DICOM UID in the audit trail"
     received = [e for e in events if e["event"] == "received"]
-    assert all(e["calling_aet"] in ("MODALITY1", "ORTHANC") and re.fullmatch("[0-9a-f]{32}", e["instance"])
+    assert all(e["calling_aet"] in ("MODALITY1", "ORTHANC", "STOW-RS") and re.fullmatch("[0-9a-f]{32}", e["instance"])
                for e in received)
     predicted = [e for e in events if e["event"] == "predicted"]
     assert all(e["weights_sha256"] == Run.open(trained_run).weights_sha256 for e in predicted)
@@ -430,9 +459,10 @@ def test_the_audit_trail_holds_no_phi_and_no_raw_uids(gw, trained_run):
     outcomes = []
     for log in gw.logs:  # every start: the one killed, the one that exited after a send, the last one
         lines = log.read_text().splitlines()
-        assert lines[0].startswith("gateway listening as MEDLENS_GW@127.0.0.1:"), lines
+        assert re.fullmatch(r"gateway listening as MEDLENS_GW@127\.0\.0\.1:\d+, metrics at \S+, STOW-RS at "
+                            r"http://127\.0\.0\.1:\d+/studies", lines[0]), lines
         outcomes += [ln for ln in lines[1:] if ln != "gateway stopped"]
         assert NAME not in "".join(lines) and PID not in "".join(lines)
     for ln in outcomes:
         assert re.fullmatch(r"series [0-9a-f]{12}( -> \S+)?: (delivered|refused|not routed|failed).*", ln), ln
-    assert len([ln for ln in outcomes if ": delivered (" in ln]) == 4  # the studies of the tests, each once
+    assert len([ln for ln in outcomes if ": delivered (" in ln]) == 5  # the studies of the tests, each once

@@ -19,7 +19,7 @@ from medlens.gateway.audit import AuditLog, uid_hash
 from medlens.gateway.config import GatewayConfig, load_gateway_config
 from medlens.gateway.metrics import GatewayMetrics
 from medlens.gateway.queue import Queue
-from medlens.gateway.scp import StoreSCP
+from medlens.gateway.scp import Spool, StoreSCP
 from medlens.gateway.worker import backoff, choose_rule, result_uid
 
 KEY = "unit-site-key-0123456789"
@@ -183,7 +183,7 @@ def _store(port: int, datasets: list, aet: str = "SENDER") -> list[int]:
 def test_scp_answers_a700_on_a_failed_write_and_keeps_duplicates_once(tmp_path):
     cfg = GatewayConfig.model_validate(_config(tmp_path))
     q = Queue(cfg.queue_path)
-    scp = StoreSCP(cfg, q, AuditLog(cfg.audit, KEY.encode()), GatewayMetrics())
+    scp = StoreSCP(cfg, Spool(cfg, q, AuditLog(cfg.audit, KEY.encode()), GatewayMetrics()))
     scp.start()
     try:
         series = generate_uid()

@@ -53,6 +53,7 @@ def _run(path: Path, cfg) -> None:
 
     def ready(listening) -> None:
         extra = f", metrics at {listening.metrics}" if listening.metrics else ""
+        extra += f", STOW-RS at {listening.stow}" if listening.stow else ""
         say(f"gateway listening as {listening.dicom}{extra}")
 
     try:

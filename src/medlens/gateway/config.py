@@ -15,6 +15,7 @@ Example::
     audit: audit.jsonl
     site_key_env: MEDLENS_SITE_KEY
     metrics: {host: 127.0.0.1, port: 9109}
+    stow: {host: 127.0.0.1, port: 8043}        # optional: STOW-RS on the serve app (API keys as for serve)
     rules:
       - name: chest-xray
         match: {modality: [DX, CR], body_part: [CHEST]}
@@ -65,6 +66,16 @@ class Listen(_Strict):
 class MetricsListen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)  # 0: any free port (the gateway prints none; for tests)
+
+
+class StowListen(_Strict):
+    """The STOW-RS receiver on the serve app: API keys from ``$MEDLENS_API_KEYS`` and/or ``api_key_file``
+    (required unless bound to this machine, as for ``medlens serve``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    api_key_file: Path | None = None
+    max_upload_mb: float = Field(default=512.0, gt=0)
 
 
 class Range(_Strict):
@@ -162,6 +173,7 @@ class GatewayConfig(_Strict):
     audit: Path
     site_key_env: str = Field(pattern=r"^[A-Z_][A-Z0-9_]*$")
     metrics: MetricsListen | None = None
+    stow: StowListen | None = None
     rules: list[Rule] = Field(min_length=1)
     destinations: list[Destination] = Field(min_length=1)
     retry: Retry = Retry()
@@ -226,5 +238,8 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         raise ConfigError(_format(e), path) from None
     base = path.resolve().parent
     rules = [r.model_copy(update={"runs": [_resolve(p, base) for p in r.runs]}) for r in cfg.rules]
-    return cfg.model_copy(update={"spool": _resolve(cfg.spool, base), "audit": _resolve(cfg.audit, base),
+    stow = cfg.stow
+    if stow is not None and stow.api_key_file is not None:
+        stow = stow.model_copy(update={"api_key_file": _resolve(stow.api_key_file, base)})
+    return cfg.model_copy(update={"stow": stow, "spool": _resolve(cfg.spool, base), "audit": _resolve(cfg.audit, base),
                                   "queue": _resolve(cfg.queue, base) if cfg.queue else None, "rules": rules})

@@ -55,42 +55,60 @@ def write_durably(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-class StoreSCP:
+class Spool:
+    """Where received instances go, whatever carried them (C-STORE here, STOW-RS in ``gateway.stow``): each
+    one written durably under HMAC names, then recorded in the queue, then audited; a DICOM status back."""
+
     def __init__(self, cfg: GatewayConfig, queue: Queue, audit: AuditLog, metrics: GatewayMetrics) -> None:
         self.cfg, self.queue, self.audit, self.metrics = cfg, queue, audit, metrics
         self.root = cfg.spool / "instances"
-        self.server = None
 
-    def spool_path(self, series_uid: str, sop_uid: str) -> Path:
+    def path(self, series_uid: str, sop_uid: str) -> Path:
         return self.root / self.audit.hash(series_uid)[:24] / f"{self.audit.hash(sop_uid)}.dcm"
 
-    def on_store(self, event) -> int:
-        calling = str(event.assoc.requestor.ae_title).strip()
+    def store(self, ds, encoded: bytes, sender: str) -> int:
+        """Keep one instance (``ds`` its decoded header, ``encoded`` its Part-10 bytes): 0x0000 once it is on
+        disk and in the queue (or was already), 0xA700 when it could not be kept (nothing left), 0xC000 for a
+        data set without valid UIDs."""
         try:
-            ds = event.dataset
             sop = net.uid_name(str(ds.get("SOPInstanceUID", "")), "SOPInstanceUID")
             series = net.uid_name(str(ds.get("SeriesInstanceUID", "")), "SeriesInstanceUID")
             study = net.uid_name(str(ds.get("StudyInstanceUID", "")), "StudyInstanceUID")
-        except (DataError, Exception):  # an undecodable data set or a missing/invalid UID: refused, nothing kept
+        except DataError:
             return CANNOT_UNDERSTAND
         if self.queue.has_instance(sop):
             return SUCCESS  # the same instance again: already spooled and recorded
-        path = self.spool_path(series, sop)
+        path = self.path(series, sop)
         try:
-            write_durably(path, event.encoded_dataset(include_meta=True))
+            write_durably(path, encoded)
         except OSError:
             return OUT_OF_RESOURCES
         try:
-            new = self.queue.add_instance(sop, series, study, str(path), calling)
+            new = self.queue.add_instance(sop, series, study, str(path), sender)
         except Exception:  # the queue could not record it (a full disk): the file goes too, the sender retries
             with contextlib.suppress(OSError):
                 path.unlink()
             return OUT_OF_RESOURCES
         if new:
-            self.metrics.received.labels(calling).inc()
-            self.audit.event("received", calling_aet=calling, study=study, series=series, instance=sop,
+            self.metrics.received.labels(sender).inc()
+            self.audit.event("received", calling_aet=sender, study=study, series=series, instance=sop,
                              modality=str(ds.get("Modality", "")))
         return SUCCESS
+
+
+class StoreSCP:
+    def __init__(self, cfg: GatewayConfig, spool: Spool) -> None:
+        self.cfg, self.spool = cfg, spool
+        self.server = None
+
+    def on_store(self, event) -> int:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        try:
+            ds = event.dataset
+            encoded = event.encoded_dataset(include_meta=True)
+        except Exception:  # an undecodable data set: refused, nothing kept
+            return CANNOT_UNDERSTAND
+        return self.spool.store(ds, encoded, calling)
 
     def start(self) -> None:
         ae = AE(ae_title=self.cfg.listen.ae_title)

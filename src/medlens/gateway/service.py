@@ -12,7 +12,8 @@ from medlens.gateway.audit import AuditLog, uid_hash
 from medlens.gateway.config import GatewayConfig
 from medlens.gateway.metrics import GatewayMetrics
 from medlens.gateway.queue import Queue
-from medlens.gateway.scp import StoreSCP
+from medlens.gateway.scp import Spool, StoreSCP
+from medlens.gateway.stow import StowServer
 from medlens.gateway.worker import Worker
 
 
@@ -20,6 +21,7 @@ from medlens.gateway.worker import Worker
 class Listening:
     dicom: str
     metrics: str | None
+    stow: str | None = None
 
 
 def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], None] | None = None,
@@ -33,9 +35,12 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
     audit = AuditLog(cfg.audit, key)
     metrics = GatewayMetrics()
     worker = Worker(cfg, queue, audit, metrics, say, runs)
-    scp = StoreSCP(cfg, queue, audit, metrics)
-    http = None
+    spool = Spool(cfg, queue, audit, metrics)
+    scp = StoreSCP(cfg, spool)
+    http = stow = None
     try:
+        if cfg.stow is not None:  # the serve app (its API keys, limits) with the STOW-RS routes
+            stow = StowServer(cfg, spool, list(runs), source)
         try:
             scp.start()
         except OSError as e:
@@ -49,12 +54,15 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
                 raise ConfigError(f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port} "
                                   f"({e.strerror or e})", source) from None
             shown = f"http://{cfg.metrics.host}:{http[0].server_port}/metrics"
+        stow_url = stow.start() if stow is not None else None
         if ready is not None:
-            ready(Listening(f"{cfg.listen.ae_title}@{cfg.listen.host}:{cfg.listen.port}", shown))
+            ready(Listening(f"{cfg.listen.ae_title}@{cfg.listen.host}:{cfg.listen.port}", shown, stow_url))
         while not stop.is_set():
             worker.step()
             stop.wait(cfg.poll_s)
     finally:
+        if stow is not None:
+            stow.stop()
         scp.stop()
         if http is not None:
             http[0].shutdown()
