@@ -10,15 +10,17 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from medlens.data.folder import load_image_folder
-from medlens.data.store import Store
-from medlens.transforms.preprocess import InputSpec, Preparer
+from medlens.config import DataConfig
+from medlens.data.folder import list_images, load_image_folder
+from medlens.data.store import Store, prepare_store
+from medlens.transforms.preprocess import InputSpec, Preparer, prepared_data
 
 
 def _write_folder(root: Path, n: int, size: int = 28, noise: int = 0) -> Path:
@@ -112,6 +114,55 @@ def test_a_changed_source_or_preparation_rebuilds_only_that(tmp_path, data_root)
     resized = _arrays(load_image_folder(root, bigger, seed=0))
     assert sum(r.built for r in bigger.store_log) == 24 and next(iter(resized.values())).shape == (1, 20, 20)
     assert len({r.folder for r in bigger.store_log} | {r.folder for r in prep.store_log}) == 2
+
+
+def test_max_samples_and_label_fraction_select_before_decoding(tmp_path, data_root, monkeypatch):
+    """Only the files that the capped splits keep are prepared, and they are the files chosen without the store
+    (every image decoded first, as before issue 27): the same seed gives the same subset."""
+    root = _write_folder(tmp_path / "png", 60)
+    cfg = DataConfig(source="folder", path=str(root), size=16, max_samples=8, label_fraction=0.5,
+                     store=str(tmp_path / "cache"), workers=1)
+    decoded: list[str] = []
+    original = Preparer.__call__
+
+    def counting(self, image, name=None):
+        decoded.append(str(name))
+        return original(self, image, name)
+
+    monkeypatch.setattr(Preparer, "__call__", counting)
+    data = prepared_data(cfg, seed=3)
+    kept = {str(s) for d in (data.train, data.val, data.test) for s in d.sources}
+    assert sorted(decoded) == sorted(kept) and len(kept) < 8 * 3  # the cap (8 a split, half the training labels)
+    assert len(data.train.meta["raw_inputs"]) == len(data.train)  # the input profile from the store's records
+
+    decoded.clear()
+    monkeypatch.setattr(Preparer, "store_key", property(lambda self: None))  # the store bypassed: decode all first
+    before = prepared_data(cfg, seed=3)
+    assert len(decoded) == 60
+    for split in ("train", "val", "test"):
+        a, b = data.get(split), before.get(split)
+        assert list(a.sources) == list(b.sources) and np.array_equal(a.labels, b.labels)
+        assert np.array_equal(np.asarray(a.images), b.images)  # type: ignore[attr-defined]
+
+
+def test_two_builders_of_one_store_share_the_work(tmp_path, data_root):
+    """Two builders at once (each its own open file, as two processes have): the folder lock makes the second
+    wait and then reuse; every file is prepared once."""
+    root = _write_folder(tmp_path / "png", 40)
+    paths = list_images(root / "normal") + list_images(root / "pneumonia")
+    results = []
+
+    def build():
+        results.append(prepare_store(paths, Preparer(InputSpec(2, (16, 16), "gray")), workers=1,
+                                     root=tmp_path / "cache"))
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.built for r in results) == [0, 40]
+    assert results[0].entries == results[1].entries and len(Store(results[0].folder).refresh()) == 40
 
 
 def test_a_damaged_chunk_is_not_read_as_valid(tmp_path, data_root):
