@@ -189,13 +189,13 @@ def test_out_of_profile_inputs_are_predicted_with_the_warning(trained_run, archi
 
 def test_resume_refuses_a_table_it_did_not_write(trained_run, archive, tmp_path):
     out = tmp_path / "r.csv"
-    out.write_text("file,label\nx.png,1\n")
+    out.write_text("file,label\nx.png,1")        # no last newline: still not cut like a torn line of ours
     f = archive[1][0]
     r = medlens("predict", trained_run, f, "--out", out, "--resume")
     assert r.returncode == 2 and "another run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = medlens("predict", trained_run, f, "--out", out)   # without --resume: existing results are not touched
     assert r.returncode == 2 and "--resume" in r.stderr
-    assert out.read_text() == "file,label\nx.png,1\n"
+    assert out.read_text() == "file,label\nx.png,1"
 
 
 def test_ray_engine_gives_the_local_probabilities(trained_run, archive, reference, tmp_path):

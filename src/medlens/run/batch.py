@@ -179,9 +179,9 @@ def answer(predictor: Predictor, items: list[Decoded]) -> Batch:
         return [], errors
     try:
         probs = predictor.predict_arrays(np.stack([d.x for d in good if d.x is not None]))
-    except MedlensError:
+    except MedlensError as e:
         if len(good) == 1:
-            return [], errors + [{"file": good[0].file, "reason": "the model gave a non-finite output"}]
+            return [], errors + [{"file": good[0].file, "reason": reason_of(e, good[0].file)}]
         rows: list[Row] = []
         for d in good:
             r, e = answer(predictor, [d])
@@ -295,18 +295,20 @@ class CsvTable:
         except FileNotFoundError:
             return []
         end = data.rfind(b"\n") + 1
-        if end < len(data):            # a batch cut short by a kill: its whole lines stay, the torn one goes
-            os.truncate(self.path, end)
-            data = data[:end]
-        if not data:
+        if not end:                    # medlens writes the header whole (atomically): this is someone else's file
+            if data:
+                raise DataError("not a results table medlens wrote (no complete line); refusing to resume", self.path)
             return []
         try:
-            lines = list(csv.reader(io.StringIO(data.decode("utf-8"))))
+            lines = list(csv.reader(io.StringIO(data[:end].decode("utf-8"))))
         except (UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"not a results table medlens wrote ({type(e).__name__}); refusing to resume", self.path)
+            raise DataError(f"not a results table medlens wrote ({type(e).__name__}); refusing to resume",
+                            self.path) from None
         if lines[0] != self.names:
             raise DataError(f"its columns {lines[0][:6]}... are not this run's {self.names[:6]}...; it was written "
                             "for another run: refusing to resume (give a new --out)", self.path)
+        if end < len(data):            # a batch cut short by a kill: its whole lines stay, the torn one goes
+            os.truncate(self.path, end)
         keys: dict[str, None] = {}
         for n, fields in enumerate(lines[1:], start=2):
             try:
