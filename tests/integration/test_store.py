@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -101,6 +102,11 @@ def test_a_changed_source_or_preparation_rebuilds_only_that(tmp_path, data_root)
     again = _prep(16, cache)
     assert _arrays(load_image_folder(root, again, seed=0)).keys() == first.keys()
     assert sum(r.built for r in again.store_log) == 0 and sum(r.reused for r in again.store_log) == 24
+
+    data = load_image_folder(root, _prep(16, cache), seed=0)
+    data.train.batch(np.arange(3))  # chunk files opened: a copy in another process (DDP, federated sites) reads too
+    moved = pickle.loads(pickle.dumps(data.train))
+    assert np.array_equal(moved.batch(np.arange(len(moved)))[0].numpy(), data.train.batch(np.arange(len(moved)))[0].numpy())
 
     changed = sorted(root.rglob("*.png"))[5]
     Image.fromarray(np.full((28, 28), 200, np.uint8)).save(changed)  # new content (and size, mtime)

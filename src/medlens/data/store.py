@@ -122,6 +122,10 @@ class Store:
         self._entries: dict[str, Entry] = {}
         self._handles: dict[str, Any] = {}
 
+    def __getstate__(self) -> dict:
+        """Picklable (datasets travel to DDP and federated worker processes): open chunk files are not sent."""
+        return {"folder": self.folder, "_entries": self._entries, "_handles": {}}
+
     @classmethod
     def for_preparer(cls, prepare: Preparer, root: str | Path | None = None) -> "Store":
         key = store_key(prepare)
