@@ -25,7 +25,7 @@ import ray
 from clirun import medlens
 from medlens.run import Predictor, Run
 
-N_FOLDER, N_LIST, N_MANIFEST = 120, 30, 30
+N_FOLDER, N_LIST, N_MANIFEST, N_BULK = 120, 30, 30, 400
 
 
 def _pngs(folder: Path, images: np.ndarray, prefix: str) -> list[Path]:
@@ -45,12 +45,13 @@ def archive(tmp_path_factory, data_root):
     PneumoniaMNIST test images (inside the run's input profile)."""
     root = tmp_path_factory.mktemp("archive")
     with np.load(data_root / "medmnist" / "pneumoniamnist.npz") as d:
-        xs = d["test_images"][:N_FOLDER + N_LIST + N_MANIFEST]
+        xs = d["test_images"][:N_FOLDER + N_LIST + N_MANIFEST + N_BULK]
     folder = _pngs(root / "folder", xs[:N_FOLDER], "img")
     listed = _pngs(root / "listed", xs[N_FOLDER:N_FOLDER + N_LIST], "l")
     (root / "inputs.txt").write_text("# radiographs to score\n\n" + "\n".join(
         str(p.relative_to(root)) for p in listed) + "\n  \n# end\n")
-    manifest = _pngs(root / "man", xs[N_FOLDER + N_LIST:], "m")
+    manifest = _pngs(root / "man", xs[N_FOLDER + N_LIST:N_FOLDER + N_LIST + N_MANIFEST], "m")
+    _pngs(root / "bulk", xs[N_FOLDER + N_LIST + N_MANIFEST:], "b")   # the kill test's: enough to kill mid-way
     pd.DataFrame({"path": [str(p.relative_to(root)) for p in manifest], "site": "a"}).to_csv(root / "man.csv",
                                                                                            index=False)
     return root, folder, listed, manifest
@@ -59,8 +60,8 @@ def archive(tmp_path_factory, data_root):
 @pytest.fixture(scope="module")
 def reference(trained_run, archive):
     """Probabilities of every archive PNG by the per-file path (``Predictor.predict_files``), by file name."""
-    _, folder, listed, manifest = archive
-    files = folder + listed + manifest
+    root, folder, listed, manifest = archive
+    files = folder + listed + manifest + sorted((root / "bulk").rglob("*.png"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")    # an out-of-profile input warns here; the rows carry the reasons
         rows = Predictor(Run.open(trained_run)).predict_files(list(files))
@@ -111,7 +112,7 @@ def test_kill_9_then_resume_gives_each_input_once(trained_run, archive, referenc
     write would leave it, then ``--resume``: every input once, none missing, the per-file probabilities."""
     root, folder, listed, manifest = archive
     out = tmp_path / "results.csv"
-    args = ["predict", str(trained_run), str(root / "folder"), f"@{root / 'inputs.txt'}", str(root / "man.csv"),
+    args = ["predict", str(trained_run), str(root / "bulk"), f"@{root / 'inputs.txt'}", str(root / "man.csv"),
             "--out", str(out), "--batch-size", "1", "--workers", "1"]
     p = subprocess.Popen([sys.executable, "-m", "medlens.cli.main", *args], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, start_new_session=True)
@@ -130,7 +131,7 @@ def test_kill_9_then_resume_gives_each_input_once(trained_run, archive, referenc
         p.wait(30)
         if p.stderr:
             p.stderr.close()
-    total = N_FOLDER + N_LIST + N_MANIFEST
+    total = N_BULK + N_LIST + N_MANIFEST
     done = _read(out)
     assert 10 <= len(done) < total
     with open(out, "ab") as f:          # half of a row: what a kill during a batch's write would leave
@@ -141,7 +142,7 @@ def test_kill_9_then_resume_gives_each_input_once(trained_run, archive, referenc
     df = _read(out)
     assert len(df) == total
     assert "/somewhere/else.png" not in set(df["file"])
-    _check_against(df, reference, {p.name for p in folder + listed + manifest})
+    _check_against(df, reference, {p.name for p in [*(root / "bulk").rglob("*.png"), *listed, *manifest]})
     # a second resume has nothing left to do and changes nothing
     before = out.read_bytes()
     r = medlens(*args, "--resume")
