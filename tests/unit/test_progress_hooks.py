@@ -42,9 +42,9 @@ def test_train_reports_each_image_loaded_then_the_end_of_loading(tmp_path, capsy
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
     # one step per file read, out of all of them; then the end of loading, before the fit; nothing after
     assert seen == [(k, 24, "loading") for k in range(1, 25)] + [(1, 1, "loaded")]
-    # `medlens evaluate` on the run loads its data again, with the same report
+    # `medlens evaluate` on the run reads its data from the prepared store (issue 27): one step, nothing decoded
     results, seen = _calls(evaluate_run, run)
-    assert results["test"]["n"] == 6 and seen == [(k, 24, "loading") for k in range(1, 25)]
+    assert results["test"]["n"] == 6 and seen == [(24, 24, "loading")]
     assert capsys.readouterr().out == ""
 
 

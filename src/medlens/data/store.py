@@ -228,14 +228,17 @@ def _write_chunk(folder: Path, arrays: list[np.ndarray], keys: list[str], seen: 
     os.replace(itmp, folder / "index" / f"{cid}.json")
 
 
-def _build_chunk(folder: Path, paths: list[str], keys: list[str], prepare: Preparer) -> int | str:
-    """Prepare ``paths`` and store them (rows of one dtype and shape share a chunk file). Runs in a worker
-    process; returns how many it stored, or the one-line error of the first bad file."""
+def _build_chunk(folder: Path, paths: list[str], keys: list[str], prepare: Preparer,
+                 step: Callable[[], None] | None = None) -> int | str:
+    """Prepare ``paths`` and store them (rows of one dtype and shape share a chunk file), ``step()`` after each file.
+    Runs in a worker process; returns how many it stored, or the one-line error of the first bad file."""
     groups: dict[tuple, tuple[list, list, list]] = {}
     seen_map = getattr(prepare, "seen", None)
     try:
         for p, k in zip(paths, keys):
             arr = prepare(load(p), p)
+            if step:
+                step()
             seen = seen_map.pop(p, None) if isinstance(seen_map, dict) else None
             g = groups.setdefault((arr.dtype.str, arr.shape), ([], [], []))
             g[0].append(arr)
@@ -265,8 +268,8 @@ def _chunks_of(n: int, workers: int) -> int:
 def prepare_store(paths: Sequence[Path], prepare: Preparer, workers: int | None = None,
                   progress: Callable | None = None, root: str | Path | None = None) -> BuildResult:
     """Read and prepare each of ``paths`` that the store lacks, exactly once, with ``workers`` processes (forked;
-    in this process for one worker), and return every path's entry. ``progress(done, total)`` follows the files
-    prepared. A bad file stops the build with its one-line error; what was stored before it stays."""
+    in this process for one worker), and return every path's entry. ``progress(done, total)`` counts the files
+    the store holds (in one step) and then each one prepared. A bad file stops the build with its one-line error; what was stored before it stays."""
     store = Store.for_preparer(prepare, root)
     paths = [Path(p) for p in paths]
     keys = [source_key(p) for p in paths]
@@ -284,8 +287,14 @@ def prepare_store(paths: Sequence[Path], prepare: Preparer, workers: int | None 
             first: dict[str, str] = {}
             for p, k in zip(paths, keys):
                 first.setdefault(k, str(p))
-            built = _build(store.folder, [first[k] for k in todo], todo, prepare, workers, progress)
+            ready = len(paths) - len(todo)
+            if progress and ready:
+                progress(ready, len(paths))  # what the store holds: read, not prepared
+            built = _build(store.folder, [first[k] for k in todo], todo, prepare, workers, progress, ready,
+                           len(paths))
             entries = store.refresh()
+    elif progress and paths:
+        progress(len(paths), len(paths))
     out = []
     for p, k in zip(paths, keys):
         if k not in entries:
@@ -300,19 +309,27 @@ def prepare_store(paths: Sequence[Path], prepare: Preparer, workers: int | None 
 
 
 def _build(folder: Path, paths: list[str], keys: list[str], prepare: Preparer, workers: int,
-           progress: Callable | None) -> int:
+           progress: Callable | None, offset: int = 0, total: int = 0) -> int:
+    """Prepare and store ``paths``; ``progress(offset + done, total)`` after each file (in this process) or each
+    chunk (workers)."""
     n = len(paths)
+    total = total or n
     size = _chunks_of(n, workers)
     parts = [(paths[i:i + size], keys[i:i + size]) for i in range(0, n, size)]
     done = 0
     if workers == 1 or len(parts) == 1 or n < MIN_PARALLEL:
+        counted = [0]
+
+        def step() -> None:
+            counted[0] += 1
+            if progress:
+                progress(offset + counted[0], total)
+
         for ps, ks in parts:
-            r = _build_chunk(folder, ps, ks, prepare)
+            r = _build_chunk(folder, ps, ks, prepare, step)
             if isinstance(r, str):
                 raise DataError(r)
             done += r
-            if progress:
-                progress(done, n)
         return done
     ctx = multiprocessing.get_context("fork")
     errors: dict[int, str] = {}
@@ -328,7 +345,7 @@ def _build(folder: Path, paths: list[str], keys: list[str], prepare: Preparer, w
                         continue
                     done += r
                     if progress:
-                        progress(done, n)
+                        progress(offset + done, total)
         finally:
             for f in pending:
                 f.cancel()  # parts not started; those running finish (earlier parts are never the cancelled ones)
