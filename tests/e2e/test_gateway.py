@@ -173,6 +173,7 @@ rules:
 destinations:
   - {{name: pacs, kind: dimse, url: "dimse://ORTHANC@127.0.0.1:{relay.port}"}}
 retry: {{base_s: 0.3, max_s: 1.0, timeout_s: 5}}
+drift: {{window: 4, min_samples: 1, psi_alert: 0.25}}
 """)
         self.proc: subprocess.Popen | None = None
         self.metrics_url: str | None = None
@@ -236,6 +237,17 @@ def wait_for(what: str, fn, timeout: float = 60.0):
             return v
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric(gw: Gateway, name: str, **labels) -> float | None:
+    """A sample of the gateway's /metrics (Prometheus text), or None when absent."""
+    text = urllib.request.urlopen(gw.metrics_url, timeout=10).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for ln in text.splitlines():
+        m = re.fullmatch(rf"{re.escape(name)}\{{(.*)\}} (\S+)", ln)
+        if m and ",".join(sorted(m.group(1).split(","))) == want:
+            return float(m.group(2))
+    return None
 
 
 def srs_in_orthanc(orthanc, study: str) -> list[str]:  # noqa: F811
@@ -376,6 +388,10 @@ def test_a_ct_slice_is_not_sent_through_the_xray_model(gw, orthanc, data_root, t
     for f in (plain, mis):
         study = str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
         assert srs_in_orthanc(orthanc, study) == []
+    # the drift gauges are exposed per run (the crossing itself: tests/integration/test_gateway_parts.py)
+    for stat in ("input_psi", "input_ks", "output_psi", "output_ks"):
+        v = metric(gw, "medlens_gateway_drift", run=trained_run.name, stat=stat)
+        assert v is not None and v >= 0, stat
     r = medlens("gateway", "status", gw.config, env=gw.env())
     assert r.returncode == 0, r.stderr
     assert f"series {hashed(plain_series)[:12]}: unrouted: no routing rule matched" in r.stdout
@@ -461,7 +477,7 @@ def test_the_audit_trail_holds_no_phi_and_no_raw_uids(gw, trained_run):
         lines = log.read_text().splitlines()
         assert re.fullmatch(r"gateway listening as MEDLENS_GW@127\.0\.0\.1:\d+, metrics at \S+, STOW-RS at "
                             r"http://127\.0\.0\.1:\d+/studies", lines[0]), lines
-        outcomes += [ln for ln in lines[1:] if ln != "gateway stopped"]
+        outcomes += [ln for ln in lines[1:] if ln != "gateway stopped" and not ln.startswith("drift alert: ")]
         assert NAME not in "".join(lines) and PID not in "".join(lines)
     for ln in outcomes:
         assert re.fullmatch(r"series [0-9a-f]{12}( -> \S+)?: (delivered|refused|not routed|failed).*", ln), ln

@@ -249,3 +249,38 @@ def test_result_uids_are_fixed_and_the_sr_still_references_its_seg(tmp_path, dat
             dciodvfy(sr)
             dciodvfy(seg)
     assert uids[0] == uids[1] and len(set(uids[0])) == 3
+
+
+def test_drift_from_xrays_to_ct_slices_passes_the_threshold_within_the_window(trained_run, data_root):
+    """The X-ray run's window fed real PneumoniaMNIST test images (what it was trained on) stays under the PSI
+    threshold; then real LIDC CT slices take the input PSI and KS past it within the window. The output drift
+    compares the window's probabilities with the run's own test probabilities."""
+    import numpy as np
+
+    from medlens.gateway.drift import DriftMonitor, psi, reference_probabilities
+    from medlens.run import Predictor, Run
+
+    run = Run.open(trained_run)
+    pred = Predictor(run)
+    ref = reference_probabilities(trained_run)
+    assert ref is not None and len(ref) > 10 and ((0 <= ref) & (ref <= 1)).all()
+    mon = DriftMonitor.of_run(run, window=20, min_samples=10)
+    with np.load(data_root / "medmnist" / "pneumoniamnist.npz") as z:
+        xs = z["test_images"][100:120]
+    stats: dict = {}
+    for x in xs[:12]:
+        prepared = pred.prepare(x)
+        p = float(pred.predict_arrays(prepared[None])[0])  # binary: the positive class's probability
+        stats = mon.add(mon.input_histogram(prepared), p)
+    assert stats["input_psi"] < 0.25 and stats["input_ks"] < 0.3
+    assert 0 <= stats["output_ks"] <= 1 and np.isfinite(stats["output_psi"])
+    base_ks = stats["input_ks"]
+    slices = sorted((data_root / "lidc-idri-0001").rglob("*.dcm"))[40:60]
+    crossed = None
+    for i, f in enumerate(slices, start=1):
+        stats = mon.add(mon.input_histogram(pred.prepare(pred.load(f), str(f))), None)  # refused: no probability
+        if crossed is None and stats["input_psi"] > 0.25:
+            crossed = i
+    assert crossed is not None and crossed <= 20, stats
+    assert stats["input_psi"] > 0.25 and stats["input_ks"] > base_ks + 0.1  # the CDFs apart too
+    assert psi(np.ones(4), np.ones(4)) == pytest.approx(0.0, abs=1e-12)

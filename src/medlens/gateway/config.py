@@ -163,6 +163,22 @@ class Retry(_Strict):
     timeout_s: float = Field(default=30.0, gt=0)  # connect/read timeout of one delivery
 
 
+class Drift(_Strict):
+    """Rolling drift per run (``gateway.drift``): over the last ``window`` series, once ``min_samples`` are in;
+    an alert when a PSI passes ``psi_alert`` or a KS statistic ``ks_alert``."""
+
+    window: int = Field(default=50, ge=2, le=100_000)
+    min_samples: int = Field(default=10, ge=1)
+    psi_alert: float = Field(default=0.25, gt=0)
+    ks_alert: float = Field(default=0.3, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _n(self) -> "Drift":
+        if self.min_samples > self.window:
+            raise ValueError(f"drift.min_samples {self.min_samples} is larger than drift.window {self.window}")
+        return self
+
+
 class GatewayConfig(_Strict):
     listen: Listen = Listen()
     allowed_aets: list[str] = Field(min_length=1)
@@ -177,6 +193,7 @@ class GatewayConfig(_Strict):
     rules: list[Rule] = Field(min_length=1)
     destinations: list[Destination] = Field(min_length=1)
     retry: Retry = Retry()
+    drift: Drift = Drift()
     allow_unencrypted: bool = False  # plain DIMSE/http to another host (the io.net rule); this machine is always allowed
 
     @field_validator("allowed_aets")

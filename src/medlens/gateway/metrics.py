@@ -2,7 +2,8 @@
 
 Per model (the run's model name, ``run`` label the run folder's name): series routed, refused, delivered, failed;
 a latency histogram from the series' first arrival to its result delivered (p50/p95 by
-``histogram_quantile``); instances received (per calling AE) and the queue depth (unfinished series and jobs).
+``histogram_quantile``); instances received (per calling AE), the queue depth (unfinished series and jobs), and
+the rolling drift statistics with their alert state (``gateway.drift``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class GatewayMetrics:
                                  "confirmed", ["run"], registry=r)
         self.latency = Histogram("medlens_gateway_arrival_to_delivery_seconds", "from a series' first instance "
                                  "received to its results delivered", ["run"], buckets=LATENCY_BUCKETS, registry=r)
+        self.drift = Gauge("medlens_gateway_drift", "rolling drift of a run's inputs (histogram) and outputs "
+                           "(probabilities) against training/test: input_psi, input_ks, output_psi, output_ks",
+                           ["run", "stat"], registry=r)
+        self.drift_alert = Gauge("medlens_gateway_drift_alert", "1 while a drift statistic is past its threshold",
+                                 ["run", "stat"], registry=r)
         self.depth = Gauge("medlens_gateway_queue_depth", "series receiving plus jobs not finished", registry=r)
 
     def serve(self, host: str, port: int):

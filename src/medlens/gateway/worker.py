@@ -33,17 +33,19 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from fhir.resources.bundle import Bundle
 
 from medlens.errors import MedlensError
 from medlens.gateway.audit import AuditLog
 from medlens.gateway.config import Destination, GatewayConfig, Match, Rule
+from medlens.gateway.drift import DriftMonitor
 from medlens.gateway.metrics import GatewayMetrics
 from medlens.gateway.queue import Delivery, Job, Queue
 from medlens.io.pacs import connect
 from medlens.report.fhir import post_bundle
-from medlens.run import Run
+from medlens.run import Predictor, Run
 from medlens.run.profile import OutOfProfile
 from medlens.tasks import task_of
 from medlens.workflow.interop import predict_export, segment_export, write_bundle_file
@@ -151,6 +153,8 @@ class Worker:
         self.runs: dict[str, Run] = dict(runs or {})
         self.rng = random.Random()
         self.results = cfg.spool / "results"
+        self.drift: dict[str, tuple[Predictor, DriftMonitor]] = {}
+        self.alerting: set[tuple[str, str]] = set()
 
     # ---------------------------------------------------------------------------------------------- runs
 
@@ -229,6 +233,7 @@ class Worker:
         outputs = {"sr", "seg"} if dense else {"sr"}
         if wants_fhir:
             outputs.add("fhir")
+        hist = self.input_histogram(job.run, run, self._inputs(run, files, dense))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -244,6 +249,7 @@ class Worker:
             self.audit.event("refused", study=study, series=job.series_uid, run=label, weights_sha256=weights,
                              reasons=e.reasons)
             self.say(f"{tag}: refused (outside the training data: {'; '.join(e.reasons)}); nothing sent")
+            self.watch_drift(job.run, run, study, job.series_uid, hist, None)
             return
         except Exception as e:  # one bad series is recorded and skipped, never fatal
             shutil.rmtree(out, ignore_errors=True)
@@ -257,6 +263,51 @@ class Worker:
         self.queue.job_predicted(job.id, str(out), model, weights, [d.name for d in self.cfg.destinations])
         self.audit.event("predicted", study=study, series=job.series_uid, run=label, model=model,
                          weights_sha256=weights, outcome=outcome)
+        probs = [float(r.probability) for r in rows if not isinstance(r, dict) and r.positive_class is not None]
+        self.watch_drift(job.run, run, study, job.series_uid, hist, float(np.mean(probs)) if probs else None)
+
+    # ---------------------------------------------------------------------------------------------- drift
+
+    def _monitor(self, path: str, run: Run) -> tuple[Predictor, DriftMonitor]:
+        if path not in self.drift:
+            d = self.cfg.drift
+            self.drift[path] = (Predictor(run), DriftMonitor.of_run(run, d.window, d.min_samples))
+        return self.drift[path]
+
+    def input_histogram(self, path: str, run: Run, inputs: list[Path]):
+        """The mean profile histogram of a series' prepared inputs (None when it cannot be measured: drift is
+        watched, never a reason for a job to fail)."""
+        predictor, monitor = self._monitor(path, run)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hs = [monitor.input_histogram(predictor.prepare(predictor.load(f), str(f))) for f in inputs]
+        except Exception:
+            return None
+        hs = [h for h in hs if h is not None]
+        return np.mean(np.stack(hs), axis=0) if hs else None
+
+    def watch_drift(self, path: str, run: Run, study: str, series: str, hist, probability: float | None) -> None:
+        _, monitor = self._monitor(path, run)
+        label, d = self.run_label(path), self.cfg.drift
+        for stat, value in monitor.add(hist, probability).items():
+            self.metrics.drift.labels(label, stat).set(value)
+            limit = d.psi_alert if stat.endswith("psi") else d.ks_alert
+            key = (label, stat)
+            if value > limit and key not in self.alerting:
+                self.alerting.add(key)
+                self.metrics.drift_alert.labels(label, stat).set(1)
+                n = len(monitor.hists) if stat.startswith("input") else len(monitor.probs)
+                self.audit.event("drift", run=label, stat=stat, value=round(value, 4), threshold=limit, window=n,
+                                 study=study, series=series)
+                self.say(f"drift alert: {label}: {stat.replace('_', ' ')} {value:.3f} > {limit:g} over the last {n} "
+                         "series")
+            elif value <= limit and key in self.alerting:
+                self.alerting.discard(key)
+                self.metrics.drift_alert.labels(label, stat).set(0)
+                self.audit.event("drift_cleared", run=label, stat=stat, value=round(value, 4), threshold=limit)
+
+    # ---------------------------------------------------------------------------------------------- delivery
 
     def _send(self, dest: Destination, folder: Path) -> int:
         timeout = self.cfg.retry.timeout_s
