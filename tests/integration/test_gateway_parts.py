@@ -117,6 +117,15 @@ def test_queue_state_machine_is_durable_and_idempotent(tmp_path):
     assert q.depth() == 0 and q.counts()["instances"] == {"spooled": 0}
     n = q.db.execute("SELECT count(*), sum(ok) FROM attempts").fetchone()
     assert n == (3, 2)
+    # a series whose job failed is closed as 'failed' and its file is kept (no result was delivered)
+    assert q.add_instance("1.3.1", "1.3.2", "1.3.3", str(tmp_path / "c.dcm"), "SENDER", now=200.0)
+    q.route("1.3.2", "xr", ["/runs/a"])
+    (job,) = q.jobs("pending")
+    q.job_closed(job.id, "failed", "RuntimeError: boom")
+    assert q.close_finished_series() == [] and q.removable_files() == []
+    assert q.counts()["series"] == {"done": 1, "failed": 1} and q.counts()["instances"] == {"spooled": 1}
+    assert {"what": "job", "id": "1.3.2", "run": "/runs/a", "state": "failed", "reason": "RuntimeError: boom"} \
+        in q.problems()
     q.close()
 
 

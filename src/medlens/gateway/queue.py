@@ -11,7 +11,8 @@ Life cycle::
     delivery           -> 'done' only after the destination confirmed it; retried with backoff until then
                           ('failed' after retry.max_attempts, when set)
     job 'delivering'   -> 'delivered' when every delivery is done; the series 'done' when no job is open,
-                          and only then are its spooled files deleted.
+                          and only then are its spooled files deleted ('failed', files kept, when a job
+                          failed or a delivery was given up).
 
 Idempotent: an instance received twice (same SOP Instance UID) is one row. A process killed at any point
 restarts from the last committed state: a job caught while predicting is still 'pending' and runs again; a
@@ -50,9 +51,6 @@ CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, destination TEXT NOT NULL, at REAL NOT NULL,
     ok INTEGER NOT NULL, error TEXT);
 """
-
-OPEN_JOBS = ("pending", "delivering")
-FINAL_SERIES = ("done", "unrouted")
 
 
 @dataclass
@@ -233,14 +231,16 @@ class Queue:
     # ---------------------------------------------------------------------------------------------- clean-up
 
     def close_finished_series(self) -> list[str]:
-        """Routed series with no open job become 'done'; returns them."""
+        """Routed series with no open job are closed: 'done' when every job was delivered or refused (their
+        files may go), 'failed' when a job failed (their files are kept for the operator); returns the done."""
         with self.tx() as db:
-            rows = [r[0] for r in db.execute(
-                "SELECT s.series_uid FROM series s WHERE s.state='routed' AND NOT EXISTS (SELECT 1 FROM jobs j "
-                "WHERE j.series_uid=s.series_uid AND j.state IN ('pending','delivering'))").fetchall()]
-            for s in rows:
-                db.execute("UPDATE series SET state='done' WHERE series_uid=?", (s,))
-        return rows
+            rows = db.execute(
+                "SELECT s.series_uid, EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid=s.series_uid AND "
+                "j.state='failed') FROM series s WHERE s.state='routed' AND NOT EXISTS (SELECT 1 FROM jobs j "
+                "WHERE j.series_uid=s.series_uid AND j.state IN ('pending','delivering'))").fetchall()
+            for s, failed in rows:
+                db.execute("UPDATE series SET state=? WHERE series_uid=?", ("failed" if failed else "done", s))
+        return [s for s, failed in rows if not failed]
 
     def result_dirs(self, series_uid: str) -> list[str]:
         return [r[0] for r in self._all("SELECT result_dir FROM jobs WHERE series_uid=? AND result_dir IS NOT NULL",
