@@ -171,6 +171,10 @@ class Preparer:
         # name -> (spatial shape, rgb, modality, body part examined)
         self.seen: dict[str, tuple[tuple[int, ...], bool, str, str | None]] = {}
 
+    def __getstate__(self) -> dict:
+        """What a worker process needs: the records (``seen``, ``store_log``) stay with this copy."""
+        return {**self.__dict__, "seen": {}, "store_log": []}
+
     @property
     def store_key(self) -> str | None:
         """The preparation as text: spec, scaling, PREP_VERSION, medlens, OpenCV and NumPy versions."""
