@@ -8,7 +8,9 @@ Orthanc (tests/orthanc.py).
 Prints throughput (studies delivered per second, first send to last delivery), arrival-to-delivery latency
 p50/p95/p99 (the gateway's own queue: a series' first arrival to its last delivery confirmed), the peak queue
 depth (sampled from the gateway's /metrics every 0.25 s), the gateway's RSS at the start and at the end
-(/proc/PID/status), and lost / duplicated: studies without an SR in Orthanc, and studies with more than one.
+(/proc/PID/status), and lost / duplicated: studies without an SR in Orthanc that the gateway did not record as
+refused (out of profile: a real test image can fall outside the training profile) or unrouted, and studies with
+more than one SR.
 Inputs are PneumoniaMNIST test images as DX DICOM files (tests/e2e/test_gateway.py: xray_file), cycled; each
 study is new (new UIDs). Sender, gateway and Orthanc share this machine's cores; every figure is this run's.
 """
@@ -130,12 +132,15 @@ destinations: [{{name: pacs, kind: dimse, url: "dimse://ORTHANC@127.0.0.1:{ortha
         rows = con.execute("SELECT s.first_at, max(d.done_at) FROM series s JOIN jobs j ON j.series_uid=s.series_uid "
                            "JOIN deliveries d ON d.job_id=j.id WHERE j.state='delivered' GROUP BY s.series_uid").fetchall()
         states = dict(con.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        answered = {s for (s,) in con.execute("SELECT series_uid FROM jobs WHERE state='refused' UNION "
+                                               "SELECT series_uid FROM series WHERE state='unrouted'")}
         con.close()
         lat = np.array([b - a_ for a_, b in rows])
         elapsed = max(b for _, b in rows) - min(a_ for a_, _ in rows) if rows else float("nan")
         rss1 = rss_mb(gw.pid)
         per_study = [srs_of(orthanc.base, study) for _, study, _ in studies]
-        lost = sum(1 for c in per_study if c == 0)
+        # lost: no SR and not recorded as refused by the gate or unrouted (those get no SR by design)
+        lost = sum(1 for c, (_, _, series) in zip(per_study, studies) if c == 0 and series not in answered)
         dup = sum(1 for c in per_study if c > 1)
         print("| studies | rate (/s) | throughput (/s) | latency p50 / p95 / p99 (s) | peak queue depth | "
               "RSS start / end (MB) | lost | duplicated | job states |")
