@@ -93,6 +93,9 @@ def test_queue_state_machine_is_durable_and_idempotent(tmp_path):
     assert q.due_series(5.0, now=107.0) == [] and q.due_series(5.0, now=108.0) == ["1.2.4"]
     q.route("1.2.4", "xr", ["/runs/a", "/runs/b"])
     q.route("1.2.4", "xr", ["/runs/a"])  # routed again (a restart): no second job
+    assert q.add_instance("1.2.7", "1.2.4", "1.2.5", str(tmp_path / "late.dcm"), "SENDER", now=109.0)  # late
+    assert q.series_files("1.2.4") == [str(tmp_path / "a.dcm"), str(tmp_path / "b.dcm")]
+    assert q.due_series(0.0, now=200.0) == []  # not reopened
     jobs = q.jobs("pending")
     assert [j.run for j in jobs] == ["/runs/a", "/runs/b"]
     q.job_closed(jobs[1].id, "refused", "modality CT")
@@ -112,9 +115,10 @@ def test_queue_state_machine_is_durable_and_idempotent(tmp_path):
     assert latency is not None and latency > 0
     assert q.counts()["jobs"] == {"delivered": 1, "refused": 1}
     assert q.close_finished_series() == ["1.2.4"]
-    assert sorted(s for s, _ in q.removable_files()) == ["1.2.3", "1.2.6"]
+    assert sorted(s for s, _ in q.removable_files()) == ["1.2.3", "1.2.6"]  # not the late one
     q.mark_deleted(["1.2.3", "1.2.6"])
-    assert q.depth() == 0 and q.counts()["instances"] == {"spooled": 0}
+    assert q.depth() == 0 and q.counts()["instances"] == {"spooled": 0, "late": 1}
+    assert any(p["state"] == "late instances" and p["id"] == "1.2.4" for p in q.problems())
     n = q.db.execute("SELECT count(*), sum(ok) FROM attempts").fetchone()
     assert n == (3, 2)
     # a series whose job failed is closed as 'failed' and its file is kept (no result was delivered)
@@ -123,7 +127,7 @@ def test_queue_state_machine_is_durable_and_idempotent(tmp_path):
     (job,) = q.jobs("pending")
     q.job_closed(job.id, "failed", "RuntimeError: boom")
     assert q.close_finished_series() == [] and q.removable_files() == []
-    assert q.counts()["series"] == {"done": 1, "failed": 1} and q.counts()["instances"] == {"spooled": 1}
+    assert q.counts()["series"] == {"done": 1, "failed": 1} and q.counts()["instances"] == {"spooled": 1, "late": 1}
     assert {"what": "job", "id": "1.3.2", "run": "/runs/a", "state": "failed", "reason": "RuntimeError: boom"} \
         in q.problems()
     q.close()

@@ -14,7 +14,9 @@ Life cycle::
                           and only then are its spooled files deleted ('failed', files kept, when a job
                           failed or a delivery was given up).
 
-Idempotent: an instance received twice (same SOP Instance UID) is one row. A process killed at any point
+Idempotent: an instance received twice (same SOP Instance UID) is one row. An instance that arrives after its
+series was routed (a quiet period too short for the sender) is kept aside as 'late': recorded, kept in the spool,
+shown by ``gateway status``, never predicted nor deleted (a series is answered once). A process killed at any point
 restarts from the last committed state: a job caught while predicting is still 'pending' and runs again; a
 delivery sent but not yet recorded is sent again, with the same SOP Instance UIDs (``worker.result_uid``), which a
 PACS stores once.
@@ -34,7 +36,8 @@ from medlens.errors import DataError
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, path TEXT NOT NULL,
-    calling_aet TEXT NOT NULL, received_at REAL NOT NULL, deleted INTEGER NOT NULL DEFAULT 0);
+    calling_aet TEXT NOT NULL, received_at REAL NOT NULL, deleted INTEGER NOT NULL DEFAULT 0,
+    late INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, calling_aet TEXT NOT NULL, first_at REAL NOT NULL,
@@ -124,10 +127,15 @@ class Queue:
         """Record a spooled instance; False when that SOP Instance UID was already recorded (nothing changes)."""
         now = time.time() if now is None else now
         with self.tx() as db:
+            row = db.execute("SELECT state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            late = int(row is not None and row[0] != "receiving")  # after its series was routed: kept aside
             cur = db.execute("INSERT OR IGNORE INTO instances(sop_uid, series_uid, study_uid, path, calling_aet, "
-                             "received_at) VALUES (?,?,?,?,?,?)", (sop_uid, series_uid, study_uid, path, calling_aet, now))
+                             "received_at, late) VALUES (?,?,?,?,?,?,?)",
+                             (sop_uid, series_uid, study_uid, path, calling_aet, now, late))
             if cur.rowcount == 0:
                 return False
+            if late:
+                return True
             db.execute("INSERT INTO series(series_uid, study_uid, calling_aet, first_at, last_at) VALUES (?,?,?,?,?) "
                        "ON CONFLICT(series_uid) DO UPDATE SET last_at=excluded.last_at",
                        (series_uid, study_uid, calling_aet, now, now))
@@ -148,8 +156,8 @@ class Queue:
         return row[0], row[1], row[2]
 
     def series_files(self, series_uid: str) -> list[str]:
-        return [r[0] for r in self._all("SELECT path FROM instances WHERE series_uid=? AND deleted=0 ORDER BY path",
-                                        (series_uid,))]
+        return [r[0] for r in self._all("SELECT path FROM instances WHERE series_uid=? AND deleted=0 AND late=0 "
+                                        "ORDER BY path", (series_uid,))]
 
     # ---------------------------------------------------------------------------------------------- routing
 
@@ -250,7 +258,7 @@ class Queue:
         """(SOP Instance UID, path) of spooled files whose series is finished (done or unrouted)."""
         return [(r[0], r[1]) for r in self._all(
             "SELECT i.sop_uid, i.path FROM instances i JOIN series s ON s.series_uid=i.series_uid "
-            "WHERE i.deleted=0 AND s.state IN ('done','unrouted')")]
+            "WHERE i.deleted=0 AND i.late=0 AND s.state IN ('done','unrouted')")]
 
     def mark_deleted(self, sop_uids: list[str]) -> None:
         with self.tx() as db:
@@ -268,14 +276,19 @@ class Queue:
         out: dict[str, dict[str, int]] = {}
         for table in ("series", "jobs", "deliveries"):
             out[table] = {s: n for s, n in self._all(f"SELECT state, count(*) FROM {table} GROUP BY state ORDER BY state")}
-        (n,) = self._all("SELECT count(*) FROM instances WHERE deleted=0")[0]
-        out["instances"] = {"spooled": int(n)}
+        (n,) = self._all("SELECT count(*) FROM instances WHERE deleted=0 AND late=0")[0]
+        (late,) = self._all("SELECT count(*) FROM instances WHERE deleted=0 AND late=1")[0]
+        out["instances"] = {"spooled": int(n), **({"late": int(late)} if late else {})}
         return out
 
     def problems(self) -> list[dict]:
         """Unrouted series, refused and failed jobs, and deliveries waiting after a failed attempt."""
         out = [{"what": "series", "id": s, "state": "unrouted", "reason": r}
                for s, r in self._all("SELECT series_uid, reason FROM series WHERE state='unrouted'")]
+        out += [{"what": "series", "id": s, "state": "late instances",
+                 "reason": f"{n} instance(s) arrived after the series was routed; kept in the spool, not predicted"}
+                for s, n in self._all("SELECT series_uid, count(*) FROM instances WHERE late=1 AND deleted=0 "
+                                      "GROUP BY series_uid")]
         out += [{"what": "job", "id": s, "run": run, "state": st, "reason": r} for s, run, st, r in self._all(
             "SELECT series_uid, run, state, reason FROM jobs WHERE state IN ('refused','failed') ORDER BY id")]
         out += [{"what": "delivery", "id": s, "run": run, "destination": d, "state": st, "attempts": a, "reason": e}
