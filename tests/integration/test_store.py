@@ -189,7 +189,7 @@ def test_a_damaged_chunk_is_not_read_as_valid(tmp_path, data_root):
 def test_killed_prepare_resumes_with_nothing_corrupt(tmp_path, data_root):
     """SIGKILL `medlens data prepare` once its first chunk is committed: every committed entry reads back, the re-run
     prepares only the rest, and the arrays equal those of a clean build."""
-    root = _write_folder(tmp_path / "png", 800, size=128, noise=20)
+    root = _write_folder(tmp_path / "png", 480, size=128, noise=20)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(json.dumps({"name": "k", "data": {"source": "folder", "path": str(root), "size": 64}}))
     env = {**os.environ, "MEDLENS_CACHE": str(tmp_path / "cache")}
@@ -208,14 +208,14 @@ def test_killed_prepare_resumes_with_nothing_corrupt(tmp_path, data_root):
     assert index is not None and p.returncode == -signal.SIGKILL
     store = Store(index.parent)
     committed = store.refresh()
-    assert 0 < len(committed) < 800  # killed part way
+    assert 0 < len(committed) < 480  # killed part way
     rows = store.read(list(committed.values()))  # every committed entry reads whole
     assert len(rows) == len(committed) and all(r.shape == (1, 64, 64) and r.dtype == np.uint8 for r in rows)
 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     words = " ".join(rerun.stdout.split())
-    assert f"{800 - len(committed)} image(s) prepared, {len(committed)} reused" in words
+    assert f"{480 - len(committed)} image(s) prepared, {len(committed)} reused" in words
     resumed = _arrays(load_image_folder(root, _prep(64, tmp_path / "cache"), seed=0))
     clean = _arrays(load_image_folder(root, _prep(64, tmp_path / "clean"), seed=0))
     assert resumed.keys() == clean.keys() and all(np.array_equal(resumed[k], v) for k, v in clean.items())
