@@ -17,13 +17,15 @@ def say(text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def gateway(first: str = typer.Argument(..., metavar="[status] CONFIG",
-                                        help="the gateway YAML; 'status CONFIG' prints the queue's state"),
-            second: Optional[Path] = typer.Argument(None, hidden=True)) -> None:
-    """Receive studies by DICOM C-STORE, route them to runs, send the results (SR/SEG/FHIR) to PACS and EHR.
+def gateway(first: str = typer.Argument(..., metavar="CONFIG|status",
+                                        help="the gateway YAML, or 'status' followed by it"),
+            second: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", show_default=False,
+                                                    help="after 'status': the gateway YAML")) -> None:
+    """Receive studies (DICOM C-STORE, STOW-RS), route them to runs, send the results (SR/SEG/FHIR) to PACS/EHR.
 
-    Runs until SIGTERM or Ctrl-C; prints one line per series outcome. `medlens gateway status CONFIG` shows the
-    durable queue: counts by state, unrouted/refused/failed series and deliveries waiting to be retried."""
+    `medlens gateway CONFIG` runs until SIGTERM or Ctrl-C and prints one line per series outcome.
+    `medlens gateway status CONFIG` shows the durable queue: counts by state, unrouted/refused/failed series
+    and deliveries waiting to be retried."""
     from medlens.errors import ConfigError
     from medlens.gateway.config import load_gateway_config
 
