@@ -6,6 +6,7 @@ The whole gateway against Orthanc is tests/e2e/test_gateway.py."""
 from __future__ import annotations
 
 import random
+import urllib.request
 import socket
 import sqlite3
 
@@ -297,3 +298,92 @@ def test_drift_from_xrays_to_ct_slices_passes_the_threshold_within_the_window(tr
     assert crossed is not None and crossed <= 20, stats
     assert stats["input_psi"] > 0.25 and stats["input_ks"] > base_ks + 0.1  # the CDFs apart too
     assert psi(np.ones(4), np.ones(4)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stow_and_fhir_destinations_and_a_refusing_one_given_up(tmp_path, data_root):
+    """Delivery to a STOW-RS destination (a real Orthanc of this test's own, DICOMweb) and a FHIR one (a real HTTP
+    server here), from real SR + SEG + FHIR results; a FHIR server that answers 422 is retried, then given up
+    after retry.max_attempts: the job is 'failed' with the reason and the series' files are kept."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import pydicom
+
+    from interop_checks import check_bundle
+    from medlens.gateway.queue import Queue
+    from medlens.gateway.worker import Worker, fix_result_uids
+    from medlens.workflow.interop import export_nodules
+    from orthanc import start_orthanc, stop_orthanc
+
+    posted: list[bytes] = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path.endswith("/refuse"):
+                reply, code = {"resourceType": "OperationOutcome", "issue": [
+                    {"severity": "error", "code": "processing", "diagnostics": "rejected by the test server"}]}, 422
+            else:
+                posted.append(body)
+                reply, code = {"resourceType": "Bundle", "type": "transaction-response", "entry": []}, 200
+            data = json.dumps(reply).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    orthanc, proc = start_orthanc(tmp_path / "orthanc")
+    try:
+        scan = data_root / "lidc-idri-0001"
+        res = tmp_path / "results"
+        export_nodules(next(scan.rglob("*.xml")), scan, res, {"sr", "seg", "fhir"})
+        fix_result_uids(res, "1.2.3.4", "run", "abc")
+        base = f"http://127.0.0.1:{http.server_address[1]}"
+        cfg = GatewayConfig.model_validate(_config(tmp_path, destinations=[
+            {"name": "archive", "kind": "stow", "url": orthanc.dicomweb},
+            {"name": "ehr", "kind": "fhir", "url": f"{base}/fhir"},
+            {"name": "bad-ehr", "kind": "fhir", "url": f"{base}/refuse"}],
+            retry={"base_s": 0.01, "max_s": 0.02, "max_attempts": 2}))
+        q = Queue(cfg.queue_path)
+        spooled = tmp_path / "spooled.dcm"
+        spooled.write_bytes(b"kept")
+        q.add_instance("1.2.3.5", "1.2.3.4", "1.2.3.6", str(spooled), "SENDER")
+        q.route("1.2.3.4", "xr", ["/runs/a"])
+        (job,) = q.jobs("pending")
+        q.job_predicted(job.id, str(res), "cnn", "abc", ["archive", "ehr", "bad-ehr"])
+        w = Worker(cfg, q, AuditLog(cfg.audit, KEY.encode()), GatewayMetrics())
+        for _ in range(3):
+            for d in q.due_deliveries():
+                w.deliver(d)
+            w.clean_up()
+            time.sleep(0.05)
+        sr = pydicom.dcmread(next(res.glob("*_sr.dcm")))
+        seg = pydicom.dcmread(next(res.glob("*_seg.dcm")), stop_before_pixels=True)
+        req = urllib.request.Request(orthanc.base + "/tools/find", method="POST", data=json.dumps(
+            {"Level": "Instance", "Query": {"StudyInstanceUID": str(sr.StudyInstanceUID)},
+             "Expand": True}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            stored = {i["MainDicomTags"]["SOPInstanceUID"] for i in json.loads(r.read())}
+        assert stored == {str(sr.SOPInstanceUID), str(seg.SOPInstanceUID)}
+        (body,) = posted
+        (tmp_path / "posted.json").write_bytes(body)
+        check_bundle(tmp_path / "posted.json", sr)
+        states = dict(q.db.execute("SELECT destination, state FROM deliveries").fetchall())
+        assert states == {"archive": "done", "ehr": "done", "bad-ehr": "failed"}
+        assert q.jobs("failed")[0].id == job.id and q.counts()["series"] == {"failed": 1}
+        bad = [p for p in q.problems() if p.get("destination") == "bad-ehr"]
+        assert bad[0]["attempts"] == 2 and "HTTP 422" in bad[0]["reason"] and "rejected by the test server" in \
+            bad[0]["reason"]
+        assert spooled.exists() and res.exists()  # nothing delivered everywhere: files kept
+        q.close()
+    finally:
+        http.shutdown()
+        stop_orthanc(proc)
