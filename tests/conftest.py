@@ -44,6 +44,7 @@ SLOW_FIRST = [
     "tests/e2e/test_readme.py",
     "tests/security/test_runs_and_reports.py",
     "tests/security/test_federated_hostile.py",
+    "tests/e2e/test_gateway.py",
     "tests/integration/test_segmentation.py",
     "tests/e2e/test_quiet.py",
     "tests/integration/test_training.py",
