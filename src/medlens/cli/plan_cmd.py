@@ -19,11 +19,15 @@ def plan(source: str = typer.Argument(..., help="a MedMNIST-format .npz, a catal
          seed: int = typer.Option(0, "--seed"),
          set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. data.max_samples=300 "
                                         "(data.* before fingerprinting)"),
-         output_dir: Optional[str] = typer.Option(None, "--output-dir", help="the plan's output_dir")) -> None:
-    """Fingerprint a dataset, time candidate networks on this machine and write a plan with its reasons."""
+         output_dir: Optional[str] = typer.Option(None, "--output-dir", help="the plan's output_dir"),
+         recalibrate: bool = typer.Option(False, "--recalibrate", help="measure this machine again instead of "
+                                          "reusing its stored figures (machine.json under $MEDLENS_CACHE, else "
+                                          "~/.cache/medlens)")) -> None:
+    """Fingerprint a dataset, time candidate networks on this machine and write a plan with its reasons (the
+    same data, budget and seed give the same plan: this machine's figures are measured once and reused)."""
     from medlens.workflow.plan import make_plan, write_plan
 
     quiet_libraries()
     sets = list(set_) + ([f"output_dir={output_dir}"] if output_dir else [])
-    cfg = make_plan(source, budget, seed=seed, overrides=sets, log=say)
+    cfg = make_plan(source, budget, seed=seed, overrides=sets, log=say, recalibrate=recalibrate)
     print_plan(cfg, write_plan(cfg, out))

@@ -61,6 +61,7 @@ class Plan(BaseModel):
     budget_seconds: float
     seed: int
     input: str
+    machine: dict[str, Any] = {}   # what the figures were measured on: CPU model, cores, torch version
     fingerprint: Fingerprint
     speeds: list[dict]
     estimates: dict[str, float]

@@ -5,13 +5,24 @@ planned augmentation, loss and precision, and runs Lightning on a handful of tra
 validation batch of the real data, timing each step. The first step (allocation, autocast warm-up) is dropped
 when more than one was run. A probe stops early once it has spent ``max_seconds``, so an infeasible candidate
 (a large 3D input on a CPU) costs seconds, not minutes, to rule out.
+
+``MachineFigures`` keeps the figures a plan rests on (probe results, loading seconds) once per machine
+(``$MEDLENS_CACHE/machine.json``, else ``~/.cache/medlens/machine.json``), keyed by the machine (CPU model, core
+count, torch version) and the workload; a later plan of the same workload reuses them instead of measuring the
+machine's momentary load again, so the same data, budget and seed give the same plan (docs/auto.md).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import platform
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -21,6 +32,10 @@ from lightning.pytorch.callbacks import Callback
 from medlens.engine.module import ClassifierModule
 from medlens.engine.sampling import make_loader
 from medlens.engine.train import build_network, channel_stats, class_weights
+from medlens.utils import write_json_atomic
+
+CACHE_ENV = "MEDLENS_CACHE"
+FIGURES_VERSION = 1
 
 
 @dataclass
@@ -117,3 +132,120 @@ def probe(train_cfg, data, model: str, params: dict, *, batches: int = 4, max_se
                        batch_size=bs, train_steps=int(len(timed)), train_img_per_s=train_speed,
                        val_img_per_s=val_speed, seconds=time.perf_counter() - t_start, stopped_early=timer.stopped,
                        full_epoch=full_epoch, epoch_seconds=epoch_s)
+
+
+# ---------------------------------------------------------------- per-machine figures
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What a plan's figures are valid for: CPU model, core count, torch version."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count() or 1, "torch": torch.__version__}
+
+
+def figures_file() -> Path:
+    env = os.environ.get(CACHE_ENV, "").strip()
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "medlens"
+    return root / "machine.json"
+
+
+def _valid_probe(d: Any) -> ProbeResult | None:
+    """A cached probe result, or None when the entry is not one (a hand-edited or foreign file)."""
+    if not isinstance(d, dict) or set(d) != {f.name for f in fields(ProbeResult)}:
+        return None
+    try:
+        r = ProbeResult(**d)
+    except TypeError:
+        return None
+    speeds = (r.train_img_per_s, r.val_img_per_s, r.seconds)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in speeds) \
+            or r.train_img_per_s <= 0 or r.val_img_per_s <= 0 or r.seconds < 0 \
+            or not isinstance(r.batch_size, int) or r.batch_size < 1 \
+            or not (r.epoch_seconds is None or (isinstance(r.epoch_seconds, (int, float))
+                                                and math.isfinite(r.epoch_seconds) and r.epoch_seconds > 0)):
+        return None
+    return r
+
+
+def _valid_seconds(v: Any) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    return float(v) if ok else None
+
+
+class MachineFigures:
+    """This machine's measured figures, measured once per workload and reused (``machine.json``).
+
+    ``probe(key, measure)``: the cached probe result of the workload ``key`` (a JSON-able dict), else
+    ``measure()``'s, rounded as the plan records it (``ProbeResult.summary``) and stored. ``seconds(key, measured)``:
+    the same for a duration that is measured anyway (loading the data). ``recalibrate``: measure everything again
+    and replace the stored figures. A file that cannot be read or holds invalid entries is reported through
+    ``log`` and those entries are measured again; the file is written atomically after each new figure."""
+
+    def __init__(self, path: Path | None = None, *, recalibrate: bool = False,
+                 log: Callable[[str], None] = lambda s: None) -> None:
+        self.path, self.recalibrate, self.log = path or figures_file(), recalibrate, log
+        self.machine = machine()
+        self.key = json.dumps(self.machine, sort_keys=True)
+        self.data: dict[str, Any] = {"version": FIGURES_VERSION, "machines": {}}
+        self.reused = 0
+        self.measured = 0
+        if self.path.exists():
+            try:
+                d = json.loads(self.path.read_text(encoding="utf-8"))
+                if not isinstance(d, dict) or d.get("version") != FIGURES_VERSION \
+                        or not isinstance(d.get("machines"), dict):
+                    raise ValueError("not a medlens machine file of this version")
+                self.data = d
+            except (OSError, ValueError) as e:
+                self.log(f"{self.path}: unreadable machine figures ({str(e)[:80]}); measuring again")
+        entry = self.data["machines"].get(self.key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("figures"), dict):
+            entry = {"machine": self.machine, "figures": {}}
+            self.data["machines"][self.key] = entry
+        self.figures: dict[str, Any] = entry["figures"]
+
+    def _cached(self, k: str, check: Callable[[Any], Any]) -> Any:
+        if self.recalibrate or k not in self.figures:
+            return None
+        v = check(self.figures[k])
+        if v is None:
+            self.log(f"{self.path}: an invalid cached figure; measuring it again")
+        return v
+
+    def _store(self, k: str, value: Any) -> None:
+        self.figures[k] = value
+        self.measured += 1
+        try:
+            write_json_atomic(self.path, self.data)
+        except OSError as e:     # a read-only home: the plan still holds, only the next one measures again
+            self.log(f"{self.path}: machine figures not saved ({e.strerror or e})")
+
+    def probe(self, key: dict, measure: Callable[[], ProbeResult]) -> tuple[ProbeResult, bool]:
+        """(the figure, whether it came from the file)."""
+        k = "probe " + json.dumps(key, sort_keys=True)
+        r = self._cached(k, _valid_probe)
+        if r is not None:
+            self.reused += 1
+            return r, True
+        s = measure().summary()
+        self._store(k, s)
+        return ProbeResult(**s), False
+
+    def seconds(self, key: dict, measured: float) -> float:
+        k = "seconds " + json.dumps(key, sort_keys=True)
+        v = self._cached(k, _valid_seconds)
+        if v is not None:
+            self.reused += 1
+            return v
+        v = round(float(measured), 2)
+        self._store(k, v)
+        return v

@@ -47,7 +47,7 @@ from medlens.engine.planner import (
     parse_budget,
     target_epochs,
 )
-from medlens.engine.probe import probe
+from medlens.engine.probe import MachineFigures, ProbeResult, probe
 from medlens.errors import ConfigError, DataError
 from medlens.transforms.preprocess import prepared_data
 from medlens.utils import write_text_atomic
@@ -114,29 +114,67 @@ def base_decisions(fp: Fingerprint) -> tuple[dict, list[Decision]]:
 
 
 # ---------------------------------------------------------------- planning
+class _PlanningClock:
+    """The planning time the budget's rules see: the sum of this machine's stored figures (loading,
+    fingerprint, each probe's cost), not the wall clock, so a busy moment does not change the plan."""
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.spent += seconds
+
+    def __call__(self) -> float:
+        return self.spent
+
+
+def _probe_key(kind: str, ds, model: str, params: dict, tc: TrainConfig, max_seconds: float, seed: int) -> dict:
+    """What a probe's figure depends on (besides the machine): the workload, not the pixels."""
+    return {"probe": kind, "model": model, "params": params, "train": tc.model_dump(mode="json"),
+            "shape": list(ds.train.image_shape), "channels": ds.train.in_channels, "outputs": ds.train.n_outputs,
+            "task": ds.train.task, "n": [len(ds.train), len(ds.val)], "max_seconds": round(max_seconds, 2),
+            "seed": seed}
+
+
 def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list[str] | None = None,
-              log: Callable[[str], None] = lambda s: None, started: float | None = None) -> ExperimentConfig:
+              log: Callable[[str], None] = lambda s: None, started: float | None = None,
+              recalibrate: bool = False) -> ExperimentConfig:
     """The planned experiment config (``plan:`` filled). ``started``: when the budget's clock started
-    (``time.monotonic()``; default now)."""
+    (``time.monotonic()``; default now). The measured figures are this machine's stored ones where the same
+    workload was measured before (``MachineFigures``); ``recalibrate`` measures them again."""
     t0 = started if started is not None else time.monotonic()
     budget_s = parse_budget(budget)
     cfg0 = base_config(source, overrides)
     if cfg0.task != "classification":
         raise ConfigError(f"the planner plans classifiers; this config's task is '{cfg0.task}'", str(source))
+    figs = MachineFigures(recalibrate=recalibrate, log=log)
+    clock = _PlanningClock()
+    if started is not None:   # train --auto: loading the training chain before planning is part of the budget
+        clock.add(figs.seconds({"before planning": "train --auto"}, time.monotonic() - t0))
     tl = time.monotonic()
     dc, data = load_for_plan(cfg0.data, seed)
-    load_s = time.monotonic() - tl
+    load_s = figs.seconds({"load": dc.model_dump(mode="json")}, time.monotonic() - tl)
+    tf = time.monotonic()
     fp = fingerprint(data, dc.source, str(source), _npz_path(dc), seed=seed)
-    planner = Planner(fp, budget_s, seed=seed, started=t0)
+    clock.add(load_s + figs.seconds({"fingerprint": dc.model_dump(mode="json"), "seed": seed},
+                                    time.monotonic() - tf))
+    planner = Planner(fp, budget_s, seed=seed, started=0.0, clock=clock)
     base, _ = planner.plan_from_fingerprint()
     tbase = dict(base["train"])
     per_probe = float(min(8.0, max(2.0, 0.015 * budget_s)))
 
+    def measured(kind: str, ds, tc: TrainConfig, max_seconds: float, full_epoch: bool) -> tuple[ProbeResult, str]:
+        key = _probe_key(kind, ds, base["model"], base["params"], tc, max_seconds, seed)
+        r, cached = figs.probe(key, lambda: probe(tc, ds, base["model"], base["params"], max_seconds=max_seconds,
+                                                  seed=seed, full_epoch=full_epoch))
+        clock.add(r.seconds)
+        return r, " (this machine's stored figure)" if cached else ""
+
     def trial(ds, precision: str):
         tc = TrainConfig(**{**tbase, "epochs": 2, "precision": precision})
-        r = probe(tc, ds, base["model"], base["params"], max_seconds=per_probe, seed=seed)
+        r, note = measured("steps", ds, tc, per_probe, False)
         log(f"probe {base['model']} {'x'.join(map(str, r.size))} {precision}: {r.train_img_per_s:.1f} img/s "
-            f"training, {r.val_img_per_s:.0f} img/s inference ({r.seconds:.1f} s)")
+            f"training, {r.val_img_per_s:.0f} img/s inference ({r.seconds:.1f} s){note}")
         return r
 
     speeds = {"bf16-mixed": trial(data, "bf16-mixed"), "32": trial(data, "32")}
@@ -148,8 +186,9 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
         if native < size <= 4 * native and fp.spatial_dims in (2, 3):
             dcs = _resized(dc, size, fp.resolution_files)
             tl = time.monotonic()
-            _, ds = load_for_plan(dcs, seed)
-            ls_ = time.monotonic() - tl
+            dcl, ds = load_for_plan(dcs, seed)
+            ls_ = figs.seconds({"load": dcl.model_dump(mode="json")}, time.monotonic() - tl)
+            clock.add(ls_)
             if ds.train.image_shape[0] != size:
                 continue
             res[size] = (trial(ds, prec), ls_)
@@ -159,11 +198,10 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     def calibrate(size: int):
         # one whole real epoch (all training batches, the whole validation split) of the chosen setting
         tc = TrainConfig(**{**tbase, "epochs": 2, "precision": prec})
-        cal = probe(tc, configs[size][0], base["model"], base["params"], full_epoch=True, seed=seed,
-                    max_seconds=max(per_probe, 0.04 * budget_s))
+        cal, note = measured("epoch", configs[size][0], tc, max(per_probe, 0.04 * budget_s), True)
         log(f"calibration epoch at {size} px: " + (f"{cal.epoch_seconds:.1f} s" if cal.epoch_seconds else
                                                      f"stopped after {cal.seconds:.0f} s; "
-                                                     f"{cal.train_img_per_s:.1f} img/s"))
+                                                     f"{cal.train_img_per_s:.1f} img/s") + note)
         return cal
 
     choice, r = planner.determine_resolution(res, calibrate)
@@ -187,7 +225,11 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     d["model"] = {**d.get("model", {}), "name": base["model"], "params": base["params"]}
     d["train"] = {**d.get("train", {}), **t}
     d["evaluation"] = {**d.get("evaluation", {}), "tta": tta, "threshold": thr}
+    log(f"planning took {time.monotonic() - t0:.0f} s; budgeted {clock():.0f} s from this machine's figures "
+        f"({figs.reused} stored, {figs.measured} measured now; {figs.path})")
     plan = Plan(budget=str(budget), budget_seconds=budget_s, seed=seed, input=str(source), fingerprint=fp,
+                machine={**figs.machine, "figures": "measured once per workload on this machine and reused "
+                                                    "(speeds, estimates.load_s; docs/auto.md)"},
                 speeds=[v.summary() for v in ([*speeds.values()] + [res[s][0] for s in sorted(res) if s != native]
                                               + [r])],
                 estimates=planner.estimates(r, load_c), decisions=planner.decisions)
