@@ -6,6 +6,7 @@ The whole gateway against Orthanc is tests/e2e/test_gateway.py."""
 from __future__ import annotations
 
 import random
+import time
 import urllib.request
 import socket
 import sqlite3
@@ -129,8 +130,10 @@ def test_queue_state_machine_is_durable_and_idempotent(tmp_path):
     q.job_closed(job.id, "failed", "RuntimeError: boom")
     assert q.close_finished_series() == [] and q.removable_files() == []
     assert q.counts()["series"] == {"done": 1, "failed": 1} and q.counts()["instances"] == {"spooled": 1, "late": 1}
-    assert {"what": "job", "id": "1.3.2", "run": "/runs/a", "state": "failed", "reason": "RuntimeError: boom"} \
-        in q.problems()
+    (failed,) = [p for p in q.problems() if p["state"] == "failed"]
+    at = failed.pop("at")
+    assert failed == {"what": "job", "id": "1.3.2", "run": "/runs/a", "state": "failed", "reason": "RuntimeError: boom"}
+    assert abs(at - time.time()) < 60  # when it failed (the status page lists the newest first)
     q.close()
 
 
@@ -387,3 +390,17 @@ def test_stow_and_fhir_destinations_and_a_refusing_one_given_up(tmp_path, data_r
     finally:
         http.shutdown()
         stop_orthanc(proc)
+
+
+def test_status_page_reasons_name_uids_only_by_their_hash():
+    """A UID in a reason (an error text naming an instance) is shown as its audit-trail hash; an IPv4 address (a
+    destination) and plain numbers are left as they are."""
+    from medlens.gateway.status_page import redact
+
+    key = KEY.encode()
+    text = "cannot read 1.2.840.113619.2.55.3.604688 (2.25.987654321) from 10.1.2.3:104 after 0.25 s, try 3"
+    shown = redact(text, key)
+    assert "1.2.840.113619" not in shown and "2.25.987654321" not in shown
+    assert f"uid:{uid_hash(key, '1.2.840.113619.2.55.3.604688')[:12]}" in shown
+    assert f"uid:{uid_hash(key, '2.25.987654321')[:12]}" in shown
+    assert "10.1.2.3:104" in shown and "0.25 s" in shown and "try 3" in shown

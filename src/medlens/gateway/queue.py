@@ -282,17 +282,23 @@ class Queue:
         return out
 
     def problems(self) -> list[dict]:
-        """Unrouted series, refused and failed jobs, and deliveries waiting after a failed attempt."""
-        out = [{"what": "series", "id": s, "state": "unrouted", "reason": r}
-               for s, r in self._all("SELECT series_uid, reason FROM series WHERE state='unrouted'")]
+        """Unrouted series, refused and failed jobs, and deliveries waiting after a failed attempt; each with
+        ``at``, when it last changed (epoch seconds)."""
+        out = [{"what": "series", "id": s, "state": "unrouted", "reason": r, "at": at}
+               for s, r, at in self._all("SELECT series_uid, reason, last_at FROM series WHERE state='unrouted'")]
         out += [{"what": "series", "id": s, "state": "late instances",
-                 "reason": f"{n} instance(s) arrived after the series was routed; kept in the spool, not predicted"}
-                for s, n in self._all("SELECT series_uid, count(*) FROM instances WHERE late=1 AND deleted=0 "
-                                      "GROUP BY series_uid")]
-        out += [{"what": "job", "id": s, "run": run, "state": st, "reason": r} for s, run, st, r in self._all(
-            "SELECT series_uid, run, state, reason FROM jobs WHERE state IN ('refused','failed') ORDER BY id")]
-        out += [{"what": "delivery", "id": s, "run": run, "destination": d, "state": st, "attempts": a, "reason": e}
-                for s, run, d, st, a, e in self._all(
-                    "SELECT j.series_uid, j.run, d.destination, d.state, d.attempts, d.last_error FROM deliveries d "
-                    "JOIN jobs j ON j.id=d.job_id WHERE d.state='failed' OR (d.state='pending' AND d.attempts > 0)")]
+                 "reason": f"{n} instance(s) arrived after the series was routed; kept in the spool, not predicted",
+                 "at": at}
+                for s, n, at in self._all("SELECT series_uid, count(*), max(received_at) FROM instances "
+                                          "WHERE late=1 AND deleted=0 GROUP BY series_uid")]
+        out += [{"what": "job", "id": s, "run": run, "state": st, "reason": r, "at": at}
+                for s, run, st, r, at in self._all("SELECT series_uid, run, state, reason, updated_at FROM jobs "
+                                                   "WHERE state IN ('refused','failed') ORDER BY id")]
+        out += [{"what": "delivery", "id": s, "run": run, "destination": d, "state": st, "attempts": a, "reason": e,
+                 "at": at}
+                for s, run, d, st, a, e, at in self._all(
+                    "SELECT j.series_uid, j.run, d.destination, d.state, d.attempts, d.last_error, "
+                    "(SELECT max(t.at) FROM attempts t WHERE t.job_id=d.job_id AND t.destination=d.destination) "
+                    "FROM deliveries d JOIN jobs j ON j.id=d.job_id "
+                    "WHERE d.state='failed' OR (d.state='pending' AND d.attempts > 0)")]
         return out

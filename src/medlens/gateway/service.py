@@ -13,6 +13,7 @@ from medlens.gateway.config import GatewayConfig
 from medlens.gateway.metrics import GatewayMetrics
 from medlens.gateway.queue import Queue
 from medlens.gateway.scp import Spool, StoreSCP
+from medlens.gateway.status_page import redact, status_router
 from medlens.gateway.stow import StowServer
 from medlens.gateway.worker import Worker
 
@@ -39,8 +40,9 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
     scp = StoreSCP(cfg, spool)
     http = stow = None
     try:
-        if cfg.stow is not None:  # the serve app (its API keys, limits) with the STOW-RS routes
+        if cfg.stow is not None:  # the serve app (its API keys, limits) with the STOW-RS routes and the status page
             stow = StowServer(cfg, spool, list(runs), source)
+            stow.app.include_router(status_router(cfg, queue, worker, key))  # /gateway/status(.json)
         try:
             scp.start()
         except OSError as e:
@@ -80,6 +82,7 @@ def gateway_status(cfg: GatewayConfig, source=None) -> dict:
         queue.close()
     for p in problems:
         p["id"] = uid_hash(key, p["id"])[:12]
+        p["reason"] = redact(p.get("reason"), key)  # a UID in an error text too
         if "run" in p:
             p["run"] = p["run"].rstrip("/").rsplit("/", 1)[-1]
     return {"counts": counts, "problems": problems}

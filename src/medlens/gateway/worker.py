@@ -28,8 +28,10 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +54,7 @@ from medlens.workflow.interop import predict_export, segment_export, write_bundl
 
 #: test aid (fault injection): exit right after a destination confirmed a delivery, before it is recorded
 EXIT_AFTER_SEND_ENV = "MEDLENS_GATEWAY_EXIT_AFTER_SEND"
+DRIFT_HISTORY = 500  # points of each run's drift statistics kept for the status page's plot
 
 
 def result_uid(*parts: str) -> str:
@@ -155,6 +158,10 @@ class Worker:
         self.results = cfg.spool / "results"
         self.drift: dict[str, tuple[Predictor, DriftMonitor]] = {}
         self.alerting: set[tuple[str, str]] = set()
+        # the status page reads the drift state from the web server's thread: under this lock
+        self.drift_lock = threading.Lock()
+        self.drift_history: dict[str, deque] = {}  # run label -> (series seen, statistics) for the plot
+        self.drift_seen: dict[str, int] = {}
 
     # ---------------------------------------------------------------------------------------------- runs
 
@@ -290,7 +297,12 @@ class Worker:
     def watch_drift(self, path: str, run: Run, study: str, series: str, hist, probability: float | None) -> None:
         _, monitor = self._monitor(path, run)
         label, d = self.run_label(path), self.cfg.drift
-        for stat, value in monitor.add(hist, probability).items():
+        with self.drift_lock:
+            stats = monitor.add(hist, probability)
+            self.drift_seen[label] = self.drift_seen.get(label, 0) + 1
+            self.drift_history.setdefault(label, deque(maxlen=DRIFT_HISTORY)).append(
+                (self.drift_seen[label], dict(stats)))
+        for stat, value in stats.items():
             self.metrics.drift.labels(label, stat).set(value)
             limit = d.psi_alert if stat.endswith("psi") else d.ks_alert
             key = (label, stat)
@@ -306,6 +318,26 @@ class Worker:
                 self.alerting.discard(key)
                 self.metrics.drift_alert.labels(label, stat).set(0)
                 self.audit.event("drift_cleared", run=label, stat=stat, value=round(value, 4), threshold=limit)
+
+    def drift_snapshot(self) -> list[dict]:
+        """Per run watched so far: the latest statistics, the thresholds, which statistics are alerting, the
+        window's fill, the statistics' history and the window's mean input histogram against the training one."""
+        d = self.cfg.drift
+        out = []
+        with self.drift_lock:
+            for path, (_, mon) in sorted(self.drift.items()):
+                label = self.run_label(path)
+                hist = self.drift_history.get(label, ())
+                mean = np.mean(np.stack(list(mon.hists)), axis=0).tolist() if mon.hists else None
+                out.append({"run": label, "seen": self.drift_seen.get(label, 0), "window": d.window,
+                            "min_samples": d.min_samples, "inputs_in_window": len(mon.hists),
+                            "outputs_in_window": len(mon.probs), "stats": dict(hist[-1][1]) if hist else {},
+                            "thresholds": {"psi": d.psi_alert, "ks": d.ks_alert},
+                            "alerting": sorted(s for (r, s) in list(self.alerting) if r == label),
+                            "history": [(n, dict(st)) for n, st in hist],
+                            "input_hist": mean,
+                            "input_ref": mon.hist_ref.tolist() if mon.hist_ref is not None else None})
+        return out
 
     # ---------------------------------------------------------------------------------------------- delivery
 
