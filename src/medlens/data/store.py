@@ -252,13 +252,19 @@ def _build_chunk(folder: Path, paths: list[str], keys: list[str], prepare: Prepa
 
 
 def _worker_init() -> None:
-    """One thread per worker process (the workers are the parallelism)."""
+    """One OpenCV thread per worker process (the workers are the parallelism)."""
     cv2 = sys.modules.get("cv2")
     if cv2 is not None:
         cv2.setNumThreads(1)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
+
+
+def _context():
+    """Workers forked from a fork server that has imported the preparation (and no thread pool has run in it): a
+    plain fork of a process whose OpenMP/OpenCV pools have run (torch trained before, in the same process)
+    deadlocks the child; spawn imports medlens and torch again for every worker."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["medlens.data.store", "medlens.transforms.preprocess"])
+    return ctx
 
 
 def _chunks_of(n: int, workers: int) -> int:
@@ -267,8 +273,8 @@ def _chunks_of(n: int, workers: int) -> int:
 
 def prepare_store(paths: Sequence[Path], prepare: Preparer, workers: int | None = None,
                   progress: Callable | None = None, root: str | Path | None = None) -> BuildResult:
-    """Read and prepare each of ``paths`` that the store lacks, exactly once, with ``workers`` processes (forked;
-    in this process for one worker), and return every path's entry. ``progress(done, total)`` counts the files
+    """Read and prepare each of ``paths`` that the store lacks, exactly once, with ``workers`` processes (from a
+    fork server; in this process for one worker), and return every path's entry. ``progress(done, total)`` counts the files
     the store holds (in one step) and then each one prepared. A bad file stops the build with its one-line error; what was stored before it stays."""
     store = Store.for_preparer(prepare, root)
     paths = [Path(p) for p in paths]
@@ -331,7 +337,7 @@ def _build(folder: Path, paths: list[str], keys: list[str], prepare: Preparer, w
                 raise DataError(r)
             done += r
         return done
-    ctx = multiprocessing.get_context("fork")
+    ctx = _context()
     errors: dict[int, str] = {}
     with ProcessPoolExecutor(max_workers=min(workers, len(parts)), mp_context=ctx, initializer=_worker_init) as ex:
         pending = {ex.submit(_build_chunk, folder, ps, ks, prepare): i for i, (ps, ks) in enumerate(parts)}
