@@ -50,7 +50,9 @@ from medlens.utils import remove_pid_named, write_json_atomic
 CACHE_ENV = "MEDLENS_CACHE"
 FORMAT = 1                      # the layout above; part of the folder's hash
 MAX_CHUNK = 64                  # rows per chunk file (smaller when there are few images per worker)
-MIN_PARALLEL = 32               # fewer files than this are prepared in this process (a pool costs more)
+# fewer files than this are prepared in this process: the fork server's first start imports medlens and torch
+# (~3-8 s here), which a pool only wins back over a few thousand files (~700 PNGs a second a core)
+MIN_PARALLEL = 2000
 _TMP = re.compile(r"^\.tmp-(\d+)-")
 _CPARAMS = {"codec": blosc2.Codec.ZSTD, "clevel": 1, "nthreads": 1}
 _DPARAMS = {"nthreads": 1}
