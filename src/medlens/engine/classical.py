@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Protocol, cast
 
 import numpy as np
-import skops.io as sio
 from skimage.feature import hog
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import make_pipeline
@@ -72,9 +71,20 @@ def fit_classical(name: str, X: np.ndarray, y: np.ndarray, seed: int, params: di
     return cast(ClassicalModel, model.fit(X, y))
 
 
+def _skops():
+    """``skops.io``, imported here and only here, when a classical model file is written or read: importing it
+    walks and imports every scikit-learn module (to list the estimators it trusts), a third of the start-up of
+    every process that imports ``medlens.run`` or ``medlens.engine.train`` (measured: 5 s of 14 s), though only
+    classical runs use it. The one import outside ``medlens/cli`` not at its module's top (docs/ARCHITECTURE.md,
+    "Imports")."""
+    import skops.io  # noqa: PLC0415
+
+    return skops.io
+
+
 def save_model(model: ClassicalModel, path: Path) -> None:
     with atomic_path(path) as tmp:
-        sio.dump(model, tmp)
+        _skops().dump(model, tmp)
 
 
 #: The exact types beyond skops' own safe defaults that a medlens classical model file may hold.
@@ -89,6 +99,7 @@ def load_model(path: Path) -> ClassicalModel:
     path = Path(path)
     if not path.is_file():
         raise DataError("classical run has no model.skops", path)
+    sio = _skops()
     try:
         untrusted = sio.get_untrusted_types(file=str(path))
     except Exception as e:  # not a zip, no schema, corrupt: skops raises several types
