@@ -53,6 +53,8 @@ SLOW_FIRST = [
     "tests/integration/test_ddp.py",
     "tests/integration/test_explain_runs.py",
     "tests/integration/test_federated.py",
+    "tests/integration/test_store.py",
+    "tests/integration/test_batch_predict.py",
     "tests/e2e/test_serve.py",
     "tests/integration/test_accuracy_run.py",
     "tests/security/test_serve_exits.py",
