@@ -55,6 +55,8 @@ SLOW_FIRST = [
     "tests/integration/test_federated.py",
     "tests/integration/test_store.py",
     "tests/integration/test_batch_predict.py",
+    "tests/security/test_inputs.py",
+    "tests/security/test_network_exits.py",
     "tests/e2e/test_serve.py",
     "tests/integration/test_accuracy_run.py",
     "tests/security/test_serve_exits.py",
