@@ -147,6 +147,20 @@ def pytest_runtest_protocol(item, nextitem):
         return (yield)  # closing the files releases the locks
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's package, driven by playwright from the test extra; no browser download), one
+    per test module: the serve viewer and the gateway's status page."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium not installed (make test installs Debian's chromium package)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
 def shared_folder(tmp_path_factory, name: str, build) -> Path:
     """``build(folder)`` once per test run, for every worker: under pytest-xdist the first worker to ask builds
     it while holding a file lock (pytest-xdist's documented pattern) and the others wait, then read the same

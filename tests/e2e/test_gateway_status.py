@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -31,7 +30,6 @@ API_KEY = "status-page-api-key-abcdefghijklmnop"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 HOSTILE = '<script>pwned=1</script><img src=x onerror="pwned=2">'  # a rule name (64 characters at most)
 N_XRAY, N_CT, WINDOW, PSI_ALERT = 12, 20, 20, 0.25
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _ct_files(folder: Path, data_root: Path) -> list[Path]:
@@ -54,17 +52,6 @@ def _get(url: str, key: str | None = API_KEY) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert CHROMIUM, "chromium not installed (make test installs Debian's chromium package)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
 
 
 def test_status_page_shows_the_drift_alert_from_xrays_to_ct(tmp_path, trained_run, data_root, browser):

@@ -23,7 +23,6 @@ from servehelp import REPO, Server, tiny_run
 
 pytestmark = pytest.mark.integration
 KEY = "test-" + secrets.token_urlsafe(24)
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -328,17 +327,6 @@ def test_non_local_bind_requires_a_key(trained_run, monkeypatch):
 
 
 # ---------------------------------------------------------------- the viewer in headless Chromium
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert CHROMIUM, "chromium not installed (make test installs Debian's chromium package)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
-
-
 def _colour_pixels(png: bytes) -> int:
     """Pixels where the colour channels differ clearly: the overlay (the images themselves are gray)."""
     from PIL import Image
