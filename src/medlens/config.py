@@ -305,6 +305,7 @@ class TrainConfig(_Strict):
     cutmix: float = Field(default=0.0, ge=0, le=10)  # Beta(a, a) of cutmix (0: off); with mixup, one of both per batch
     progressive: ProgressiveConfig | None = None     # progressive resizing (models with global pooling)
     ensemble: int = Field(default=1, ge=1, le=20)    # members trained with seeds seed, seed+1, ...; soft voting
+    cv_folds: int = Field(default=0, ge=0, le=10)  # issue 30: k >= 2: k-fold CV on train+val, folds = the ensemble
     # wall-clock limit of fitting (all members); each member keeps its best checkpoint when its share runs out
     max_minutes: float | None = Field(default=None, gt=0)
 

@@ -165,7 +165,7 @@ def test_rules_follow_the_fingerprint():
     by = {d.setting: d for d in D}
     assert all(d.reason.strip() for d in D)
     assert base["model"] == "small_cnn" and base["train"]["batch_size"] == 128
-    assert base["train"]["imbalance"] == "weighted_loss" and "2.85" in by["train.imbalance"].reason
+    assert base["train"]["imbalance"] == "none" and "2.85" in by["train.imbalance"].reason   # issue 30: 0.5 cut kept
     aug = base["train"]["augment"]
     assert aug["hflip"] == 0.5 and "vflip" not in aug            # radiograph-like: an up direction
     assert base["train"]["label_smoothing"] == 0

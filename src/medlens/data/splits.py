@@ -5,6 +5,10 @@ fold holds whole patients and about the same class mix, and then gives the first
 next ones to validation and the rest to training. ``k`` (at most ``MAX_FOLDS``, at most the number
 of patients) is the smallest whose fold counts match the requested fractions within ``TOLERANCE``.
 The same seed and the same inputs always give the same split.
+
+``cv_folds`` deals the pooled training and validation cases of a planned run into patient-disjoint folds for
+cross-validation (issue 30); ``Pooled`` is that pool as one dataset, without copying images; ``Sealed`` keeps the
+test split's images out of reach while planning and fold training run.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from medlens.errors import DataError
+from medlens.tasks import get_task
 
 MAX_FOLDS = 20     # fractions are matched to 1/20 at worst
 TOLERANCE = 0.02   # summed |folds/k - fraction| accepted before trying more folds
@@ -117,3 +123,105 @@ def split_method(seed: int, val: float, test: float, patients_known: bool = True
     when the patients are known (each file its own group otherwise, which ``PER_IMAGE`` says)."""
     how = f"seed {seed}, val {val:.0%}, test {test:.0%}"
     return f"stratified patient-level split ({how})" if patients_known else f"stratified {PER_IMAGE} ({how})"
+
+
+def cv_folds(labels, patient_ids, k: int, seed: int = 0) -> list[np.ndarray]:
+    """``k`` folds (sorted indices) for cross-validation: every case in exactly one fold, no patient (group) in
+    two, classes stratified as far as the grouping allows (``StratifiedGroupKFold``). The same seed and inputs
+    always give the same folds."""
+    groups = np.asarray(patient_ids).astype(str)
+    n_groups = len(np.unique(groups))
+    if k < 2 or n_groups < k:
+        raise DataError(f"{n_groups} patient(s) cannot be dealt into {k} cross-validation folds: at least {k} "
+                        "patients and 2 folds are needed")
+    folds = [np.sort(f) for f in _folds(_strat_key(labels, len(groups)), groups, k, seed)]
+    if any(len(f) == 0 for f in folds):  # unreachable with n_groups >= k, kept as a guard
+        raise DataError(f"a cross-validation fold of {n_groups} patients came out empty")
+    return folds
+
+
+class Pooled:
+    """Several datasets of one task seen as one without copying their images (train + validation pooled for
+    cross-validation); ``subset`` gives a view. Satisfies ``data.base.Dataset``."""
+
+    def __init__(self, parts: list, name: str = "pooled", rows: np.ndarray | None = None) -> None:
+        first = parts[0]
+        for p in parts[1:]:
+            if p.task != first.task or list(p.class_names) != list(first.class_names) \
+                    or tuple(p.image_shape) != tuple(first.image_shape) or p.in_channels != first.in_channels:
+                raise DataError(f"datasets {first.name} and {p.name} differ in task, classes or input shape and "
+                                "cannot be pooled")
+        self.parts = list(parts)
+        part = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(parts)])
+        row = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts])
+        self._rows = np.arange(len(part)) if rows is None else np.asarray(rows, np.int64)
+        self._part, self._row = part[self._rows], row[self._rows]
+        self.task, self.class_names, self.name = first.task, list(first.class_names), name
+        self.meta = dict(getattr(first, "meta", {}) or {})
+        self.labels = np.concatenate([np.asarray(p.labels) for p in parts])[self._rows]
+        self.patient_ids = np.concatenate([np.asarray(p.patient_ids).astype(str) for p in parts])[self._rows]
+        self.sources = np.concatenate([np.asarray(p.sources).astype(str) for p in parts])[self._rows]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def in_channels(self) -> int:
+        return self.parts[0].in_channels
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.parts[0].spatial_dims
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.parts[0].image_shape)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.parts[0].n_outputs
+
+    def class_counts(self) -> np.ndarray:
+        return get_task(self.task).class_counts(self.labels, len(self.class_names))
+
+    def subset(self, idx, name: str | None = None) -> "Pooled":
+        return Pooled(self.parts, name or self.name, self._rows[np.asarray(idx, np.int64)])
+
+    def batch(self, idx):
+        """``(x, y)`` in the order of ``idx``, each part asked for its rows in ascending order."""
+        idx = np.asarray(idx, np.int64)
+        xs, ys = None, None
+        for i, p in enumerate(self.parts):
+            at = np.nonzero(self._part[idx] == i)[0]
+            if len(at) == 0:
+                continue
+            rows = self._row[idx[at]]
+            order = np.argsort(rows, kind="stable")
+            x, y = p.batch(rows[order])
+            if xs is None or ys is None:
+                xs = torch.empty((len(idx), *x.shape[1:]), dtype=x.dtype)
+                ys = torch.empty((len(idx), *y.shape[1:]), dtype=y.dtype)
+            xs[at[order]], ys[at[order]] = x, y
+        if xs is None or ys is None:
+            raise DataError(f"empty batch requested from {self.name}")
+        return xs, ys
+
+
+class Sealed:
+    """The official test split while a plan is made or fold models are trained (issue 30): its size and class
+    counts can be read, its images and labels cannot (``DataError`` naming the step that tried)."""
+
+    def __init__(self, ds, step: str) -> None:
+        self._ds, self._step = ds, step
+        self.task, self.class_names, self.name = ds.task, list(ds.class_names), ds.name
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def class_counts(self) -> np.ndarray:
+        return self._ds.class_counts()
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):   # Python's own protocol look-ups (copy, pickle, numpy) stay ordinary misses
+            raise AttributeError(attr)
+        raise DataError(f"{self._step} must not read the test split ({attr}): it is kept for the final evaluation")

@@ -41,6 +41,13 @@ STARTUP_S = 10.0         # importing torch, Lightning and MONAI before the budge
 SAFETY = 0.85            # planned fitting uses at most this share of its time; the rest absorbs noise
 TARGET_STEPS = 1200      # optimiser steps one member should get before the budget buys more members
 MAX_MEMBERS = 5
+# issue 30: cross-validation inside the plan. Below CV_MAX_POOLED train+val cases the validation split is too small
+# to choose epochs and a threshold on (the binomial standard error of an accuracy at n = 500 is ~0.02, the size of
+# the differences being chosen between): train and val are pooled and dealt into k folds, the k fold models are the
+# ensemble, and every choice is made on the pooled out-of-fold predictions. From CV_MAX_POOLED up the holdout
+# validation split is kept (>= ~1000 validation cases at MedMNIST's 1:8 ratio; k fold models would cost k members).
+CV_MAX_POOLED = 10000
+CV_FOLDS = (5, 4, 3)     # nnU-Net's five folds first; fewer only when five do not fit the budget
 
 
 class Decision(BaseModel):
@@ -111,7 +118,8 @@ class Planner:
     From the fingerprint alone (``plan_from_fingerprint`` calls them): ``determine_model``,
     ``determine_batch_size``, ``determine_optimizer``, ``determine_weight_decay``, ``determine_augmentation``,
     ``determine_imbalance``, ``determine_label_smoothing``, ``determine_monitor``. From the budget and the
-    measured speeds: ``determine_precision``, ``determine_resolution``, ``determine_epochs``,
+    measured speeds: ``determine_precision``, ``determine_resolution``, ``determine_validation`` (k-fold
+    cross-validation on train+val or the holdout validation split), ``determine_epochs``,
     ``determine_ensemble``, ``determine_max_minutes``, ``determine_ema``, ``determine_mixup``,
     ``determine_cutmix``, ``determine_progressive``, ``determine_tta``, ``determine_threshold``.
 
@@ -128,6 +136,7 @@ class Planner:
         self.train: dict[str, Any] = {}
         self.planned_at = 0.0
         self.members = 1
+        self.folds = 0      # k >= 2: cross-validation on train+val pooled (determine_validation); 0: holdout
         self.epochs = 0
         self.steps = 0
         self.image_size = fp.image_shape[0]
@@ -213,17 +222,28 @@ class Planner:
         return self.decide("train.augment", aug, why)
 
     def determine_imbalance(self) -> str:
+        """Binary: the plain (prior-matched) loss at any imbalance, so that the uncalibrated 0.5 cut stays the
+        accuracy-maximising one (issue 30 item 5); the balanced operating point is the threshold's job.
+        Multi-class: weighted only past 10:1."""
         fp = self.fp
         task = get_task(fp.task)
         argmax = task.exclusive and not task.has_threshold     # multi-class and ordinal decisions are argmax
-        limit = 1.5 if task.has_threshold else 10.0
+        if task.has_threshold and task.exclusive:
+            self.train["imbalance"] = "none"
+            return self.decide("train.imbalance", "none",
+                               f"binary, training classes {fp.class_counts['train']} (imbalance "
+                               f"{fp.imbalance_ratio:.2f}): plain loss, fitted to the natural class prior, so the "
+                               "uncalibrated 0.5 cut is the accuracy-maximising one; a weighted loss, a balanced "
+                               "sampler or a logit-adjusted loss all fit the balanced prior and move that cut "
+                               "towards the rare class (measured: validation sensitivity 0.955 fell to 0.837 on "
+                               "test); the balanced operating point is the Youden threshold's job")
+        limit = 10.0
         if task.exclusive and fp.imbalance_ratio > limit:
             self.train["imbalance"] = "weighted_loss"
             return self.decide("train.imbalance", "weighted_loss",
                                f"training classes {fp.class_counts['train']}: imbalance {fp.imbalance_ratio:.2f} "
                                f"> {limit:g} -> loss weighted by inverse class frequency (keeps every sample, "
-                               "unlike undersampling)" + ("; the binary threshold is chosen on validation anyway"
-                                                          if task.has_threshold else ""))
+                               "unlike undersampling): a class this rare would otherwise never win the argmax")
         self.train["imbalance"] = "none"
         why = (f"imbalance {fp.imbalance_ratio:.2f} <= {limit:g}: plain loss" if task.exclusive else
                "multi-label: plain per-label loss")
@@ -244,8 +264,9 @@ class Planner:
     def determine_monitor(self) -> str:
         self.train["monitor"] = "val_auc"
         return self.decide("train.monitor", "val_auc",
-                           f"validation split of {self.fp.n['val']} images: the best-AUC epoch is kept "
-                           "(threshold-free, insensitive to imbalance)")
+                           "the best-AUC epoch on the held-out cases is kept (threshold-free, insensitive to "
+                           f"imbalance): each fold's own held-out part under cross-validation, else the "
+                           f"validation split of {self.fp.n['val']} images (train.cv_folds says which)")
 
     # ------------------------------------------------------------ the cost model
     @property
@@ -272,16 +293,32 @@ class Planner:
     def elapsed(self) -> float:
         return self.clock() - self.started
 
-    def epoch_seconds(self, r: ProbeResult) -> float:
-        n = self.fp.n
-        est = n["train"] / r.train_img_per_s + n["val"] / r.val_img_per_s + EPOCH_FIXED_S
-        return max(est, r.epoch_seconds + EPOCH_FIXED_S) if r.epoch_seconds else est
+    @property
+    def pooled(self) -> int:
+        """Training and validation cases together (what cross-validation deals into folds)."""
+        return self.fp.n["train"] + self.fp.n["val"]
 
-    def post_seconds(self, r: ProbeResult, k: int) -> float:
-        """Predictions of val + test per member and flip, plus the fixed work after fitting."""
+    def epoch_seconds(self, r: ProbeResult, folds: int | None = None) -> float:
+        """One epoch of one member: on the training split validated on the validation split, or (``folds`` k,
+        default the planned ``self.folds``) of one fold model, trained on (k-1)/k of train+val and validated on
+        the rest, scaled from the measured epoch by the per-image rates."""
         n = self.fp.n
+        k = self.folds if folds is None else folds
+        est = n["train"] / r.train_img_per_s + n["val"] / r.val_img_per_s + EPOCH_FIXED_S
+        base = max(est, r.epoch_seconds + EPOCH_FIXED_S) if r.epoch_seconds else est
+        if not k:
+            return base
+        held = self.pooled / k
+        fold = (self.pooled - held) / r.train_img_per_s + held / r.val_img_per_s + EPOCH_FIXED_S
+        return base * fold / est
+
+    def post_seconds(self, r: ProbeResult, k: int, folds: int | None = None) -> float:
+        """Predictions of val + test per member and flip, plus the fixed work after fitting; under
+        cross-validation also each fold model's prediction of its held-out part (every train+val case once)."""
+        n = self.fp.n
+        oof = self.tta_views * self.pooled / r.val_img_per_s if (self.folds if folds is None else folds) else 0.0
         return (POST_FIXED_S + POST_PER_CLASS_S * max(self.fp.n_classes, 2)
-                + 2 * k * self.tta_views * (n["val"] + n["test"]) / r.val_img_per_s)
+                + 2 * k * self.tta_views * (n["val"] + n["test"]) / r.val_img_per_s + oof)
 
     def available(self, load: float) -> float:
         """Seconds left for fitting + evaluation after planning, loading (x1.2) and the margin."""
@@ -322,6 +359,46 @@ class Planner:
                     + (" (the larger resolutions do not fit)" if len(res) > 1 and choice == native else ""))
         return choice, cal
 
+    def determine_validation(self, r: ProbeResult, load: float) -> int:
+        """``train.cv_folds``: k-fold cross-validation on train+val pooled (k = 5, 4 or 3: the most whose fold
+        models each get at least half their target epochs within the budget) when train+val holds fewer than
+        ``CV_MAX_POOLED`` cases, else 0 (the holdout validation split). The folds are dealt by patient where the
+        data name patients; the official test split is never part of them."""
+        fp, pooled = self.fp, self.pooled
+        if pooled >= CV_MAX_POOLED:
+            self.folds = 0
+            return self.decide("train.cv_folds", 0,
+                               f"train+val {pooled} >= {CV_MAX_POOLED} cases: the holdout validation split of "
+                               f"{fp.n['val']} is large enough to choose epochs and the threshold on (binomial "
+                               f"standard error of an accuracy <= {0.5 / math.sqrt(max(fp.n['val'], 1)):.3f}), and "
+                               "k fold models would cost k members' time")
+        left, half = self.available(load), max(1, math.ceil(self.target_epochs / 2))
+        fits = []
+        for k in CV_FOLDS:
+            need = k * half * self.epoch_seconds(r, k) / SAFETY + self.post_seconds(r, k, k)
+            fits.append(f"{k} folds need {format_seconds(need)}")
+            if need <= left:
+                self.folds = k
+                break
+        else:
+            self.folds = 0
+            return self.decide("train.cv_folds", 0,
+                               f"train+val {pooled} < {CV_MAX_POOLED} cases would call for cross-validation, but "
+                               f"at {half} epochs per fold model (half the target) " + ", ".join(fits) + " and "
+                               f"{format_seconds(left)} are left: the holdout validation split of {fp.n['val']} "
+                               "is kept")
+        k = self.folds
+        by = ("by patient (patient ids in the data: no patient in two folds)" if fp.patient_ids else
+              "by image: the data name no patients (no two images share a patient id), so a patient with "
+              "several images may fall in two folds")
+        return self.decide("train.cv_folds", k,
+                           f"train+val {pooled} < {CV_MAX_POOLED} cases (validation split alone {fp.n['val']}): "
+                           f"pooled and dealt into {k} folds {by}, stratified by class; the {k} fold models "
+                           "are the ensemble, each fold's best epoch is chosen on its held-out part, calibration "
+                           f"and threshold on the out-of-fold predictions of all {pooled} cases; the official "
+                           f"test split ({fp.n['test']}) is never part of a fold"
+                           + (f" ({', '.join(fits)}; five do not fit)" if k != CV_FOLDS[0] else ""))
+
     def determine_epochs(self, r: ProbeResult, load: float, budget_text: str) -> int:
         """Epochs per member (and, with them, how many members fit: ``determine_ensemble`` records it): as
         many members as fit at the target epochs; a single member gets what a second could not use. A budget
@@ -335,6 +412,17 @@ class Planner:
                               f"(planning {self.planned_at:.0f}s, loading {load:.0f}s, evaluation "
                               f"{self.post_seconds(r, 1):.0f}s); give at least "
                               f"{format_seconds(one_epoch_need * 1.1)}")
+        if self.folds:   # the fold models are the members; they get the target epochs when the budget allows
+            k, ep_f = self.folds, self.epoch_seconds(r)
+            epochs = int(max(1, min(e_star, SAFETY * (left - self.post_seconds(r, k)) / (k * ep_f))))
+            self.members, self.epochs = k, epochs
+            self.steps = epochs * math.ceil((self.pooled - self.pooled / k) / bs)
+            return self.decide("train.epochs", epochs,
+                               f"{epochs} epochs x {math.ceil((self.pooled - self.pooled / k) / bs)} steps = "
+                               f"{self.steps} steps per fold model (target {TARGET_STEPS} steps: {e_star} epochs); "
+                               f"{k} fold models, {ep_f:.1f} s per fold epoch (scaled from the measured "
+                               f"{self.epoch_seconds(r, 0):.1f} s)"
+                               + ("" if epochs >= e_star else " - fewer than the target: the budget allows no more"))
         k, epochs = 1, e_star
         for kk in range(MAX_MEMBERS, 0, -1):
             if kk * e_star * ep_s / SAFETY + self.post_seconds(r, kk) <= left:
@@ -353,6 +441,10 @@ class Planner:
 
     def determine_ensemble(self, r: ProbeResult, load: float) -> int:
         k, ep_s = self.members, self.epoch_seconds(r)
+        if self.folds:
+            return self.decide("train.ensemble", k,
+                               f"the {k} fold models of the cross-validation (seeds {self.seed}..{self.seed + k - 1}, "
+                               f"soft voting), each ~{format_seconds(self.epochs * ep_s)}")
         return self.decide("train.ensemble", k,
                            f"each member needs ~{format_seconds(self.epochs * ep_s)}; "
                            f"{format_seconds(self.available(load))} left for fitting and evaluation -> {k} "
@@ -410,10 +502,13 @@ class Planner:
 
     def determine_threshold(self) -> str:
         fp = self.fp
+        on = (f"the out-of-fold predictions of all {self.pooled} train+val cases (each predicted by the fold model "
+              f"that did not train on it)" if self.folds else f"the validation split ({fp.n['val']} images)")
         return self.decide("evaluation.threshold", "youden",
-                           "binary: Youden's J on validation balances sensitivity and specificity under "
-                           "imbalance" if get_task(fp.task).has_threshold else
-                           f"{fp.task}: decisions are argmax/0.5 (the rule applies to binary tasks only)")
+                           f"binary: Youden's J on {on} balances sensitivity and specificity under imbalance; "
+                           "calibration is chosen on the same predictions" if get_task(fp.task).has_threshold else
+                           f"{fp.task}: decisions are argmax/0.5 (the rule applies to binary tasks only); "
+                           f"calibration is chosen on {on}")
 
     def estimates(self, r: ProbeResult, load: float) -> dict[str, float]:
         ep_s, k, post = self.epoch_seconds(r), self.members, self.post_seconds(r, self.members)

@@ -32,7 +32,7 @@ from medlens.run import InputPrep, Predictor, Run, RunMeta, Threshold
 from medlens.run.profile import profile_of
 from medlens.tasks import get_task
 from medlens.transforms.preprocess import prepared_data
-from medlens.workflow.ensemble import fit_ensemble
+from medlens.workflow.ensemble import fit_cv, fit_ensemble
 from medlens.workflow.lifecycle import Progress, finish, loading, write_start
 
 
@@ -87,6 +87,7 @@ def train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: boo
         # issue 19: the training inputs' profile, against which predict and serve check each input
         meta.input_profile = profile_of(data, cfg.data)
         write_start(cfg, meta, path)
+    oof = None   # out-of-fold (labels, probabilities) of train+val under train.cv_folds
     if classical:
         model, n_features, fit = fit_classical_model(cfg, data, path)
         meta.n_features = n_features
@@ -102,42 +103,45 @@ def train_classifier(cfg, path: Path, resume: bool, callbacks, progress_bar: boo
             return net
 
         limit = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
-        if cfg.train.ensemble > 1:
-            model, fit, members = fit_ensemble(cfg, data, network, path, resume, callbacks, progress_bar, limit,
-                                               log)
+        if cfg.train.ensemble > 1 or cfg.train.cv_folds:  # issue 30: the k fold models of train.cv_folds
+            model, fit, members, oof = (fit_cv if cfg.train.cv_folds else fit_ensemble)(
+                cfg, data, network, path, resume, callbacks, progress_bar, limit, log)
             meta.model = "ensemble"
             meta.model_params = {"member": cfg.model.name, "member_params": cfg.model.params,
-                                 "k": cfg.train.ensemble, "combine": model.net.combine}
+                                 "k": len(members), "combine": model.net.combine}
             meta.members = members
         else:
             model, fit = fit_classifier(cfg, data, network(cfg.seed), path, resume, callbacks, progress_bar, limit)
     if not writer:
         return None
-    return finish_classifier(cfg, meta.model_copy(update=fit.summary()), path, data, model, classical)
+    return finish_classifier(cfg, meta.model_copy(update=fit.summary()), path, data, model, classical, oof=oof)
 
 
 def finish_classifier(cfg, meta: RunMeta, path: Path, data, model, classical: bool = False, *,
-                      status: Literal["complete", "failed"] = "complete", after: Callable[[Run, Predictor], None] | None = None) -> Run:
+                      status: Literal["complete", "failed"] = "complete", after: Callable[[Run, Predictor], None] | None = None,
+                      oof: tuple[np.ndarray, np.ndarray] | None = None) -> Run:
     """A fitted classifier -> calibration and threshold on validation -> (life-cycle finish: ``status``) ->
     evaluation -> explanations -> ``after`` (more report sections) -> report (``medlens train``, and
-    ``medlens federate`` with the global model)."""
+    ``medlens federate`` with the global model). ``oof``: the out-of-fold (labels, uncalibrated probabilities) of
+    a cross-validated run, on which calibration and threshold are chosen instead of the validation split."""
     run = Run(path, meta, cfg).use_model(model)
     predictor = Predictor(run)
     # calibration first, then the threshold on the calibrated validation probabilities: both from validation only
-    raw_val = predictor.predict_dataset(data.val, calibrated=False)
+    y_val, raw_val = oof if oof is not None else (data.val.labels,
+                                                  predictor.predict_dataset(data.val, calibrated=False))
     # chosen by cross-validation inside validation: none unless a scaling lowers the held-out log-loss
     run.meta.calibration, run.meta.calibration_choice = select_calibration(
-        meta.task, data.val.labels, raw_val, cfg.evaluation.calibration, seed=cfg.seed)
+        meta.task, y_val, raw_val, cfg.evaluation.calibration, seed=cfg.seed)
     if get_task(meta.task).has_threshold:
         rule = cfg.evaluation.threshold
         p_val = run.meta.calibration.apply(raw_val) if run.meta.calibration else raw_val
-        run.meta.threshold = Threshold(rule=rule, value=choose_threshold(data.val.labels, p_val, rule))
+        run.meta.threshold = Threshold(rule=rule, value=choose_threshold(y_val, p_val, rule))
     task = get_task(meta.task)
     if task.label_thresholds:  # issue 26: each label's own threshold by evaluation.threshold on validation
-        run.meta.label_thresholds = choose_label_thresholds(data.val.labels, raw_val, run.meta.class_names,
+        run.meta.label_thresholds = choose_label_thresholds(y_val, raw_val, run.meta.class_names,
                                                             cfg.evaluation.threshold)
     if task.numeric:  # issue 26: a split-conformal prediction interval from the validation residuals
-        run.meta.interval = conformal_interval(data.val.labels, raw_val, cfg.evaluation.interval)
+        run.meta.interval = conformal_interval(y_val, raw_val, cfg.evaluation.interval)
 
     def evaluate(r: Run) -> None:
         evaluate_run(r, data=data, predictor=predictor)

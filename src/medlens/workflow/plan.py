@@ -9,6 +9,10 @@ decision with its reason. The rules read only the fingerprint and the measured s
 
 The budget covers the whole of ``medlens train --auto``: planning (its probes), loading the data for training,
 fitting (all ensemble members), and evaluation, explanations and the report, with a safety margin.
+On small datasets the plan cross-validates (``train.cv_folds``; issue 30): train and validation pooled and dealt
+into k folds by patient, the k fold models the ensemble, calibration and threshold chosen on their out-of-fold
+predictions (``workflow.ensemble.fit_cv``). Planning reads the test split's size and class counts (the
+fingerprint) and never its images.
 ``train.max_minutes`` caps fitting at its share, so a slower-than-measured machine still finishes in time.
 
 The rules are ``engine.planner.Planner`` (one ``determine_*`` method per decision); this module orchestrates:
@@ -20,7 +24,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Any, Callable, cast
 
 from medlens.config import (
     DataConfig,
@@ -34,6 +38,7 @@ from medlens.config import (
 from medlens.data.catalog import MEDMNIST
 from medlens.data.fingerprint import Fingerprint, fingerprint
 from medlens.data.sources import get_source, list_sources, source_for_path
+from medlens.data.splits import Sealed
 from medlens.engine.planner import (
     MAX_MEMBERS,
     PLANNER_VERSION,
@@ -153,6 +158,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
         clock.add(figs.seconds({"before planning": "train --auto"}, time.monotonic() - t0))
     tl = time.monotonic()
     dc, data = load_for_plan(cfg0.data, seed)
+    data.test = cast(Any, Sealed(data.test, "planning"))   # its size and class counts only (issue 30)
     load_s = figs.seconds({"load": dc.model_dump(mode="json")}, time.monotonic() - tl)
     tf = time.monotonic()
     fp = fingerprint(data, dc.source, str(source), _npz_path(dc), seed=seed)
@@ -187,6 +193,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
             dcs = _resized(dc, size, fp.resolution_files)
             tl = time.monotonic()
             dcl, ds = load_for_plan(dcs, seed)
+            ds.test = cast(Any, Sealed(ds.test, "planning"))
             ls_ = figs.seconds({"load": dcl.model_dump(mode="json")}, time.monotonic() - tl)
             clock.add(ls_)
             if ds.train.image_shape[0] != size:
@@ -206,6 +213,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
 
     choice, r = planner.determine_resolution(res, calibrate)
     dc_c, load_c = configs[choice][1], res[choice][1]
+    folds = planner.determine_validation(r, load_c)
     epochs = planner.determine_epochs(r, load_c, str(budget))
     k = planner.determine_ensemble(r, load_c)
     max_minutes = planner.determine_max_minutes(r, load_c)
@@ -217,7 +225,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     thr = planner.determine_threshold()
     # the config
     t = dict(tbase)
-    t.update(epochs=epochs, precision=prec, ensemble=k, max_minutes=max_minutes, ema=ema, mixup=mixup,
+    t.update(epochs=epochs, precision=prec, ensemble=k, cv_folds=folds, max_minutes=max_minutes, ema=ema, mixup=mixup,
              cutmix=cutmix, progressive=progressive, warmup_epochs=0)
     d = cfg0.model_dump(mode="json")
     d["seed"] = seed
