@@ -128,10 +128,61 @@ class Match(_Strict):
         return v
 
 
+class Shadow(_Strict):
+    """A new version of one of the rule's runs in shadow mode (``gateway.shadow``): it predicts every series the
+    rule takes; its outputs are recorded (queue file, audit trail) and never sent. ``of``: the run it is a new
+    version of (left out when the rule has one run)."""
+
+    run: Path
+    of: Path | None = None
+
+
+class PreviousVersion(_Strict):
+    """A version replaced by ``medlens gateway promote`` (kept in the YAML, newest last)."""
+
+    run: Path
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    replaced_by: Path
+    replaced_at: str = Field(min_length=1, max_length=64)
+
+
 class Rule(_Strict):
     name: str = Field(min_length=1, max_length=64)
     match: Match = Match()
     runs: list[Path] = Field(min_length=1)
+    shadow: Shadow | None = None
+    previous: list[PreviousVersion] = []
+
+    @model_validator(mode="after")
+    def _shadow(self) -> "Rule":
+        s = self.shadow
+        if s is None:
+            return self
+        if s.of is None and len(self.runs) > 1:
+            raise ValueError(f"rule {self.name}: shadow.of must name which of its {len(self.runs)} runs the shadow is "
+                             "a new version of")
+        if s.of is not None and s.of not in self.runs:
+            raise ValueError(f"rule {self.name}: shadow.of {s.of} is not one of its runs")
+        if s.run in self.runs:
+            raise ValueError(f"rule {self.name}: the shadow run {s.run} is already one of its runs")
+        return self
+
+    @property
+    def shadowed(self) -> Path | None:
+        """The run the shadow is a new version of (None without a shadow)."""
+        if self.shadow is None:
+            return None
+        return self.shadow.of if self.shadow.of is not None else self.runs[0]
+
+    def resolved(self, base: Path) -> "Rule":
+        """The rule with its run paths (runs, shadow, previous versions) resolved against ``base``."""
+        shadow = self.shadow
+        if shadow is not None:
+            shadow = Shadow(run=_resolve(shadow.run, base), of=_resolve(self.shadowed or shadow.run, base))
+        previous = [v.model_copy(update={"run": _resolve(v.run, base), "replaced_by": _resolve(v.replaced_by, base)})
+                    for v in self.previous]
+        return self.model_copy(update={"runs": [_resolve(p, base) for p in self.runs], "shadow": shadow,
+                                       "previous": previous})
 
 
 class Destination(_Strict):
@@ -254,7 +305,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     except ValidationError as e:
         raise ConfigError(_format(e), path) from None
     base = path.resolve().parent
-    rules = [r.model_copy(update={"runs": [_resolve(p, base) for p in r.runs]}) for r in cfg.rules]
+    rules = [r.resolved(base) for r in cfg.rules]
     stow = cfg.stow
     if stow is not None and stow.api_key_file is not None:
         stow = stow.model_copy(update={"api_key_file": _resolve(stow.api_key_file, base)})

@@ -45,6 +45,7 @@ from medlens.gateway.config import Destination, GatewayConfig, Match, Rule
 from medlens.gateway.drift import DriftMonitor
 from medlens.gateway.metrics import GatewayMetrics
 from medlens.gateway.queue import Delivery, Job, Queue
+from medlens.gateway.shadow import ShadowRecorder, check_shadows
 from medlens.io.pacs import connect
 from medlens.report.fhir import post_bundle
 from medlens.run import Predictor, Run
@@ -162,6 +163,7 @@ class Worker:
         self.drift_lock = threading.Lock()
         self.drift_history: dict[str, deque] = {}  # run label -> (series seen, statistics) for the plot
         self.drift_seen: dict[str, int] = {}
+        self.shadow = ShadowRecorder(queue, audit, self.say)  # shadow runs' outcomes: recorded, never sent
 
     # ---------------------------------------------------------------------------------------------- runs
 
@@ -171,9 +173,12 @@ class Worker:
         return self.runs[path]
 
     @staticmethod
-    def open_runs(cfg: GatewayConfig) -> dict[str, Run]:
-        """Every run the rules name, opened (a missing or broken run is a one-line error at start-up)."""
-        return {str(r): Run.open(r) for rule in cfg.rules for r in rule.runs}
+    def open_runs(cfg: GatewayConfig, source=None) -> dict[str, Run]:
+        """Every run the rules name, opened (a missing or broken run is a one-line error at start-up). Shadow
+        runs are opened and checked too, but not returned: the serve app (STOW-RS) must not serve them."""
+        runs = {str(r): Run.open(r) for rule in cfg.rules for r in rule.runs}
+        check_shadows(cfg, runs, source)
+        return runs
 
     @staticmethod
     def run_label(path: str) -> str:
@@ -188,6 +193,7 @@ class Worker:
             self.predict(job)
         for d in self.queue.due_deliveries():
             self.deliver(d)
+        self.shadow.step(self.run, lambda run, files: self._inputs(run, files, False))  # before any clean-up
         self.clean_up()
         self.metrics.depth.set(self.queue.depth())
 
@@ -207,6 +213,7 @@ class Worker:
             self.say(f"series {self.audit.hash(series_uid)[:12]}: not routed: {reason}")
             return
         runs = [str(r) for r in rule.runs]
+        self.shadow.plan(series_uid, rule, files[0] if files else None)  # before routing: kept across a crash
         self.queue.route(series_uid, rule.name, runs)
         for r in runs:
             self.metrics.routed.labels(self.run_label(r)).inc()
@@ -251,6 +258,7 @@ class Worker:
                     rows, _ = predict_export(run, inputs, out, outputs)
                 fix_result_uids(out, job.series_uid, label, weights)
         except OutOfProfile as e:
+            self.shadow.record_current(job.series_uid, job.run, "refused", weights=weights)
             self.queue.job_closed(job.id, "refused", "; ".join(e.reasons), model, weights)
             self.metrics.refused.labels(label).inc()
             self.audit.event("refused", study=study, series=job.series_uid, run=label, weights_sha256=weights,
@@ -260,6 +268,7 @@ class Worker:
             return
         except Exception as e:  # one bad series is recorded and skipped, never fatal
             shutil.rmtree(out, ignore_errors=True)
+            self.shadow.record_current(job.series_uid, job.run, "failed", weights=weights)
             self.queue.job_closed(job.id, "failed", _one_line(e), model, weights)
             self.metrics.failed.labels(label).inc()
             self.audit.event("failed", study=study, series=job.series_uid, run=label, error=_one_line(e))
@@ -267,6 +276,8 @@ class Worker:
             return
         outcome = [{"segmented": True} if isinstance(r, dict) else
                    {"prediction": r.prediction, "probability": round(float(r.probability), 6)} for r in rows]
+        if not dense:  # before the job is recorded: a crash in between predicts (and records) it again
+            self.shadow.record_current(job.series_uid, job.run, "predicted", run, rows, weights)
         self.queue.job_predicted(job.id, str(out), model, weights, [d.name for d in self.cfg.destinations])
         self.audit.event("predicted", study=study, series=job.series_uid, run=label, model=model,
                          weights_sha256=weights, outcome=outcome)
