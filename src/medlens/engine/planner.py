@@ -48,6 +48,9 @@ MAX_MEMBERS = 5
 # validation split is kept (>= ~1000 validation cases at MedMNIST's 1:8 ratio; k fold models would cost k members).
 CV_MAX_POOLED = 10000
 CV_FOLDS = (5, 4, 3)     # nnU-Net's five folds first; fewer only when five do not fit the budget
+# issue 30 item 3: what the budget leaves once every member has its target epochs buys more epochs for all of them
+# (the planned fitting then fills SAFETY of its share), up to this many times the target
+MAX_EPOCH_FACTOR = 3
 
 
 class Decision(BaseModel):
@@ -401,8 +404,9 @@ class Planner:
 
     def determine_epochs(self, r: ProbeResult, load: float, budget_text: str) -> int:
         """Epochs per member (and, with them, how many members fit: ``determine_ensemble`` records it): as
-        many members as fit at the target epochs; a single member gets what a second could not use. A budget
-        that does not hold one epoch is refused in one line naming the minimum."""
+        many members as fit at the target epochs (under cross-validation, the k fold models), then the rest of
+        the budget spread over them as more epochs (``fill_epochs``). A budget that does not hold one epoch is
+        refused in one line naming the minimum."""
         ep_s, left, n_tr, bs = self.epoch_seconds(r), self.available(load), self.fp.n["train"], \
             self.train["batch_size"]
         e_star = self.target_epochs
@@ -412,32 +416,44 @@ class Planner:
                               f"(planning {self.planned_at:.0f}s, loading {load:.0f}s, evaluation "
                               f"{self.post_seconds(r, 1):.0f}s); give at least "
                               f"{format_seconds(one_epoch_need * 1.1)}")
-        if self.folds:   # the fold models are the members; they get the target epochs when the budget allows
+        if self.folds:   # the fold models are the members: the budget buys their epochs
             k, ep_f = self.folds, self.epoch_seconds(r)
-            epochs = int(max(1, min(e_star, SAFETY * (left - self.post_seconds(r, k)) / (k * ep_f))))
+            epochs, note = self.fill_epochs(k, ep_f, left, r)
             self.members, self.epochs = k, epochs
             self.steps = epochs * math.ceil((self.pooled - self.pooled / k) / bs)
             return self.decide("train.epochs", epochs,
                                f"{epochs} epochs x {math.ceil((self.pooled - self.pooled / k) / bs)} steps = "
                                f"{self.steps} steps per fold model (target {TARGET_STEPS} steps: {e_star} epochs); "
                                f"{k} fold models, {ep_f:.1f} s per fold epoch (scaled from the measured "
-                               f"{self.epoch_seconds(r, 0):.1f} s)"
-                               + ("" if epochs >= e_star else " - fewer than the target: the budget allows no more"))
-        k, epochs = 1, e_star
+                               f"{self.epoch_seconds(r, 0):.1f} s)" + note)
+        k = 0
         for kk in range(MAX_MEMBERS, 0, -1):
             if kk * e_star * ep_s / SAFETY + self.post_seconds(r, kk) <= left:
                 k = kk
                 break
-        else:
-            epochs = max(1, int(SAFETY * (left - self.post_seconds(r, 1)) / ep_s))
-        if k == 1 and epochs == e_star:  # a single member: spend what a second could not use on more epochs
-            epochs = int(min(2 * e_star, SAFETY * (left - self.post_seconds(r, 1)) / ep_s))
-        self.members, self.epochs = k, epochs
+        epochs, note = self.fill_epochs(max(k, 1), ep_s, left, r)
+        self.members, self.epochs = max(k, 1), epochs
         self.steps = epochs * math.ceil(n_tr / bs)
         return self.decide("train.epochs", epochs,
                            f"{epochs} epochs x {math.ceil(n_tr / bs)} steps = {self.steps} steps per member "
-                           f"(target {TARGET_STEPS} steps: {e_star} epochs); measured {ep_s:.1f} s per epoch"
-                           + ("" if epochs >= e_star else " - fewer than the target: the budget allows no more"))
+                           f"(target {TARGET_STEPS} steps: {e_star} epochs); measured {ep_s:.1f} s per epoch" + note)
+
+    def fill_epochs(self, k: int, ep_s: float, left: float, r: ProbeResult) -> tuple[int, str]:
+        """Epochs per member when ``k`` members share what is left for fitting (SAFETY of it, after the
+        evaluation of k members): all of it, up to ``MAX_EPOCH_FACTOR`` times the target epochs (issue 30 item 3:
+        the whole budget); returns (epochs, what the reason adds)."""
+        e_star = self.target_epochs
+        fit = SAFETY * (left - self.post_seconds(r, k))
+        can = int(max(1, fit / (k * ep_s)))
+        epochs = min(can, MAX_EPOCH_FACTOR * e_star)
+        if epochs < e_star:
+            return epochs, " - fewer than the target: the budget allows no more"
+        if epochs == e_star:
+            return epochs, ""
+        if can > MAX_EPOCH_FACTOR * e_star:
+            return epochs, (f"; the budget would buy {can}: capped at {MAX_EPOCH_FACTOR}x the target "
+                            f"({format_seconds(fit - k * epochs * ep_s)} of the budget left unused)")
+        return epochs, f"; the budget's rest after {k} x {e_star} target epochs buys {epochs - e_star} more each"
 
     def determine_ensemble(self, r: ProbeResult, load: float) -> int:
         k, ep_s = self.members, self.epoch_seconds(r)
