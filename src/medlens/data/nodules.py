@@ -7,8 +7,8 @@ world coordinates (mm) and patient id; the lung window is applied when batches a
 
 from __future__ import annotations
 
+import itertools
 import warnings
-import weakref
 from pathlib import Path
 
 import h5py
@@ -20,11 +20,10 @@ import torch
 from medlens.data.base import SplitData, read_csv_checked
 from medlens.data.catalog import BINARY
 from medlens.data.splits import patient_split
+from medlens.data.volume_store import StoredVolume, VolumeSpec, prepare_volume
 from medlens.errors import DataError, MedlensWarning
-from medlens.io import load
 from medlens.io.dicom import list_series
 from medlens.io.image import Image
-from medlens.io.sitk_io import to_sitk
 from medlens.io.windows import apply_window
 
 AIR_HU = -1024
@@ -98,11 +97,21 @@ def merge_positives(annotated: np.ndarray, diameters: np.ndarray, candidates: np
     return np.asarray(kept_pts, float).reshape(-1, 3)
 
 
-def load_scan(path: Path) -> Image:
-    return load(path)
+#: what a scan is stored as for patch extraction: the source's grid and raw HU (the lung window is applied when a
+#: batch is read, the 3D extractor resamples per patch), in chunks that patch reads slice
+SCAN_SPEC = VolumeSpec()
+
+#: a CT in memory (``io.Image``) or in the volume store (``StoredVolume``: its patches read only their chunks)
+Scan = Image | StoredVolume
 
 
-def extract_patch_2d(image: Image, world_xyz, size: int = 50) -> np.ndarray | None:
+def load_scan(path: Path) -> StoredVolume:
+    """The scan at ``path`` (a ``.mhd`` or a DICOM series folder) from the volume store, prepared into it the first
+    time: patches are then read chunk by chunk, never the whole volume."""
+    return prepare_volume(path, SCAN_SPEC)
+
+
+def extract_patch_2d(image: Scan, world_xyz, size: int = 50) -> np.ndarray | None:
     """Axial ``size`` x ``size`` HU patch centred on a world point (nearest slice); None if outside."""
     z, y, x = image.world_to_voxel(world_xyz)
     k, cy, cx = int(round(z)), int(round(y)), int(round(x))
@@ -116,35 +125,28 @@ def extract_patch_2d(image: Image, world_xyz, size: int = 50) -> np.ndarray | No
     return out
 
 
-_SITK_COPIES: dict[int, tuple[weakref.ref[Image], sitk.Image]] = {}
-
-
-def _as_sitk(image: Image) -> sitk.Image:
-    """The SimpleITK copy of ``image``, converted once and reused for every patch of the scan while it lives."""
-    key = id(image)
-    hit = _SITK_COPIES.get(key)
-    if hit is not None and hit[0]() is image:
-        return hit[1]
-    src = to_sitk(image)
-
-    def forget(ref: weakref.ref[Image]) -> None:  # the image is gone: so is its copy
-        if key in _SITK_COPIES and _SITK_COPIES[key][0] is ref:
-            del _SITK_COPIES[key]
-
-    _SITK_COPIES[key] = (weakref.ref(image, forget), src)
-    return src
-
-
-def extract_patch_3d(image: Image, world_xyz, size: int = 32, spacing: float = 1.0) -> np.ndarray | None:
+def extract_patch_3d(image: Scan, world_xyz, size: int = 32, spacing: float = 1.0) -> np.ndarray | None:
     """``size``^3 HU patch at isotropic ``spacing`` mm centred on a world point (linear interpolation,
-    aligned with the scan's axes); None if the centre is outside the scan."""
+    aligned with the scan's axes); None if the centre is outside the scan.
+
+    Only the voxels the patch's grid falls among (its bounding box in the scan, one voxel more each side for the
+    interpolation) are read: from a ``StoredVolume`` that is the chunks of that box."""
     z, y, x = image.world_to_voxel(world_xyz)
-    if not all(-0.5 <= v <= n - 0.5 for v, n in zip((z, y, x), image.shape)):
+    shape = np.asarray(image.shape)
+    if not all(-0.5 <= v <= n - 0.5 for v, n in zip((z, y, x), shape)):
         return None
-    src = _as_sitk(image)
     d = np.asarray(image.direction)
     half = (size - 1) / 2.0 * spacing
     origin = np.asarray(world_xyz, float) - d @ np.array([half, half, half])
+    corners = origin + np.array(list(itertools.product((0.0, 2 * half), repeat=3))) @ d.T
+    vox = image.world_to_voxel(corners)
+    lo = np.clip(np.floor(vox.min(0)).astype(int) - 1, 0, shape - 1)
+    hi = np.clip(np.ceil(vox.max(0)).astype(int) + 2, lo + 1, shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    src = sitk.GetImageFromArray(np.ascontiguousarray(image.array[box]))
+    src.SetSpacing([float(s) for s in image.spacing_xyz])
+    src.SetOrigin([float(o) for o in image.voxel_to_world(lo)])
+    src.SetDirection([float(v) for v in d.ravel()])
     ref = sitk.Image([size] * 3, src.GetPixelID())
     ref.SetSpacing([spacing] * 3)
     ref.SetOrigin(origin.tolist())

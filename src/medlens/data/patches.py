@@ -21,17 +21,17 @@ import numpy as np
 from medlens.data.nodules import (
     extract_patch_2d,
     extract_patch_3d,
+    Scan,
     find_scans,
     load_scan,
     merge_positives,
     read_candidates,
 )
 from medlens.errors import ConfigError, DataError, MedlensWarning
-from medlens.io.image import Image
 from medlens.utils import atomic_path
 
-#: (scan, positives in world mm, how many, minimum distance in mm, numpy Generator) -> world points (n, 3)
-NegativeSampler = Callable[[Image, np.ndarray, int, float, np.random.Generator], np.ndarray]
+#: (scan (a ``StoredVolume`` here), positives in world mm, how many, minimum distance in mm, numpy Generator) -> world points (n, 3)
+NegativeSampler = Callable[[Scan, np.ndarray, int, float, np.random.Generator], np.ndarray]
 
 
 def rotated_copies(patch: np.ndarray, dims: int) -> list[np.ndarray]:
