@@ -213,6 +213,9 @@ def test_the_shadow_predicts_every_series_and_nothing_of_it_is_delivered(shadowe
     assert sum(e["event"] == "delivered" for e in events) == len(s["series"])
     for secret in (NAME, PID, "ACC001", *(se for _, se in s["series"])):
         assert secret not in audit
+    r = medlens("gateway", "status", s["config"])
+    assert r.returncode == 0, r.stderr
+    assert f"shadow pneumonia_v2 of {s['current'].name} (rule xr): predicted {len(s['series'])}" in r.stdout
 
 
 def _kappa_by_hand(a: list[int], b: list[int]) -> tuple[float, float]:

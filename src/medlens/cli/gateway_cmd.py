@@ -105,6 +105,11 @@ def _status(path: Path, cfg) -> None:
         where = f" -> {p['run']}" if "run" in p else ""
         dest = f" to {p['destination']} ({p['attempts']} attempt(s))" if "destination" in p else ""
         say(f"{p['what']} {p['id']}{where}{dest}: {p['state']}: {p['reason']}")
+    from medlens.gateway.shadow import shadow_counts
+
+    for sh in shadow_counts(cfg.queue_path):  # recorded only, never sent (gateway compare compares them)
+        states = ", ".join(f"{k} {v}" for k, v in sorted(sh["states"].items()))
+        say(f"shadow {sh['shadow']} of {sh['current']} (rule {sh['rule']}): {states}")
 
 
 def _fmt(v, spec: str = ".3f") -> str:

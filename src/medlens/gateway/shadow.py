@@ -328,6 +328,24 @@ def load_pairs(queue_path: Path, rule: str | None = None) -> list[Pair]:
     return pairs
 
 
+def shadow_counts(queue_path: Path) -> list[dict]:
+    """Per recorded (rule, current, shadow) pair: how many series each version answered, by state (for
+    ``gateway status``); empty when no shadow was ever recorded."""
+    q = Queue(queue_path, readonly=True)
+    try:
+        with q.lock:
+            if not q.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='shadow_outcomes'").fetchall():
+                return []
+            rows = q.db.execute("SELECT rule, current_run, shadow_run, shadow_state, count(*) FROM shadow_outcomes "
+                                "GROUP BY rule, current_run, shadow_run, shadow_state ORDER BY rule, shadow_run").fetchall()
+    finally:
+        q.close()
+    out: dict[tuple[str, str, str], dict[str, int]] = {}
+    for rule, cur, sh, state, n in rows:
+        out.setdefault((rule, cur, sh), {})[state] = int(n)
+    return [{"rule": r, "current": label(c), "shadow": label(sh), "states": st} for (r, c, sh), st in out.items()]
+
+
 def read_outcomes(path: Path, key: bytes, classes_of: Callable[[], list[str]]) -> tuple[dict[str, str], str]:
     """A CSV of outcomes: a ``study`` (StudyInstanceUID) or ``accession`` (AccessionNumber) column, given or as
     its audit-trail hash (32 hex characters), and a ``label`` column (a class name or index). Returns
