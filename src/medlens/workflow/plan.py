@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, cast
 
@@ -158,7 +159,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
         clock.add(figs.seconds({"before planning": "train --auto"}, time.monotonic() - t0))
     tl = time.monotonic()
     dc, data = load_for_plan(cfg0.data, seed)
-    data.test = cast(Any, Sealed(data.test, "planning"))   # its size and class counts only (issue 30)
+    data = replace(data, test=cast(Any, Sealed(data.test, "planning")))   # size and class counts only (issue 30)
     load_s = figs.seconds({"load": dc.model_dump(mode="json")}, time.monotonic() - tl)
     tf = time.monotonic()
     fp = fingerprint(data, dc.source, str(source), _npz_path(dc), seed=seed)
@@ -193,7 +194,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
             dcs = _resized(dc, size, fp.resolution_files)
             tl = time.monotonic()
             dcl, ds = load_for_plan(dcs, seed)
-            ds.test = cast(Any, Sealed(ds.test, "planning"))
+            ds = replace(ds, test=cast(Any, Sealed(ds.test, "planning")))
             ls_ = figs.seconds({"load": dcl.model_dump(mode="json")}, time.monotonic() - tl)
             clock.add(ls_)
             if ds.train.image_shape[0] != size:
