@@ -28,7 +28,9 @@ def gateway(first: str = typer.Argument(..., metavar="CONFIG|status|compare|prom
                                                   "study or accession, given or as the audit-trail hash): DeLong "
                                                   "and McNemar as in medlens compare"),
             out: Optional[Path] = typer.Option(None, "--out", help="compare: also write the figures to this JSON "
-                                               "file")) -> None:
+                                               "file"),
+            ups: bool = typer.Option(False, "--ups", help="also serve the AIW-I UPS worklist (as a ups: section "
+                                     "does)")) -> None:
     """Receive studies (DICOM C-STORE, STOW-RS), route them to runs, send the results (SR/SEG/FHIR) to PACS/EHR.
 
     `medlens gateway CONFIG` runs until SIGTERM or Ctrl-C and prints one line per series outcome.
@@ -61,7 +63,12 @@ def gateway(first: str = typer.Argument(..., metavar="CONFIG|status|compare|prom
             raise ConfigError("gateway promote needs the rule whose shadow becomes current: --rule NAME")
         _promote(second, rule)
     else:
-        _run(Path(first), load_gateway_config(first))
+        cfg = load_gateway_config(first)
+        if ups and cfg.ups is None:  # --ups: the worklist with no subscriber addresses (a ups: section gives them)
+            from medlens.gateway.config import Ups
+
+            cfg = cfg.model_copy(update={"ups": Ups()})
+        _run(Path(first), cfg)
 
 
 def _run(path: Path, cfg) -> None:

@@ -230,6 +230,27 @@ class Drift(_Strict):
         return self
 
 
+class Ups(_Strict):
+    """The AIW-I worklist (``gateway.ups``; also turned on by ``medlens gateway CONFIG --ups``): a DIMSE UPS SCP
+    (Push, Pull, Watch, Query; UPS Event reports sent) on the gateway's AE, same AE-title allow-list.
+    ``subscribers``: AE title -> ``host:port`` where that AE takes its N-EVENT-REPORTs (an AE not listed here
+    cannot subscribe: 0xC308); ``event_timeout_s``: connect/answer timeout of one event report."""
+
+    subscribers: dict[str, str] = {}
+    event_timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+    @field_validator("subscribers")
+    @classmethod
+    def _subscribers(cls, v: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for aet, where in v.items():
+            host, sep, port = str(where).rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"ups.subscribers: {where!r} is not host:port")
+            out[_aet(aet, "ups.subscribers:")] = f"{host}:{int(port)}"
+        return out
+
+
 class GatewayConfig(_Strict):
     listen: Listen = Listen()
     allowed_aets: list[str] = Field(min_length=1)
@@ -245,6 +266,7 @@ class GatewayConfig(_Strict):
     destinations: list[Destination] = Field(min_length=1)
     retry: Retry = Retry()
     drift: Drift = Drift()
+    ups: Ups | None = None        # the AIW-I UPS worklist (gateway.ups)
     allow_unencrypted: bool = False  # plain DIMSE/http to another host (the io.net rule); this machine is always allowed
 
     @field_validator("allowed_aets")

@@ -13,6 +13,12 @@ Life cycle::
     job 'delivering'   -> 'delivered' when every delivery is done; the series 'done' when no job is open,
                           and only then are its spooled files deleted ('failed', files kept, when a job
                           failed or a delivery was given up).
+    job 'pending'      -> 'canceled' by a UPS cancel request (``gateway.ups``), only while no job of the series
+                          has results on their way.
+
+The UIDs of each job's result objects (SR, SEG) are recorded with its results (table ``results``): the UPS
+worklist's output references, still known after the files are deleted. The worklist's own tables (``ups*``) live
+in this file too, created by ``gateway.ups``.
 
 Idempotent: an instance received twice (same SOP Instance UID) is one row. An instance that arrives after its
 series was routed (a quiet period too short for the sender) is kept aside as 'late': recorded, kept in the spool,
@@ -25,13 +31,18 @@ PACS stores once.
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
+
 from medlens.errors import DataError
+
+UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -53,7 +64,27 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, destination TEXT NOT NULL, at REAL NOT NULL,
     ok INTEGER NOT NULL, error TEXT);
+CREATE TABLE IF NOT EXISTS results (
+    job_id INTEGER NOT NULL, sop_class TEXT NOT NULL, sop_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL, PRIMARY KEY(job_id, sop_uid));
 """
+
+
+def result_references(folder: Path) -> list[tuple[str, str, str, str]]:
+    """(SOP Class, SOP Instance, Series, Study UID) of the SEG and SR files of a result folder (headers only;
+    a file that cannot be read, or without valid UIDs, is left out: references are an extra, never a failure)."""
+    out = []
+    for f in sorted(folder.glob("*_seg.dcm")) + sorted(folder.glob("*_sr.dcm")):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=[
+                "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])
+            uids = tuple(str(ds.get(k, "")) for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID",
+                                                        "StudyInstanceUID"))
+        except Exception:
+            continue
+        if all(0 < len(u) <= 64 and UID_RE.fullmatch(u) for u in uids):
+            out.append(uids)
+    return out
 
 
 @dataclass
@@ -120,6 +151,10 @@ class Queue:
         with self.lock:
             return list(self.db.execute(sql, args).fetchall())
 
+    def query(self, sql: str, args=()) -> list[tuple]:
+        """Rows of one read (the UPS worklist's tables live in this file too: ``gateway.ups``)."""
+        return self._all(sql, args)
+
     # ---------------------------------------------------------------------------------------------- receiving
 
     def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: str, calling_aet: str,
@@ -181,21 +216,50 @@ class Queue:
 
     def job_closed(self, job_id: int, state: str, reason: str, model: str | None = None,
                    weights: str | None = None) -> None:
-        """A job ends without results: 'refused' (out of profile) or 'failed'."""
+        """A job ends without results: 'refused' (out of profile) or 'failed' (a job canceled meanwhile, by a UPS
+        cancel request, stays canceled)."""
         assert state in ("refused", "failed")
         with self.tx() as db:
-            db.execute("UPDATE jobs SET state=?, reason=?, model=?, weights=?, updated_at=? WHERE id=?",
-                       (state, reason, model, weights, time.time(), job_id))
+            db.execute("UPDATE jobs SET state=?, reason=?, model=?, weights=?, updated_at=? WHERE id=? "
+                       "AND state != 'canceled'", (state, reason, model, weights, time.time(), job_id))
 
     def job_predicted(self, job_id: int, result_dir: str, model: str, weights: str, destinations: list[str]) -> None:
-        """Results written: the job now waits for one delivery per destination."""
+        """Results written: the job now waits for one delivery per destination. The UIDs of its result objects
+        (SR, SEG) are recorded with it (the UPS worklist's output references). A job canceled meanwhile (a UPS
+        cancel request while it was predicted) stays canceled: nothing is sent."""
         now = time.time()
+        refs = result_references(Path(result_dir))
         with self.tx() as db:
-            db.execute("UPDATE jobs SET state='delivering', result_dir=?, model=?, weights=?, updated_at=? WHERE id=?",
-                       (result_dir, model, weights, now, job_id))
+            cur = db.execute("UPDATE jobs SET state='delivering', result_dir=?, model=?, weights=?, updated_at=? "
+                             "WHERE id=? AND state != 'canceled'", (result_dir, model, weights, now, job_id))
+            if cur.rowcount == 0:
+                return
+            db.executemany("INSERT OR IGNORE INTO results(job_id, sop_class, sop_uid, series_uid, study_uid) "
+                           "VALUES (?,?,?,?,?)", [(job_id, *r) for r in refs])
             for d in destinations:
                 db.execute("INSERT OR IGNORE INTO deliveries(job_id, destination, next_at) VALUES (?,?,?)",
                            (job_id, d, now))
+
+    def cancel_open_jobs(self, db: sqlite3.Connection, series_uid: str, reason: str) -> bool:
+        """Within the caller's transaction ``db`` (``tx()``): cancel a series' jobs not yet predicted (a UPS cancel
+        request); False, and nothing changed, when one already has results on their way (no calling them back)."""
+        if db.execute("SELECT 1 FROM jobs WHERE series_uid=? AND state IN ('delivering','delivered')",
+                      (series_uid,)).fetchone():
+            return False
+        db.execute("UPDATE jobs SET state='canceled', reason=?, updated_at=? WHERE series_uid=? AND state='pending'",
+                   (reason, time.time(), series_uid))
+        return True
+
+    def job_outcomes(self, series_uid: str) -> list[tuple[str, str, str | None]]:
+        """(run, state, reason) of each job of a series."""
+        return [(r[0], r[1], r[2]) for r in self._all("SELECT run, state, reason FROM jobs WHERE series_uid=? "
+                                                      "ORDER BY id", (series_uid,))]
+
+    def delivered_results(self, series_uid: str) -> list[tuple[str, str, str, str]]:
+        """(SOP Class, SOP Instance, Series, Study UID) of the result objects of a series' delivered jobs."""
+        return [(r[0], r[1], r[2], r[3]) for r in self._all(
+            "SELECT r.sop_class, r.sop_uid, r.series_uid, r.study_uid FROM results r JOIN jobs j ON j.id=r.job_id "
+            "WHERE j.series_uid=? AND j.state='delivered' ORDER BY j.id, r.sop_uid", (series_uid,))]
 
     # ---------------------------------------------------------------------------------------------- delivery
 

@@ -15,6 +15,7 @@ from medlens.gateway.queue import Queue
 from medlens.gateway.scp import Spool, StoreSCP
 from medlens.gateway.status_page import redact, status_router
 from medlens.gateway.stow import StowServer
+from medlens.gateway.ups import UpsService, UpsWorker
 from medlens.gateway.worker import Worker
 
 
@@ -35,7 +36,10 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
     queue = Queue(cfg.queue_path)
     audit = AuditLog(cfg.audit, key)
     metrics = GatewayMetrics()
-    worker = Worker(cfg, queue, audit, metrics, say, runs)
+    ups = UpsService(cfg, queue, audit, say, source) if cfg.ups is not None else None  # the AIW-I worklist
+    worker = (UpsWorker if ups is not None else Worker)(cfg, queue, audit, metrics, say, runs)
+    if isinstance(worker, UpsWorker) and ups is not None:
+        worker.ups = ups
     spool = Spool(cfg, queue, audit, metrics)
     scp = StoreSCP(cfg, spool)
     http = stow = None
@@ -48,6 +52,8 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
         except OSError as e:
             raise ConfigError(f"cannot listen for DICOM on {cfg.listen.host}:{cfg.listen.port} ({e.strerror or e})",
                               source) from None
+        if ups is not None:
+            ups.attach(scp.server)  # UPS Push/Pull/Watch/Query on the same AE, port and allow-list
         shown = None
         if cfg.metrics is not None:
             try:
@@ -61,6 +67,8 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
             ready(Listening(f"{cfg.listen.ae_title}@{cfg.listen.host}:{cfg.listen.port}", shown, stow_url))
         while not stop.is_set():
             worker.step()
+            if ups is not None:
+                ups.sync()
             stop.wait(cfg.poll_s)
     finally:
         if stow is not None:
