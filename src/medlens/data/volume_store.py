@@ -133,8 +133,12 @@ class StoredVolume:
             self.source_spacing = _floats(rec.get("source_spacing"), 3, "source spacing", positive=True)
             self.modality = str(rec.get("modality", "OT"))
             meta = rec.get("meta", {})
-            self.meta: dict[str, Any] = dict(meta) if isinstance(meta, dict) else {}
-            self.stats = dict(rec.get("stats", {})) if isinstance(rec.get("stats"), dict) else {}
+            if not isinstance(meta, dict):
+                raise ValueError("meta is not a mapping")
+            self.meta: dict[str, Any] = {str(k): v for k, v in meta.items()
+                                         if isinstance(v, (str, int, float))}
+            stats = rec.get("stats", {})
+            self.stats = {str(k): float(v) for k, v in stats.items()} if isinstance(stats, dict) else {}
         except (ValueError, TypeError) as e:
             raise DataError(f"not a complete medlens volume ({e})", self.path) from None
         self.array: Any = arr  # blosc2.NDArray
@@ -185,6 +189,12 @@ class StoredVolume:
         for sl, slab in self.slabs():
             np.less(slab, value, out=out[sl])
         return out
+
+    def geometry(self) -> Image:
+        """An ``io.Image`` with this volume's grid, shape and metadata and no voxels (a zero-strided array): for what
+        needs only the geometry, e.g. ordering a DICOM series' instances like the z axis."""
+        return Image(np.broadcast_to(np.zeros((), self.dtype), self.shape), spacing=self.spacing, origin=self.origin,
+                     direction=self.direction, modality=self.modality, meta=dict(self.meta))
 
     def image(self, box: tuple[slice, slice, slice] | None = None) -> Image:
         """An in-memory ``io.Image`` of ``box`` (all the volume when None) with its own origin."""

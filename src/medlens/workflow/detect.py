@@ -8,9 +8,15 @@ Two stages:
    why blobs and not a detection network: see that module);
 2. false-positive reduction: a trained patch classifier, a medlens run (the seed nodule CNN on 50x50 axial HU
    patches, or a 3D patch CNN), opened with ``Run.open``; each candidate's patch is cut from the scan with the
-   same extractor as the training store (``data.nodules.extract_patch_2d`` / ``_3d``) and prepared and scored by
+   same extractor as the training store (``data.nodules.extract_patch_2d`` / ``_3d``), reading only its chunks of
+   the volume store (``data.volume_store``), and prepared and scored by
    the run's ``Predictor`` (its lung window, its calibration): the one preparation path. Without a run the
    probability is the blob response scaled to [0, 1] (a classical ranking, no learning).
+
+Scans are read through the volume store (``data.nodules.load_scan``: decoded once, in a child process): the
+candidate stage (HU check, LoG) holds one scan's voxels at a time, the lung mask is ``workflow.nodules.lung_mask_of``
+(``lung_mask`` voxel for voxel in a fraction of its memory), and after it only the stored volume's memory map is kept
+for the patches, the SR and the gallery, so memory does not grow with the number of scans.
 
 Never detect with a classifier that saw the scan: the run's ``run.json`` records its data; the caller chooses the
 run (the CLI warns when the scan's seriesuid is among the run's training patients).
@@ -29,19 +35,18 @@ import highdicom as hd
 import numpy as np
 import pandas as pd
 
-from medlens.data.nodules import AIR_HU, extract_patch_2d, extract_patch_3d
+from medlens.data.nodules import AIR_HU, Scan, extract_patch_2d, extract_patch_3d, load_scan
 from medlens.data.sources import get_source
 from medlens.errors import ConfigError, MedlensWarning
 from medlens.evaluation.froc import FrocResult, froc_files
 from medlens.imaging.nodules import check_ct_hu, nodule_candidates
-from medlens.imaging.segment import lung_mask
-from medlens.io import load
 from medlens.io.dicom_sources import dicom_sources, is_dicom_input
 from medlens.report.dicom_sr import Algorithm, DetectedNodule, detection_sr, write_sr
 from medlens.report.gallery import candidate_png, write_gallery
 from medlens.run.predictor import Predictor
 from medlens.run.run import Run
 from medlens.utils import atomic_dir, atomic_path
+from medlens.workflow.nodules import lung_mask_of
 
 PIPELINE_CHECK = ("With a handful of scans (here LIDC-IDRI-0001 and -0002: one accepted LUNA16 nodule) the FROC is a "
                   "pipeline check, not a detection result: published detectors reach CPM 0.93-0.94 on the 888 LUNA16 "
@@ -74,7 +79,7 @@ def _seriesuid(image, path: Path) -> str:
     return str(uid) if uid else (path.stem if path.suffix.lower() == ".mhd" else path.name)
 
 
-def _patches(image, world: np.ndarray, predictor) -> np.ndarray:
+def _patches(image: Scan, world: np.ndarray, predictor) -> np.ndarray:
     """The run's inputs for each candidate: the training store's extractor, then ``Predictor.prepare``."""
     spec = predictor.spec
     size = int(predictor.meta.input_size[0])
@@ -124,7 +129,8 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
         if progress:
             progress(i, len(scans), "reading")
         t0 = time.perf_counter()
-        image = load(s)
+        scan = load_scan(Path(s))
+        image = scan.image()  # the candidate stage filters the whole volume
         check_ct_hu(image, str(s))
         uid = _seriesuid(image, Path(s))
         if uid in seen:
@@ -132,14 +138,15 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
                    "(choose a run that never saw it)")
             warnings.warn(msg, MedlensWarning)
             rep.notes.append(msg)
-        lungs = lung_mask(image)
+        lungs = lung_mask_of(scan)
         cands = nodule_candidates(image, lungs, max_candidates=max_candidates)
+        del image, lungs  # from here on the scan is read patch by patch from the store
         t1 = time.perf_counter()
         world = cands[["coordX", "coordY", "coordZ"]].to_numpy(float)
         if predictor is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MedlensWarning)  # patches are the run's own kind of input
-                probs = predictor.predict_arrays(_patches(image, world, predictor)) if len(world) else np.zeros(0)
+                probs = predictor.predict_arrays(_patches(scan, world, predictor)) if len(world) else np.zeros(0)
         else:
             score = cands["score"].to_numpy(float)
             top = float(np.nanmax(score)) if len(score) else 1.0
@@ -147,8 +154,8 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
         cands = cands.assign(probability=np.asarray(probs, float)).sort_values("probability", ascending=False,
                                                                                kind="stable").reset_index(drop=True)
         t2 = time.perf_counter()
-        rep.scans.append(ScanDetection(uid, int(image.shape[0]), cands, t2 - t0, t1 - t0, t2 - t1))
-        images.append((s, image))
+        rep.scans.append(ScanDetection(uid, int(scan.shape[0]), cands, t2 - t0, t1 - t0, t2 - t1))
+        images.append((s, scan))
     with atomic_dir(out) as work:
         rows = pd.concat([d.candidates.assign(seriesuid=d.seriesuid) for d in rep.scans], ignore_index=True)
         with atomic_path(work / "candidates.csv") as tmp:
@@ -179,7 +186,8 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
 
 def _write_srs(work: Path, rep: DetectReport, images, algorithm, max_findings: int) -> None:
     """One TID 1500 SR per DICOM scan; .mhd scans have no DICOM instances to reference (noted, skipped)."""
-    for d, (src, image) in zip(rep.scans, images):
+    for d, (src, scan) in zip(rep.scans, images):
+        image = scan.geometry()  # the grid and metadata: the SR references instances, not voxels
         if not is_dicom_input(src, image):
             rep.notes.append(f"scan ...{d.seriesuid[-12:]}: not a DICOM series, so no SR (it would reference no "
                              "DICOM instances)")
