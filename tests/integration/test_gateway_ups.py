@@ -90,6 +90,7 @@ class World:
 
     def __init__(self, folder: Path, run: Path) -> None:
         self.folder, self.port, self.pacs_port, self.event_port = folder, free_port(), free_port(), free_port()
+        self.run = run
         self.pacs_dir = folder / "pacs"
         self.pacs_dir.mkdir()
         self.config = folder / "gateway.yaml"
@@ -104,6 +105,9 @@ site_key_env: MEDLENS_TEST_SITE_KEY
 rules:
   - name: chest-xray
     match: {{modality: [DX], body_part: [CHEST]}}
+    runs: [{run}]
+  - name: misrouted-ct
+    match: {{series_description: "^MISROUTE"}}
     runs: [{run}]
 destinations:
   - {{name: pacs, kind: dimse, url: "dimse://PACS@127.0.0.1:{self.pacs_port}"}}
@@ -159,6 +163,9 @@ ups:
         r = subprocess.run(["storescu", "-aet", "MODALITY1", "-aec", GW_AET, "127.0.0.1", str(self.port),
                             *map(str, files)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
+
+    def audit(self) -> list[dict]:
+        return [json.loads(ln) for ln in (self.folder / "audit.jsonl").read_text().splitlines()]
 
     def pacs_files(self) -> dict[str, pydicom.Dataset]:
         return {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f, stop_before_pixels=True)
@@ -233,10 +240,23 @@ def test_a_client_work_item_is_claimed_and_completed_with_the_sr_reference(world
         assert secret not in audit and secret not in world.logs[-1].read_text()
 
 
-def test_the_gateway_schedules_its_own_work_items_and_cancels_an_unrouted_series(world, xrays, tmp_path):
+def ct_slice(folder: Path, data_root: Path) -> tuple[Path, str]:
+    """A real LIDC CT slice as a series of its own (new UIDs, the distinctive patient), described so that the
+    'misrouted-ct' rule sends it to the X-ray run, whose out-of-profile gate refuses it; (file, series UID)."""
+    ds = pydicom.dcmread(sorted((data_root / "lidc-idri-0001").rglob("*.dcm"))[60])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.SeriesDescription = NAME, PID, "MISROUTE ct"
+    path = folder / "ct.dcm"
+    ds.save_as(path)
+    return path, str(ds.SeriesInstanceUID)
+
+
+def test_the_gateway_schedules_its_own_work_items_and_cancels_with_the_reason(world, xrays, data_root, tmp_path):
     routed, _, routed_series, _ = xray(tmp_path, xrays[1])
     stray, _, stray_series, _ = xray(tmp_path, xrays[2], modality="MG")  # no rule takes a mammogram
-    world.send(routed, stray)
+    ct, ct_series = ct_slice(tmp_path, data_root)
+    world.send(routed, stray, ct)
 
     def item(series):
         m = [x for x in world.ask("find")["matches"] if series in x["series"]]
@@ -252,9 +272,12 @@ def test_the_gateway_schedules_its_own_work_items_and_cancels_an_unrouted_series
     assert world.states(canceled) == ["SCHEDULED", "IN PROGRESS", "CANCELED"]
     (ev,) = [e for e in world.events(canceled) if e["state"] == "CANCELED"]
     assert ev["reason"].startswith("unrouted")
+    refused = _final(world, wait_for("the CT's work item", lambda: item(ct_series)))
+    assert refused["state"] == "CANCELED" and refused["reason"].startswith(f"{world.run.name}: out of profile: "), \
+        refused
 
 
-def test_a_cancel_request_cancels_a_scheduled_item_and_the_final_states_refuse_it(world, tmp_path):
+def test_a_cancel_request_cancels_a_scheduled_item_and_the_final_states_refuse_it(world, xrays, tmp_path):
     uid, study, series = generate_uid(), generate_uid(), generate_uid()
     assert world.ask("create", uid=uid, inputs=[[study, series, [[DX, generate_uid()]]]])["status"] == 0
     assert world.ask("cancel", uid=uid, reason="wrong patient")["status"] == 0  # RAD-88
@@ -266,6 +289,17 @@ def test_a_cancel_request_cancels_a_scheduled_item_and_the_final_states_refuse_i
     completed = [m["uid"] for m in world.ask("find", state="COMPLETED")["matches"]]
     assert completed and world.ask("cancel", uid=completed[0])["status"] == 0xC311  # already COMPLETED
     assert world.ask("cancel", uid=generate_uid())["status"] == 0xC307  # unknown work item
+    # the series of a work item canceled before it arrived is recorded, not predicted
+    f, study, series, sop = xray(tmp_path, xrays[3])
+    uid = generate_uid()
+    assert world.ask("create", uid=uid, inputs=[[study, series, [[DX, sop]]]])["status"] == 0
+    assert world.ask("cancel", uid=uid)["status"] == 0
+    world.send(f)
+    unrouted = wait_for("the series recorded", lambda: [e for e in world.audit() if e["event"] == "unrouted"
+                                                         and e.get("series") == hashed(series)])
+    assert unrouted[0]["reason"] == "its work item was canceled before the series was complete"
+    assert not [e for e in world.audit() if e["event"] in ("routed", "predicted") and e.get("series") == hashed(series)]
+    assert [m["uid"] for m in world.ask("find")["matches"] if series in m["series"]] == [uid]
 
 
 def test_an_external_performer_goes_through_the_state_table(world):
@@ -336,6 +370,15 @@ def test_the_worklist_and_subscriptions_survive_a_restart(world, monkeypatch):
             {"status": 0}
         wait_for("the new item's event", lambda: world.states(uid))
         assert world.states(uid) == ["SCHEDULED"]
+        # RAD-86: unsubscribed, no report; events go out in order, so once a later item's report (subscribed
+        # again) has arrived, one for the item made in between would have arrived before it
+        assert world.ask("unsubscribe")["status"] == 0
+        unseen, seen = generate_uid(), generate_uid()
+        assert world.ask("create", uid=unseen, inputs=[[generate_uid(), generate_uid(), []]])["status"] == 0
+        assert world.ask("subscribe")["status"] == 0
+        assert world.ask("create", uid=seen, inputs=[[generate_uid(), generate_uid(), []]])["status"] == 0
+        wait_for("the later item's event", lambda: world.states(seen))
+        assert world.states(unseen) == ["SCHEDULED"]  # only the initial report of the new global subscription
     finally:
         stop.set()
         t.join(60)

@@ -42,7 +42,7 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
         worker.ups = ups
     spool = Spool(cfg, queue, audit, metrics)
     scp = StoreSCP(cfg, spool)
-    http = stow = None
+    http = stow = sender = None
     try:
         if cfg.stow is not None:  # the serve app (its API keys, limits) with the STOW-RS routes and the status page
             stow = StowServer(cfg, spool, list(runs), source)
@@ -54,6 +54,7 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
                               source) from None
         if ups is not None:
             ups.attach(scp.server)  # UPS Push/Pull/Watch/Query on the same AE, port and allow-list
+            sender = ups.start(stop, cfg.poll_s)  # the event reports' sender thread
         shown = None
         if cfg.metrics is not None:
             try:
@@ -76,6 +77,9 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
         scp.stop()
         if http is not None:
             http[0].shutdown()
+        if sender is not None:
+            stop.set()  # on an error too: the sender thread stops before the queue closes
+            sender.join(timeout=cfg.ups.event_timeout_s * 3 if cfg.ups else 30)
         queue.close()
 
 

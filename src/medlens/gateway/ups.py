@@ -136,8 +136,8 @@ class UpsStore:
     """The work items, subscriptions and event outbox, in the gateway's queue file (its lock, its
     transactions): tables ``ups``, ``ups_subscriptions``, ``ups_events``, ``ups_meta`` created when missing."""
 
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
+    def __init__(self, queue: Queue, wake: threading.Event | None = None) -> None:
+        self.queue, self.wake = queue, wake
         with queue.lock:
             queue.db.executescript(SCHEMA)
         with queue.tx() as db:
@@ -167,6 +167,8 @@ class UpsStore:
         for aet in aets:
             db.execute("INSERT INTO ups_events(uid, aet, event_type, info, next_at) VALUES (?,?,?,?,?)",
                        (uid, aet, event_type, _enc(info), time.time()))
+        if aets and self.wake is not None:
+            self.wake.set()  # after the caller's commit the sender finds them (at worst one round later)
 
     @staticmethod
     def state_info(ds: Dataset) -> Dataset:
@@ -328,9 +330,10 @@ class UpsService:
             if not cfg.allow_unencrypted and not net.is_local(host):
                 raise ConfigError(f"ups.subscribers: {aet} at {host}: DIMSE to another host is not encrypted; set "
                                   "allow_unencrypted: true to allow it", source)
-        self.store = UpsStore(queue)
         self.rng = random.Random()
         self.lock = threading.Lock()  # one state change at a time (SCP threads and the worker)
+        self.wake = threading.Event()  # a state change: the sender thread sends now
+        self.store = UpsStore(queue, self.wake)
 
     # -------------------------------------------------------------------------------------- the SCP
 
@@ -646,8 +649,8 @@ class UpsService:
         return bool(states) and all(s == CANCELED for s in states)
 
     def sync(self) -> None:
-        """Bring the work items up to the queue's state (crash-safe: derived from the series and jobs tables),
-        then send the queued event reports."""
+        """Bring the work items up to the queue's state (crash-safe: derived from the series and jobs tables).
+        Their event reports are sent by the sender thread (``start``)."""
         q = self.queue
         for (s,) in q.query("SELECT s.series_uid FROM series s WHERE s.state != 'receiving' AND s.first_at >= ? AND "
                            "NOT EXISTS (SELECT 1 FROM ups u WHERE u.series_uid=s.series_uid)", (self.store.since,)):
@@ -662,7 +665,7 @@ class UpsService:
                 self.finish(uid, CANCELED, f"unrouted: {reason or ''}".strip())
             elif series_state in ("done", "failed"):
                 self.conclude(uid, series)
-        self.send_events()
+        self.wake.set()
 
     def claim(self, uid: str) -> None:
         with self.lock, self.queue.tx() as db:
@@ -703,6 +706,22 @@ class UpsService:
                     outputs=len(outputs or []) if state == COMPLETED else None)
 
     # -------------------------------------------------------------------------------------- event reports
+
+    def start(self, stop: threading.Event, every_s: float) -> threading.Thread:
+        """The sender thread: due event reports sent every ``every_s`` (at once after a state change), until
+        ``stop``; a subscriber slow to answer never holds the worker up."""
+        def loop() -> None:
+            while not stop.is_set():
+                self.wake.clear()
+                try:
+                    self.send_events()
+                except Exception as e:  # never fatal: the outbox keeps the events for the next round
+                    self.say(f"UPS event reports: {type(e).__name__}")
+                self.wake.wait(every_s)
+
+        t = threading.Thread(target=loop, name="ups-events", daemon=True)
+        t.start()
+        return t
 
     def send_events(self) -> None:
         """Send the due event reports, per subscriber in order, one association each; a subscriber that does
