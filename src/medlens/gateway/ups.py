@@ -183,16 +183,14 @@ class UpsStore:
                 info.ReasonForCancellation = reason
         return info
 
-    def write(self, db, uid: str, ds: Dataset, *, txn: str | None = ..., performer: str | None = ...,  # type: ignore[assignment]
-              reason: str | None = None, report: bool = True) -> None:
-        """Store a work item's new data set (and state); a state report queued for its subscribers."""
+    def write(self, db, uid: str, ds: Dataset, *, owner: tuple[str, str] | None = None, reason: str | None = None,
+              report: bool = True) -> None:
+        """Store a work item's new data set (and state; ``owner``: the claim's (Transaction UID, performer AE));
+        a state report queued for its subscribers."""
         sets, args = ["state=?", "dataset=?", "updated_at=?"], [str(ds.ProcedureStepState), _enc(ds), time.time()]
-        if txn is not ...:
-            sets.append("txn=?")
-            args.append(txn)
-        if performer is not ...:
-            sets.append("performer=?")
-            args.append(performer)
+        if owner is not None:
+            sets += ["txn=?", "performer=?"]
+            args += list(owner)
         if reason is not None:
             sets.append("reason=?")
             args.append(reason)
@@ -395,7 +393,7 @@ class UpsService:
 
     def _public(self, ds: Dataset) -> Dataset:
         if "TransactionUID" in ds:
-            del ds.TransactionUID  # never returned (PS3.4 CC.2.7: only the performer knows it)
+            del ds.TransactionUID  # never returned: only the performer knows it (PS3.4 Annex CC)
         return ds
 
     def on_get(self, event):
@@ -463,7 +461,8 @@ class UpsService:
             yield 0xA900, None
             return
         try:
-            want = {e.keyword: str(e.value) for e in ident if e.keyword in MATCHED and e.VR != "SQ" and e.value}
+            want = {e.keyword: str(e.value) for e in ident
+                    if e.keyword in MATCHED and e.VR != "SQ" and e.value and str(e.value) != "*"}
             rows = self.queue.query("SELECT dataset FROM ups ORDER BY created_at")
             for (blob,) in rows:
                 ds = self._public(_dec(blob))
@@ -531,7 +530,7 @@ class UpsService:
                 if state != SCHEDULED:
                     raise Refused(MAY_NO_LONGER_BE_UPDATED, f"the work item is {state}")
                 ds.ProcedureStepState = IN_PROGRESS
-                self.store.write(db, uid, ds, txn=txn, performer=calling)
+                self.store.write(db, uid, ds, owner=(txn, calling))
                 status = SUCCESS
             else:
                 if state == SCHEDULED:
@@ -579,7 +578,7 @@ class UpsService:
                     raise Refused(WILL_NOT_CANCEL, "results already on their way")
             if state == SCHEDULED:
                 ds.ProcedureStepState = IN_PROGRESS
-                self.store.write(db, uid, ds, txn=generate_uid(), performer=self.aet)
+                self.store.write(db, uid, ds, owner=(generate_uid(), self.aet))
             _canceled(ds, text)
             self.store.write(db, uid, ds, reason=text)
         self._audit("ups_state", uid, calling_aet=calling, state=CANCELED, reason="cancel requested")
@@ -674,7 +673,7 @@ class UpsService:
                 return
             ds = _dec(row["dataset"])
             ds.ProcedureStepState = IN_PROGRESS
-            self.store.write(db, uid, ds, txn=generate_uid(), performer=self.aet)
+            self.store.write(db, uid, ds, owner=(generate_uid(), self.aet))
         self._audit("ups_state", uid, calling_aet=self.aet, state=IN_PROGRESS)
 
     def conclude(self, uid: str, series: str) -> None:
