@@ -31,8 +31,10 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
 import uuid
 from contextvars import ContextVar
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,9 +52,11 @@ from medlens.utils import remove_pid_named, write_json_atomic
 CACHE_ENV = "MEDLENS_CACHE"
 FORMAT = 1                      # the layout above; part of the folder's hash
 MAX_CHUNK = 64                  # rows per chunk file (smaller when there are few images per worker)
-# fewer files than this are prepared in this process: the fork server's first start imports medlens and torch
-# (~3-8 s here), which a pool only wins back over a few thousand files (~700 PNGs a second a core)
+# less work than this is prepared in this process alone: the fork server's first start imports medlens and torch
+# (~3-8 s of CPU here), which a pool only wins back over a few thousand small files (~700 PNGs a second a core) or
+# a few hundred MB of sources (512 px radiographs, volumes)
 MIN_PARALLEL = 2000
+MIN_PARALLEL_BYTES = 256 * 2**20
 _TMP = re.compile(r"^\.tmp-(\d+)-")
 _CPARAMS = {"codec": blosc2.Codec.ZSTD, "clevel": 1, "nthreads": 1}
 _DPARAMS = {"nthreads": 1}
@@ -316,53 +320,116 @@ def prepare_store(paths: Sequence[Path], prepare: Preparer, workers: int | None 
     return BuildResult(store.folder, built, len(paths) - built, out)
 
 
+def _parallel(paths: list[str], workers: int, parts: int) -> bool:
+    """Whether a pool pays for itself: several workers and parts, and at least ``MIN_PARALLEL`` files or
+    ``MIN_PARALLEL_BYTES`` of sources (a few large files, volumes, are as much work as many small ones)."""
+    if workers < 2 or parts < 2:
+        return False
+    if len(paths) >= MIN_PARALLEL:
+        return True
+    total = 0
+    for p in paths:
+        try:
+            total += os.stat(p).st_size
+        except OSError:
+            continue  # its error comes from the build
+        if total >= MIN_PARALLEL_BYTES:
+            return True
+    return False
+
+
+def _ready() -> bool:
+    return True
+
+
+def _catching(fn: Callable[[], None], failed: list[BaseException]) -> None:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the thread that joins this one
+        failed.append(e)
+
+
 def _build(folder: Path, paths: list[str], keys: list[str], prepare: Preparer, workers: int,
            progress: Callable | None, offset: int = 0, total: int = 0) -> int:
     """Prepare and store ``paths``; ``progress(offset + done, total)`` after each file (in this process) or each
-    chunk (workers)."""
+    chunk (workers). With ``workers`` > 1 (and work enough, ``_parallel``) this process is one of the workers: it
+    prepares parts itself from the first moment while ``workers - 1`` pool processes start (the fork server's first
+    start imports the preparation, seconds) and take parts as they come free."""
     n = len(paths)
     total = total or n
     size = _chunks_of(n, workers)
-    parts = [(paths[i:i + size], keys[i:i + size]) for i in range(0, n, size)]
-    done = 0
-    if workers == 1 or len(parts) == 1 or n < MIN_PARALLEL:
-        counted = [0]
+    parts = deque((i, paths[s:s + size], keys[s:s + size]) for i, s in enumerate(range(0, n, size)))
+    counted = [0]
 
-        def step() -> None:
-            counted[0] += 1
-            if progress:
-                progress(offset + counted[0], total)
+    def step() -> None:
+        counted[0] += 1
+        if progress:
+            progress(offset + counted[0], total)
 
-        for ps, ks in parts:
+    if not _parallel(paths, workers, len(parts)):
+        for _, ps, ks in parts:
             r = _build_chunk(folder, ps, ks, prepare, step)
             if isinstance(r, str):
                 raise DataError(r)
-            done += r
-        return done
-    ctx = _context()
+        return counted[0]
     errors: dict[int, str] = {}
-    with ProcessPoolExecutor(max_workers=min(workers, len(parts)), mp_context=ctx, initializer=_worker_init) as ex:
-        pending = {ex.submit(_build_chunk, folder, ps, ks, prepare): i for i, (ps, ks) in enumerate(parts)}
-        try:
-            while pending and not errors:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+    cv2 = sys.modules.get("cv2")
+    threads = cv2.getNumThreads() if cv2 is not None else None
+    _worker_init()   # this process is a worker too: one OpenCV thread, restored after
+    pool = min(workers - 1, len(parts) - 1)
+    ctx = _context()
+    try:
+        with ProcessPoolExecutor(max_workers=pool, mp_context=ctx, initializer=_worker_init) as ex:
+            pending: dict[Any, int] = {}
+
+            def collect(block: bool) -> None:
+                if not pending:
+                    return
+                finished, _ = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
                 for f in finished:
                     i, r = pending.pop(f), f.result()
                     if isinstance(r, str):
                         errors[i] = r
-                        continue
-                    done += r
-                    if progress:
-                        progress(offset + done, total)
-        finally:
-            for f in pending:
-                f.cancel()  # parts not started; those running finish (earlier parts are never the cancelled ones)
-        for f, i in pending.items():
-            if not f.cancelled() and isinstance(r := f.result(), str):
-                errors[i] = r
+                    else:
+                        counted[0] += r
+                        if progress:
+                            progress(offset + counted[0], total)
+
+            def feed() -> None:  # two parts queued per pool process: it never waits for this one
+                while parts and len(pending) < 2 * pool and not errors:
+                    part = parts.popleft()
+                    try:
+                        pending[ex.submit(_build_chunk, folder, part[1], part[2], prepare)] = part[0]
+                    except BaseException:
+                        parts.appendleft(part)
+                        raise
+
+            # a fork server's first start waits for its preload (seconds, it imports torch): a warm-up task starts
+            # the pool from a thread while this process prepares; parts go to the pool once it is up
+            failed: list[BaseException] = []
+            starter = threading.Thread(target=_catching, args=(lambda: ex.submit(_ready).result(), failed),
+                                       daemon=True)
+            starter.start()
+            # after a bad file, only the parts before it go on (the error reported is the first in the order given)
+            while parts and not (errors and parts[0][0] > min(errors)):
+                i, ps, ks = parts.popleft()
+                r = _build_chunk(folder, ps, ks, prepare, step)
+                if isinstance(r, str):
+                    errors[i] = r
+                if not starter.is_alive():
+                    collect(False)
+                    feed()
+            starter.join()
+            if failed:
+                raise failed[0]
+            while pending:
+                collect(True)
+    finally:
+        if cv2 is not None and threads is not None:
+            cv2.setNumThreads(threads)
     if errors:
         raise DataError(errors[min(errors)])  # the first bad file in the order given, as a serial build finds it
-    return done
+    return counted[0]
 
 
 class _Group:

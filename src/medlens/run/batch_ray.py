@@ -15,7 +15,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import ray
 import ray.data
 import torch
 
-from medlens.run.batch import Batch, Row, answer, decode
+from medlens.run.batch import Batch, Row, answer, decode, inference_network
 from medlens.run.predictor import Predictor
 from medlens.run.run import Run
 
@@ -41,6 +41,8 @@ class PredictorActor:
         torch.set_num_threads(1)          # one CPU per actor: Ray schedules the parallelism
         warnings.filterwarnings("ignore")  # the rows carry what matters (out-of-profile reasons, errors)
         self.predictor = Predictor(Run.open(run_dir, expect="classification"), tta=tta)
+        self._layout = ExitStack()   # the inference copy of the network for the actor's life, as the local engine
+        self._layout.enter_context(inference_network(self.predictor))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, errors = answer(self.predictor, [decode(self.predictor, str(f)) for f in batch["file"]])
