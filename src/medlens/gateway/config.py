@@ -23,6 +23,7 @@ Example::
     destinations:
       - {name: pacs, kind: dimse, url: "dimse://ORTHANC@127.0.0.1:4242"}
     retry: {base_s: 2, max_s: 60}
+    ups: {subscribers: {AIREQUESTER: "127.0.0.1:11113"}}   # optional: the AIW-I UPS worklist (also --ups)
 """
 
 from __future__ import annotations
