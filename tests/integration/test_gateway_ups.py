@@ -382,3 +382,28 @@ def test_the_worklist_and_subscriptions_survive_a_restart(world, monkeypatch):
     finally:
         stop.set()
         t.join(60)
+
+
+def test_bad_worklist_settings_are_one_line_errors_before_anything_is_written(trained_run, tmp_path, monkeypatch):
+    from clirun import medlens
+
+    monkeypatch.setenv("MEDLENS_TEST_SITE_KEY", SITE_KEY)
+    base = f"""listen: {{ae_title: GW, host: 127.0.0.1, port: {free_port()}}}
+allowed_aets: [{CLIENT_AET}]
+spool: spool
+audit: audit.jsonl
+site_key_env: MEDLENS_TEST_SITE_KEY
+rules: [{{name: xr, runs: [{trained_run}]}}]
+destinations: [{{name: pacs, kind: dimse, url: "dimse://PACS@127.0.0.1:104"}}]
+"""
+    cfg = tmp_path / "gw.yaml"
+    for ups, needle in (("{subscribers: {A: nowhere}}", "'nowhere' is not host:port"),
+                        ("{subscribers: {A: '127.0.0.1:70000'}}", "is not host:port"),
+                        ("{subscribers: {'A\\\\B': '127.0.0.1:104'}}", "not a DICOM AE title"),
+                        ("{event_timeout_s: 0}", "event_timeout_s"),
+                        ("{subscribers: {A: '10.9.8.7:104'}}", "DIMSE to another host is not encrypted")):
+        cfg.write_text(base + f"ups: {ups}\n")
+        r = medlens("gateway", cfg)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "gw.yaml" in lines[0] and needle in lines[0], r.stderr
+    assert not (tmp_path / "spool").exists() and not (tmp_path / "audit.jsonl").exists()

@@ -16,6 +16,7 @@ from medlens.gateway.scp import Spool, StoreSCP
 from medlens.gateway.status_page import redact, status_router
 from medlens.gateway.stow import StowServer
 from medlens.gateway.ups import UpsService, UpsWorker
+from medlens.gateway.ups import check_config as ups_check
 from medlens.gateway.worker import Worker
 
 
@@ -33,6 +34,7 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
     earlier process (killed or stopped) is taken up first."""
     key = cfg.site_key(source)
     runs = Worker.open_runs(cfg)  # before anything is written: a bad run folder is a one-line error
+    ups_check(cfg, source)  # so is a bad worklist setting
     queue = Queue(cfg.queue_path)
     audit = AuditLog(cfg.audit, key)
     metrics = GatewayMetrics()

@@ -314,6 +314,16 @@ def _completed(ds: Dataset, outputs: list[tuple[str, str, str, str]], aet: str) 
 # ------------------------------------------------------------------------------------------ the service
 
 
+def check_config(cfg: GatewayConfig, source=None) -> None:
+    """The worklist's settings against the rest of the config (a one-line ConfigError): event reports to another
+    host are plain DIMSE, refused unless ``allow_unencrypted`` (the io.net rule)."""
+    for aet, where in (cfg.ups.subscribers if cfg.ups is not None else {}).items():
+        host = where.rpartition(":")[0]
+        if not cfg.allow_unencrypted and not net.is_local(host):
+            raise ConfigError(f"ups.subscribers: {aet} at {host}: DIMSE to another host is not encrypted; set "
+                              "allow_unencrypted: true to allow it", source)
+
+
 class UpsService:
     """The UPS SCP's handlers and the gateway's side of the worklist (see the module's docstring)."""
 
@@ -323,11 +333,7 @@ class UpsService:
         self.settings: Ups = cfg.ups or Ups()
         self.say = say or (lambda _line: None)
         self.aet = cfg.listen.ae_title
-        for aet, where in self.settings.subscribers.items():
-            host = where.rpartition(":")[0]
-            if not cfg.allow_unencrypted and not net.is_local(host):
-                raise ConfigError(f"ups.subscribers: {aet} at {host}: DIMSE to another host is not encrypted; set "
-                                  "allow_unencrypted: true to allow it", source)
+        check_config(cfg, source)
         self.rng = random.Random()
         self.lock = threading.Lock()  # one state change at a time (SCP threads and the worker)
         self.wake = threading.Event()  # a state change: the sender thread sends now
