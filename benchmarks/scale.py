@@ -219,11 +219,14 @@ def run_child(cmd: list[str], env: dict | None = None, sample_rss: bool = False,
 
 def child_peak(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd`` under a tiny Python wrapper that reports the peak RSS of the child process (ru_maxrss of
-    RUSAGE_CHILDREN: the largest of the process and the children it waited for)."""
+    RUSAGE_CHILDREN: the largest of the process and the children it waited for) and the CPU seconds of all of
+    them (user + system: a figure that other processes on the cores change less than wall time)."""
     wrapper = ("import json,resource,subprocess,sys,time;t=time.perf_counter();"
                "r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE);"
                "print(json.dumps({'rc':r.returncode,'seconds':time.perf_counter()-t,"
                "'peak_mb':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024,"
+               "'cpu_s':resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime"
+               "+resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime,"
                "'stderr':r.stderr.decode(errors='replace')[-2000:]}))")
     out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
                          env={**os.environ, **(env or {})})
@@ -448,8 +451,9 @@ def predict_section(t: Table, work: Path, run_dir: Path, files: list[Path], rati
     listing = work / "predict.txt"
     listing.write_text("\n".join(sub) + "\n")
     # the start of a predict process (imports, the run opened), measured on one file, is taken off both commands
-    start = min(check(child_peak([MEDLENS, "predict", str(run_dir), sub[0]]), "medlens predict (1 file)")["seconds"]
-                for _ in range(2))
+    starts = [check(child_peak([MEDLENS, "predict", str(run_dir), sub[0]]), "medlens predict (1 file)")
+              for _ in range(2)]
+    start, start_cpu = min(r["seconds"] for r in starts), min(r["cpu_s"] for r in starts)
     old = check(child_peak([MEDLENS, "predict", str(run_dir), *sub]), "medlens predict (previous path)")
     new = check(child_peak([MEDLENS, "predict", str(run_dir), f"@{listing}", "--out", str(work / "p.csv")]),
                 "medlens predict --out")
@@ -463,6 +467,10 @@ def predict_section(t: Table, work: Path, run_dir: Path, files: list[Path], rati
           f"{new_rate / old_rate:.2f}x of previous ({old['seconds'] / new['seconds']:.2f}x with the start)",
           f"peak RSS {new['peak_mb']:.0f} MB; target >= 2x")
     PROCESS_START[0] = start
+    old_cpu, new_cpu = (old["cpu_s"] - start_cpu) / ratio_n * 1000, (new["cpu_s"] - start_cpu) / ratio_n * 1000
+    t.add(f"CPU time a file, previous path vs `--out results.csv`, {ratio_n} PNGs",
+          f"{old_cpu:.1f} / {new_cpu:.1f} ms", f"{old_cpu / new_cpu:.2f}x less CPU a file",
+          "user + system of every process, the start's taken off")
     t.add(f"plain DataLoader loop (2 workers, cv2), {ratio_n} PNGs", f"{plain:.0f} files/s",
           f"batch predict = {new_rate / plain:.2f}x of it", "no profile check, no results table, run already open")
 
@@ -503,6 +511,9 @@ def ray_section(t: Table, work: Path, run_dir: Path, files: list[Path]) -> None:
                            "--workers", "0"]), "predict --workers 0")
     ray = check(run_child([MEDLENS, "predict", str(run_dir), f"@{listing}", "--out", str(work / "ray.csv"),
                            "--engine", "ray", "--workers", "2"]), "predict --engine ray")
+    if not PROCESS_START[0]:   # predict_section did not run: the start of a predict process, on one file
+        PROCESS_START[0] = min(check(child_peak([MEDLENS, "predict", str(run_dir), str(files[0])]),
+                                     "medlens predict (1 file)")["seconds"] for _ in range(2))
     n, start = len(files), PROCESS_START[0]
     t.add(f"`medlens predict`, one process (--workers 0), {n} PNGs",
           f"{rate(n, one['seconds'] - start):.0f} files/s ({rate(n, one['seconds']):.0f} with the start)", "1.00x",
@@ -519,6 +530,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: small N; the figures only show that it works")
     ap.add_argument("--work", type=Path, help="folder for the corpora and stores (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--sections", default="prep,train,rss,predict,ray",
+                    help="which lines to measure (comma-separated, default all): %(default)s")
     ap.add_argument("--prep-n", type=int, default=10000, help="512 px PNGs for store preparation")
     ap.add_argument("--dicom-n", type=int, default=6000, help="512 px DICOM files for store preparation")
     ap.add_argument("--volumes", type=int, default=40, help="CT-like volumes (128 x 256 x 256) for store preparation")
@@ -537,41 +550,54 @@ def main() -> None:
         a.predict_n, a.ratio_n, a.ray_n, a.train_size, a.predict_size = 600, 300, 300, 32, 32
     quick_banner(a.quick, "small N")
     rss_n = sorted(int(v) for v in a.rss_n.split(","))
+    sections = {v.strip() for v in a.sections.split(",") if v.strip()}
+    unknown = sections - {"prep", "train", "rss", "predict", "ray"}
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}")
     work = a.work or Path(tempfile.mkdtemp(prefix="medlens-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MEDLENS_CACHE", str(work / "cache"))
     t = Table()
     started = time.perf_counter()
     try:
-        with tqdm(total=5, desc="scale benchmark", file=sys.stderr) as bar:
-            vol_shape = (40, 96, 96) if a.quick else (128, 256, 256)
-            corpora = {
-                "PNG 512 px": (write_corpus(work / "png512", "png", a.prep_n, 512), InputSpec(2, (256, 256), "gray")),
-                "DICOM 512 px": (write_corpus(work / "dcm512", "dcm", a.dicom_n, 512),
-                                 InputSpec(2, (256, 256), "gray")),
-                "CT volumes": (write_corpus(work / "ct", "nii", a.volumes, vol_shape),
-                               InputSpec(3, (64, 128, 128), "gray", window="lung")),
-            }
-            bar.set_postfix_str("store preparation")
-            prep_section(t, work, corpora, a.quick)
-            for paths, _ in corpora.values():
-                shutil.rmtree(paths[0].parent.parent)
-            bar.update()
-            need = max(a.train_n, rss_n[-1], a.predict_n, a.ratio_n, a.ray_n)
-            png256 = write_corpus(work / "png256", "png", need, 256)
-            bar.set_postfix_str("training throughput")
-            train_section(t, work, png256[:a.train_n], a.train_size)
-            bar.update()
-            bar.set_postfix_str("train peak RSS")
-            rss_section(t, work, png256, rss_n, a.train_size)
-            bar.update()
-            bar.set_postfix_str("predict")
-            run_dir = predict_run(work, png256[:min(2000, len(png256))], a.predict_size)
-            predict_section(t, work, run_dir, png256, a.ratio_n, a.predict_size, a.predict_n)
-            bar.update()
-            bar.set_postfix_str("ray")
-            ray_section(t, work, run_dir, png256[:a.ray_n])
-            bar.update()
+        with tqdm(total=len(sections), desc="scale benchmark", file=sys.stderr) as bar:
+            if "prep" in sections:
+                vol_shape = (40, 96, 96) if a.quick else (128, 256, 256)
+                corpora = {
+                    "PNG 512 px": (write_corpus(work / "png512", "png", a.prep_n, 512),
+                                   InputSpec(2, (256, 256), "gray")),
+                    "DICOM 512 px": (write_corpus(work / "dcm512", "dcm", a.dicom_n, 512),
+                                     InputSpec(2, (256, 256), "gray")),
+                    "CT volumes": (write_corpus(work / "ct", "nii", a.volumes, vol_shape),
+                                   InputSpec(3, (64, 128, 128), "gray", window="lung")),
+                }
+                bar.set_postfix_str("store preparation")
+                prep_section(t, work, corpora, a.quick)
+                for paths, _ in corpora.values():
+                    shutil.rmtree(paths[0].parent.parent)
+                bar.update()
+            need = max([a.train_n if "train" in sections else 0, rss_n[-1] if "rss" in sections else 0,
+                        max(a.predict_n, a.ratio_n) if "predict" in sections else 0,
+                        a.ray_n if "ray" in sections else 0, 2000 if {"predict", "ray"} & sections else 0])
+            png256 = write_corpus(work / "png256", "png", need, 256) if need else []
+            if "train" in sections:
+                bar.set_postfix_str("training throughput")
+                train_section(t, work, png256[:a.train_n], a.train_size)
+                bar.update()
+            if "rss" in sections:
+                bar.set_postfix_str("train peak RSS")
+                rss_section(t, work, png256, rss_n, a.train_size)
+                bar.update()
+            if {"predict", "ray"} & sections:
+                run_dir = predict_run(work, png256[:2000], a.predict_size)
+                if "predict" in sections:
+                    bar.set_postfix_str("predict")
+                    predict_section(t, work, run_dir, png256, a.ratio_n, a.predict_size, a.predict_n)
+                    bar.update()
+                if "ray" in sections:
+                    bar.set_postfix_str("ray")
+                    ray_section(t, work, run_dir, png256[:a.ray_n])
+                    bar.update()
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

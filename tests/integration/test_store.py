@@ -16,11 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from medlens.config import DataConfig
 from medlens.data.folder import list_images, load_image_folder
+from medlens.data import store as store_module
 from medlens.data.store import Store, prepare_store
+from medlens.errors import DataError
 from medlens.transforms.preprocess import InputSpec, Preparer, prepared_data
 
 
@@ -184,6 +187,28 @@ def test_a_damaged_chunk_is_not_read_as_valid(tmp_path, data_root):
     assert _arrays(load_image_folder(root, redo, seed=0)).keys() == clean.keys()
     assert 0 < sum(r.built for r in redo.store_log) < 12
     assert all(np.array_equal(a, clean[k]) for k, a in _arrays(load_image_folder(root, redo, seed=0)).items())
+
+
+def test_a_parallel_build_equals_the_serial_one_and_names_the_first_bad_file(tmp_path, data_root, monkeypatch):
+    """Two workers (this process and one pool process, the pool forced for a small folder): the rows are those of
+    a one-worker build; with two unreadable files the error names the first in the order given (as a serial build
+    does), and every file before it stays committed."""
+    monkeypatch.setattr(store_module, "MIN_PARALLEL", 1)
+    root = _write_folder(tmp_path / "png", 48)
+    paths = sorted(root.rglob("*.png"))
+    serial = prepare_store(paths, Preparer(InputSpec(2, (16, 16), "gray")), workers=1, root=tmp_path / "one")
+    parallel = prepare_store(paths, Preparer(InputSpec(2, (16, 16), "gray")), workers=2, root=tmp_path / "two")
+    assert parallel.built == serial.built == 48
+    rows = Store(parallel.folder).read(parallel.entries)
+    assert all(np.array_equal(a, b) for a, b in zip(rows, Store(serial.folder).read(serial.entries)))
+
+    for k in (30, 40):
+        paths[k].write_bytes(b"not a png")
+    with pytest.raises(DataError) as err:
+        prepare_store(paths, Preparer(InputSpec(2, (16, 16), "gray")), workers=2, root=tmp_path / "bad")
+    assert str(paths[30]) in str(err.value) and str(paths[40]) not in str(err.value)
+    committed = Store(next((tmp_path / "bad").iterdir())).refresh()
+    assert 30 <= len(committed) < 48  # at least every file before the first bad one
 
 
 def test_killed_prepare_resumes_with_nothing_corrupt(tmp_path, data_root):

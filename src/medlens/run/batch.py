@@ -258,13 +258,17 @@ def inference_network(predictor: Predictor) -> Iterator[None]:
     """For the block, the run's torch network replaced by an inference copy: BatchNorm folded into the convolution
     before it, and for a 2D run the channels-last memory format (oneDNN's convolutions on CPU). Measured on the
     small CNN at 128 px, one thread, batches of 64: 2.2-2.5 ms an image against 10 ms, the same probabilities to
-    1e-7. Other models (classical runs, an attached export) as they are; the original is attached again after."""
+    1e-7. Classical runs and an attached export as they are; the original network is attached again after."""
     run = predictor.run
     net = run.model
-    if not isinstance(net, torch.nn.Module) or run.is_classical:
+    if not isinstance(net, torch.nn.Module) or run.is_classical or next(net.parameters(), None) is None:
+        yield          # an attached export's runtime (no parameters: nothing to fold or lay out)
+        return
+    try:
+        fast = copy.deepcopy(net).eval()
+    except Exception:  # noqa: BLE001 - a network that cannot be copied runs as it is
         yield
         return
-    fast = copy.deepcopy(net).eval()
     _fold_batch_norm(fast)
     if predictor.spec.spatial_dims == 2:
         fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  (a keyword torch accepts, untyped)
