@@ -137,13 +137,6 @@ def test_chase_training_run_folder(chase_run, data_root):
     assert "Segmentation" in html and "second observer" in html and "HD95 (px)" in html
 
 
-def test_same_seed_same_segmentation_metrics(chase_run, tmp_path, data_root):
-    from medlens.workflow.train import train
-
-    again = train(_chase_cfg(tmp_path, "again"), progress_bar=False)
-    a = pd.read_csv(chase_run / "per_case.csv")
-    b = pd.read_csv(again / "per_case.csv")
-    np.testing.assert_allclose(a["dice"], b["dice"], rtol=0, atol=1e-9)
 
 
 def test_segment_files_writes_mask_in_input_geometry(chase_run, tmp_path, data_root):
@@ -259,21 +252,37 @@ def test_csv_manifest_of_volumes_keeps_patients_together(tmp_path, data_root):
     assert case.mask.sum() == 4137 and case.spacing[0] == pytest.approx(6.5)
 
 
-def test_resumed_segmentation_run_matches_uninterrupted(tmp_path, data_root):
+def _small_cfg(root):
+    """The CHASE U-Net at a third of its width, 2 epochs of 64 patches: what reproducibility needs, cheaply."""
+    c = _chase_cfg(root, "small", val_every=1).model_dump()
+    c["model"]["params"] = {"channels": [8, 16, 32]}
+    c["train"]["epochs"] = 2
+    c["segmentation"]["patches_per_epoch"] = 64
+    return config_from_dict(c)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, data_root):
+    from medlens.workflow.train import train
+
+    return train(_small_cfg(tmp_path_factory.mktemp("small")), progress_bar=False)
+
+
+def test_same_seed_same_segmentation_metrics(small_run, tmp_path):
+    from medlens.workflow.train import train
+
+    again = train(_small_cfg(tmp_path), progress_bar=False)
+    a, b = (pd.read_csv(r / "per_case.csv") for r in (small_run, again))
+    np.testing.assert_allclose(a["dice"], b["dice"], rtol=0, atol=1e-9)
+
+
+def test_resumed_segmentation_run_matches_uninterrupted(small_run, tmp_path):
     from medlens.workflow.train import train
     from test_training import _Crash  # crashes at the start of epoch 1
 
-    def cfg(root):
-        c = _chase_cfg(root, "resume", val_every=1).model_dump()
-        c["model"]["params"] = {"channels": [8, 16, 32]}
-        c["train"]["epochs"] = 2
-        c["segmentation"]["patches_per_epoch"] = 64
-        return config_from_dict(c)
-
-    whole = train(cfg(tmp_path / "a"), progress_bar=False)
     with pytest.raises(RuntimeError, match="power cut"):
-        train(cfg(tmp_path / "b"), callbacks=[_Crash()], progress_bar=False)
-    resumed = train(cfg(tmp_path / "b"), resume=True, progress_bar=False)
-    a, b = (pd.read_csv(r / "per_case.csv") for r in (whole, resumed))
+        train(_small_cfg(tmp_path), callbacks=[_Crash()], progress_bar=False)
+    resumed = train(_small_cfg(tmp_path), resume=True, progress_bar=False)
+    a, b = (pd.read_csv(r / "per_case.csv") for r in (small_run, resumed))
     np.testing.assert_allclose(a["dice"], b["dice"], rtol=0, atol=1e-9)
     assert list(pd.read_csv(resumed / "history.csv")["epoch"]) == [0, 1]
