@@ -19,6 +19,7 @@ from medlens.evaluation.threshold import choose_threshold
 from medlens.run import Predictor, Run
 from medlens.transforms.preprocess import prepared_data
 from medlens.workflow.train import train
+from servehelp import tiny_run
 
 
 def _test_metrics(run):
@@ -145,10 +146,9 @@ def test_balanced_sampler_draws_classes_equally(tmp_path, data_root):
     assert 0.42 < frac < 0.58, frac  # 50 % +- 4 standard errors; the data themselves hold about 26 % normal
 
 
-def test_3d_training(tmp_path, data_root):
-    run = train(tiny_config(tmp_path, "adrenal", data={"source": "medmnist", "name": "adrenalmnist3d",
-                                                        "max_samples": 120},
-                            model={"name": "fast_cnn3d", "params": {"widths": [4, 8, 8, 16]}}), progress_bar=False)
+def test_3d_training(tmp_path_factory, data_root):
+    # the serve and export tests' AdrenalMNIST3D run (trained once per pytest process): a real 3D training
+    run = tiny_run("a3d", tmp_path_factory)
     meta = json.loads((run / "run.json").read_text())
     assert meta["preprocessing"]["spatial_dims"] == 3 and meta["input_size"] == [28, 28, 28]
 
