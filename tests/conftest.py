@@ -38,31 +38,37 @@ if not os.environ.get("MEDLENS_CACHE"):
     atexit.register(shutil.rmtree, os.environ["MEDLENS_CACHE"], True)
 
 #: test modules in the order they are handed out under xdist, slowest first (a module that trains several
-#: models or drives many real processes; from `--durations`); every other module follows in collection order.
+#: models or drives many real processes; by the wall time of each module in a two-worker run); every other module
+#: follows in collection order.
 #: Only the schedule depends on this list: a module missing from it still runs.
 SLOW_FIRST = [
     "tests/e2e/test_readme.py",
-    "tests/security/test_runs_and_reports.py",
-    "tests/security/test_federated_hostile.py",
-    "tests/e2e/test_gateway.py",
     "tests/integration/test_segmentation.py",
     "tests/e2e/test_quiet.py",
     "tests/integration/test_training.py",
-    "tests/integration/test_clinical_report.py",
-    "tests/integration/test_detect.py",
+    "tests/integration/test_imaging.py",
+    "tests/security/test_runs_and_reports.py",
+    "tests/security/test_federated_hostile.py",
+    "tests/security/test_network_exits.py",
     "tests/integration/test_ddp.py",
     "tests/integration/test_explain_runs.py",
-    "tests/integration/test_federated.py",
-    "tests/integration/test_store.py",
-    "tests/integration/test_batch_predict.py",
     "tests/security/test_inputs.py",
-    "tests/security/test_network_exits.py",
     "tests/e2e/test_serve.py",
-    "tests/integration/test_accuracy_run.py",
-    "tests/security/test_serve_exits.py",
-    "tests/integration/test_imaging.py",
     "tests/integration/test_export.py",
+    "tests/integration/test_federated.py",
+    "tests/integration/test_batch_predict.py",
+    "tests/e2e/test_pacs_roundtrip.py",
+    "tests/integration/test_accuracy_run.py",
+    "tests/integration/test_store.py",
+    "tests/e2e/test_gateway.py",
+    "tests/security/test_serve_exits.py",
     "tests/e2e/test_cli.py",
+    "tests/integration/test_gateway_ups.py",
+    "tests/integration/test_detect.py",
+    "tests/e2e/test_cli_segment.py",
+    "tests/integration/test_gateway_parts.py",
+    "tests/integration/test_clinical_report.py",
+    "tests/e2e/test_gateway_status.py",
 ]
 
 
