@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from clirun import medlens
 from servehelp import tiny_run
 
 pytestmark = pytest.mark.integration
@@ -109,8 +110,8 @@ def test_standalone_loader_runs_without_medlens(trained_run, tmp_path, data_root
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    r = subprocess.run([sys.executable, "-m", "medlens.cli.main", "export", str(run), "--format", "onnx", "--n", "16"],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)   # the README's command
+    # the README's command, run in this process (the fresh interpreter that matters is the loader's, below)
+    r = medlens("export", run, "--format", "onnx", "--n", "16", cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "max |prob diff| vs PyTorch" in r.stdout and "model.onnx" in r.stdout
     d = np.load(data_root / "medmnist" / "pneumoniamnist.npz")
