@@ -5,5 +5,7 @@ and Prometheus metrics.
 
 Modules: ``config`` (the YAML), ``queue`` (the durable queue), ``audit`` (JSON lines, UIDs hashed with the site
 key), ``scp`` (the C-STORE/C-ECHO receiver), ``worker`` (assembly, routing, prediction, delivery), ``metrics``,
-``service`` (both together until a signal). This layer sits between ``cli`` and ``serve``.
+``service`` (both together until a signal), ``stow`` (STOW-RS on the serve app), ``drift`` and ``status_page``
+(monitoring), ``shadow`` (change control: shadow versions, compare, promote) and ``ups`` (the AIW-I worklist:
+a DIMSE UPS SCP). This layer sits between ``cli`` and ``serve``.
 """

@@ -1,8 +1,11 @@
 """The gateway's audit trail: JSON lines, one per event, each written whole and fsynced before the event counts.
 
 Events: ``received`` (calling AE, hashed study/series/instance UIDs), ``routed`` / ``unrouted`` (rule or
-reason), ``predicted`` (run, weights hash, outcome), ``refused`` (the out-of-profile reasons), ``delivered``
-(destination, attempt), ``delivery_failed`` (destination, attempt, error). No PHI in the clear: every UID is
+reason), ``predicted`` (run, weights hash, outcome), ``refused`` (the out-of-profile reasons), ``failed``,
+``delivered`` (destination, attempt), ``delivery_failed`` (destination, attempt, error), ``drift`` /
+``drift_cleared``; change control: ``shadow_predicted`` / ``shadow_refused`` / ``shadow_failed`` and ``promoted``
+(``gateway.shadow``); the worklist's ``ups_created`` / ``ups_updated`` / ``ups_state`` / ``ups_cancel_requested`` /
+``ups_subscription`` (``gateway.ups``). No PHI in the clear: every UID is
 replaced by its HMAC-SHA256 under the site key (``uid_hash``), and no patient name or ID is ever passed here.
 """
 

@@ -33,7 +33,7 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event, say: Callable[[str], 
     every ``poll_s`` until ``stop`` is set; everything is closed on the way out. Work left in the queue by an
     earlier process (killed or stopped) is taken up first."""
     key = cfg.site_key(source)
-    runs = Worker.open_runs(cfg)  # before anything is written: a bad run folder is a one-line error
+    runs = Worker.open_runs(cfg, source)  # before anything is written: a bad run folder is a one-line error
     ups_check(cfg, source)  # so is a bad worklist setting
     queue = Queue(cfg.queue_path)
     audit = AuditLog(cfg.audit, key)
