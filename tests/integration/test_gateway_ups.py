@@ -3,9 +3,9 @@ an external UPS client in another process (tests/ups_client.py, pynetdicom only)
 `storescu`, results delivered by C-STORE to dcmtk's `storescp` (the PACS). One gateway for the module (restarted
 once, to show the worklist survives), stopped by PID.
 
-Each IHE AIW-I transaction the gateway implements is exercised: RAD-80 create (N-CREATE), RAD-81 query (C-FIND,
-N-GET), RAD-82 claim and RAD-83 complete (N-ACTION change state; by the gateway and by an external performer),
-RAD-84 update (N-SET), RAD-85/86 subscribe/unsubscribe (N-ACTION), RAD-87 notifications (N-EVENT-REPORT received
+Each IHE AIW-I transaction the gateway implements is exercised: RAD-80 create (N-CREATE), RAD-81 query (C-FIND),
+RAD-83 get (N-GET), RAD-82 claim and RAD-85 complete (N-ACTION change state; by the gateway and by an external
+performer), RAD-84 update (N-SET), RAD-86 subscribe/unsubscribe (N-ACTION), RAD-87 notifications (N-EVENT-REPORT received
 by the client), RAD-88 cancel request (N-ACTION); and the refusals of PS3.4 Table CC.1.1-2 with their statuses."""
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def _final(world: World, uid: str) -> dict:
 
 
 def test_a_client_work_item_is_claimed_and_completed_with_the_sr_reference(world, xrays, tmp_path):
-    assert world.ask("subscribe")["status"] == 0  # RAD-85, global: every work item's events
+    assert world.ask("subscribe")["status"] == 0  # RAD-86, global: every work item's events
     f, study, series, sop = xray(tmp_path, xrays[0])
     uid = generate_uid()
     # RAD-80: the client schedules AI work on a series the gateway has not received yet
@@ -216,7 +216,7 @@ def test_a_client_work_item_is_claimed_and_completed_with_the_sr_reference(world
     assert found["status"] == 0 and [(m["uid"], m["state"], m["series"]) for m in found["matches"]] == \
         [(uid, "SCHEDULED", [series])]
     assert not found["matches"][0]["has_txn"]
-    world.send(f)  # the instances arrive by C-STORE; the gateway claims (RAD-82) and completes (RAD-83) the item
+    world.send(f)  # the instances arrive by C-STORE; the gateway claims (RAD-82) and completes (RAD-85) the item
     got = _final(world, uid)
     assert got["status"] == 0 and got["state"] == "COMPLETED", got
     assert not got["has_txn"]  # the gateway's Transaction UID is never given out
@@ -316,11 +316,11 @@ def test_an_external_performer_goes_through_the_state_table(world):
     assert world.ask("state", uid=uid, state="COMPLETED", txn=other)["status"] == 0xC301
     assert world.ask("state", uid=uid, state="COMPLETED", txn=txn)["status"] == 0xC304  # no performed procedure
     assert world.ask("set", uid=uid, txn=txn, performed=True)["status"] == 0
-    assert world.ask("state", uid=uid, state="COMPLETED", txn=txn)["status"] == 0  # RAD-83
+    assert world.ask("state", uid=uid, state="COMPLETED", txn=txn)["status"] == 0  # RAD-85
     assert world.ask("state", uid=uid, state="COMPLETED", txn=txn)["status"] == 0xB306  # already: a warning
     assert world.ask("set", uid=uid, txn=txn, values={"ProcedureStepLabel": "y"})["status"] == 0xC300
     assert world.ask("state", uid=uid, state="CANCELED", txn=txn)["status"] == 0xC300
-    got = world.ask("get", uid=uid)
+    got = world.ask("get", uid=uid)  # RAD-83
     assert got["state"] == "COMPLETED" and not got["has_txn"]
     wait_for("the COMPLETED event", lambda: "COMPLETED" in world.states(uid))
     # created (global subscription), the initial report of the item's own subscription, then one report per

@@ -13,11 +13,12 @@ What a client elsewhere can do (IHE AIW-I transactions; PS3.4 Annex CC):
 
 - RAD-80 Create UPS Workitem: N-CREATE (UPS Push), SCHEDULED, its Input Information Sequence naming one series
   the gateway has received or will receive (the gateway then performs it when that series arrives);
-- RAD-81 Query UPS Workitems: C-FIND (UPS Pull/Watch/Query), and N-GET of one work item;
-- RAD-82 Claim UPS Workitem and RAD-83 Complete UPS Workitem: N-ACTION Change UPS State (IN PROGRESS with the
+- RAD-81 Query UPS Workitems: C-FIND (UPS Pull/Watch/Query); RAD-83 Get UPS Workitem Contents: N-GET of one
+  work item;
+- RAD-82 Claim UPS Workitem and RAD-85 Complete UPS Workitem: N-ACTION Change UPS State (IN PROGRESS with the
   claimant's Transaction UID; COMPLETED or CANCELED with it);
 - RAD-84 Update UPS Workitem: N-SET (SCHEDULED, or IN PROGRESS with the right Transaction UID);
-- RAD-85 Subscribe / RAD-86 Unsubscribe: N-ACTION subscribe (one work item, or global), unsubscribe, suspend
+- RAD-86 Manage UPS Subscription: N-ACTION subscribe (one work item, or global), unsubscribe, suspend
   global; RAD-87 Send UPS Notification: N-EVENT-REPORT (UPS State Report, UPS Cancel Requested) to each
   subscriber, from a durable outbox (an event not yet confirmed is sent again after a restart);
 - RAD-88 Request UPS Workitem Cancellation: N-ACTION Request Cancel.
@@ -403,7 +404,7 @@ class UpsService:
         return ds
 
     def on_get(self, event):
-        """RAD-81 (retrieve one): N-GET of a work item, all attributes or those asked for."""
+        """RAD-83: N-GET of a work item, all attributes or those asked for."""
         try:
             uid = _uid(event.request.RequestedSOPInstanceUID)
             ds = self.store.dataset(uid) if uid else None
@@ -495,7 +496,7 @@ class UpsService:
         yield SUCCESS, None
 
     def on_action(self, event):
-        """RAD-82/83 (change state), RAD-85/86 (subscribe, unsubscribe, suspend), RAD-88 (request cancel)."""
+        """RAD-82/85 (claim, complete: change state), RAD-86 (subscribe, unsubscribe, suspend), RAD-88 (request cancel)."""
         try:
             kind = event.action_type
             uid = str(event.request.RequestedSOPInstanceUID or "")
