@@ -5,8 +5,8 @@ once, to show the worklist survives), stopped by PID.
 
 Each IHE AIW-I transaction the gateway implements is exercised: RAD-80 create (N-CREATE), RAD-81 query (C-FIND),
 RAD-83 get (N-GET), RAD-82 claim and RAD-85 complete (N-ACTION change state; by the gateway and by an external
-performer), RAD-84 update (N-SET), RAD-86 subscribe/unsubscribe (N-ACTION), RAD-87 notifications (N-EVENT-REPORT received
-by the client), RAD-88 cancel request (N-ACTION); and the refusals of PS3.4 Table CC.1.1-2 with their statuses."""
+performer), RAD-84 update (N-SET), RAD-86 subscribe/unsubscribe (N-ACTION), RAD-87 notifications (N-EVENT-REPORT
+received by the client), RAD-88 cancel request (N-ACTION); and the refusals of PS3.4 Table CC.1.1-2 with their statuses."""
 
 from __future__ import annotations
 

@@ -496,7 +496,8 @@ class UpsService:
         yield SUCCESS, None
 
     def on_action(self, event):
-        """RAD-82/85 (claim, complete: change state), RAD-86 (subscribe, unsubscribe, suspend), RAD-88 (request cancel)."""
+        """RAD-82/85 (claim, complete: change state), RAD-86 (subscribe, unsubscribe, suspend), RAD-88 (request
+        cancel)."""
         try:
             kind = event.action_type
             uid = str(event.request.RequestedSOPInstanceUID or "")
