@@ -67,8 +67,10 @@ def main() -> None:
     if run is None:
         from conftest import tiny_config
 
+        from medlens.cli.common import quiet_libraries
         from medlens.workflow.train import train
 
+        quiet_libraries()  # no Lightning tips or library warnings around the table, as the CLI does
         run = train(tiny_config(work / "runs", "bench"), progress_bar=False)
     orthanc, oproc = start_orthanc(work / "orthanc")
     port, mport = free_port(), free_port()
