@@ -14,8 +14,8 @@ Two stages:
    probability is the blob response scaled to [0, 1] (a classical ranking, no learning).
 
 Scans are read through the volume store (``data.nodules.load_scan``: decoded once, in a child process): the
-candidate stage (HU check, LoG) holds one scan's voxels at a time, the lung mask is ``workflow.nodules.lung_mask_of``
-(``lung_mask`` voxel for voxel in a fraction of its memory), and after it only the stored volume's memory map is kept
+candidate stage (HU check, LoG) holds one scan's voxels at a time, the lung mask (``imaging.segment.lung_mask``) is
+computed from the stored volume slab by slab, and after it only the stored volume's memory map is kept
 for the patches, the SR and the gallery, so memory does not grow with the number of scans.
 
 Never detect with a classifier that saw the scan: the run's ``run.json`` records its data; the caller chooses the
@@ -40,13 +40,13 @@ from medlens.data.sources import get_source
 from medlens.errors import ConfigError, MedlensWarning
 from medlens.evaluation.froc import FrocResult, froc_files
 from medlens.imaging.nodules import check_ct_hu, nodule_candidates
+from medlens.imaging.segment import lung_mask
 from medlens.io.dicom_sources import dicom_sources, is_dicom_input
 from medlens.report.dicom_sr import Algorithm, DetectedNodule, detection_sr, write_sr
 from medlens.report.gallery import candidate_png, write_gallery
 from medlens.run.predictor import Predictor
 from medlens.run.run import Run
 from medlens.utils import atomic_dir, atomic_path
-from medlens.workflow.nodules import lung_mask_of
 
 PIPELINE_CHECK = ("With a handful of scans (here LIDC-IDRI-0001 and -0002: one accepted LUNA16 nodule) the FROC is a "
                   "pipeline check, not a detection result: published detectors reach CPM 0.93-0.94 on the 888 LUNA16 "
@@ -138,7 +138,7 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
                    "(choose a run that never saw it)")
             warnings.warn(msg, MedlensWarning)
             rep.notes.append(msg)
-        lungs = lung_mask_of(scan)
+        lungs = lung_mask(scan)
         cands = nodule_candidates(image, lungs, max_candidates=max_candidates)
         del image, lungs  # from here on the scan is read patch by patch from the store
         t1 = time.perf_counter()
