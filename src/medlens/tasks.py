@@ -85,6 +85,12 @@ class Task:
     train_metric: str = "acc"             # what ``batch_accuracy`` measures, logged as ``train_<it>`` beside ``val_<it>``
 
     # ---------- outputs ----------
+    def same_outputs(self, names: Iterable[str], other: "str | Task", other_names: Iterable[str]) -> bool:
+        """Whether ``other``'s outputs over ``other_names`` mean what this task's outputs over ``names`` mean: the
+        same task type over the same classes in the same order. Two runs compared case by case, datasets pooled
+        into cross-validation folds and a shadow version of a run must share it."""
+        return get_task(other).name == self.name and list(names) == list(other_names)
+
     def n_outputs(self, n_classes: int) -> int:
         """Width of the model's output for ``n_classes`` classes (labels, segments)."""
         return n_classes

@@ -144,13 +144,8 @@ def test_an_unregistered_toy_is_refused_again(toy):
 
 
 # Code asks the task instead of comparing its name (issue 29: 112 comparisons before, at most 10 after, each
-# justified). These remain (8):
+# justified; runs, pooled datasets and shadow versions ask Task.same_outputs). These remain (5):
 JUSTIFIED = {
-    # two runs compared pairwise must be runs of the same task: an equality of names, not a task rule
-    "evaluation/compare.py": 1,
-    # the same equality for datasets pooled into cross-validation folds, and for a shadow version of a run
-    "data/splits.py": 1,
-    "gateway/shadow.py": 1,
     # the planner plans the classification family: a config name, not a task rule
     "workflow/plan.py": 1,
     # a model entry's kind (what the architecture was built for), checked against the run it is asked to train

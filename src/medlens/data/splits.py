@@ -147,7 +147,7 @@ class Pooled:
     def __init__(self, parts: list, name: str = "pooled", rows: np.ndarray | None = None) -> None:
         first = parts[0]
         for p in parts[1:]:
-            if p.task != first.task or list(p.class_names) != list(first.class_names) \
+            if not get_task(first.task).same_outputs(first.class_names, p.task, p.class_names) \
                     or tuple(p.image_shape) != tuple(first.image_shape) or p.in_channels != first.in_channels:
                 raise DataError(f"datasets {first.name} and {p.name} differ in task, classes or input shape and "
                                 "cannot be pooled")

@@ -131,7 +131,7 @@ def align(runs: list[RunPredictions]) -> list[RunPredictions]:
     order = {s: i for i, s in enumerate(ref.sources)}
     out = [ref]
     for r in runs[1:]:
-        if r.task != ref.task or r.class_names != ref.class_names:
+        if not get_task(ref.task).same_outputs(ref.class_names, r.task, r.class_names):
             raise MedlensError(f"runs differ in task or classes ({ref.name}: {ref.task} {ref.class_names}; "
                                f"{r.name}: {r.task} {r.class_names})", r.name)
         if set(r.sources) != set(order) or len(r.sources) != len(ref.sources):

@@ -80,7 +80,7 @@ def comparable(current: Run, shadow: Run) -> str | None:
     task = shadow.task_type
     if task.dense or task.numeric or not task.exclusive:
         return f"shadow mode compares classifiers of exclusive classes, not {task.title}"
-    if shadow.task != current.task or list(shadow.meta.class_names) != list(current.meta.class_names):
+    if not current.task_type.same_outputs(current.meta.class_names, shadow.task, shadow.meta.class_names):
         return (f"not a version of the same model ({current.task} {list(current.meta.class_names)} against "
                 f"{shadow.task} {list(shadow.meta.class_names)})")
     return None
