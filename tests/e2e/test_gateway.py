@@ -8,8 +8,6 @@ stopped by PID at the end."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -27,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
+from gatewayhelp import uid_hash, wait_for
+from gatewayhelp import xray_file as _xray_file
 from interop_checks import dciodvfy
 from orthanc import free_port, orthanc  # noqa: F401  (session fixture: a real Orthanc, stopped by PID)
 from test_cli import medlens
@@ -38,7 +37,6 @@ NAME, PID = "Gatewayson^Quillanova", "PID-GW-580217"  # a distinctive patient, t
 SITE_KEY = "test-site-key-0123456789abcdef"
 API_KEY = "gateway-test-api-key-abcdefghijklmnop"
 GW_AET = "MEDLENS_GW"
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 MEDLENS = Path(sys.executable).with_name("medlens")
 
 
@@ -46,27 +44,8 @@ MEDLENS = Path(sys.executable).with_name("medlens")
 
 
 def xray_file(folder: Path, pixels: np.ndarray) -> tuple[Path, str, str]:
-    """A one-image chest X-ray study (DX, CHEST) of the distinctive patient from a real PneumoniaMNIST image;
-    returns (file, study UID, series UID)."""
-    study, series, sop = generate_uid(), generate_uid(), generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = DX_STORAGE, sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    path = folder / f"{sop}.dcm"
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = DX_STORAGE, sop, study, series
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = NAME, PID, "19700101", "O"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "A1", ""
-    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, 1
-    ds.Modality, ds.BodyPartExamined, ds.Manufacturer = "DX", "CHEST", "test"
-    ds.PresentationIntentType, ds.ImageType = "FOR PRESENTATION", ["ORIGINAL", "PRIMARY"]
-    ds.ImagerPixelSpacing = [0.5, 0.5]
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path, study, series
+    """A one-image DX chest study of this module's patient: (file, study UID, series UID)."""
+    return _xray_file(folder, pixels, (NAME, PID))[:3]
 
 
 @pytest.fixture(scope="module")
@@ -226,17 +205,7 @@ drift: {{window: 4, min_samples: 1, psi_alert: 0.25}}
 
 
 def hashed(uid: str) -> str:
-    return hmac.new(SITE_KEY.encode(), uid.encode(), hashlib.sha256).hexdigest()[:32]
-
-
-def wait_for(what: str, fn, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+    return uid_hash(SITE_KEY, uid)
 
 
 def metric(gw: Gateway, name: str, **labels) -> float | None:

@@ -23,7 +23,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from orthanc import free_port
-from test_gateway import DX_STORAGE, MEDLENS, NAME, PID, xray_file
+from gatewayhelp import DX_STORAGE
+from test_gateway import MEDLENS, NAME, PID, xray_file
 
 SITE_KEY = "status-site-key-0123456789abcdef"
 API_KEY = "status-page-api-key-abcdefghijklmnop"

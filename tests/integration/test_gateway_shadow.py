@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from clirun import medlens
+from gatewayhelp import xray_file
 from medlens.gateway.audit import AuditLog, uid_hash
 from medlens.gateway.config import load_gateway_config
 from medlens.gateway.metrics import GatewayMetrics
@@ -50,30 +50,6 @@ def _free_port() -> int:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def xray(folder: Path, pixels: np.ndarray, accession: str) -> tuple[Path, str, str, str]:
-    """A one-image chest X-ray study of the distinctive patient: (file, study, series, SOP Instance UID)."""
-    study, series, sop = generate_uid(), generate_uid(), generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(DX_STORAGE), UID(sop)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "1.dcm"
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = DX_STORAGE, sop, study, series
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = NAME, PID, "19700101", "O"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", accession, ""
-    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, 1
-    ds.Modality, ds.BodyPartExamined, ds.Manufacturer = "DX", "CHEST", "test"
-    ds.PresentationIntentType, ds.ImageType = "FOR PRESENTATION", ["ORIGINAL", "PRIMARY"]
-    ds.ImagerPixelSpacing = [0.5, 0.5]
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path, study, series, sop
 
 
 def new_version(run: Path, dest: Path, noise: float = 0.03, seed: int = 0) -> Path:
@@ -133,7 +109,7 @@ def worker_of(config: Path) -> tuple[Worker, Queue]:
 
 def receive(q: Queue, folder: Path, pixels: np.ndarray, accession: str) -> tuple[str, str]:
     """A spooled instance recorded in the queue as the SCP would: (study, series)."""
-    path, study, series, sop = xray(folder / generate_uid(), pixels, accession)
+    path, study, series, sop = xray_file(folder / generate_uid(), pixels, (NAME, PID), accession=accession)
     assert q.add_instance(sop, series, study, str(path), "SENDER", now=0.0)
     return study, series
 

@@ -10,8 +10,6 @@ received by the client), RAD-88 cancel request (N-ACTION); and the refusals of P
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -19,16 +17,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, generate_uid
 from pynetdicom import AE
 
+from gatewayhelp import DX_STORAGE, uid_hash, wait_for, xray_file
 from medlens.gateway.config import load_gateway_config
 from medlens.gateway.service import run_gateway
 
@@ -37,7 +34,7 @@ MEDLENS = Path(sys.executable).with_name("medlens")
 GW_AET, CLIENT_AET = "MEDLENS_GW", "AIREQUESTER"
 SITE_KEY = "ups-test-site-key-0123456789abcdef"
 NAME, PID = "Worklistson^Quorra", "PID-UPS-731904"  # a distinctive patient, hunted for in every output
-DX = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
+DX = UID(DX_STORAGE)
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
@@ -48,41 +45,12 @@ def free_port() -> int:
 
 
 def hashed(uid: str) -> str:
-    return hmac.new(SITE_KEY.encode(), uid.encode(), hashlib.sha256).hexdigest()[:32]
-
-
-def wait_for(what: str, fn, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return uid_hash(SITE_KEY, uid)
 
 
 def xray(folder: Path, pixels: np.ndarray, modality: str = "DX") -> tuple[Path, str, str, str]:
-    """A one-image chest X-ray (of the distinctive patient) from a real PneumoniaMNIST image; (file, study,
-    series, SOP Instance UID)."""
-    study, series, sop = generate_uid(), generate_uid(), generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = DX, sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    path = folder / f"{sop}.dcm"
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = DX, sop, study, series
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = NAME, PID, "19700101", "O"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "A1", ""
-    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, 1
-    ds.Modality, ds.BodyPartExamined, ds.Manufacturer = modality, "CHEST", "test"
-    ds.PresentationIntentType, ds.ImageType = "FOR PRESENTATION", ["ORIGINAL", "PRIMARY"]
-    ds.ImagerPixelSpacing = [0.5, 0.5]
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path, study, series, sop
+    """A one-image chest X-ray of this module's patient: (file, study, series, SOP Instance UID)."""
+    return xray_file(folder, pixels, (NAME, PID), modality)
 
 
 class World:
