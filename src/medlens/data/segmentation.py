@@ -1,7 +1,13 @@
 """Segmentation datasets: image + mask pairs (2D or 3D) from a folder or a CSV manifest.
 
-Every case is loaded once into memory in the model's input form: ``image`` (C, *spatial) float32 after
-the colour mode, CLAHE, CT window and per-image scaling, and ``mask`` (*spatial) uint8 class indices.
+Every case is read once in the model's input form: ``image`` (C, *spatial) float32 after the colour mode, CLAHE, CT
+window and per-image scaling, and ``mask`` (*spatial) uint8 class indices. 2D pictures stay in memory. Grey volumes go
+into the volume store (``data.volume_store``, issue 27 item 3) when the preparer names its preparation
+(``volume_key``): the prepared image, the mask, the display picture, a second observer's mask and the flat indices of
+the mask's foreground voxels, each a chunked Blosc2 array under ``<root>/volumes/<preparation hash>/<case key>.*``,
+keyed by the image, mask and reference files (path, size, mtime) and the label values; a case is prepared once, and
+``PatchSampler`` reads only the chunks of each patch (``StoredVolume.read_chunks``), while ``SegCase.image`` and
+``mask`` read a whole stored case when asked (validation, evaluation: one case at a time).
 Masks are checked against their image: the same grid (shape, and for volumes spacing, origin and
 direction) and only values from the label set. Splits are by patient (``data.patient_pattern``, the
 manifest's patient column or the DICOM PatientID) with the one splitter of ``medlens.data.splits``, stratified
@@ -11,17 +17,31 @@ by whether a mask holds foreground; without any of them each image is its own pa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
 
 from medlens.data.base import Preparer, confined_paths, read_csv_checked, refuse_blank_cells
 from medlens.data.splits import patient_split, split_method
+from medlens.data.volume_store import (
+    FORMAT,
+    StoredVolume,
+    VolumeSpec,
+    key_folder,
+    open_vector,
+    prepare_array,
+    release_freed_memory,
+    volume_source_key,
+    write_array,
+    write_volume,
+)
 from medlens.errors import DataError, MedlensWarning, ShapeError
 from medlens.io import load
 from medlens.io.formats import IMAGE_SUFFIXES, is_image_file, suffix_of
@@ -29,17 +49,83 @@ from medlens.io.image import Image
 
 
 @dataclass
-class SegCase:
-    """One image with its mask (and optionally a second observer's mask)."""
+class StoredCase:
+    """A volume case in the volume store: the prepared image (z, y, x) float32 (one channel), the mask (z, y, x)
+    uint8 class indices on the same grid and chunks, the display picture and a second observer's mask when there is
+    one, and ``foreground``: the flat indices (C order) of the mask's non-zero voxels, ``n_foreground`` of them (a
+    memory-mapped 1D array, None when there are none)."""
 
-    case_id: str
-    patient_id: str
-    image: np.ndarray                # (C, *spatial) float32, the model's input scale
-    mask: np.ndarray                 # (*spatial) uint8 class indices
-    geometry: Image                  # mask-shaped uint8 template with the source's spacing, origin, direction
-    path: Path
-    reference: np.ndarray | None = None
-    display: np.ndarray | None = None  # uint8 (*spatial) or (*spatial, 3) for overlays
+    image: StoredVolume
+    mask: StoredVolume
+    display: StoredVolume | None
+    reference: StoredVolume | None
+    foreground: Any
+    n_foreground: int
+    max_label: int
+
+
+class SegCase:
+    """One image with its mask (and optionally a second observer's mask), in memory or in the volume store
+    (``stored``): then ``image``, ``mask``, ``reference`` and ``display`` read the whole case from the store each time
+    they are asked for, and ``dims``, ``channels``, ``grid``, ``has_foreground`` and ``max_label`` read nothing."""
+
+    def __init__(self, case_id: str, patient_id: str, image: np.ndarray | None, mask: np.ndarray | None,
+                 geometry: Image, path: Path, reference: np.ndarray | None = None, display: np.ndarray | None = None,
+                 stored: StoredCase | None = None) -> None:
+        if stored is None and (image is None or mask is None):
+            raise ValueError("a case in memory needs its image and mask")
+        self.case_id, self.patient_id, self.path = case_id, patient_id, path
+        self.geometry = geometry  # mask-shaped uint8 template with the source's spacing, origin, direction
+        self.stored = stored
+        self._image, self._mask, self._reference, self._display = image, mask, reference, display
+
+    @property
+    def image(self) -> np.ndarray:
+        """(C, *spatial) float32, the model's input scale."""
+        if self.stored is not None:
+            return self.stored.image.read()[None]
+        return cast(np.ndarray, self._image)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(*spatial) uint8 class indices."""
+        if self.stored is not None:
+            return self.stored.mask.read()
+        return cast(np.ndarray, self._mask)
+
+    @property
+    def reference(self) -> np.ndarray | None:
+        if self.stored is not None:
+            return self.stored.reference.read() if self.stored.reference is not None else None
+        return self._reference
+
+    @property
+    def display(self) -> np.ndarray | None:
+        """uint8 (*spatial) or (*spatial, 3) for overlays."""
+        if self.stored is not None:
+            return self.stored.display.read() if self.stored.display is not None else None
+        return self._display
+
+    @property
+    def dims(self) -> int:
+        return 3 if self.stored is not None else int(cast(np.ndarray, self._image).ndim - 1)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.stored is not None else int(cast(np.ndarray, self._image).shape[0])
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The spatial shape."""
+        return self.stored.mask.shape if self.stored is not None else tuple(cast(np.ndarray, self._mask).shape)
+
+    @property
+    def has_foreground(self) -> bool:
+        return self.stored.n_foreground > 0 if self.stored is not None else bool(cast(np.ndarray, self._mask).any())
+
+    @property
+    def max_label(self) -> int:
+        return self.stored.max_label if self.stored is not None else int(cast(np.ndarray, self._mask).max())
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -170,8 +256,16 @@ def check_same_grid(image: Image, mask: Image, path: Path | str) -> None:
 
 
 def load_case(image_path: Path, mask_path: Path | None, cfg, label_values, patient_id: str,
-              prepare: Preparer, reference_path: Path | None = None) -> SegCase:
-    """Read, check and prepare (``prepare``: the run's preparer) one image/mask pair of a ``DataConfig``."""
+              prepare: Preparer, reference_path: Path | None = None, store: Path | None = None) -> SegCase:
+    """Read, check and prepare (``prepare``: the run's preparer) one image/mask pair of a ``DataConfig``. With
+    ``store`` (a folder of the volume store, ``case_folder``) a grey volume is opened from it, or prepared into it
+    first, and the case reads from there; anything else is held in memory."""
+    key = case_key(image_path, mask_path, reference_path, label_values) if store is not None else ""
+    if store is not None:
+        stored = open_case(store, key)
+        if stored is not None:
+            return SegCase(_strip_ext(image_path.name), patient_id, None, None, stored.mask.geometry(), image_path,
+                           stored=stored)
     img = load(image_path)
     x = np.ascontiguousarray(prepare(img, str(image_path)), dtype=np.float32)
     display = prepare.display(img)
@@ -185,8 +279,92 @@ def load_case(image_path: Path, mask_path: Path | None, cfg, label_values, patie
 
     mask = read_mask(mask_path) if mask_path is not None else np.zeros(x.shape[1:], np.uint8)
     ref = read_mask(reference_path) if reference_path is not None else None
+    if store is not None and img.spatial_dims == 3 and not img.is_rgb and x.shape[0] == 1:
+        stored = write_case(store, key, img, x, mask, ref, display)
+        del img, x, mask, ref, display
+        release_freed_memory()
+        return SegCase(_strip_ext(image_path.name), patient_id, None, None, stored.mask.geometry(), image_path,
+                       stored=stored)
     geometry = img.with_array(np.zeros(img.shape, np.uint8), is_rgb=False)  # a mask-shaped template
     return SegCase(_strip_ext(image_path.name), patient_id, x, mask, geometry, image_path, ref, display)
+
+
+def case_folder(prep_key: str, root: str | Path | None = None) -> Path:
+    """The volume-store folder of segmentation cases prepared by ``prep_key`` (the preparer's ``volume_key``)."""
+    key = json.dumps({"segmentation": prep_key, "format": FORMAT, "chunks": VolumeSpec().chunks,
+                      "blocks": VolumeSpec().blocks}, sort_keys=True)
+    return key_folder(key, root)
+
+
+def case_key(image: Path, mask: Path | None, reference: Path | None, label_values) -> str:
+    """A case's identity in the store: every file of its image, mask and reference (path, size, mtime) and the
+    label values that map the mask to class indices."""
+    parts = [volume_source_key(p) if p is not None else None for p in (image, mask, reference)]
+    text = json.dumps({"files": parts, "labels": list(label_values) if label_values is not None else None})
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+_PARTS = ("image", "display", "reference", "foreground", "mask")  # written in this order: the mask last
+
+
+def _part(folder: Path, key: str, part: str) -> Path:
+    return folder / f"{key}.{part}.b2nd"
+
+
+def write_case(folder: Path, key: str, img: Image, x: np.ndarray, mask: np.ndarray, ref: np.ndarray | None,
+               display: np.ndarray | None) -> StoredCase:
+    """Store a prepared volume case (``x``: (1, z, y, x) float32 on ``img``'s grid) and open it. Each array is written
+    atomically (``write_volume``); the mask, with the case's record, is written last, so a case whose mask opens
+    is complete and one killed half-way is prepared again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_txt = folder / "spec.txt"
+    if not spec_txt.exists():
+        spec_txt.write_text(f"segmentation cases, {FORMAT=}\n", encoding="utf-8")
+
+    def put(part: str, arr: np.ndarray, extra: dict | None = None) -> None:
+        a, rec = prepare_array(img.with_array(arr, is_rgb=False), VolumeSpec())
+        if extra is not None:
+            rec["extra"] = extra
+        write_volume(_part(folder, key, part), a, rec)
+
+    put("image", np.ascontiguousarray(x[0], np.float32))
+    if display is not None and display.shape == mask.shape:
+        put("display", display.astype(np.uint8, copy=False))
+    if ref is not None:
+        put("reference", ref)
+    fg = np.flatnonzero(mask.reshape(-1)).astype(np.int64)
+    if fg.size:
+        write_array(_part(folder, key, "foreground"), fg, {"format": FORMAT, "n": int(fg.size)},
+                    (min(int(fg.size), 1 << 16),))
+    put("mask", mask, {"case": FORMAT, "n_foreground": int(fg.size), "max_label": int(mask.max(initial=0)),
+                       "display": display is not None and display.shape == mask.shape,
+                       "reference": ref is not None})
+    stored = open_case(folder, key)
+    if stored is None:
+        raise DataError("the stored case does not open after writing it", _part(folder, key, "mask"))
+    return stored
+
+
+def open_case(folder: Path, key: str) -> StoredCase | None:
+    """The stored case ``key`` of ``folder``; None when it is not there or not complete (then it is prepared again)."""
+    if not _part(folder, key, "mask").exists():
+        return None
+    try:
+        mask = StoredVolume(_part(folder, key, "mask"))
+        rec = mask.extra
+        n, top = rec.get("n_foreground"), rec.get("max_label")
+        if rec.get("case") != FORMAT or not isinstance(n, int) or not 0 <= n <= int(np.prod(mask.shape)) \
+                or not isinstance(top, int) or not 0 <= top <= 255 or mask.dtype != np.uint8:
+            return None
+        image = StoredVolume(_part(folder, key, "image"))
+        display = StoredVolume(_part(folder, key, "display")) if rec.get("display") is True else None
+        ref = StoredVolume(_part(folder, key, "reference")) if rec.get("reference") is True else None
+        if any(v.shape != mask.shape for v in (image, display, ref) if v is not None) or image.dtype != np.float32:
+            return None
+        fg = open_vector(_part(folder, key, "foreground"), n, "int64") if n else None
+    except DataError:
+        return None
+    return StoredCase(image, mask, display, ref, fg, n, top)
 
 
 def load_segmentation(cfg, seg_cfg, prepare: Preparer, rows: list, seed: int = 0,
@@ -200,28 +378,60 @@ def load_segmentation(cfg, seg_cfg, prepare: Preparer, rows: list, seed: int = 0
     if not rows:
         raise DataError("segmentation manifest has no rows", path)
     known = all(pid is not None for *_, pid in rows)
+    prep_key = getattr(prepare, "volume_key", None)
+    store = case_folder(prep_key, getattr(cfg, "store", None)) if isinstance(prep_key, str) else None
     cases = []
     for k, (i, m, r, pid) in enumerate(rows):
         if progress:
             progress(k, len(rows))
         pid = pid if known else patient_of(Path(i).name, None, cfg.image_suffix)  # the image is the unit
-        cases.append(load_case(i, m, cfg, seg_cfg.label_values, pid, prepare, r))
-    dims = {c.image.ndim - 1 for c in cases}
-    chans = {c.image.shape[0] for c in cases}
+        cases.append(load_case(i, m, cfg, seg_cfg.label_values, pid, prepare, r, store))
+    dims = {c.dims for c in cases}
+    chans = {c.channels for c in cases}
     if len(dims) > 1 or len(chans) > 1:
         raise ShapeError(f"cases mix dimensions {sorted(dims)} or channel counts {sorted(chans)}", path)
-    has_foreground = [int(c.mask.any()) for c in cases]  # stratify: empty masks spread over the splits
+    has_foreground = [int(c.has_foreground) for c in cases]  # stratify: empty masks spread over the splits
     tr, va, te = patient_split(has_foreground, [c.patient_id for c in cases], cfg.val_fraction, cfg.test_fraction,
                                seed)
     n_pat = len({c.patient_id for c in cases})
     pick = lambda idx: [cases[i] for i in idx]  # noqa: E731
-    k = int(max(c.mask.max() for c in cases)) + 1
+    k = max(c.max_label for c in cases) + 1
     n_cls = len(seg_cfg.label_values) if seg_cfg.label_values else max(k, 2)
     names = seg_cfg.class_names or (["background", "foreground"] if n_cls == 2 else [f"class_{i}" for i in range(n_cls)])
     how = split_method(seed, cfg.val_fraction, cfg.test_fraction, known)
     return SegSplit(pick(tr), pick(va), pick(te),
                     f"{how}; {n_pat} patients, {len(cases)} cases" if known else f"{how}; {len(cases)} cases",
                     names, patients_known=known)
+
+
+def channel_stats(cases: list[SegCase]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation over every voxel of ``cases`` (``data.normalize: dataset``). Cases in
+    memory: numpy over their concatenation, in float32, as always. When any case is in the store: two passes over the
+    cases slab by slab (``StoredVolume.slabs``), in float64, holding one slab at a time."""
+    if all(k.stored is None for k in cases):
+        c = cases[0].channels
+        flat = np.concatenate([k.image.reshape(c, -1) for k in cases], axis=1)
+        return flat.mean(1).tolist(), flat.std(1).tolist()
+
+    def parts(k: SegCase):
+        if k.stored is None:
+            yield k.image.reshape(k.channels, -1)
+        else:
+            for _, slab in k.stored.image.slabs():
+                yield slab.reshape(1, -1)
+
+    c = cases[0].channels
+    total, n = np.zeros(c), 0
+    for k in cases:
+        for a in parts(k):
+            total += a.sum(1, dtype=np.float64)
+            n += a.shape[1]
+    mean = total / max(n, 1)
+    sq = np.zeros(c)
+    for k in cases:
+        for a in parts(k):
+            sq += np.square(a - mean[:, None]).sum(1)
+    return mean.tolist(), np.sqrt(sq / max(n, 1)).tolist()
 
 
 def pad_to(arr: np.ndarray, size: Sequence[int], what: str = "image", warn: bool = True) -> np.ndarray:
@@ -231,30 +441,81 @@ def pad_to(arr: np.ndarray, size: Sequence[int], what: str = "image", warn: bool
     if not any(need):
         return arr
     if warn:
-        warnings.warn(f"{what} {tuple(spatial)} is smaller than the patch {tuple(size)}; padded with zeros",
-                      MedlensWarning, stacklevel=2)
+        _warn_small(what, spatial, size)
     pad = [(0, 0)] * (arr.ndim - len(size)) + [(n // 2, n - n // 2) for n in need]
     return np.pad(arr, pad)
+
+
+def _warn_small(what: str, spatial: Sequence[int], size: Sequence[int]) -> None:
+    warnings.warn(f"{what} {tuple(spatial)} is smaller than the patch {tuple(size)}; padded with zeros",
+                  MedlensWarning, stacklevel=3)
+
+
+class _StoredSource:
+    """A stored case as the sampler sees it: the grid padded up to the patch (``shape``), the padding before each
+    axis (``before``), and reads of a patch box that touch only the chunks it overlaps."""
+
+    def __init__(self, case: SegCase, patch: tuple[int, ...]) -> None:
+        self.stored = cast(StoredCase, case.stored)
+        grid = case.grid
+        if any(g < p for g, p in zip(grid, patch)):
+            _warn_small(f"image {case.path.name}", grid, patch)
+        self.grid = np.array(grid)
+        self.shape = tuple(max(g, p) for g, p in zip(grid, patch))
+        self.before = np.array([(s - g) // 2 for s, g in zip(self.shape, grid)])
+        self.n_fg = self.stored.n_foreground
+
+    def foreground(self, j: int) -> np.ndarray:
+        """The ``j``-th foreground voxel (C order), in the padded grid."""
+        flat = int(self.stored.foreground[j])
+        if not 0 <= flat < int(np.prod(self.grid)):
+            raise DataError(f"foreground index {flat} is outside the grid {tuple(self.grid)}",
+                            self.stored.mask.path)
+        return np.array(np.unravel_index(flat, tuple(self.grid))) + self.before
+
+    def read(self, start: np.ndarray, patch: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Image (1, *patch) and mask (*patch) of the padded box at ``start``: the grid's part read, zeros around."""
+        lo = np.maximum(start - self.before, 0)
+        hi = np.minimum(start - self.before + np.array(patch), self.grid)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        at = tuple(slice(int(a - s + o), int(b - s + o)) for a, b, s, o in zip(lo, hi, start, self.before))
+        x = np.zeros((1, *patch), np.float32)
+        y = np.zeros(patch, np.uint8)
+        x[(0, *at)] = self.stored.image.read_chunks(box)
+        y[at] = self.stored.mask.read_chunks(box)
+        return x, y
 
 
 class PatchSampler:
     """Random training patches, reproducible from (seed, epoch, index).
 
     Cases are visited in turn; with probability ``foreground_ratio`` a patch is centred on a random
-    foreground voxel of its case, otherwise anywhere. Images smaller than the patch are padded.
+    foreground voxel of its case, otherwise anywhere. Images smaller than the patch are padded. A case in memory is
+    cut from its arrays; a stored case (``SegCase.stored``) reads only the chunks the patch overlaps and its
+    foreground voxel from the store's list of them: the same patches for the same seed.
     """
 
     def __init__(self, cases: list[SegCase], patch_size: Sequence[int], n_per_epoch: int,
                  foreground_ratio: float = 0.5, seed: int = 0) -> None:
         self.patch = tuple(int(p) for p in patch_size)
-        dims = cases[0].image.ndim - 1
+        dims = cases[0].dims
         if len(self.patch) != dims:
             raise ShapeError(f"segmentation.patch_size {list(self.patch)} has {len(self.patch)} sizes; "
                              f"the images are {dims}D")
-        self.images, self.masks, self.fg = [], [], []
+        self.images: list[np.ndarray | None] = []
+        self.masks: list[np.ndarray | None] = []
+        self.fg: list[np.ndarray | None] = []
+        self.stored: list[_StoredSource | None] = []
         for c in cases:
+            if c.stored is not None:
+                self.stored.append(_StoredSource(c, self.patch))
+                self.images.append(None)
+                self.masks.append(None)
+                self.fg.append(None)
+                continue
             img = pad_to(c.image, self.patch, f"image {c.path.name}")
             msk = pad_to(c.mask, self.patch, "mask", warn=False)
+            self.stored.append(None)
             self.images.append(img)
             self.masks.append(msk)
             self.fg.append(np.flatnonzero(msk.reshape(-1)))
@@ -269,15 +530,23 @@ class PatchSampler:
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
         k = (int(i) + self.epoch * self.n) % len(self.images)
-        img, msk, fg = self.images[k], self.masks[k], self.fg[k]
-        shape = msk.shape
-        if len(fg) and rng.random() < self.ratio:
-            centre = np.array(np.unravel_index(fg[rng.integers(len(fg))], shape))
+        src = self.stored[k]
+        if src is not None:
+            shape, n_fg = src.shape, src.n_fg
+        else:
+            shape, n_fg = cast(np.ndarray, self.masks[k]).shape, len(cast(np.ndarray, self.fg[k]))
+        if n_fg and rng.random() < self.ratio:
+            j = int(rng.integers(n_fg))
+            centre = src.foreground(j) if src is not None else \
+                np.array(np.unravel_index(cast(np.ndarray, self.fg[k])[j], shape))
             start = centre - np.array(self.patch) // 2
         else:
             start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, self.patch)])
         start = np.clip(start, 0, np.array(shape) - np.array(self.patch))
-        sl = tuple(slice(int(a), int(a) + p) for a, p in zip(start, self.patch))
-        x = np.ascontiguousarray(img[(slice(None),) + sl])
-        y = np.ascontiguousarray(msk[sl])
+        if src is not None:
+            x, y = src.read(start, self.patch)
+        else:
+            sl = tuple(slice(int(a), int(a) + p) for a, p in zip(start, self.patch))
+            x = np.ascontiguousarray(cast(np.ndarray, self.images[k])[(slice(None),) + sl])
+            y = np.ascontiguousarray(cast(np.ndarray, self.masks[k])[sl])
         return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))

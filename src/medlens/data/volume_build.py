@@ -141,11 +141,18 @@ def prepare_array(image: Image, spec: VolumeSpec) -> tuple[np.ndarray, dict]:
 
 def write_volume(path: str | Path, arr: np.ndarray, rec: dict, spec: VolumeSpec = VolumeSpec()) -> Path:
     """Write a prepared volume atomically: a temporary file, its geometry, fsync, then the rename."""
+    chunks = tuple(min(c, n) for c, n in zip(spec.chunks, arr.shape))
+    blocks = tuple(min(b, c) for b, c in zip(spec.blocks, chunks))
+    return write_array(path, arr, rec, chunks, blocks)
+
+
+def write_array(path: str | Path, arr: np.ndarray, rec: dict, chunks: tuple[int, ...],
+                blocks: tuple[int, ...] | None = None) -> Path:
+    """Write ``arr`` as a Blosc2 NDArray of ``chunks`` (and ``blocks``) with ``rec`` as its ``vlmeta['medlens']``,
+    atomically: a temporary file, the record, fsync, then the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.b2nd"
-    chunks = tuple(min(c, n) for c, n in zip(spec.chunks, arr.shape))
-    blocks = tuple(min(b, c) for b, c in zip(spec.blocks, chunks))
     try:
         nd: Any = blosc2.asarray(cast(Any, arr), urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks,
                                  cparams=_CPARAMS)

@@ -37,19 +37,24 @@ import numpy as np
 
 from medlens.data import volume_build
 from medlens.data.store import cache_root
-from medlens.data.volume_build import BLOCKS, CHUNKS, FORMAT, VolumeSpec, prepare_array, write_volume
+from medlens.data.volume_build import BLOCKS, CHUNKS, FORMAT, VolumeSpec, prepare_array, write_array, write_volume
 from medlens.errors import DataError
 from medlens.io.image import Image
 from medlens.utils import remove_pid_named
 
-__all__ = ["BLOCKS", "CHUNKS", "StoredVolume", "VolumeSpec", "prepare_array", "prepare_volume", "volume_folder",
-           "volume_source_key", "write_volume"]
+__all__ = ["BLOCKS", "CHUNKS", "FORMAT", "StoredVolume", "VolumeSpec", "key_folder", "open_vector", "prepare_array",
+           "prepare_volume", "release_freed_memory", "volume_folder", "volume_source_key", "write_array", "write_volume"]
 _TMP = re.compile(r"^\.tmp-(\d+)-")
 _DPARAMS = {"nthreads": 1}
 _CHILD = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 def volume_folder(spec: VolumeSpec, root: str | Path | None = None) -> Path:
-    return cache_root(root) / "volumes" / hashlib.sha256(spec.key().encode()).hexdigest()[:16]
+    return key_folder(spec.key(), root)
+
+
+def key_folder(key: str, root: str | Path | None = None) -> Path:
+    """The folder of the volumes prepared by the preparation ``key`` (text): ``<root>/volumes/<its hash>``."""
+    return cache_root(root) / "volumes" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _mhd_data_file(path: Path) -> Path | None:
@@ -139,9 +144,14 @@ class StoredVolume:
                                          if isinstance(v, (str, int, float))}
             stats = rec.get("stats", {})
             self.stats = {str(k): float(v) for k, v in stats.items()} if isinstance(stats, dict) else {}
+            extra = rec.get("extra", {})
+            if not isinstance(extra, dict):
+                raise ValueError("extra is not a mapping")
+            self.extra: dict[str, Any] = dict(extra)  # what the writer recorded beyond the geometry (its reader checks)
         except (ValueError, TypeError) as e:
             raise DataError(f"not a complete medlens volume ({e})", self.path) from None
         self.array: Any = arr  # blosc2.NDArray
+        self.chunk_reads = 0  # chunks read by ``read_chunks`` since opened
 
     def __getstate__(self) -> dict:
         """Picklable (datasets go to worker processes): the path, opened again there."""
@@ -176,6 +186,24 @@ class StoredVolume:
         """The voxels of ``box`` (slices in array order; all of them when None) as a numpy array."""
         return np.asarray(self.array[box if box is not None else (slice(None),) * 3])
 
+    def read_chunks(self, box: tuple[slice, ...]) -> np.ndarray:
+        """The voxels of ``box`` (slices of step 1 inside the array), read chunk by chunk: one read of the part of
+        the box inside each chunk it overlaps (``chunk_reads`` counts them), so a patch costs the chunks it touches."""
+        lo = [sl.indices(n)[0] for sl, n in zip(box, self.shape)]
+        hi = [max(a, sl.indices(n)[1]) for a, sl, n in zip(lo, box, self.shape)]
+        out = np.empty([b - a for a, b in zip(lo, hi)], self.dtype)
+        if not out.size:
+            return out
+        size = [int(c) for c in self.array.chunks]
+        first = [a // c for a, c in zip(lo, size)]
+        last = [(b - 1) // c for b, c in zip(hi, size)]
+        for idx in np.ndindex(*[b - a + 1 for a, b in zip(first, last)]):
+            c0 = [(f + i) * c for f, i, c in zip(first, idx, size)]
+            part = tuple(slice(max(a, s), min(b, s + c)) for a, b, s, c in zip(lo, hi, c0, size))
+            out[tuple(slice(p.start - a, p.stop - a) for p, a in zip(part, lo))] = self.array[part]
+            self.chunk_reads += 1
+        return out
+
     def slabs(self) -> Any:
         """(z slice, voxels) of consecutive slabs, one chunk thick: a pass over the volume that holds one slab."""
         step = int(self.array.chunks[0])
@@ -202,6 +230,20 @@ class StoredVolume:
         start = [sl.indices(n)[0] for sl, n in zip(box or whole, self.shape)]
         return Image(self.read(box or whole), spacing=self.spacing, origin=tuple(self.voxel_to_world(start)),
                      direction=self.direction, modality=self.modality, meta=dict(self.meta))
+
+
+def open_vector(path: str | Path, length: int, dtype: str) -> Any:
+    """A 1D Blosc2 array of the store (``write_array``), memory-mapped: indexing it reads the block it falls in.
+    ``DataError`` when it is missing, damaged, or not ``length`` values of ``dtype``."""
+    path = Path(path)
+    try:
+        arr: Any = cast(Any, blosc2.open)(str(path), mode="r", mmap_mode="r", dparams=_DPARAMS)
+        ok = arr.ndim == 1 and int(arr.shape[0]) == length and np.dtype(arr.dtype) == np.dtype(dtype)
+    except Exception as e:  # noqa: BLE001 - blosc2 raises many kinds on a damaged or partial file
+        raise DataError(f"not a complete medlens array ({type(e).__name__})", path) from None
+    if not ok:
+        raise DataError(f"not {length} values of {dtype}", path)
+    return arr
 
 
 def release_freed_memory() -> None:

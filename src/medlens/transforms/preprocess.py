@@ -233,6 +233,8 @@ class _SegPreparer(Preparer):
     def store_key(self) -> str | None:
         return None  # the spec follows each image: not one preparation the store could key
 
+    volume_key = property(lambda self: Preparer(segmentation_spec(self.cfg, 3), scale=True).store_key)  # stored volumes
+
     def _for(self, image: Image) -> InputSpec:
         return segmentation_spec(self.cfg, image.spatial_dims)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from medlens.data.segmentation import channel_stats
 from medlens.data.splits import PER_IMAGE
 from medlens.engine.train import build_network, fit_segmentation
 from medlens.errors import ConfigError, MedlensError
@@ -41,18 +41,16 @@ def train_segmentation(cfg, path: Path, resume: bool, callbacks, progress_bar: b
             "with PatientID) for a patient-level split")
     first = data.train[0]
     n_cls = len(data.class_names)
-    c = int(first.image.shape[0])
-    if cfg.data.normalize == "dataset":
-        flat = np.concatenate([k.image.reshape(c, -1) for k in data.train], axis=1)
-        mean, std = flat.mean(1).tolist(), flat.std(1).tolist()
-        del flat
+    c = first.channels
+    if cfg.data.normalize == "dataset":  # stored volumes: slab by slab, never the whole training set at once
+        mean, std = channel_stats(data.train)
     else:
         mean, std = [0.0] * c, [1.0] * c
     meta = RunMeta(
         task=TaskType.SEGMENTATION, model=cfg.model.name, model_params=cfg.model.params, in_channels=c,
         n_outputs=1 if n_cls == 2 else n_cls, input_size=list(seg.patch_size), class_names=data.class_names,
         label_values=seg.label_values,
-        preprocessing=InputPrep(spatial_dims=first.image.ndim - 1, color=cfg.data.color, clahe=cfg.data.clahe,
+        preprocessing=InputPrep(spatial_dims=first.dims, color=cfg.data.color, clahe=cfg.data.clahe,
                                 window=cfg.data.window, intensity=cfg.data.intensity, mean=mean, std=std,
                                 pixel_spacing=cfg.data.pixel_spacing),
         split_method=data.split_method, dataset=cfg.data.path, patients_known=data.patients_known,
