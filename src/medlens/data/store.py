@@ -24,15 +24,18 @@ parallel pass.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import threading
 import uuid
+import warnings
 from contextvars import ContextVar
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -257,20 +260,35 @@ def _build_chunk(folder: Path, paths: list[str], keys: list[str], prepare: Prepa
     return len(paths)
 
 
-def _worker_init() -> None:
-    """One OpenCV thread per worker process (the workers are the parallelism)."""
+def _worker_init(parent: int | None = None) -> None:
+    """One OpenCV thread per worker process (the workers are the parallelism). In a process forked from
+    ``parent`` (Linux): killed with it (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the builder leaves no worker that
+    holds its lock or waits for work that will never come."""
     cv2 = sys.modules.get("cv2")
     if cv2 is not None:
         cv2.setNumThreads(1)
+    if parent is not None and sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the builder died before the line above
+            os._exit(1)
 
 
-def _context():
-    """Workers forked from a fork server that has imported the preparation (and no thread pool has run in it): a
-    plain fork of a process whose OpenMP/OpenCV pools have run (torch trained before, in the same process)
-    deadlocks the child; spawn imports medlens and torch again for every worker."""
+def _context() -> tuple[Any, bool]:
+    """The start method of the pool, and whether it forks this process.
+
+    Linux: a plain fork of this process, started from the calling thread before it prepares anything, after
+    ``_worker_init`` has stopped OpenCV's thread pool here (the pool a forked child would wait for, on a futex,
+    when it sets its own thread count: the hang a pytest process that had prepared and trained before showed). A
+    child needs nothing imported (the fork server's first start imports medlens and torch: 3-4 s of CPU idle, 7-11 s
+    on busy cores, a third of a 10,000-file build's second core) and prepares with numpy, OpenCV and Blosc2 (one
+    thread each), pydicom, nibabel or SimpleITK; never torch, whose OpenMP pool is not fork-safe. Elsewhere (macOS
+    frameworks are not fork-safe): a fork server that has imported the preparation; spawn would import medlens and
+    torch again for every worker."""
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork"), True
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["medlens.data.store", "medlens.transforms.preprocess"])
-    return ctx
+    return ctx, False
 
 
 def _chunks_of(n: int, workers: int) -> int:
@@ -353,8 +371,8 @@ def _build(folder: Path, paths: list[str], keys: list[str], prepare: Preparer, w
            progress: Callable | None, offset: int = 0, total: int = 0) -> int:
     """Prepare and store ``paths``; ``progress(offset + done, total)`` after each file (in this process) or each
     chunk (workers). With ``workers`` > 1 (and work enough, ``_parallel``) this process is one of the workers: it
-    prepares parts itself from the first moment while ``workers - 1`` pool processes start (the fork server's first
-    start imports the preparation, seconds) and take parts as they come free."""
+    prepares parts itself from the first moment while ``workers - 1`` pool processes (forked, ``_context``; or from a
+    fork server, whose first start imports the preparation, seconds) take parts as they come free."""
     n = len(paths)
     total = total or n
     size = _chunks_of(n, workers)
@@ -377,9 +395,10 @@ def _build(folder: Path, paths: list[str], keys: list[str], prepare: Preparer, w
     threads = cv2.getNumThreads() if cv2 is not None else None
     _worker_init()   # this process is a worker too: one OpenCV thread, restored after
     pool = min(workers - 1, len(parts) - 1)
-    ctx = _context()
+    ctx, forks = _context()
     try:
-        with ProcessPoolExecutor(max_workers=pool, mp_context=ctx, initializer=_worker_init) as ex:
+        with ProcessPoolExecutor(max_workers=pool, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid() if forks else None,)) as ex:
             pending: dict[Any, int] = {}
 
             def collect(block: bool) -> None:
@@ -404,22 +423,31 @@ def _build(folder: Path, paths: list[str], keys: list[str], prepare: Preparer, w
                         parts.appendleft(part)
                         raise
 
-            # a fork server's first start waits for its preload (seconds, it imports torch): a warm-up task starts
-            # the pool from a thread while this process prepares; parts go to the pool once it is up
             failed: list[BaseException] = []
-            starter = threading.Thread(target=_catching, args=(lambda: ex.submit(_ready).result(), failed),
-                                       daemon=True)
-            starter.start()
+            if forks:
+                # the first submit forks the pool's processes, here and now: from this thread, before it prepares
+                # (no lock of the preparation held by another thread of this process at the fork)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: "multi-threaded" (BLAS)
+                    feed()
+                starter = None
+            else:
+                # a fork server's first start waits for its preload (seconds, it imports torch): a warm-up task
+                # starts the pool from a thread while this process prepares; parts go to the pool once it is up
+                starter = threading.Thread(target=_catching, args=(lambda: ex.submit(_ready).result(), failed),
+                                           daemon=True)
+                starter.start()
             # after a bad file, only the parts before it go on (the error reported is the first in the order given)
             while parts and not (errors and parts[0][0] > min(errors)):
                 i, ps, ks = parts.popleft()
                 r = _build_chunk(folder, ps, ks, prepare, step)
                 if isinstance(r, str):
                     errors[i] = r
-                if not starter.is_alive():
+                if starter is None or not starter.is_alive():
                     collect(False)
                     feed()
-            starter.join()
+            if starter is not None:
+                starter.join()
             if failed:
                 raise failed[0]
             while pending:
