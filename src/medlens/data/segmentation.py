@@ -405,33 +405,90 @@ def load_segmentation(cfg, seg_cfg, prepare: Preparer, rows: list, seed: int = 0
 
 
 def channel_stats(cases: list[SegCase]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation over every voxel of ``cases`` (``data.normalize: dataset``). Cases in
-    memory: numpy over their concatenation, in float32, as always. When any case is in the store: two passes over the
-    cases slab by slab (``StoredVolume.slabs``), in float64, holding one slab at a time."""
+    """Per-channel mean and standard deviation over every voxel of ``cases`` (``data.normalize: dataset``), exactly
+    numpy's float32 ``mean(1)`` and ``std(1)`` of the cases' images concatenated (what training always used), without
+    the concatenation when a case is stored: numpy's pairwise summation is followed over the cases end to end
+    (``_ConcatSum``), holding one case's image at a time (two where a summation block straddles two cases)."""
+    c = cases[0].channels
     if all(k.stored is None for k in cases):
-        c = cases[0].channels
         flat = np.concatenate([k.image.reshape(c, -1) for k in cases], axis=1)
         return flat.mean(1).tolist(), flat.std(1).tolist()
+    lengths = [int(np.prod(k.grid)) for k in cases]
+    n = np.intp(sum(lengths))
+    means, stds = [], []
+    for ch in range(c):
+        read = lambda i, ch=ch: cases[i].image[ch].reshape(-1)  # noqa: E731
+        total = np.array([[_ConcatSum(lengths, read).total()]], np.float32)
+        mean = np.true_divide(total, n, out=total, casting="unsafe")  # numpy's _var: the mean kept as (1, 1)
+        square = lambda i, read=read, mean=mean: np.square(np.subtract(read(i)[None], mean))[0]  # noqa: E731
+        var = np.array([_ConcatSum(lengths, square).total()], np.float32)
+        var = np.true_divide(var, np.maximum(n, 0), out=var, casting="unsafe")
+        means.append(float(mean[0, 0]))
+        stds.append(float(np.sqrt(var, out=var)[0]))
+    return means, stds
 
-    def parts(k: SegCase):
-        if k.stored is None:
-            yield k.image.reshape(k.channels, -1)
-        else:
-            for _, slab in k.stored.image.slabs():
-                yield slab.reshape(1, -1)
 
-    c = cases[0].channels
-    total, n = np.zeros(c), 0
-    for k in cases:
-        for a in parts(k):
-            total += a.sum(1, dtype=np.float64)
-            n += a.shape[1]
-    mean = total / max(n, 1)
-    sq = np.zeros(c)
-    for k in cases:
-        for a in parts(k):
-            sq += np.square(a - mean[:, None]).sum(1)
-    return mean.tolist(), np.sqrt(sq / max(n, 1)).tolist()
+_PW_BLOCK = 128  # numpy's PW_BLOCKSIZE: pairwise summation sums blocks up to this long with 8 accumulators
+
+
+def _pairwise_block(a: np.ndarray) -> np.float32:
+    """numpy's float32 pairwise sum of one block (at most ``_PW_BLOCK`` values), step by step."""
+    f = np.float32
+    if len(a) < 8:
+        res = f(0)
+        for v in a:
+            res = f(res + v)
+        return res
+    r = a[:8].copy()
+    m = len(a) - len(a) % 8
+    for i in range(8, m, 8):
+        r += a[i:i + 8]
+    res = f(f(f(r[0] + r[1]) + f(r[2] + r[3])) + f(f(r[4] + r[5]) + f(r[6] + r[7])))
+    for v in a[m:]:
+        res = f(res + v)
+    return res
+
+
+class _ConcatSum:
+    """``np.add.reduce`` of the float32 values of cases laid end to end (``read(i)``: case ``i``'s, ``lengths[i]``
+    of them), bit for bit without the concatenation: numpy halves a long vector (at a multiple of 8) until blocks of
+    ``_PW_BLOCK``; a half inside one case is numpy's own sum of that slice, a block across two cases is summed here."""
+
+    def __init__(self, lengths: list[int], read: Callable[[int], np.ndarray]) -> None:
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.read = read
+        self.cache: dict[int, np.ndarray] = {}
+
+    def _case(self, i: int) -> np.ndarray:
+        if i not in self.cache:
+            if len(self.cache) >= 2:
+                self.cache.pop(min(self.cache))
+            self.cache[i] = np.ascontiguousarray(self.read(i), np.float32)
+        return self.cache[i]
+
+    def _values(self, lo: int, hi: int) -> np.ndarray:
+        i = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        parts = []
+        while lo < hi:
+            end = min(hi, int(self.starts[i + 1]))
+            if end > lo:
+                parts.append(self._case(i)[lo - int(self.starts[i]):end - int(self.starts[i])])
+            lo, i = end, i + 1
+        return np.concatenate(parts)
+
+    def _sum(self, lo: int, n: int) -> np.float32:
+        i = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        if lo + n <= int(self.starts[i + 1]):
+            a = self._case(i)
+            return np.add.reduce(a[lo - int(self.starts[i]):lo - int(self.starts[i]) + n])
+        if n <= _PW_BLOCK:
+            return _pairwise_block(self._values(lo, lo + n))
+        n2 = n // 2
+        n2 -= n2 % 8
+        return np.float32(self._sum(lo, n2) + self._sum(lo + n2, n - n2))
+
+    def total(self) -> np.float32:
+        return self._sum(0, int(self.starts[-1]))
 
 
 def pad_to(arr: np.ndarray, size: Sequence[int], what: str = "image", warn: bool = True) -> np.ndarray:
