@@ -258,13 +258,15 @@ class Worker:
                     rows, _ = predict_export(run, inputs, out, outputs)
                 fix_result_uids(out, job.series_uid, label, weights)
         except OutOfProfile as e:
+            # drift first: a job the queue shows settled has its series counted in the drift window (the status
+            # page reads both; the window is in memory, so a crash in between loses nothing a restart would keep)
+            self.watch_drift(job.run, run, study, job.series_uid, hist, None)
             self.shadow.record_current(job.series_uid, job.run, "refused", weights=weights)
             self.queue.job_closed(job.id, "refused", "; ".join(e.reasons), model, weights)
             self.metrics.refused.labels(label).inc()
             self.audit.event("refused", study=study, series=job.series_uid, run=label, weights_sha256=weights,
                              reasons=e.reasons)
             self.say(f"{tag}: refused (outside the training data: {'; '.join(e.reasons)}); nothing sent")
-            self.watch_drift(job.run, run, study, job.series_uid, hist, None)
             return
         except Exception as e:  # one bad series is recorded and skipped, never fatal
             shutil.rmtree(out, ignore_errors=True)
@@ -278,11 +280,11 @@ class Worker:
                    {"prediction": r.prediction, "probability": round(float(r.probability), 6)} for r in rows]
         if not dense:  # before the job is recorded: a crash in between predicts (and records) it again
             self.shadow.record_current(job.series_uid, job.run, "predicted", run, rows, weights)
+        probs = [float(r.probability) for r in rows if not isinstance(r, dict) and r.positive_class is not None]
+        self.watch_drift(job.run, run, study, job.series_uid, hist, float(np.mean(probs)) if probs else None)
         self.queue.job_predicted(job.id, str(out), model, weights, [d.name for d in self.cfg.destinations])
         self.audit.event("predicted", study=study, series=job.series_uid, run=label, model=model,
                          weights_sha256=weights, outcome=outcome)
-        probs = [float(r.probability) for r in rows if not isinstance(r, dict) and r.positive_class is not None]
-        self.watch_drift(job.run, run, study, job.series_uid, hist, float(np.mean(probs)) if probs else None)
 
     # ---------------------------------------------------------------------------------------------- drift
 
