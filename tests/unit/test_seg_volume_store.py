@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -79,6 +80,8 @@ def test_stored_patches_equal_in_memory_ones_and_read_only_their_chunks(setup):
             assert xs.shape == (1, *PATCH) and torch.equal(xm, xs) and torch.equal(ym, ys)
             with_fg += int(ym.any())
     assert 20 < with_fg < 60  # foreground-centred and random draws both taken
+    shipped = pickle.dumps(sto)  # to DataLoader workers: the stored cases travel as paths, not voxels
+    assert len(shipped) < 20_000 and all(torch.equal(pickle.loads(shipped)[i][0], sto[i][0]) for i in (0, 1, 2))
 
     # one patch of case a (index 0 of epoch 0): the image and mask chunks it overlaps, each read once, nothing else
     sto.set_epoch(0)

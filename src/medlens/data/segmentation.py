@@ -23,7 +23,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, cast
+from typing import Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -32,10 +32,10 @@ from medlens.data.base import Preparer, confined_paths, read_csv_checked, refuse
 from medlens.data.splits import patient_split, split_method
 from medlens.data.volume_store import (
     FORMAT,
+    StoredVector,
     StoredVolume,
     VolumeSpec,
     key_folder,
-    open_vector,
     prepare_array,
     release_freed_memory,
     volume_source_key,
@@ -59,7 +59,7 @@ class StoredCase:
     mask: StoredVolume
     display: StoredVolume | None
     reference: StoredVolume | None
-    foreground: Any
+    foreground: StoredVector | None
     n_foreground: int
     max_label: int
 
@@ -361,7 +361,7 @@ def open_case(folder: Path, key: str) -> StoredCase | None:
         ref = StoredVolume(_part(folder, key, "reference")) if rec.get("reference") is True else None
         if any(v.shape != mask.shape for v in (image, display, ref) if v is not None) or image.dtype != np.float32:
             return None
-        fg = open_vector(_part(folder, key, "foreground"), n, "int64") if n else None
+        fg = StoredVector(_part(folder, key, "foreground"), n, "int64") if n else None
     except DataError:
         return None
     return StoredCase(image, mask, display, ref, fg, n, top)
@@ -524,7 +524,7 @@ class _StoredSource:
 
     def foreground(self, j: int) -> np.ndarray:
         """The ``j``-th foreground voxel (C order), in the padded grid."""
-        flat = int(self.stored.foreground[j])
+        flat = int(cast(StoredVector, self.stored.foreground)[j])
         if not 0 <= flat < int(np.prod(self.grid)):
             raise DataError(f"foreground index {flat} is outside the grid {tuple(self.grid)}",
                             self.stored.mask.path)

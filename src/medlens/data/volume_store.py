@@ -42,7 +42,7 @@ from medlens.errors import DataError
 from medlens.io.image import Image
 from medlens.utils import remove_pid_named
 
-__all__ = ["BLOCKS", "CHUNKS", "FORMAT", "StoredVolume", "VolumeSpec", "key_folder", "open_vector", "prepare_array",
+__all__ = ["BLOCKS", "CHUNKS", "FORMAT", "StoredVector", "StoredVolume", "VolumeSpec", "key_folder", "prepare_array",
            "prepare_volume", "release_freed_memory", "volume_folder", "volume_source_key", "write_array", "write_volume"]
 _TMP = re.compile(r"^\.tmp-(\d+)-")
 _DPARAMS = {"nthreads": 1}
@@ -232,18 +232,33 @@ class StoredVolume:
                      direction=self.direction, modality=self.modality, meta=dict(self.meta))
 
 
-def open_vector(path: str | Path, length: int, dtype: str) -> Any:
-    """A 1D Blosc2 array of the store (``write_array``), memory-mapped: indexing it reads the block it falls in.
-    ``DataError`` when it is missing, damaged, or not ``length`` values of ``dtype``."""
-    path = Path(path)
-    try:
-        arr: Any = cast(Any, blosc2.open)(str(path), mode="r", mmap_mode="r", dparams=_DPARAMS)
-        ok = arr.ndim == 1 and int(arr.shape[0]) == length and np.dtype(arr.dtype) == np.dtype(dtype)
-    except Exception as e:  # noqa: BLE001 - blosc2 raises many kinds on a damaged or partial file
-        raise DataError(f"not a complete medlens array ({type(e).__name__})", path) from None
-    if not ok:
-        raise DataError(f"not {length} values of {dtype}", path)
-    return arr
+class StoredVector:
+    """A 1D Blosc2 array of the store (``write_array``), memory-mapped: ``v[i]`` reads the block ``i`` falls in.
+    ``DataError`` when it is missing, damaged, or not ``length`` values of ``dtype``. Picklable (datasets go to worker
+    processes): opened again there."""
+
+    def __init__(self, path: str | Path, length: int, dtype: str) -> None:
+        self.path, self.length, self.dtype = Path(path), int(length), str(dtype)
+        try:
+            arr: Any = cast(Any, blosc2.open)(str(self.path), mode="r", mmap_mode="r", dparams=_DPARAMS)
+            ok = arr.ndim == 1 and int(arr.shape[0]) == self.length and np.dtype(arr.dtype) == np.dtype(self.dtype)
+        except Exception as e:  # noqa: BLE001 - blosc2 raises many kinds on a damaged or partial file
+            raise DataError(f"not a complete medlens array ({type(e).__name__})", self.path) from None
+        if not ok:
+            raise DataError(f"not {self.length} values of {self.dtype}", self.path)
+        self.array: Any = arr
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Any:
+        return self.array[i]
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "length": self.length, "dtype": self.dtype}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["length"], state["dtype"])
 
 
 def release_freed_memory() -> None:
