@@ -23,7 +23,7 @@ import pytest
 import ray
 
 from clirun import medlens
-from medlens.run import Predictor, Run
+from medlens.run import Predictor, Run, batch
 
 N_FOLDER, N_LIST, N_MANIFEST, N_BULK = 120, 30, 30, 400
 
@@ -214,6 +214,29 @@ def test_ray_engine_gives_the_local_probabilities(trained_run, archive, referenc
     assert r.returncode == 0, r.stderr
     assert "ray" not in r.stderr.lower()    # no Ray console chatter
     _check_against(_read(out), reference, {p.name for p in folder + listed})
+
+
+def test_a_batch_is_predicted_in_passes_of_bounded_size(trained_run, archive, reference, monkeypatch):
+    """``answer`` runs the network over a batch in passes of at most ``PASS_BYTES`` of inputs (the activations
+    stay in the cache): the passes are that size and the rows are the per-file path's probabilities."""
+    root, folder, listed, manifest = archive
+    predictor = Predictor(Run.open(trained_run))
+    items = [batch.decode(predictor, str(f)) for f in folder[:40]]
+    x0 = items[0].x
+    assert x0 is not None
+    monkeypatch.setattr(batch, "PASS_BYTES", 8 * x0.nbytes)
+    sizes: list[int] = []
+    real = predictor.predict_arrays
+
+    def counted(x, calibrated=True):
+        sizes.append(len(x))
+        return real(x, calibrated)
+
+    monkeypatch.setattr(predictor, "predict_arrays", counted)
+    with batch.inference_network(predictor):
+        rows, errors = batch.answer(predictor, items)
+    assert sizes == [8] * 5 and not errors
+    _check_against(pd.DataFrame(rows), reference, {p.name for p in folder[:40]})
 
 
 def test_a_dicom_series_is_one_input_of_a_volume_run_and_its_slices_inputs_of_a_2d_run(data_root, tmp_path):
