@@ -60,6 +60,7 @@ def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int =
 
     ``kind``: ``rigid`` (Euler), ``affine`` (rigid first, then affine) or ``bspline`` (affine first,
     then a free-form B-spline on a ``bspline_grid`` control grid). Works across modalities.
+    ``seed`` seeds the metric's random sampling: the same images and seed give the same transform.
     ``progress(done, total)`` is called from SimpleITK's iteration events: ``total`` is the iteration budget
     of all stages and levels; a level that converges early jumps to its budget's end.
     """
@@ -92,7 +93,7 @@ def register(fixed: Image, moving: Image, kind: str = "rigid", iterations: int =
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(sampling, seed)
+        reg.SetMetricSamplingPercentage(sampling, seed + 1)  # ITK reads a seed of 0 as 'the wall clock'
         reg.SetInterpolator(sitk.sitkLinear)
         if lbfgs:
             reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=max(50, iterations // 2))
