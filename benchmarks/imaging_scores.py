@@ -71,7 +71,7 @@ def lungs(ct, nodule_world) -> dict:
             "mask": m}
 
 
-def registration(image, mask, seed: int = 0) -> dict:
+def registration(image, mask, seed: int = 0, sampling: float = 0.2) -> dict:
     """A known rigid + affine transform is applied to a real MRI volume; affine registration must
     recover it. TRE is measured at the mask's voxels (and the volume's corners) in voxels."""
     import SimpleITK as sitk
@@ -94,7 +94,7 @@ def registration(image, mask, seed: int = 0) -> dict:
     mask_moving = from_sitk(sitk.Resample(to_sitk(mask.with_array(mask.array.astype(np.uint8))), f, truth.GetInverse(),
                                           sitk.sitkNearestNeighbor, 0), "SEG")
     t0 = time.perf_counter()
-    reg = register(fixed, moving, "affine", iterations=300)
+    reg = register(fixed, moving, "affine", iterations=300, sampling=sampling, seed=seed)
     secs = time.perf_counter() - t0
     pts_idx = np.argwhere(mask.array > 0)
     if len(pts_idx) > 2000:

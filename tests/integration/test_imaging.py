@@ -47,8 +47,10 @@ def test_lung_fields(ct):
 
 
 def test_registration_recovers_a_known_transform(data_root):
+    # 5% of the voxels sampled by the metric (the benchmark's 20% took twice the CPU: 17.5 s against 8.4 s here,
+    # the same TRE of 0.04 voxels)
     r = scores.registration(load(data_root / "mri-seg" / "brain1_image.nrrd"),
-                            load(data_root / "mri-seg" / "brain1_label.nrrd"))
+                            load(data_root / "mri-seg" / "brain1_label.nrrd"), sampling=0.05)
     assert r["tre_voxels"] < 1.0 and r["dice_after"] > 0.9 > r["dice_before"]
 
 
