@@ -295,6 +295,18 @@ def _chunks_of(n: int, workers: int) -> int:
     return max(1, min(MAX_CHUNK, -(-n // (workers * 8))))
 
 
+def _part_bounds(n: int, workers: int) -> list[tuple[int, int]]:
+    """(start, stop) of each part of a parallel build: ``_chunks_of`` files, fewer towards the end (at most a ``2 * workers``-th of
+    what is left), so that the processes finish together: a pool process may hold two parts queued when the
+    caller runs out (40 CT volumes in parts of 3: 1.36x with 2 workers)."""
+    size, out, start = _chunks_of(n, workers), [], 0
+    while start < n:
+        step = max(1, min(size, -(-(n - start) // (2 * workers))))
+        out.append((start, start + step))
+        start += step
+    return out
+
+
 def prepare_store(paths: Sequence[Path], prepare: Preparer, workers: int | None = None,
                   progress: Callable | None = None, root: str | Path | None = None) -> BuildResult:
     """Read and prepare each of ``paths`` that the store lacks, exactly once, with ``workers`` processes (from a
@@ -390,6 +402,7 @@ def _build(folder: Path, paths: list[str], keys: list[str], prepare: Preparer, w
             if isinstance(r, str):
                 raise DataError(r)
         return counted[0]
+    parts = deque((i, paths[a:b], keys[a:b]) for i, (a, b) in enumerate(_part_bounds(n, workers)))
     errors: dict[int, str] = {}
     cv2 = sys.modules.get("cv2")
     threads = cv2.getNumThreads() if cv2 is not None else None
