@@ -73,7 +73,7 @@ def _config(tmp: Path, name: str, path: Path, **data) -> dict:
                      "test_fraction": 0.2, **data},
             "model": {"name": "small_cnn", "params": {"widths": [4, 8]}},
             "train": {"epochs": 1, "batch_size": 32, "precision": "32"},
-            "evaluation": {"bootstrap": 10}}
+            "evaluation": {"bootstrap": 10}, "explain": {"method": "gradcam", "score_images": 8}}
 
 
 def test_dicom_folder_split_by_patient_disc_positive_and_predict_columns(tmp_path, data_root):

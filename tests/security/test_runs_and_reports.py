@@ -45,7 +45,8 @@ def tiny(tmp: Path, name: str, **over) -> Path:
     d = {"name": name, "seed": 0, "output_dir": str(tmp / "runs"),
          "data": {"source": "medmnist", "name": "pneumoniamnist", "size": 28, "max_samples": 200},
          "model": {"name": "small_cnn", "params": {"widths": [8, 16, 32]}},
-         "train": {"epochs": 1, "batch_size": 64, "precision": "32"}, "evaluation": {"bootstrap": 20}}
+         "train": {"epochs": 1, "batch_size": 64, "precision": "32"}, "evaluation": {"bootstrap": 20},
+         "explain": {"method": "gradcam", "score_images": 8}}
     for k, v in over.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     p = tmp / f"{name}.yaml"
