@@ -76,13 +76,15 @@ def test_every_3d_method_on_an_adrenal_run(adrenal_run):
             continue
         kw = {"n_samples": 60} if method in SUPERPIXEL else {}
         # occlusion slides its window over the whole volume (2,197 occluded copies of each 28^3 volume for one
-        # class): one volume here, both classes; the 2D test runs it on a batch
+        # class, 6.4 s of CPU): one volume and one class here; the 2D test runs it on a batch for both classes
+        # and checks the sign flip there
         xs = x[:1] if method == "occlusion" else x
         maps, info = explain(net, xs, method, target=1, **kw)
         assert maps.shape == (len(xs), 28, 28, 28), method
         if method in SIGNED_LINEAR:
-            other, _ = explain(net, xs, method, target=0, **kw)
             assert np.abs(maps).reshape(len(xs), -1).sum(1).min() > 0, method
+        if method in SIGNED_LINEAR and method != "occlusion":
+            other, _ = explain(net, xs, method, target=0, **kw)
             assert np.allclose(other, -maps, rtol=1e-4, atol=1e-6 * np.abs(maps).max()), method
         _check_map_properties(net, xs, maps, method, 1)
 
