@@ -40,8 +40,8 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder"),
             resume: bool = typer.Option(False, "--resume", help="batch mode: continue the results table a killed "
                                         "run left (same INPUTs): no input twice, none missed"),
             batch_size: int = typer.Option(64, "--batch-size", min=1, help="batch mode: inputs per batch"),
-            workers: int = typer.Option(2, "--workers", min=0, help="batch mode: decoding processes (local) or "
-                                        "Ray actors (--engine ray)"),
+            workers: int = typer.Option(2, "--workers", min=0, help="batch mode: decoding processes (local, at "
+                                        "most the CPUs - 1: the network needs one) or Ray actors (--engine ray)"),
             engine: str = typer.Option("local", "--engine", help="batch mode: local, or ray (Ray Data)"),
             address: Optional[str] = typer.Option(None, "--address", help="--engine ray: a running Ray cluster "
                                                   "(default: start a local instance, stopped at the end)"),
