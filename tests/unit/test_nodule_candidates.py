@@ -4,9 +4,10 @@ several sizes plus noise, where the overlap pruning has long chains of overlappi
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from skimage.feature import blob_log
 
-from medlens.imaging.nodules import log_blobs
+from medlens.imaging.nodules import _log_blobs, log_blobs
 
 
 def _blobs_image(shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
@@ -41,3 +42,18 @@ def test_log_blobs_are_blob_logs(shape, seed, min_sigma, max_sigma, num_sigma, t
     assert ref.shape[1] == len(shape) + 1 and len(ref) > 50  # a real test: many blobs survive the pruning
     assert ours.dtype == ref.dtype
     np.testing.assert_array_equal(ours, ref)  # the same rows in the same order, bit for bit
+
+
+def test_the_scale_space_is_scipys_laplacian_of_gaussian_to_the_bit():
+    """The blobs' responses (nodule detection ranks its candidates by them) are ``-s^2`` times
+    ``scipy.ndimage.gaussian_laplace`` at the blob, bit for bit, although the filter shares one of its passes."""
+    img = _blobs_image((40, 48, 48), 300, seed=2)
+    blobs, response, _ = _log_blobs(img, 0.8, 5.0, 6, 0.04, 0.5)
+    sigmas = np.linspace(np.full(3, 0.8, np.float32), np.full(3, 5.0, np.float32), 6)
+    expected = np.empty_like(response)
+    for s in sigmas:
+        rows = blobs[:, 3] == s[0]
+        lap = ndimage.gaussian_laplace(img, s)
+        expected[rows] = -lap[tuple(blobs[rows, :3].astype(int).T)] * np.mean(s) ** 2
+    assert len(blobs) > 50
+    np.testing.assert_array_equal(response, expected)

@@ -14,6 +14,7 @@ and nodules fused with the pleura or vessels beyond the lung mask's closing.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -85,14 +86,18 @@ def nodule_candidates(image: Image, lungs: np.ndarray | None = None, grid_mm: fl
     iso = np.asarray(ndimage.zoom(np.clip((sub - AIR_HU) / (TISSUE_HU - AIR_HU), 0, 1), zoom, order=1))
     k = np.sqrt(3.0)  # a sphere of radius r gives the strongest scale-normalised LoG at sigma = r / sqrt(3)
     s_min, s_max = min_diameter_mm / 2 / k / grid_mm, max_diameter_mm / 2 / k / grid_mm
-    blobs = log_blobs(iso, s_min, s_max, num_sigma=num_sigma, threshold=threshold)
+    blobs, response, exact = _log_blobs(iso, s_min, s_max, num_sigma, threshold, overlap=0.5)
     if len(blobs) == 0:
         return pd.DataFrame(columns=["coordX", "coordY", "coordZ", "diameter_mm", "score"])
     vox = blobs[:, :3] / zoom + np.array([sl.start for sl in box], float)  # full-resolution (z, y, x)
     iv = np.minimum(np.round(vox).astype(int), np.array(image.shape) - 1)
     keep = lungs[tuple(iv.T)]
     blobs, vox, sigmas = blobs[keep], vox[keep], blobs[keep, 3]
-    score = np.array([_log_response(iso, b[:3], b[3]) for b in blobs])  # ranks the candidates inside the lungs
+    # the score ranking the candidates inside the lungs: -sigma^2 LoG at the blob, the scale space's own value
+    # where that is the same float32 product (_log_response on a crop where it is not)
+    score = response[keep].astype(float)
+    for r in np.flatnonzero(~exact[keep]):
+        score[r] = _log_response(iso, blobs[r, :3], blobs[r, 3])
     order = np.argsort(-score, kind="stable")[:max_candidates]
     world = np.array([image.voxel_to_world(v) for v in vox[order]]).reshape(-1, 3)
     return pd.DataFrame({"coordX": world[:, 0], "coordY": world[:, 1], "coordZ": world[:, 2],
@@ -123,6 +128,15 @@ def log_blobs(image: np.ndarray, min_sigma: float, max_sigma: float, num_sigma: 
     blobs, ~950,000 pairs): here the overlaps of all those pairs are computed at once (``_overlaps``) and only
     the pairs that overlap by more than ``overlap`` are walked one by one.
     """
+    return _log_blobs(image, min_sigma, max_sigma, num_sigma, threshold, overlap)[0]
+
+
+def _log_blobs(image: np.ndarray, min_sigma: float, max_sigma: float, num_sigma: int, threshold: float,
+               overlap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``log_blobs``'s rows, the scale space's value ``-s^2 LoG`` at each (``s^2`` is ``blob_log``'s scale, the
+    squared mean of the per-axis sigmas in the image's dtype), and whether that ``s^2`` is the row's sigma
+    squared in that dtype (then the value is ``_log_response``'s to the bit: it is not for one of nodule
+    detection's 7 float32 sigmas, whose 3-term mean rounds differently)."""
     img = np.asarray(image)
     if img.ndim not in (2, 3) or img.dtype not in (np.float32, np.float64):
         raise ValueError(f"log_blobs needs a 2D or 3D float32/float64 image, not {img.ndim}D {img.dtype}")
@@ -132,17 +146,22 @@ def log_blobs(image: np.ndarray, min_sigma: float, max_sigma: float, num_sigma: 
     ndim, dt = img.ndim, img.dtype
     sigmas = np.linspace(np.full(ndim, min_sigma, dt), np.full(ndim, max_sigma, dt), num_sigma)  # (num_sigma, ndim)
     cube = np.empty((len(sigmas), *img.shape), dt)  # sigma first: each scale is written contiguously
+    scale = np.array([np.mean(s) ** 2 for s in sigmas], dt)
     for i, s in enumerate(sigmas):
         _gaussian_laplace(img, s, cube[i])
-        cube[i] *= -(np.mean(s) ** 2)  # scale-normalised, bright blobs positive
+        cube[i] *= -scale[i]  # scale-normalised, bright blobs positive
     # a (space..., sigma) view: peak_local_max's order (row-major, then strongest first, stable) is blob_log's
-    peaks = peak_local_max(np.moveaxis(cube, 0, -1), threshold_abs=threshold, exclude_border=False,
+    space_sigma = np.moveaxis(cube, 0, -1)
+    peaks = peak_local_max(space_sigma, threshold_abs=threshold, exclude_border=False,
                            footprint=np.ones((3,) * (ndim + 1), bool))
-    del cube
     if len(peaks) == 0:
-        return np.empty((0, ndim + 1), dt)
+        return np.empty((0, ndim + 1), dt), np.empty(0, dt), np.empty(0, bool)
+    response = space_sigma[tuple(peaks.T)]
+    del cube, space_sigma
     blobs = np.hstack([peaks[:, :-1].astype(dt), sigmas[peaks[:, -1], :1]])
-    return blobs[_keep_after_pruning(blobs, overlap)]
+    exact = np.array([s[0] ** 2 == v for s, v in zip(sigmas, scale)])[peaks[:, -1]]
+    keep = _keep_after_pruning(blobs, overlap)
+    return blobs[keep], response[keep], exact[keep]
 
 
 def _gaussian_laplace(img: np.ndarray, sigma: np.ndarray, out: np.ndarray) -> None:
@@ -150,7 +169,7 @@ def _gaussian_laplace(img: np.ndarray, sigma: np.ndarray, out: np.ndarray) -> No
     Gaussian filter with the second-derivative kernel along ``a``, its 1D passes in axis order, rounded to the
     dtype after each pass. In 3D the axis-1 and axis-2 terms both start with the same smoothing pass along axis 0,
     computed once here (8 passes instead of 9)."""
-    s = [float(v) for v in sigma]
+    s = list(sigma)  # NumPy scalars of the image's dtype, as gaussian_laplace passes them: its kernels depend on it
 
     def passes(x: np.ndarray, orders: list[int], axes: range) -> np.ndarray:
         for a in axes:
@@ -181,7 +200,7 @@ def _keep_after_pruning(blobs: np.ndarray, overlap: float) -> np.ndarray:
     keep = np.ones(len(blobs), bool)
     if not pairs:
         return keep
-    ij = np.fromiter((k for p in pairs for k in p), np.intp, 2 * len(pairs)).reshape(-1, 2)
+    ij = np.fromiter(itertools.chain.from_iterable(pairs), np.intp, 2 * len(pairs)).reshape(-1, 2)
     ov = _overlaps(blobs[ij[:, 0]], blobs[ij[:, 1]])
     # float64 here vs blob_log's float32 arithmetic: pairs within 1e-4 of the bound are decided by its arithmetic
     near = np.flatnonzero(np.abs(ov - overlap) <= 1e-4)
