@@ -14,7 +14,6 @@ and nodules fused with the pleura or vessels beyond the lung mask's closing.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -118,7 +117,7 @@ def _log_response(iso: np.ndarray, centre, sigma: float) -> float:
 def log_blobs(image: np.ndarray, min_sigma: float, max_sigma: float, num_sigma: int = 10,
               threshold: float = 0.2, overlap: float = 0.5) -> np.ndarray:
     """The rows ``(coordinates..., sigma)`` of ``skimage.feature.blob_log(image, min_sigma, max_sigma, num_sigma,
-    threshold, overlap, exclude_border=False)``, the same values in the same order, 5-10x faster on a chest CT.
+    threshold, overlap, exclude_border=False)``, the same values in the same order, ~3.5x faster on a chest CT.
 
     A 2D or 3D float32/float64 image (the rows have its dtype), scalar sigmas spaced linearly. The scale space is
     the same: ``-sigma^2 LoG`` per sigma (``scipy.ndimage.gaussian_laplace``'s passes, the one pass two of its
@@ -190,23 +189,26 @@ def _keep_after_pruning(blobs: np.ndarray, overlap: float) -> np.ndarray:
     largest sigma, in the iteration order of ``cKDTree.query_pairs``'s set, if both blobs are still there and
     overlap by more than ``overlap``, the one with the smaller sigma goes (the first of the pair on a tie); a
     removed blob removes nothing (its sigma is 0 by then). The result depends on that order when a blob would
-    remove one and is removed by another (A > B > C: B removes C only if (B, C) comes before (A, B)), so the pairs
-    are taken in the set's order; the overlaps are vectorised and only the pairs above ``overlap`` are walked."""
+    remove one and is removed by another (A > B > C: B removes C only if (B, C) comes before (A, B); 127 of the
+    12,913 maxima of LIDC-IDRI-0001 are such blobs), so the pairs are taken in the set's order; the overlaps are
+    vectorised and only the pairs above ``overlap`` (1,617 of 949,890 there) are walked."""
     ndim = blobs.shape[1] - 1
     sig = blobs[:, -1]
     reach = 2 * sig.max() * math.sqrt(ndim)  # in the blobs' dtype, as blob_log computes it
     # blob_log's cKDTree (leaf size 16: the same tree, so the same pairs inserted into the set in the same order)
-    pairs = KDTree(blobs[:, :-1], leafsize=16).query_pairs(reach)  # a set: its iteration order is the walk's
+    tree = KDTree(blobs[:, :-1], leafsize=16)
+    ij = tree.query_pairs(reach, output_type="ndarray")  # the set's pairs (i < j), in another order
     keep = np.ones(len(blobs), bool)
-    if not pairs:
+    if len(ij) == 0:
         return keep
-    ij = np.fromiter(itertools.chain.from_iterable(pairs), np.intp, 2 * len(pairs)).reshape(-1, 2)
     ov = _overlaps(blobs[ij[:, 0]], blobs[ij[:, 1]])
     # float64 here vs blob_log's float32 arithmetic: pairs within 1e-4 of the bound are decided by its arithmetic
     near = np.flatnonzero(np.abs(ov - overlap) <= 1e-4)
     over = ov > overlap
     over[near] = [_overlap_as_blob_log(blobs[i], blobs[j]) > overlap for i, j in ij[near]]
-    for i, j in ij[over].tolist():
+    walked: set[tuple[int, int]] = {(i, j) for i, j in ij[over].tolist()}
+    pairs: set[tuple[int, int]] = tree.query_pairs(reach)  # the set blob_log iterates: its order is the walk's
+    for i, j in filter(walked.__contains__, pairs):  # filtered in C: cheaper than an array of ~10^6 tuples
         if keep[i] and keep[j]:
             keep[j if sig[i] > sig[j] else i] = False
     return keep
