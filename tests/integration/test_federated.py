@@ -19,6 +19,7 @@ import yaml
 from medlens.cli.main import main
 from probes import assert_no_federate_chatter
 from medlens.run import Run
+from conftest import QUICK_EXPLAIN
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,7 +54,7 @@ def _config(tmp: Path, npz: Path, widths, name: str) -> Path:
            "data": {"source": "medmnist", "name": "pneumoniamnist", "size": 28, "path": str(npz), "check_md5": False},
            "model": {"name": "small_cnn", "params": {"widths": widths}},
            "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "precision": "32", "num_threads": 1},
-           "evaluation": {"bootstrap": 50}, "explain": {"method": "gradcam", "score_images": 8}}
+           "evaluation": {"bootstrap": 50}, "explain": QUICK_EXPLAIN}
     p = tmp / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p

@@ -24,6 +24,7 @@ from medlens.data.splits import PER_IMAGE
 from medlens.errors import ConfigError
 from medlens.transforms.preprocess import prepared_data
 from medlens.workflow.train import train
+from conftest import QUICK_EXPLAIN
 
 N_PATIENTS, SLICES = 30, 4
 
@@ -73,7 +74,7 @@ def _config(tmp: Path, name: str, path: Path, **data) -> dict:
                      "test_fraction": 0.2, **data},
             "model": {"name": "small_cnn", "params": {"widths": [4, 8]}},
             "train": {"epochs": 1, "batch_size": 32, "precision": "32"},
-            "evaluation": {"bootstrap": 10}, "explain": {"method": "gradcam", "score_images": 8}}
+            "evaluation": {"bootstrap": 10}, "explain": QUICK_EXPLAIN}
 
 
 def test_dicom_folder_split_by_patient_disc_positive_and_predict_columns(tmp_path, data_root):

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from clirun import medlens as medlens_inproc
+from conftest import QUICK_EXPLAIN
 
 HOSTILE = Path(__file__).parent / "hostile"
 MEDLENS = [sys.executable, "-m", "medlens.cli.main"]
@@ -77,7 +78,7 @@ def _config(tmp: Path, npz: Path, name: str) -> Path:
            "data": {"source": "medmnist", "name": "pneumoniamnist", "size": 28, "path": str(npz), "check_md5": False},
            "model": {"name": "small_cnn", "params": {"widths": [8, 16, 32]}},
            "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "precision": "32", "num_threads": 1},
-           "evaluation": {"bootstrap": 20}, "explain": {"method": "gradcam", "score_images": 8}}
+           "evaluation": {"bootstrap": 20}, "explain": QUICK_EXPLAIN}
     p = tmp / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p

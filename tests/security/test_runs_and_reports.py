@@ -22,6 +22,7 @@ from PIL import Image
 
 from clirun import medlens as inproc
 from skops_gadget import GADGET, forge
+from conftest import QUICK_EXPLAIN
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -46,7 +47,7 @@ def tiny(tmp: Path, name: str, **over) -> Path:
          "data": {"source": "medmnist", "name": "pneumoniamnist", "size": 28, "max_samples": 200},
          "model": {"name": "small_cnn", "params": {"widths": [8, 16, 32]}},
          "train": {"epochs": 1, "batch_size": 64, "precision": "32"}, "evaluation": {"bootstrap": 20},
-         "explain": {"method": "gradcam", "score_images": 8}}
+         "explain": QUICK_EXPLAIN}
     for k, v in over.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     p = tmp / f"{name}.yaml"

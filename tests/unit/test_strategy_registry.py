@@ -27,6 +27,7 @@ from medlens.engine.strategies import (
     unregister_strategy,
 )
 from medlens.errors import ConfigError
+from conftest import QUICK_EXPLAIN
 
 pytestmark = [pytest.mark.integration]
 
@@ -92,7 +93,7 @@ def _config(tmp: Path, npz: Path, name: str) -> Path:
            "data": {"source": "medmnist", "name": "pneumoniamnist", "size": 28, "path": str(npz), "check_md5": False},
            "model": {"name": "small_cnn", "params": {"widths": [8, 16, 32]}},
            "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "precision": "32", "num_threads": 1},
-           "evaluation": {"bootstrap": 20}, "explain": {"method": "gradcam", "score_images": 8}}
+           "evaluation": {"bootstrap": 20}, "explain": QUICK_EXPLAIN}
     p = tmp / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
