@@ -13,7 +13,9 @@ folder `DIR/<config name>` re-evaluated (labelled so, with the folder's provenan
 (ResNet-18 at 28 px and the best of all baselines) and MedMNIST+'s best at 28 px, published figures with their
 sources printed under the table (`benchmarks/baselines.py`). ACC is the MedMNIST evaluator's (0.5 / argmax,
 `medmnist_acc`), AUC the test ROC AUC (macro one-vs-rest for multi-class), both with 95% bootstrap CIs. The
-last columns compare the planned run with issue 17's target and say by how much it was met or missed.
+last columns compare the planned run with issue 17's target and say by how much it was met or missed. The closing
+notes give, for every planned row, the plan's estimated wall time (``plan.estimates.total_s`` plus the 10 s
+start-up) against the measured one and both as shares of the budget (issue 30 item 3: 90-105%).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import time
 from pathlib import Path
 
 from _common import REPO, add_common_args, for_benchmark, quick_banner, run_provenance
+
+from medlens.engine.planner import STARTUP_S
 
 BUDGETS = {2: "15m", 3: "30m"}
 QUICK_BUDGETS = {2: "150s", 3: "240s"}
@@ -70,7 +74,9 @@ def run_auto(name: str, out: Path, threads: int, quick: bool) -> dict:
     by = {d["setting"]: d["value"] for d in plan["decisions"]}
     summary = (f"{by['model']['name']} {by['data.size']} px, {by['train.epochs']} ep x {by['train.ensemble']}, "
                f"{by['train.precision']}, EMA {by['train.ema']}, TTA {by['evaluation.tta']}")
-    return {"metrics": m, "wall": wall, "budget": budget, "plan": summary, "plan_file": str(plan_file)}
+    planned = float(plan["estimates"]["total_s"]) + STARTUP_S
+    return {"metrics": m, "wall": wall, "budget": budget, "plan": summary, "plan_file": str(plan_file),
+            "planned": planned, "budget_s": float(plan["budget_seconds"])}
 
 
 def run_hand(name: str, out: Path, threads: int, quick: bool, hand_runs: Path | None) -> dict | None:
@@ -144,7 +150,8 @@ def main() -> None:
                 met = f"{'yes' if da >= 0 and dc >= 0 else 'no'} ({da:+.3f}, {dc:+.3f})"
             lines.append(f"| {name} | train --auto ({a['plan']}) | {a['budget']} | {a['wall'] / 60:.1f} min "
                          f"| {t['n']} | {_fmt(auc)} | {_fmt(acc)} | {tgt} | {met} |")
-            notes.append(f"{name}: plan {a['plan_file']}")
+            notes.append(f"{name}: planned {a['planned']:.0f} s ({a['planned'] / a['budget_s']:.0%} of {a['budget']}), "
+                         f"actual {a['wall']:.0f} s ({a['wall'] / a['budget_s']:.0%}); plan {a['plan_file']}")
         print(lines[-1], flush=True)
         if not args.no_hand:
             h = run_hand(name, out, args.threads, args.quick, args.hand_runs)

@@ -10,6 +10,10 @@ when more than one was run. A probe stops early once it has spent ``max_seconds`
 (``$MEDLENS_CACHE/machine.json``, else ``~/.cache/medlens/machine.json``), keyed by the machine (CPU model, core
 count, torch version) and the workload; a later plan of the same workload reuses them instead of measuring the
 machine's momentary load again, so the same data, budget and seed give the same plan (docs/auto.md).
+
+``signal`` is the architecture choice's short cross-validated signal (issue 30 item 2): a fixed number of seeded
+optimiser steps of a candidate on the other folds of train + validation pooled, and its AUC on one held-out fold.
+The test split is never part of it; the result is stored with the probe figures.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from medlens.engine.module import ClassifierModule
+from medlens.data.splits import Pooled, cv_folds
+from medlens.engine.module import ClassifierModule, validation_scores
 from medlens.engine.sampling import make_loader
 from medlens.engine.train import build_network, channel_stats, class_weights
 from medlens.utils import write_json_atomic
@@ -134,6 +139,65 @@ def probe(train_cfg, data, model: str, params: dict, *, batches: int = 4, max_se
                        full_epoch=full_epoch, epoch_seconds=epoch_s)
 
 
+@dataclass
+class SignalResult:
+    """A candidate's short cross-validated signal: ``steps`` optimiser steps on the other folds of train+val,
+    the AUC on the held-out fold (at most ``n_held`` of its cases)."""
+
+    model: str
+    params: dict
+    steps: int
+    folds: int
+    n_train: int
+    n_held: int
+    auc: float
+    seconds: float              # wall time the signal run cost (training and the held-out prediction)
+
+    def summary(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def signal(train_cfg, data, model: str, params: dict, *, steps: int, folds: int = 5, max_held: int = 512,
+           seed: int = 0) -> SignalResult:
+    """``steps`` seeded optimiser steps of ``model`` (``train_cfg``'s batch size, precision, augmentation, loss and
+    optimiser, the cosine schedule over those steps) on folds 1..k-1 of ``data``'s train + validation splits
+    pooled (``data.splits.cv_folds``, seeded), then the AUC of its predictions on fold 0 (a seeded sample of at
+    most ``max_held`` cases). Only the train and validation splits are read."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(train_cfg.num_threads or os.cpu_count() or 1)
+    pool = Pooled([data.train, data.val], name="signal")
+    fs = cv_folds(pool.labels, pool.patient_ids, folds, seed)
+    held = fs[0]
+    if len(held) > max_held:
+        held = np.sort(np.random.default_rng(seed).choice(held, max_held, replace=False))
+    tr, va = pool.subset(np.concatenate(fs[1:]), "signal/train"), pool.subset(held, "signal/held")
+    bs = min(train_cfg.batch_size, len(tr))
+    epochs = max(1, math.ceil(steps / math.ceil(len(tr) / bs)))
+    mean, std = channel_stats(tr)
+    torch.manual_seed(seed)
+    net = build_network(model, tr.in_channels, tr.n_outputs, tr.spatial_dims, tr.image_shape, params, mean, std)
+    cw, pw = class_weights(tr.class_counts(), tr.task, train_cfg.imbalance)
+    cfg = train_cfg.model_copy(update={"ema": None, "ensemble": 1, "max_minutes": None, "progressive": None,
+                                       "epochs": epochs, "warmup_epochs": 0})
+    module = ClassifierModule(net, tr.task, cfg, seed=seed, class_weights=cw, pos_weight=pw)
+    trainer = L.Trainer(max_steps=int(steps), max_epochs=epochs, accelerator="cpu", devices=1,
+                        precision=train_cfg.precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(module, make_loader(tr, bs, "shuffle", seed), weights_only=True)
+    net = module.final_network().eval()
+    outs, ys = [], []
+    with torch.no_grad():
+        for i in range(0, len(va), 256):
+            x, y = va.batch(np.arange(i, min(i + 256, len(va))))
+            outs.append(net(x).float())
+            ys.append(y)
+    task = module.task_type
+    auc = validation_scores(task, task.activation(torch.cat(outs)), torch.cat(ys))["val_auc"]
+    return SignalResult(model=model, params=dict(params), steps=int(trainer.global_step), folds=folds,
+                        n_train=len(tr), n_held=len(va), auc=float(auc), seconds=time.perf_counter() - t_start)
+
+
 # ---------------------------------------------------------------- per-machine figures
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
@@ -172,6 +236,23 @@ def _valid_probe(d: Any) -> ProbeResult | None:
             or not isinstance(r.batch_size, int) or r.batch_size < 1 \
             or not (r.epoch_seconds is None or (isinstance(r.epoch_seconds, (int, float))
                                                 and math.isfinite(r.epoch_seconds) and r.epoch_seconds > 0)):
+        return None
+    return r
+
+
+def _valid_signal(d: Any) -> SignalResult | None:
+    """A cached signal result, or None when the entry is not one."""
+    if not isinstance(d, dict) or set(d) != {f.name for f in fields(SignalResult)}:
+        return None
+    try:
+        r = SignalResult(**d)
+    except TypeError:
+        return None
+    ints = (r.steps, r.folds, r.n_train, r.n_held)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints) \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in (r.auc, r.seconds)) or not 0 <= r.auc <= 1 or r.seconds < 0 \
+            or not isinstance(r.model, str) or not isinstance(r.params, dict):
         return None
     return r
 
@@ -239,6 +320,17 @@ class MachineFigures:
         s = measure().summary()
         self._store(k, s)
         return ProbeResult(**s), False
+
+    def signal(self, key: dict, measure: Callable[[], SignalResult]) -> tuple[SignalResult, bool]:
+        """A candidate's cross-validated signal (``signal``), measured once per workload; (it, whether stored)."""
+        k = "signal " + json.dumps(key, sort_keys=True)
+        r = self._cached(k, _valid_signal)
+        if r is not None:
+            self.reused += 1
+            return r, True
+        s = measure().summary()
+        self._store(k, s)
+        return SignalResult(**s), False
 
     def seconds(self, key: dict, measured: float) -> float:
         k = "seconds " + json.dumps(key, sort_keys=True)

@@ -21,6 +21,7 @@ it reads the source, loads the data, runs the probes and assembles the config.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import replace
@@ -44,6 +45,10 @@ from medlens.engine.planner import (
     MAX_MEMBERS,
     PLANNER_VERSION,
     SAFETY,
+    SIGNAL_FOLDS,
+    SIGNAL_MAX_HELD,
+    SIGNAL_MIN_BUDGET_S,
+    SIGNAL_SHARE,
     TARGET_STEPS,
     Decision,
     Plan,
@@ -53,11 +58,10 @@ from medlens.engine.planner import (
     parse_budget,
     target_epochs,
 )
-from medlens.engine.probe import MachineFigures, ProbeResult, probe
+from medlens.engine.probe import MachineFigures, ProbeResult, SignalResult, probe, signal
 from medlens.errors import ConfigError, DataError
 from medlens.transforms.preprocess import prepared_data
 from medlens.utils import write_text_atomic
-from medlens.workflow.seg_plan import is_segmentation_input, make_seg_plan
 
 __all__ = ["MAX_MEMBERS", "PLANNER_VERSION", "SAFETY", "TARGET_STEPS", "Decision", "Plan", "Planner", "base_config",
            "base_decisions", "ema_decay", "format_seconds", "load_for_plan", "make_plan", "parse_budget",
@@ -143,6 +147,42 @@ def _probe_key(kind: str, ds, model: str, params: dict, tc: TrainConfig, max_sec
             "seed": seed}
 
 
+def _choose_architecture(planner: Planner, data, budget: str, budget_s: float, prec: str, tbase: dict,
+                         load_s: float, seed: int, figs: MachineFigures, clock: _PlanningClock,
+                         trial: Callable[..., ProbeResult], log: Callable[[str], None]) -> list[SignalResult]:
+    """Architecture by measurement (issue 30 item 2): each candidate's speed probe, the short cross-validated
+    signal runs of those the budget can train (``Planner.signal_steps``), then ``Planner.choose_model``. On volumes
+    or a budget below ``SIGNAL_MIN_BUDGET_S`` the rule's model stays and its reason says why. Returns the signals."""
+    cands = planner.model_candidates()
+    if not cands:
+        planner.model_fallback("the measured choice covers 2D candidates; volumes keep the rule's 3D CNN")
+        return []
+    if budget_s < SIGNAL_MIN_BUDGET_S:
+        planner.model_fallback(f"budget {budget} < {format_seconds(SIGNAL_MIN_BUDGET_S)}: the candidates' probes "
+                               f"and signal runs (about {SIGNAL_SHARE:.0%} of the budget) do not fit, so the rule "
+                               "decides")
+        return []
+    probes = {label: trial(data, prec, model, params) for label, model, params in cands}
+    steps = planner.signal_steps(cands, probes, load_s)
+    tc = TrainConfig(**{**tbase, "epochs": 2, "precision": prec})
+    signals: dict[str, SignalResult] = {}
+    for label, model, params in cands:
+        if not steps[label]:
+            continue
+        key = {"signal": model, "params": params, "train": tc.model_dump(mode="json"),
+               "shape": list(data.train.image_shape), "channels": data.train.in_channels,
+               "outputs": data.train.n_outputs, "task": data.train.task, "n": [len(data.train), len(data.val)],
+               "steps": steps[label], "folds": SIGNAL_FOLDS, "max_held": SIGNAL_MAX_HELD, "seed": seed}
+        s, cached = figs.signal(key, lambda m=model, p=params, n=steps[label]: signal(
+            tc, data, m, p, steps=n, folds=SIGNAL_FOLDS, max_held=SIGNAL_MAX_HELD, seed=seed))
+        clock.add(s.seconds)
+        signals[label] = s
+        log(f"signal {label}: AUC {s.auc:.3f} on {s.n_held} held-out cases after {s.steps} steps ({s.seconds:.1f} s)"
+            + (" (this machine's stored figure)" if cached else ""))
+    planner.choose_model(cands, probes, signals, load_s)
+    return list(signals.values())
+
+
 def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list[str] | None = None,
               log: Callable[[str], None] = lambda s: None, started: float | None = None,
               recalibrate: bool = False) -> ExperimentConfig:
@@ -151,9 +191,6 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     workload was measured before (``MachineFigures``); ``recalibrate`` measures them again."""
     t0 = started if started is not None else time.monotonic()
     budget_s = parse_budget(budget)
-    if is_segmentation_input(source, overrides):   # image/mask pairs: the segmentation planner (issue 30 item 6)
-        return make_seg_plan(source, budget, seed=seed, overrides=overrides, log=log, started=started,
-                             recalibrate=recalibrate)
     cfg0 = base_config(source, overrides)
     if cfg0.task != "classification":
         raise ConfigError(f"the planner plans classifiers; this config's task is '{cfg0.task}'", str(source))
@@ -174,24 +211,36 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     tbase = dict(base["train"])
     per_probe = float(min(8.0, max(2.0, 0.015 * budget_s)))
 
-    def measured(kind: str, ds, tc: TrainConfig, max_seconds: float, full_epoch: bool) -> tuple[ProbeResult, str]:
-        key = _probe_key(kind, ds, base["model"], base["params"], tc, max_seconds, seed)
-        r, cached = figs.probe(key, lambda: probe(tc, ds, base["model"], base["params"], max_seconds=max_seconds,
-                                                  seed=seed, full_epoch=full_epoch))
+    seen: dict[str, ProbeResult] = {}   # each probe's cost counts once, however often the plan asks for it
+
+    def measured(kind: str, ds, tc: TrainConfig, max_seconds: float, full_epoch: bool, model: str | None = None,
+                 params: dict | None = None) -> tuple[ProbeResult, str | None]:
+        model, params = model or planner.model, planner.params if params is None else params
+        key = _probe_key(kind, ds, model, params, tc, max_seconds, seed)
+        k = json.dumps(key, sort_keys=True)
+        if k in seen:
+            return seen[k], None
+        r, cached = figs.probe(key, lambda: probe(tc, ds, model, params, max_seconds=max_seconds, seed=seed,
+                                                  full_epoch=full_epoch))
         clock.add(r.seconds)
+        seen[k] = r
         return r, " (this machine's stored figure)" if cached else ""
 
-    def trial(ds, precision: str):
+    def trial(ds, precision: str, model: str | None = None, params: dict | None = None):
         tc = TrainConfig(**{**tbase, "epochs": 2, "precision": precision})
-        r, note = measured("steps", ds, tc, per_probe, False)
-        log(f"probe {base['model']} {'x'.join(map(str, r.size))} {precision}: {r.train_img_per_s:.1f} img/s "
+        r, note = measured("steps", ds, tc, per_probe, False, model, params)
+        if note is None:    # asked again: measured and logged once
+            return r
+        log(f"probe {r.model} {'x'.join(map(str, r.size))} {precision}: {r.train_img_per_s:.1f} img/s "
             f"training, {r.val_img_per_s:.0f} img/s inference ({r.seconds:.1f} s){note}")
         return r
 
     speeds = {"bf16-mixed": trial(data, "bf16-mixed"), "32": trial(data, "32")}
     prec = planner.determine_precision(speeds)
+    signals = _choose_architecture(planner, data, budget, budget_s, prec, tbase, load_s, seed, figs, clock, trial,
+                                   log)
     native = fp.image_shape[0]
-    res = {native: (speeds[prec], load_s)}
+    res = {native: (trial(data, prec), load_s)}
     configs = {native: (data, dc)}
     for size in fp.resolutions_on_disk:
         if native < size <= 4 * native and fp.spatial_dims in (2, 3):
@@ -213,7 +262,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
         cal, note = measured("epoch", configs[size][0], tc, max(per_probe, 0.04 * budget_s), True)
         log(f"calibration epoch at {size} px: " + (f"{cal.epoch_seconds:.1f} s" if cal.epoch_seconds else
                                                      f"stopped after {cal.seconds:.0f} s; "
-                                                     f"{cal.train_img_per_s:.1f} img/s") + note)
+                                                     f"{cal.train_img_per_s:.1f} img/s") + (note or ""))
         return cal
 
     choice, r = planner.determine_resolution(res, calibrate)
@@ -235,7 +284,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     d = cfg0.model_dump(mode="json")
     d["seed"] = seed
     d["data"] = dc_c.model_dump(mode="json")
-    d["model"] = {**d.get("model", {}), "name": base["model"], "params": base["params"]}
+    d["model"] = {**d.get("model", {}), "name": planner.model, "params": planner.params}
     d["train"] = {**d.get("train", {}), **t}
     d["evaluation"] = {**d.get("evaluation", {}), "tta": tta, "threshold": thr}
     log(f"planning took {time.monotonic() - t0:.0f} s; budgeted {clock():.0f} s from this machine's figures "
@@ -243,8 +292,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     plan = Plan(budget=str(budget), budget_seconds=budget_s, seed=seed, input=str(source), fingerprint=fp,
                 machine={**figs.machine, "figures": "measured once per workload on this machine and reused "
                                                     "(speeds, estimates.load_s; docs/auto.md)"},
-                speeds=[v.summary() for v in ([*speeds.values()] + [res[s][0] for s in sorted(res) if s != native]
-                                              + [r])],
+                speeds=[v.summary() for v in seen.values()], signals=[v.summary() for v in signals],
                 estimates=planner.estimates(r, load_c), decisions=planner.decisions)
     d["plan"] = plan.model_dump(mode="json")
     for ov in overrides or []:
