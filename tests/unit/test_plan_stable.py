@@ -154,3 +154,26 @@ def test_too_small_budget_names_the_same_minimum_under_load(tmp_path, cache):
     e1, e2 = " ".join(r1.stderr.split()), " ".join(r2.stderr.split())
     assert "give at least" in e1 and e1 == e2
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_architecture_by_measurement_gives_the_same_plan_twice(tmp_path, cache, monkeypatch):
+    """From 5m the plan probes the candidate architectures and runs their signals (here with a 0.5% share of the
+    budget instead of 10%, to keep the test short); the second plan reuses the stored signals: the same bytes."""
+    from medlens.engine import planner
+
+    monkeypatch.setattr(planner, "SIGNAL_SHARE", 0.005)
+    data = _file(tmp_path)
+    r1 = _plan(data, tmp_path / "a.yaml", "5m")
+    r2 = _plan(data, tmp_path / "b.yaml", "5m")
+    assert (tmp_path / "a.yaml").read_bytes() == (tmp_path / "b.yaml").read_bytes()
+    assert "signal " in r1.stdout + r1.stderr and "0 measured now" in " ".join((r2.stdout + r2.stderr).split())
+    p = _plan_of(tmp_path / "a.yaml")
+    (model,) = [d for d in p.decisions if d.setting == "model"]
+    assert p.signals and all(0 <= s["auc"] <= 1 and s["steps"] >= planner.SIGNAL_MIN_STEPS for s in p.signals)
+    for label in ("small_cnn 32/64/128", "small_cnn 64/128/256", "resnet18", "vit"):   # every candidate's figures
+        assert f"{label} " in model.reason
+    assert model.value["name"] in ("small_cnn", "resnet18", "vit") and "epochs in the budget" in model.reason
+    stored = json.loads((cache / "machine.json").read_text())
+    (entry,) = stored["machines"].values()
+    assert sorted(json.dumps(s, sort_keys=True) for s in p.signals) == \
+        sorted(json.dumps(v, sort_keys=True) for k, v in entry["figures"].items() if k.startswith("signal "))
