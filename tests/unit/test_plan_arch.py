@@ -199,3 +199,11 @@ def test_whole_budget_by_hand(budget, n):
     cap = [d for d in p.decisions if d.setting == "train.max_minutes"][0]
     assert cap.value * 60 == pytest.approx(budget - 10 - 20 - 1.2 * LOAD - post, abs=1)
     assert f"{total / budget:.0%} of the budget" in cap.reason
+
+
+def test_a_chosen_vit_gets_no_progressive_resizing():
+    p = _planner(_fp(image_shape=[64, 64], resolutions_on_disk=[64], resolution_files={64: "x.npz"}), BUDGET)
+    p.image_size, p.epochs = 64, 40
+    assert p.determine_progressive() is not None          # the small CNN takes the smaller early inputs
+    p.model, p.params = "vit", {"patch_size": 4}
+    assert p.determine_progressive() is None and "fix its input size" in p.decisions[-1].reason

@@ -623,6 +623,10 @@ class Planner:
 
     def determine_progressive(self) -> dict | None:
         img = self.image_size
+        if self.model == "vit":     # position embeddings of a fixed patch grid: the input size cannot change
+            return self.decide("train.progressive", None,
+                               "the vision transformer's patch grid and position embeddings fix its input size: "
+                               "no downsampled early epochs")
         prog = self.fp.spatial_dims == 2 and img >= 64 and self.epochs >= 30
         return self.decide("train.progressive", {"start": 0.5, "fraction": 0.3} if prog else None,
                            "large inputs and >= 30 epochs: the first 30% of epochs at reduced size buy speed"
