@@ -62,6 +62,7 @@ from medlens.engine.probe import MachineFigures, ProbeResult, SignalResult, prob
 from medlens.errors import ConfigError, DataError
 from medlens.transforms.preprocess import prepared_data
 from medlens.utils import write_text_atomic
+from medlens.workflow.seg_plan import is_segmentation_input, make_seg_plan
 
 __all__ = ["MAX_MEMBERS", "PLANNER_VERSION", "SAFETY", "TARGET_STEPS", "Decision", "Plan", "Planner", "base_config",
            "base_decisions", "ema_decay", "format_seconds", "load_for_plan", "make_plan", "parse_budget",
@@ -191,6 +192,9 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     workload was measured before (``MachineFigures``); ``recalibrate`` measures them again."""
     t0 = started if started is not None else time.monotonic()
     budget_s = parse_budget(budget)
+    if is_segmentation_input(source, overrides):   # image/mask pairs: the segmentation planner (issue 30 item 6)
+        return make_seg_plan(source, budget, seed=seed, overrides=overrides, log=log, started=started,
+                             recalibrate=recalibrate)
     cfg0 = base_config(source, overrides)
     if cfg0.task != "classification":
         raise ConfigError(f"the planner plans classifiers; this config's task is '{cfg0.task}'", str(source))
