@@ -168,3 +168,13 @@ def test_folder_without_masks_is_refused_in_one_line(tmp_path):
     assert r.returncode != 0 and not (tmp_path / "plan.yaml").exists()
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "photos" in lines[0] and "no masks" in lines[0]
+
+
+def test_no_dataset_name_in_the_segmentation_planner():
+    from medlens.data.catalog import MEDMNIST
+
+    names = set(MEDMNIST) | {i.name for i in MEDMNIST.values()}
+    src = Path(__file__).resolve().parents[2] / "src" / "medlens"
+    for f in (src / "engine" / "seg_planner.py", src / "workflow" / "seg_plan.py"):
+        text = f.read_text().lower()
+        assert "pneumoniamnist" in names and not [n for n in sorted(names) if n in text], f.name
