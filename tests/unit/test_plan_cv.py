@@ -89,11 +89,11 @@ def _planner(fp, budget: float):
 
 
 def _need(k: int, n: dict, half: int) -> float:
-    """By hand (docs/auto.md): k fold models at half their target epochs, plus evaluation (binary: 5 + 2 x 6 s),
+    """By hand (docs/auto.md): k fold models at half their target epochs, plus evaluation (binary: 15 + 2 x 1 s),
     val+test predicted per member with 2 views (hflip TTA), and the out-of-fold predictions of train+val."""
     pooled = n["train"] + n["val"]
-    fold_epoch = (pooled - pooled / k) / TRAIN_RATE + (pooled / k) / VAL_RATE + 0.15
-    post = 5 + 12 + 2 * k * 2 * (n["val"] + n["test"]) / VAL_RATE + 2 * pooled / VAL_RATE
+    fold_epoch = (pooled - pooled / k) / TRAIN_RATE + (pooled / k) / VAL_RATE + 0.4   # no calibration epoch
+    post = 15 + 2 + 2 * k * 2 * (n["val"] + n["test"]) / VAL_RATE + 2 * pooled / VAL_RATE
     return k * half * fold_epoch / SAFETY + post
 
 

@@ -32,13 +32,15 @@ PLANNER_VERSION = 1
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 # Measured on the 2-core reference machine (benchmarks/auto.py, docs/auto.md): what a run costs besides fitting.
-# Calibration, threshold, bootstrap CIs, plots, the explanation section and the report: 30-32 s for binary and 54 s
-# for 5-class 28 px runs while the machine was busy; 19 s for a binary 4-fold run on the quiet machine (2026-12-03,
-# predictions included: a 5m `train --auto` of a 4708-image binary set, docs/auto.md), whose fold epochs took 2.2 s
-# against the calibration epoch's 2.2 s scaled to the fold (1.97 s): 0.15 s per epoch of checkpoints and history
-POST_FIXED_S = 5.0
-POST_PER_CLASS_S = 6.0
-EPOCH_FIXED_S = 0.15     # per epoch: checkpoints, history row, validation metrics
+# Calibration, threshold, bootstrap CIs, plots, the explanation section and the report, predictions included: 21 s
+# for a binary 5-fold run and 22 s for a 5-class one on the quiet machine (2026-12-03, 5m and 15m `train --auto`,
+# docs/auto.md); 30-54 s were measured earlier while the machine was busy
+POST_FIXED_S = 15.0
+POST_PER_CLASS_S = 1.0
+# per epoch besides the images where no whole epoch was measured (checkpoints, history row, validation metrics; the
+# segmentation planner's estimate uses it too). A measured calibration epoch already holds it: the fold epochs of
+# the two runs above took 2.15 and 0.54 s against calibration epochs scaled to the fold of 2.16 and 0.56 s
+EPOCH_FIXED_S = 0.4
 STARTUP_S = 10.0         # importing torch, Lightning and MONAI before the budget's clock can start
 # issue 30 item 3, the whole budget: a plan uses >= 90% of its budget and never overruns it by more than 5%. The
 # planned total (start-up included) is at most (1 - RESERVE) of the budget, the planned fitting SAFETY of its share
@@ -421,13 +423,14 @@ class Planner:
         the rest, scaled from the measured epoch by the per-image rates."""
         n = self.fp.n
         k = self.folds if folds is None else folds
-        est = n["train"] / r.train_img_per_s + n["val"] / r.val_img_per_s + EPOCH_FIXED_S
-        base = max(est, r.epoch_seconds + EPOCH_FIXED_S) if r.epoch_seconds else est
-        if not k:
-            return base
-        held = self.pooled / k
-        fold = (self.pooled - held) / r.train_img_per_s + held / r.val_img_per_s + EPOCH_FIXED_S
-        return base * fold / est
+        images = n["train"] / r.train_img_per_s + n["val"] / r.val_img_per_s
+        fold = images
+        if k:
+            held = self.pooled / k
+            fold = (self.pooled - held) / r.train_img_per_s + held / r.val_img_per_s
+        if r.epoch_seconds:     # a measured whole epoch (its overheads included), scaled to the fold's sizes
+            return r.epoch_seconds * fold / images
+        return fold + EPOCH_FIXED_S
 
     def post_seconds(self, r: ProbeResult, k: int, folds: int | None = None) -> float:
         """Predictions of val + test per member and flip, plus the fixed work after fitting; under
