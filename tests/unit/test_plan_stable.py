@@ -157,11 +157,14 @@ def test_too_small_budget_names_the_same_minimum_under_load(tmp_path, cache):
 
 
 def test_architecture_by_measurement_gives_the_same_plan_twice(tmp_path, cache, monkeypatch):
-    """From 5m the plan probes the candidate architectures and runs their signals (here with a 0.5% share of the
-    budget instead of 10%, to keep the test short); the second plan reuses the stored signals: the same bytes."""
+    """From 5m the plan probes the candidate architectures and runs their signals (here with a 1% share of the
+    budget instead of 10% and at least 5 steps instead of 20, to keep the test short: at 0.5% and 20 steps a loaded
+    machine left every candidate under the minimum, so no signal ran); the second plan reuses the stored signals:
+    the same bytes."""
     from medlens.engine import planner
 
-    monkeypatch.setattr(planner, "SIGNAL_SHARE", 0.005)
+    monkeypatch.setattr(planner, "SIGNAL_SHARE", 0.01)
+    monkeypatch.setattr(planner, "SIGNAL_MIN_STEPS", 5)
     data = _file(tmp_path)
     r1 = _plan(data, tmp_path / "a.yaml", "5m")
     r2 = _plan(data, tmp_path / "b.yaml", "5m")

@@ -65,8 +65,8 @@ def overlay_rgb(display: np.ndarray, pred: np.ndarray, ref: np.ndarray | None = 
     out[p] = 0.6 * out[p] + 0.4 * np.array([255, 40, 40])
     if ref is not None:
         r = ref > 0
-        out[r ^ ndimage.binary_erosion(r)] = (40, 220, 40)
-    out[p ^ ndimage.binary_erosion(p)] = (255, 30, 30)
+        out[r & ~np.asarray(ndimage.binary_erosion(r), bool)] = (40, 220, 40)
+    out[p & ~np.asarray(ndimage.binary_erosion(p), bool)] = (255, 30, 30)
     return out.clip(0, 255).astype(np.uint8)
 
 

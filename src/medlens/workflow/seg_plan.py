@@ -42,6 +42,7 @@ from medlens.engine.seg_planner import (
 from medlens.errors import ConfigError, DataError
 from medlens.io import load
 from medlens.io.formats import IMAGE_SUFFIXES, is_image_file, suffix_of
+from medlens.tasks import config_task
 from medlens.transforms.preprocess import prepared_segmentation
 
 __all__ = ["detect_pairs", "is_segmentation_input", "make_seg_plan"]
@@ -167,7 +168,7 @@ def _base(source: str | Path, overrides: list[str]) -> tuple[ExperimentConfig, s
     data_ov = [o for o in overrides if o.strip().startswith("data.")]
     if p.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(p, data_ov)
-        if cfg.task != "segmentation":
+        if not config_task(cfg.task).dense:
             raise ConfigError(f"the segmentation planner plans segmentation; this config's task is '{cfg.task}'", p)
         given = cfg.data.model_fields_set
         return (cfg.model_copy(update={"name": "auto_" + cfg.name}), cfg.data.color if "color" in given else None,
