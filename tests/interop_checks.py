@@ -47,6 +47,12 @@ def check_bundle(path: Path, sr) -> dict:
         assert e["fullUrl"].startswith("urn:uuid:") and e["request"]["method"] == "POST"
         assert e["request"]["url"] == e["resource"]["resourceType"]
         urls.add(e["fullUrl"])
+        # every entry is a conditional create on an identifier the resource carries: a re-sent Bundle creates
+        # nothing twice on a FHIR server
+        system, _, value = e["request"]["ifNoneExist"].removeprefix("identifier=").partition("|")
+        assert {"system": system, "value": value} in e["resource"]["identifier"], e["request"]
+    conditions = [e["request"]["ifNoneExist"] for e in js["entry"]]
+    assert len(set(conditions)) == len(conditions), "two entries share a condition: one would be dropped"
     res = resources(js)
     # ImagingStudy: created once, by its Study Instance UID
     (study,) = res["ImagingStudy"]

@@ -341,6 +341,9 @@ def test_independent_sr_to_fhir(tmp_path, data_root):
     assert "transaction Bundle" in r.stdout
     sr = pydicom.dcmread(sr_path)
     js = check_bundle(tmp_path / "b.json", sr)
+    # the same SR gives the same Bundle, conditions included (a result re-sent after a crash creates nothing twice)
+    medlens("fhir", sr_path, "-o", tmp_path / "again.json", check=True)
+    assert json.loads((tmp_path / "again.json").read_text()) == js
     res = resources(js)
     values = num_items(sr)
     assert sorted(values.get("Diameter", [])) == [8.5, 12.25]

@@ -14,8 +14,8 @@ One ``step`` does, in order:
    destination confirmed it. A failure waits ``min(max_s, base_s * 2**attempt)`` times a jitter factor, and the
    job stays 'delivering' (``gateway status`` shows it). A crash between the send and the record sends the same
    SOP Instance UIDs again: a PACS keeps one copy (Orthanc, like most archives, ignores a second store of an
-   instance it holds). A FHIR server has no such key for the Observations: a re-sent Bundle can add them again
-   (the ImagingStudy is conditional, ``ifNoneExist``).
+   instance it holds). A FHIR server gets the same Bundle again, whose every entry is a conditional create
+   (``ifNoneExist`` on an identifier derived from the SR's UID, ``report.fhir``): it creates nothing twice.
 4. **clean up**: a routed series with no open job is 'done'; its spooled files and results are deleted then,
    and an unrouted series' files at once; never before.
 """

@@ -10,8 +10,11 @@ Resource Mapping" implementation guide:
   such as the weights' SHA-256);
 - referenced segments, regions and source images -> ``ImagingSelection``;
 - finding sites -> ``BodyStructure``;
-- all under a ``DiagnosticReport`` that references the ``ImagingStudy`` (conditionally created by its Study
-  Instance UID, so posting twice does not duplicate it).
+- all under a ``DiagnosticReport`` that references the ``ImagingStudy``.
+
+Every entry is a conditional create (``ifNoneExist``), so posting the same SR's Bundle twice creates nothing
+twice: the ``ImagingStudy`` by its Study Instance UID (one per study, whichever SR comes first), every other
+resource by an identifier derived from the SR's SOP Instance UID and the entry's place (``_Builder.add``).
 
 It reads any TID 1500 SR (through highdicom's content model), not only the ones medlens writes.
 """
@@ -34,6 +37,9 @@ SYSTEMS = {"SCT": "http://snomed.info/sct", "DCM": "http://dicom.nema.org/resour
            "LN": "http://loinc.org", "UCUM": "http://unitsofmeasure.org", "FMA": "http://purl.org/sig/ont/fma",
            "RADLEX": "http://radlex.org", "RADLEX-RID": "http://radlex.org"}
 DICOM_UID = "urn:dicom:uid"
+URI_SYSTEM = "urn:ietf:rfc:3986"
+#: the namespace of the entries' identifiers (uuid5 of "<SR SOP Instance UID>/<entry>")
+ENTRY_NAMESPACE = uuid.UUID("5b1f0c7e-8d44-4c0e-9a57-3c2f6e1d9b20")
 #: the DiagnosticReport's code: LOINC "Diagnostic imaging study"
 REPORT_CODE = {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
 IMAGING_CATEGORY = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
@@ -85,17 +91,23 @@ class _Builder:
     def __init__(self, sr) -> None:
         self.sr = sr
         self.entries: list[dict] = []
+        self.sr_uid = str(sr.SOPInstanceUID)
         pid = str(sr.get("PatientID", "") or "")
         self.subject = ({"type": "Patient", "identifier": {"system": "urn:dicom:patient-id", "value": pid}} if pid
                         else {"type": "Patient", "display": "patient of DICOM study " + str(sr.StudyInstanceUID)})
 
     def add(self, resource: dict, if_none_exist: str | None = None) -> str:
-        url = f"urn:uuid:{uuid.uuid4()}"
-        request: dict[str, Any] = {"method": "POST", "url": resource["resourceType"]}
-        if if_none_exist:
-            request["ifNoneExist"] = if_none_exist
-        self.entries.append({"fullUrl": url, "resource": resource, "request": request})
-        return url
+        """Add ``resource`` as a conditional create. Without ``if_none_exist`` its condition is an identifier
+        derived from the SR's SOP Instance UID and the entry's place in the Bundle, so the same SR (a re-sent
+        result after a crash: the gateway derives the SR's UID from series, run and weights) gives the same
+        conditions, and a FHIR server creates nothing a second time."""
+        key = f"urn:uuid:{uuid.uuid5(ENTRY_NAMESPACE, f'{self.sr_uid}/{len(self.entries)}')}"
+        if if_none_exist is None:
+            resource.setdefault("identifier", []).append({"system": URI_SYSTEM, "value": key})
+            if_none_exist = f"identifier={URI_SYSTEM}|{key}"
+        request = {"method": "POST", "url": resource["resourceType"], "ifNoneExist": if_none_exist}
+        self.entries.append({"fullUrl": key, "resource": resource, "request": request})
+        return key
 
 
 def _devices(b: _Builder, sr, groups) -> dict[str, str]:
@@ -162,7 +174,7 @@ def _selection(b: _Builder, study_ref: str, study_uid: str, series_uid: str, ins
 
 
 def _sop_class(uid: str) -> dict:
-    return {"system": "urn:ietf:rfc:3986", "code": _oid(uid)}
+    return {"system": URI_SYSTEM, "code": _oid(uid)}
 
 
 def sr_to_bundle(sr):
