@@ -177,6 +177,15 @@ def _remove_stale_partials(path: Path) -> None:
     remove_pid_named(path.parent, re.compile(re.escape(_partial_prefix(path)) + r"(\d+)-[A-Za-z0-9_]+$"))
 
 
+def check_new_dir(path: str | Path) -> Path:
+    """``path`` as an output folder ``atomic_dir`` will accept (new, or an empty folder), checked before a long
+    job starts instead of after it; else one-line ``MedlensError``."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
+        raise MedlensError("output folder exists and is not empty; give a new or empty folder", path)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
@@ -184,9 +193,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     ``path`` must not exist, or be an empty folder. A crash leaves no folder that looks complete, an
     exception removes the temporary one, and the next writer of ``path`` removes what a killed one left.
     """
-    path = Path(path)
-    if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
-        raise MedlensError("output folder exists and is not empty; give a new or empty folder", path)
+    path = check_new_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(path)}{os.getpid()}-", dir=path.parent))

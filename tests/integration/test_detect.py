@@ -109,3 +109,17 @@ def test_froc_cli_missing_columns_one_line(tmp_path, data_root):
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     assert r.returncode != 0 and len(lines) == 1, lines
     assert "lacks the column(s) ['coordZ', 'probability']" in lines[0] and str(bad) in lines[0]
+
+
+def test_non_empty_out_is_refused_before_any_scan_is_read(tmp_path):
+    """The output folder is checked first: a scan that does not exist is never reached (the candidate search of a
+    real scan would take a minute before the same refusal)."""
+    from medlens.errors import MedlensError
+    from medlens.workflow.detect import detect_scans
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kept.txt").write_text("earlier results")
+    with pytest.raises(MedlensError, match="output folder exists and is not empty") as e:
+        detect_scans([tmp_path / "no-such-scan.mhd"], out)
+    assert "\n" not in str(e.value) and (out / "kept.txt").read_text() == "earlier results"

@@ -46,7 +46,7 @@ from medlens.report.dicom_sr import Algorithm, DetectedNodule, detection_sr, wri
 from medlens.report.gallery import candidate_png, write_gallery
 from medlens.run.predictor import Predictor
 from medlens.run.run import Run
-from medlens.utils import atomic_dir, atomic_path
+from medlens.utils import atomic_dir, atomic_path, check_new_dir
 
 PIPELINE_CHECK = ("With a handful of scans (here LIDC-IDRI-0001 and -0002: one accepted LUNA16 nodule) the FROC is a "
                   "pipeline check, not a detection result: published detectors reach CPM 0.93-0.94 on the 888 LUNA16 "
@@ -111,7 +111,7 @@ def detect_scans(scans: list[str | Path], out: str | Path, run: str | Path | Non
     with ``annotations`` the FROC (``froc.json``, ``froc.png``)."""
     if max_candidates < 1 or gallery_size < 0 or max_findings < 0:
         raise ConfigError("max_candidates must be >= 1, gallery_size and max_findings >= 0")
-    out = Path(out)
+    out = check_new_dir(out)  # before the candidate search, not after it
     predictor, algorithm, seen = None, None, set()
     rep = DetectReport(out)
     if run is not None:
