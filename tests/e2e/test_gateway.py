@@ -278,7 +278,8 @@ def test_an_xray_study_comes_back_as_an_sr_in_the_pacs(gw, orthanc, xrays, train
     # the queue: the series done, its job delivered, its spooled file deleted
     wait_for("the series done", lambda: gw.db("SELECT state FROM series WHERE series_uid=?", (series,)) == [("done",)])
     assert gw.db("SELECT state FROM jobs WHERE series_uid=?", (series,)) == [("delivered",)]
-    assert not list((gw.folder / "spool" / "instances").rglob("*.dcm"))
+    # the clean-up follows the series' closing in the same worker pass, not in its transaction
+    wait_for("the spool emptied", lambda: not list((gw.folder / "spool" / "instances").rglob("*.dcm")))
     text = urllib.request.urlopen(gw.metrics_url, timeout=10).read().decode()
     label = f'run="{trained_run.name}"'
     assert re.search(r"medlens_gateway_delivered_series_total\{" + re.escape(label) + r"\} [1-9]", text)

@@ -18,19 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-
-def _fp(**over):
-    from medlens.data.fingerprint import Fingerprint, Intensity
-
-    it = Intensity(mean=0.4, std=0.2, min=0, max=1, p01=0, p99=1, distinct_values=256, zero_fraction=0.01,
-                   channel_means=[0.4], corner_to_centre=0.9)
-    d = dict(source="medmnist", location="x.npz", task="binary", spatial_dims=2, image_shape=[28, 28], channels=1,
-             n={"train": 1000, "val": 200, "test": 400}, n_classes=2, class_names=["0", "1"],
-             class_counts={"train": [250, 750], "val": [50, 150], "test": [150, 250]}, imbalance_ratio=3.0,
-             patient_ids=False, intensity=it, modality_hints=[], field_of_view="full", resolutions_on_disk=[28],
-             resolution_files={28: "x.npz"})
-    d.update(over)
-    return Fingerprint.model_validate(d)
+from plan_fixtures import fingerprint as _fp
 
 
 def _planner(fp, budget: float):

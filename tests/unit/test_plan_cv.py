@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from clirun import medlens
+from plan_fixtures import fingerprint as _fp
 from medlens.engine.planner import MAX_EPOCH_FACTOR, RESERVE, SAFETY
 
 
@@ -59,18 +60,6 @@ def test_cv_folds_are_patient_disjoint_and_cover_train_val_once():
 
 
 # ------------------------------------------------------------------ planner
-def _fp(**over):
-    from medlens.data.fingerprint import Fingerprint, Intensity
-
-    it = Intensity(mean=0.4, std=0.2, min=0, max=1, p01=0, p99=1, distinct_values=256, zero_fraction=0.01,
-                   channel_means=[0.4], corner_to_centre=0.9)
-    d = dict(source="medmnist", location="x.npz", task="binary", spatial_dims=2, image_shape=[28, 28], channels=1,
-             n={"train": 1000, "val": 200, "test": 400}, n_classes=2, class_names=["0", "1"],
-             class_counts={"train": [250, 750], "val": [50, 150], "test": [150, 250]}, imbalance_ratio=3.0,
-             patient_ids=False, intensity=it, modality_hints=[], field_of_view="full", resolutions_on_disk=[28],
-             resolution_files={28: "x.npz"})
-    d.update(over)
-    return Fingerprint.model_validate(d)
 
 
 TRAIN_RATE, VAL_RATE = 400.0, 2000.0   # img/s of the probe below
