@@ -16,3 +16,14 @@ def fingerprint(**over):
              resolution_files={28: "x.npz"})
     d.update(over)
     return Fingerprint.model_validate(d)
+
+
+def explain_by_hand(k: int, val_rate: float, budget: float, select: int = 8, score: int = 32) -> float:
+    """docs/auto.md: the report's explanation section of a k-member model, 240 inferences per image explained
+    (5 candidate methods on the selection images, the chosen one on the scoring images), the image counts scaled
+    down (at least 2 and 8) where the section would take more than 5% of the budget."""
+    full = 240 * (select * 5 + score) * k / val_rate
+    if full > 0.05 * budget:
+        f = 0.05 * budget / full
+        select, score = max(2, int(select * f)), max(8, int(score * f))
+    return 240 * (select * 5 + score) * k / val_rate

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from medlens.config import ExplainConfig
 from medlens.data.fingerprint import Fingerprint
 from medlens.errors import ConfigError
 from medlens.tasks import get_task
@@ -35,12 +36,27 @@ _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 # Calibration, threshold, bootstrap CIs, plots, the explanation section and the report, predictions included: 21 s
 # for a binary 5-fold run and 22 s for a 5-class one on the quiet machine (2026-12-03, 5m and 15m `train --auto`,
 # docs/auto.md); 30-54 s were measured earlier while the machine was busy
-POST_FIXED_S = 15.0
+POST_FIXED_S = 5.0
 POST_PER_CLASS_S = 1.0
+# The report's explanation section (explain.run.write_report_section): on select_images validation images each of
+# the EXPLAIN_CANDIDATES methods (explain.run.REPORT_CANDIDATES) is scored by deletion and insertion against a
+# random map, then the chosen one on score_images test images: ~85 forward passes per image and method plus the
+# method's own (integrated gradients: 32 steps, forward and backward), on small batches. Measured on the quiet
+# 2-core machine (2026-12-03, benchmarks/auto.py): 238 s for a 5-member 3D ensemble at 358 img/s, 13 s for 2D
+# 5-member ensembles at 4035 and 7418 img/s, i.e. 237, 146 and 278 images' worth of batched inference per image
+# explained: EXPLAIN_FORWARDS. Where the section at the default image counts would take more than EXPLAIN_SHARE
+# of the budget (a 3D ensemble: 13% of 30 minutes) the plan explains fewer images (determine_explanations).
+EXPLAIN_FORWARDS = 240.0
+EXPLAIN_CANDIDATES = 5
+EXPLAIN_SHARE = 0.05
+EXPLAIN_MIN = (2, 8)     # the fewest (selection, scoring) images the section is given
 # per epoch besides the images where no whole epoch was measured (checkpoints, history row, validation metrics; the
 # segmentation planner's estimate uses it too). A measured calibration epoch already holds it: the fold epochs of
 # the two runs above took 2.15 and 0.54 s against calibration epochs scaled to the fold of 2.16 and 0.56 s
 EPOCH_FIXED_S = 0.4
+# a fit's cost besides its epochs where it was not measured (a calibration cut on a busy machine): Lightning's set-up,
+# the first epoch's warm-up, the best weights loaded; the calibration measures it (engine.probe.calibrate)
+FIT_FIXED_S = 3.0
 STARTUP_S = 10.0         # importing torch, Lightning and MONAI before the budget's clock can start
 # issue 30 item 3, the whole budget: a plan uses >= 90% of its budget and never overruns it by more than 5%. The
 # planned total (start-up included) is at most (1 - RESERVE) of the budget, the planned fitting SAFETY of its share
@@ -154,8 +170,10 @@ class Planner:
     rules only; ``planned_at`` is the planning time spent so far, measured by ``determine_resolution``."""
 
     def __init__(self, fp: Fingerprint, budget_s: float | None = None, *, seed: int = 0,
-                 started: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 started: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 explain: ExplainConfig | None = None) -> None:
         self.fp, self.budget_s, self.seed, self.clock = fp, budget_s, seed, clock
+        self.explain = explain or ExplainConfig()   # the report's explanation settings the plan starts from
         self.started = clock() if started is None else started
         self.decisions: list[Decision] = []
         self.model: str = ""
@@ -233,7 +251,7 @@ class Planner:
     def candidate_epochs(self, r: ProbeResult, load: float) -> int:
         """Epochs one member of a candidate measured by ``r`` could train within the budget (all the fitting
         share, at its probed speed; the same holdout epoch for every candidate)."""
-        fit = SAFETY * (self.available(load) - self.post_seconds(r, 1, 0))
+        fit = SAFETY * (self.available(load) - self.post_seconds(r, 1, 0)) - self.fixed_seconds(r)
         return int(max(0.0, fit) / self.epoch_seconds(r, 0))
 
     def signal_steps(self, cands: list[tuple[str, str, dict]], probes: dict[str, ProbeResult],
@@ -418,27 +436,57 @@ class Planner:
         return self.fp.n["train"] + self.fp.n["val"]
 
     def epoch_seconds(self, r: ProbeResult, folds: int | None = None) -> float:
-        """One epoch of one member: on the training split validated on the validation split, or (``folds`` k,
-        default the planned ``self.folds``) of one fold model, trained on (k-1)/k of train+val and validated on
-        the rest, scaled from the measured epoch by the per-image rates."""
+        """One steady epoch of one member (b of a fit's a + b*n): on the training split validated on the validation
+        split, or (``folds`` k, default the planned ``self.folds``) of one fold model, trained on (k-1)/k of
+        train+val and validated on the rest; the calibration's measured epoch scaled by the per-image rates from
+        the sizes it ran on to these, else the per-image time plus ``EPOCH_FIXED_S``."""
         n = self.fp.n
         k = self.folds if folds is None else folds
-        images = n["train"] / r.train_img_per_s + n["val"] / r.val_img_per_s
-        fold = images
+        fold = n["train"] / r.train_img_per_s + n["val"] / r.val_img_per_s
         if k:
             held = self.pooled / k
             fold = (self.pooled - held) / r.train_img_per_s + held / r.val_img_per_s
-        if r.epoch_seconds:     # a measured whole epoch (its overheads included), scaled to the fold's sizes
-            return r.epoch_seconds * fold / images
+        if r.epoch_seconds:     # a measured steady epoch (its overheads included)
+            ran = r.epoch_train_n / r.train_img_per_s + r.epoch_val_n / r.val_img_per_s
+            return r.epoch_seconds * fold / ran if ran > 0 else r.epoch_seconds
         return fold + EPOCH_FIXED_S
 
+    def fit_seconds(self, r: ProbeResult, epochs: int, folds: int | None = None) -> float:
+        """One member's fit of ``epochs`` epochs: a + b*epochs, a the calibration's measured cost of a fit besides
+        its epochs (else ``FIT_FIXED_S``), b ``epoch_seconds``."""
+        return self.fixed_seconds(r) + epochs * self.epoch_seconds(r, folds)
+
+    def fixed_seconds(self, r: ProbeResult) -> float:
+        return r.fixed_seconds if r.fixed_seconds is not None else FIT_FIXED_S
+
+    def explain_images(self, r: ProbeResult, k: int) -> tuple[int, int]:
+        """(selection, scoring) images of the report's explanation section: the configured ones, or proportionally
+        fewer (at least ``EXPLAIN_MIN``) where these would take more than ``EXPLAIN_SHARE`` of the budget for a
+        k-member model at ``r``'s inference speed. No selection images where the method is fixed."""
+        e = self.explain
+        select, score = (0 if e.method else e.select_images), e.score_images
+        full = self.explain_seconds(r, k, select, score)
+        cap = EXPLAIN_SHARE * self.budget_s if self.budget_s else math.inf
+        if full <= cap:
+            return select, score
+        f = cap / full
+        return (max(min(select, EXPLAIN_MIN[0]), int(select * f)), max(min(score, EXPLAIN_MIN[1]), int(score * f)))
+
+    def explain_seconds(self, r: ProbeResult, k: int, select: int | None = None, score: int | None = None) -> float:
+        """The report's explanation section of a k-member model (``explain_images`` unless given)."""
+        if select is None or score is None:
+            select, score = self.explain_images(r, k)
+        return EXPLAIN_FORWARDS * (select * EXPLAIN_CANDIDATES + score) * k / r.val_img_per_s
+
     def post_seconds(self, r: ProbeResult, k: int, folds: int | None = None) -> float:
-        """Predictions of val + test per member and flip, plus the fixed work after fitting; under
-        cross-validation also each fold model's prediction of its held-out part (every train+val case once)."""
+        """Predictions of val + test per member and flip, the report's explanation section, plus the fixed work
+        after fitting; under cross-validation also each fold model's prediction of its held-out part (every
+        train+val case once)."""
         n = self.fp.n
         oof = self.tta_views * self.pooled / r.val_img_per_s if (self.folds if folds is None else folds) else 0.0
         return (POST_FIXED_S + POST_PER_CLASS_S * max(self.fp.n_classes, 2)
-                + 2 * k * self.tta_views * (n["val"] + n["test"]) / r.val_img_per_s + oof)
+                + 2 * k * self.tta_views * (n["val"] + n["test"]) / r.val_img_per_s + oof
+                + self.explain_seconds(r, k))
 
     def available(self, load: float) -> float:
         """Seconds left for fitting + evaluation after planning, loading (x1.2) and the margin."""
@@ -464,7 +512,7 @@ class Planner:
         choice, reasons = native, []
         for size in sorted(res):
             r, ls_ = res[size]
-            need = e_star * self.epoch_seconds(r) / SAFETY + self.post_seconds(r, 1)
+            need = self.fit_seconds(r, e_star) / SAFETY + self.post_seconds(r, 1)
             reasons.append(f"{size} px: {self.epoch_seconds(r):.1f} s/epoch, {e_star} epochs need "
                            f"{format_seconds(need)}")
             if size != native and need <= self.available(ls_):
@@ -495,7 +543,7 @@ class Planner:
         left, half = self.available(load), max(1, math.ceil(self.target_epochs / 2))
         fits = []
         for k in CV_FOLDS:
-            need = k * half * self.epoch_seconds(r, k) / SAFETY + self.post_seconds(r, k, k)
+            need = k * self.fit_seconds(r, half, k) / SAFETY + self.post_seconds(r, k, k)
             fits.append(f"{k} folds need {format_seconds(need)}")
             if need <= left:
                 self.folds = k
@@ -527,8 +575,9 @@ class Planner:
         ep_s, left, n_tr, bs = self.epoch_seconds(r), self.available(load), self.fp.n["train"], \
             self.train["batch_size"]
         e_star = self.target_epochs
-        one_epoch_need = self.planned_at + 1.2 * load + self.margin + ep_s / SAFETY + self.post_seconds(r, 1)
-        if left - self.post_seconds(r, 1) < ep_s / SAFETY:
+        one_epoch_need = self.planned_at + 1.2 * load + self.margin + self.fit_seconds(r, 1) / SAFETY \
+            + self.post_seconds(r, 1)
+        if left - self.post_seconds(r, 1) < self.fit_seconds(r, 1) / SAFETY:
             raise ConfigError(f"budget {budget_text} is too small: one epoch of the smallest plan takes {ep_s:.0f}s "
                               f"(planning {self.planned_at:.0f}s, loading {load:.0f}s, evaluation "
                               f"{self.post_seconds(r, 1):.0f}s); give at least "
@@ -545,7 +594,7 @@ class Planner:
                                f"{self.epoch_seconds(r, 0):.1f} s)" + note)
         k = 0
         for kk in range(MAX_MEMBERS, 0, -1):
-            if kk * e_star * ep_s / SAFETY + self.post_seconds(r, kk) <= left:
+            if kk * self.fit_seconds(r, e_star) / SAFETY + self.post_seconds(r, kk) <= left:
                 k = kk
                 break
         epochs, note = self.fill_epochs(max(k, 1), ep_s, left, r)
@@ -560,7 +609,7 @@ class Planner:
         evaluation of k members): all of it, up to ``MAX_EPOCH_FACTOR`` times the target epochs (issue 30 item 3:
         the whole budget); returns (epochs, what the reason adds)."""
         e_star = self.target_epochs
-        fit = SAFETY * (left - self.post_seconds(r, k))
+        fit = SAFETY * (left - self.post_seconds(r, k)) - k * self.fixed_seconds(r)
         can = int(max(1, fit / (k * ep_s)))
         epochs = min(can, MAX_EPOCH_FACTOR * e_star)
         if epochs < e_star:
@@ -573,13 +622,13 @@ class Planner:
         return epochs, f"; the budget's rest after {k} x {e_star} target epochs buys {epochs - e_star} more each"
 
     def determine_ensemble(self, r: ProbeResult, load: float) -> int:
-        k, ep_s = self.members, self.epoch_seconds(r)
+        k, fit = self.members, self.fit_seconds(r, self.epochs)
         if self.folds:
             return self.decide("train.ensemble", k,
                                f"the {k} fold models of the cross-validation (seeds {self.seed}..{self.seed + k - 1}, "
-                               f"soft voting), each ~{format_seconds(self.epochs * ep_s)}")
+                               f"soft voting), each ~{format_seconds(fit)}")
         return self.decide("train.ensemble", k,
-                           f"each member needs ~{format_seconds(self.epochs * ep_s)}; "
+                           f"each member needs ~{format_seconds(fit)}; "
                            f"{format_seconds(self.available(load))} left for fitting and evaluation -> {k} "
                            f"member(s) (seeds {self.seed}..{self.seed + k - 1}, soft voting; at most {MAX_MEMBERS}, "
                            "members only once each has its target epochs)")
@@ -587,10 +636,10 @@ class Planner:
     def determine_max_minutes(self, r: ProbeResult, load: float) -> float:
         """``train.max_minutes``: fitting capped where the run would overrun its budget by ``OVERRUN`` (the planned
         fitting ends well before: it fills ``SAFETY`` of what is left after the ``RESERVE``)."""
-        k, ep_s, post = self.members, self.epoch_seconds(r), self.post_seconds(r, self.members)
+        k, post = self.members, self.post_seconds(r, self.members)
         fit_s = self.available(load) - post + (RESERVE + OVERRUN) * self._budget()
         max_minutes = round(fit_s / 60, 2)
-        planned = k * self.epochs * ep_s
+        planned = k * self.fit_seconds(r, self.epochs)
         return self.decide("train.max_minutes", max_minutes,
                            f"budget {format_seconds(self._budget())} = planning {self.planned_at:.0f}s + loading "
                            f"~{1.2 * load:.0f}s + evaluation/explanations/report ~{post:.0f}s + start-up "
@@ -654,10 +703,28 @@ class Planner:
                            f"{fp.task}: decisions are argmax/0.5 (the rule applies to binary tasks only); "
                            f"calibration is chosen on {on}")
 
+    def determine_explanations(self, r: ProbeResult) -> dict:
+        """``explain.select_images`` / ``explain.score_images``: the report's explanation section within
+        ``EXPLAIN_SHARE`` of the budget (``explain_images``)."""
+        k, e = self.members, self.explain
+        select, score = self.explain_images(r, k)
+        full = self.explain_seconds(r, k, 0 if e.method else e.select_images, e.score_images)
+        what = (f"the method fixed ({e.method}): {score} test images score it" if e.method else
+                f"the most faithful of {EXPLAIN_CANDIDATES} methods chosen on {select} validation images, scored on "
+                f"{score} test images")
+        if (select, score) == ((0 if e.method else e.select_images), e.score_images):
+            why = f"{what}: ~{self.explain_seconds(r, k):.0f}s for {k} member(s) at {r.val_img_per_s:.0f} img/s"
+        else:
+            why = (f"{what}, fewer than the configured {e.select_images}/{e.score_images}: those would take "
+                   f"~{full:.0f}s for {k} member(s) at {r.val_img_per_s:.0f} img/s, more than {EXPLAIN_SHARE:.0%} "
+                   f"of the budget; ~{self.explain_seconds(r, k):.0f}s")
+        value = {"select_images": max(select, 2), "score_images": score}
+        return self.decide("explain", value, why)
+
     def estimates(self, r: ProbeResult, load: float) -> dict[str, float]:
-        ep_s, k, post = self.epoch_seconds(r), self.members, self.post_seconds(r, self.members)
+        k, post, member = self.members, self.post_seconds(r, self.members), self.fit_seconds(r, self.epochs)
         return {"planning_s": round(self.elapsed(), 1), "load_s": round(load, 1),
-                "epoch_s": round(ep_s, 2), "member_fit_s": round(self.epochs * ep_s, 1),
-                "fit_s": round(k * self.epochs * ep_s, 1), "post_s": round(post, 1),
-                "margin_s": round(self.margin, 1),
-                "total_s": round(self.planned_at + 1.2 * load + k * self.epochs * ep_s + post, 1)}
+                "epoch_s": round(self.epoch_seconds(r), 2), "fit_fixed_s": round(self.fixed_seconds(r), 2),
+                "member_fit_s": round(member, 1), "fit_s": round(k * member, 1), "post_s": round(post, 1),
+                "explain_s": round(self.explain_seconds(r, k), 1), "margin_s": round(self.margin, 1),
+                "total_s": round(self.planned_at + 1.2 * load + k * member + post, 1)}

@@ -22,10 +22,12 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -33,10 +35,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from medlens.data.base import SplitData
 from medlens.data.splits import Pooled, cv_folds
 from medlens.engine.module import ClassifierModule, validation_scores
 from medlens.engine.sampling import make_loader
-from medlens.engine.train import build_network, channel_stats, class_weights
+from medlens.engine.train import build_network, channel_stats, class_weights, fit_classifier
 from medlens.utils import write_json_atomic
 
 CACHE_ENV = "MEDLENS_CACHE"
@@ -57,8 +60,11 @@ class ProbeResult:
     val_img_per_s: float        # inference throughput (validation batches)
     seconds: float              # wall time the probe itself cost
     stopped_early: bool
-    full_epoch: bool = False    # a calibration run over the whole training split (else a few sampled batches)
-    epoch_seconds: float | None = None  # a whole epoch (all training batches + the validation split), when run
+    full_epoch: bool = False    # a calibration run (``calibrate``): whole epochs of real training
+    epoch_seconds: float | None = None  # one steady whole epoch (training batches + validation), when measured
+    fixed_seconds: float | None = None  # a fit's cost besides its steady epochs (set-up, warm-up, best weights)
+    epoch_train_n: int = 0      # the calibration's training cases
+    epoch_val_n: int = 0        # and its validation (held-out) cases
 
     def summary(self) -> dict:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -69,10 +75,14 @@ class _StepTimer(Callback):
         self.max_seconds = max_seconds
         self.train_ends: list[float] = []
         self.val_times: list[float] = []
-        self.epoch_end: float | None = None
+        self.val_epochs = 0
+        self.epoch_starts: list[float] = []
         self.t0 = time.perf_counter()
         self._tv = 0.0
         self.stopped = False
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epoch_starts.append(time.perf_counter())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.train_ends:
@@ -93,25 +103,21 @@ class _StepTimer(Callback):
         self.val_times.append(time.perf_counter() - self._tv)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self.epoch_end = time.perf_counter()
+        self.val_epochs += 1
 
 
 def probe(train_cfg, data, model: str, params: dict, *, batches: int = 4, max_seconds: float = 8.0,
-          seed: int = 0, full_epoch: bool = False) -> ProbeResult:
+          seed: int = 0) -> ProbeResult:
     """Time ``batches`` training steps (and one validation batch) of ``model`` on ``data`` with ``train_cfg``
-    (its batch size, precision, augmentation, imbalance handling, optimiser). ``full_epoch``: one whole epoch of
-    the training split and the whole validation split instead, timed end to end (``epoch_seconds``) unless it
-    runs past ``max_seconds``. Step speed is the median step (robust to a busy machine's spikes)."""
+    (its batch size, precision, augmentation, imbalance handling, optimiser). Step speed is the median step
+    (robust to a busy machine's spikes)."""
     t_start = time.perf_counter()
     torch.set_num_threads(train_cfg.num_threads or os.cpu_count() or 1)
     tr, va = data.train, data.val
     bs = min(train_cfg.batch_size, len(tr))
     rng = np.random.default_rng(seed)
-    if full_epoch:
-        tr_s, va_s = tr, va
-    else:
-        tr_s = tr.subset(np.sort(rng.choice(len(tr), min(len(tr), bs * batches), replace=False)))
-        va_s = va.subset(np.arange(min(len(va), max(bs, 64))))
+    tr_s = tr.subset(np.sort(rng.choice(len(tr), min(len(tr), bs * batches), replace=False)))
+    va_s = va.subset(np.arange(min(len(va), max(bs, 64))))
     mean, std = channel_stats(tr_s)
     torch.manual_seed(seed)
     net = build_network(model, tr.in_channels, tr.n_outputs, tr.spatial_dims, tr.image_shape, params, mean, std)
@@ -121,22 +127,74 @@ def probe(train_cfg, data, model: str, params: dict, *, batches: int = 4, max_se
     timer = _StepTimer(max_seconds)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, precision=train_cfg.precision,
                         callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=None if full_epoch else 1)
-    vbs = max(bs, 256) if full_epoch else len(va_s)
-    trainer.fit(module, make_loader(tr_s, bs, "shuffle", seed), make_loader(va_s, vbs, "sequential"),
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1)
+    trainer.fit(module, make_loader(tr_s, bs, "shuffle", seed), make_loader(va_s, len(va_s), "sequential"),
                 weights_only=True)  # no checkpoint is read here; the house rule holds for every fit call
+    train_speed, val_speed, n_timed = _speeds(timer, bs, len(va_s))
+    return ProbeResult(model=model, params=dict(params), size=list(tr.image_shape), precision=train_cfg.precision,
+                       batch_size=bs, train_steps=n_timed, train_img_per_s=train_speed, val_img_per_s=val_speed,
+                       seconds=time.perf_counter() - t_start, stopped_early=timer.stopped)
+
+
+def _speeds(timer: _StepTimer, bs: int, n_val: int) -> tuple[float, float, int]:
+    """(training images/s of the median timed step, validation images/s over every validation pass of ``n_val``
+    images, steps timed)."""
     steps = np.diff(timer.train_ends)
     timed = steps[1:] if len(steps) > 1 else steps
     train_speed = float(bs / max(float(np.median(timed)), 1e-9))
-    n_val = len(va_s) if full_epoch else min(len(va_s), vbs)
-    val_speed = float(n_val / max(sum(timer.val_times), 1e-9)) if timer.val_times else train_speed * 3
-    epoch_s = (timer.epoch_end - timer.train_ends[0]) if full_epoch and timer.epoch_end and not timer.stopped \
-        else None
+    val_speed = float(n_val * max(timer.val_epochs, 1) / max(sum(timer.val_times), 1e-9)) if timer.val_times \
+        else train_speed * 3
+    return train_speed, val_speed, int(len(timed))
+
+
+CAL_EPOCHS = 4          # the calibration's whole epochs: the first holds the warm-up, the median of the rest is b
+CAL_EMA = 0.999         # a weight average as the planned run keeps one (its cost per step, not its decay, matters)
+
+
+def calibrate(train_cfg, data, model: str, params: dict, *, folds: int = 0, epochs: int = CAL_EPOCHS,
+              max_seconds: float = 60.0, seed: int = 0) -> ProbeResult:
+    """Time real training: ``epochs`` whole epochs of ``model`` through ``engine.train.fit_classifier`` (the run's
+    loaders, loss, weight average, checkpoints and history, in a temporary folder) on what one member of the plan
+    trains on: fold 0 of ``folds`` of train + validation pooled (a cross-validated plan's fold model), or the
+    training split validated on the validation split (``folds`` 0). The test split is not read.
+
+    A fit of n epochs costs a + b*n (issue 30 item 3): b (``epoch_seconds``) is one steady epoch, the median of
+    epochs 2..n-1, each timed from its start to the next one's (checkpoint and history included); a (``fixed_seconds``) is everything else the fit
+    cost: building the network, Lightning's set-up, the first epoch's warm-up, loading the best weights. A
+    calibration that runs past ``max_seconds`` stops: only the step speeds are kept, and the planner
+    extrapolates from them."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(train_cfg.num_threads or os.cpu_count() or 1)
+    split = data
+    if folds:
+        pool = Pooled([data.train, data.val], name="calibration")
+        held = cv_folds(pool.labels, pool.patient_ids, folds, seed)[0]
+        split = SplitData(train=pool.subset(np.setdiff1d(np.arange(len(pool)), held), "calibration/train"),
+                          val=pool.subset(held, "calibration/held-out"), test=data.test,
+                          split_method=data.split_method, patients_known=data.patients_known)
+    tr = split.train
+    bs = min(train_cfg.batch_size, len(tr))
+    mean, std = channel_stats(tr)
+    torch.manual_seed(seed)
+    net = build_network(model, tr.in_channels, tr.n_outputs, tr.spatial_dims, tr.image_shape, params, mean, std)
+    tc = train_cfg.model_copy(update={"epochs": epochs, "ema": train_cfg.ema or CAL_EMA, "ensemble": 1,
+                                      "cv_folds": 0, "max_minutes": None, "progressive": None,
+                                      "early_stopping_patience": None, "devices": 1, "num_nodes": 1})
+    timer = _StepTimer(max_seconds)
+    with tempfile.TemporaryDirectory(prefix="medlens-calibration-") as tmp:
+        fit_classifier(SimpleNamespace(train=tc, seed=seed), split, net, Path(tmp), False, callbacks=[timer],
+                       progress_bar=False)
+    total = time.perf_counter() - t_start
+    train_speed, val_speed, n_timed = _speeds(timer, bs, len(split.val))
+    epoch_s = fixed = None
+    starts = timer.epoch_starts
+    if not timer.stopped and len(starts) == epochs >= 3:
+        epoch_s = float(np.median(np.diff(starts)[1:]))   # epochs 2..n-1, each start to the next start
+        fixed = max(0.0, total - epochs * epoch_s)
     return ProbeResult(model=model, params=dict(params), size=list(tr.image_shape), precision=train_cfg.precision,
-                       batch_size=bs, train_steps=int(len(timed)), train_img_per_s=train_speed,
-                       val_img_per_s=val_speed, seconds=time.perf_counter() - t_start, stopped_early=timer.stopped,
-                       full_epoch=full_epoch, epoch_seconds=epoch_s)
+                       batch_size=bs, train_steps=n_timed, train_img_per_s=train_speed, val_img_per_s=val_speed,
+                       seconds=total, stopped_early=timer.stopped, full_epoch=True, epoch_seconds=epoch_s,
+                       fixed_seconds=fixed, epoch_train_n=len(tr), epoch_val_n=len(split.val))
 
 
 @dataclass

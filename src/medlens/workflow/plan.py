@@ -42,6 +42,8 @@ from medlens.data.fingerprint import Fingerprint, fingerprint
 from medlens.data.sources import get_source, list_sources, source_for_path
 from medlens.data.splits import Sealed
 from medlens.engine.planner import (
+    CV_FOLDS,
+    CV_MAX_POOLED,
     MAX_MEMBERS,
     PLANNER_VERSION,
     SAFETY,
@@ -58,7 +60,7 @@ from medlens.engine.planner import (
     parse_budget,
     target_epochs,
 )
-from medlens.engine.probe import MachineFigures, ProbeResult, SignalResult, probe, signal
+from medlens.engine.probe import CAL_EPOCHS, MachineFigures, ProbeResult, SignalResult, calibrate, probe, signal
 from medlens.errors import ConfigError, DataError
 from medlens.transforms.preprocess import prepared_data
 from medlens.utils import write_text_atomic
@@ -210,29 +212,36 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     fp = fingerprint(data, dc.source, str(source), _npz_path(dc), seed=seed)
     clock.add(load_s + figs.seconds({"fingerprint": dc.model_dump(mode="json"), "seed": seed},
                                     time.monotonic() - tf))
-    planner = Planner(fp, budget_s, seed=seed, started=0.0, clock=clock)
+    planner = Planner(fp, budget_s, seed=seed, started=0.0, clock=clock, explain=cfg0.explain)
     base, _ = planner.plan_from_fingerprint()
     tbase = dict(base["train"])
     per_probe = float(min(8.0, max(2.0, 0.015 * budget_s)))
 
     seen: dict[str, ProbeResult] = {}   # each probe's cost counts once, however often the plan asks for it
 
-    def measured(kind: str, ds, tc: TrainConfig, max_seconds: float, full_epoch: bool, model: str | None = None,
+    def measured(kind: str, ds, tc: TrainConfig, max_seconds: float, model: str | None = None,
                  params: dict | None = None) -> tuple[ProbeResult, str | None]:
         model, params = model or planner.model, planner.params if params is None else params
         key = _probe_key(kind, ds, model, params, tc, max_seconds, seed)
         k = json.dumps(key, sort_keys=True)
         if k in seen:
             return seen[k], None
-        r, cached = figs.probe(key, lambda: probe(tc, ds, model, params, max_seconds=max_seconds, seed=seed,
-                                                  full_epoch=full_epoch))
+        if kind == "steps":
+            def measure() -> ProbeResult:
+                return probe(tc, ds, model, params, max_seconds=max_seconds, seed=seed)
+        else:   # whole epochs of real training on what one member trains on (a fold model's data under CV)
+            key.update(epochs=CAL_EPOCHS, folds=cal_folds)
+
+            def measure() -> ProbeResult:
+                return calibrate(tc, ds, model, params, folds=cal_folds, max_seconds=max_seconds, seed=seed)
+        r, cached = figs.probe(key, measure)
         clock.add(r.seconds)
         seen[k] = r
         return r, " (this machine's stored figure)" if cached else ""
 
     def trial(ds, precision: str, model: str | None = None, params: dict | None = None):
         tc = TrainConfig(**{**tbase, "epochs": 2, "precision": precision})
-        r, note = measured("steps", ds, tc, per_probe, False, model, params)
+        r, note = measured("steps", ds, tc, per_probe, model, params)
         if note is None:    # asked again: measured and logged once
             return r
         log(f"probe {r.model} {'x'.join(map(str, r.size))} {precision}: {r.train_img_per_s:.1f} img/s "
@@ -260,16 +269,19 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
             configs[size] = (ds, dcs)
             del ds
 
-    def calibrate(size: int):
-        # one whole real epoch (all training batches, the whole validation split) of the chosen setting
+    # the calibration trains what one member will: a fold model of five where train+val is small enough for
+    # cross-validation (determine_validation), else on the training split
+    cal_folds = CV_FOLDS[0] if fp.n["train"] + fp.n["val"] < CV_MAX_POOLED else 0
+
+    def calibration(size: int):
         tc = TrainConfig(**{**tbase, "epochs": 2, "precision": prec})
-        cal, note = measured("epoch", configs[size][0], tc, max(per_probe, 0.04 * budget_s), True)
-        log(f"calibration epoch at {size} px: " + (f"{cal.epoch_seconds:.1f} s" if cal.epoch_seconds else
-                                                     f"stopped after {cal.seconds:.0f} s; "
-                                                     f"{cal.train_img_per_s:.1f} img/s") + (note or ""))
+        cal, note = measured("epoch", configs[size][0], tc, max(per_probe, 0.05 * budget_s))
+        log(f"calibration at {size} px, {CAL_EPOCHS} epochs: " + (
+            f"{cal.epoch_seconds:.2f} s per epoch + {cal.fixed_seconds:.1f} s per fit" if cal.epoch_seconds else
+            f"stopped after {cal.seconds:.0f} s; {cal.train_img_per_s:.1f} img/s") + (note or ""))
         return cal
 
-    choice, r = planner.determine_resolution(res, calibrate)
+    choice, r = planner.determine_resolution(res, calibration)
     dc_c, load_c = configs[choice][1], res[choice][1]
     folds = planner.determine_validation(r, load_c)
     epochs = planner.determine_epochs(r, load_c, str(budget))
@@ -281,6 +293,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     progressive = planner.determine_progressive()
     tta = planner.determine_tta()
     thr = planner.determine_threshold()
+    explain = planner.determine_explanations(r)
     # the config
     t = dict(tbase)
     t.update(epochs=epochs, precision=prec, ensemble=k, cv_folds=folds, max_minutes=max_minutes, ema=ema, mixup=mixup,
@@ -291,6 +304,7 @@ def make_plan(source: str | Path, budget: str, *, seed: int = 0, overrides: list
     d["model"] = {**d.get("model", {}), "name": planner.model, "params": planner.params}
     d["train"] = {**d.get("train", {}), **t}
     d["evaluation"] = {**d.get("evaluation", {}), "tta": tta, "threshold": thr}
+    d["explain"] = {**d.get("explain", {}), **explain}
     log(f"planning took {time.monotonic() - t0:.0f} s; budgeted {clock():.0f} s from this machine's figures "
         f"({figs.reused} stored, {figs.measured} measured now; {figs.path})")
     plan = Plan(budget=str(budget), budget_seconds=budget_s, seed=seed, input=str(source), fingerprint=fp,
