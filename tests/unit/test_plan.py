@@ -258,21 +258,26 @@ def test_plan_writes_a_config_with_reasons(tmp_path):
     assert cfg.train.epochs == by["train.epochs"] and cfg.train.ensemble == by["train.ensemble"]
     assert cfg.train.precision == by["train.precision"] and cfg.evaluation.tta == by["evaluation.tta"]
     assert cfg.train.max_minutes == by["train.max_minutes"]
+    assert by["explain"] == {"select_images": cfg.explain.select_images, "score_images": cfg.explain.score_images}
     # measured speeds: both precisions at the native size, and a calibration epoch of the chosen setting
     assert {s["precision"] for s in plan.speeds} == {"32", "bf16-mixed"}
     assert all(s["train_img_per_s"] > 0 for s in plan.speeds)
     cal = [s for s in plan.speeds if s["full_epoch"]]
-    assert len(cal) == 1 and cal[0]["train_steps"] >= 1    # a busy machine may cut the epoch: then extrapolated
-    # the planned epoch is the measured one scaled by the per-image rates to a fold's sizes, or (an epoch cut on a
-    # busy machine) the per-image time plus the fixed per-epoch cost (recomputed here)
-    from medlens.engine.planner import EPOCH_FIXED_S
+    assert len(cal) == 1 and cal[0]["train_steps"] >= 1    # a busy machine may cut the calibration: extrapolated
+    # the calibration trained a fold model: fold 0 of five of the 260 train+val cases (52 held out)
+    assert (cal[0]["epoch_train_n"], cal[0]["epoch_val_n"]) == (208, 52)
+    # the planned epoch is the measured steady one scaled by the per-image rates to the plan's fold sizes, or (a
+    # calibration cut on a busy machine) the per-image time plus the fixed per-epoch cost (recomputed here)
+    from medlens.engine.planner import EPOCH_FIXED_S, FIT_FIXED_S
 
     t, v, k = cal[0]["train_img_per_s"], cal[0]["val_img_per_s"], cfg.train.cv_folds
-    images = 200 / t + 60 / v
-    fold = (260 - 260 / k) / t + (260 / k) / v if k else images
+    fold = (260 - 260 / k) / t + (260 / k) / v if k else 200 / t + 60 / v
     measured = cal[0]["epoch_seconds"]
-    want = measured * fold / images if measured else fold + EPOCH_FIXED_S
+    want = measured * fold / (208 / t + 52 / v) if measured else fold + EPOCH_FIXED_S
     assert plan.estimates["epoch_s"] == pytest.approx(want, rel=0.02, abs=0.011)
+    # a fit of n epochs: the calibration's measured cost besides its epochs + n steady epochs
+    fixed = cal[0]["fixed_seconds"] if measured else FIT_FIXED_S
+    assert plan.estimates["member_fit_s"] == pytest.approx(fixed + cfg.train.epochs * want, rel=0.03, abs=0.2)
     # the estimate fits the budget, fitting capped below it
     assert plan.estimates["total_s"] <= parse_budget("2m")
     assert cfg.train.max_minutes is not None and cfg.train.max_minutes * 60 < 120

@@ -206,3 +206,25 @@ def test_a_chosen_vit_gets_no_progressive_resizing():
     assert p.determine_progressive() is not None          # the small CNN takes the smaller early inputs
     p.model, p.params = "vit", {"patch_size": 4}
     assert p.determine_progressive() is None and "fix its input size" in p.decisions[-1].reason
+
+
+def test_explanations_are_given_their_share_of_the_budget():
+    """The report's explanation section is part of the evaluation estimate; where the configured image counts
+    would take more than 5% of the budget (a 5-member ensemble at a 3D network's 358 img/s: ~241 s of 30 minutes)
+    both counts are scaled down, and the estimate counts what remains."""
+    p = _planner(_fp(), 1800)
+    slow = _probe("small_cnn", 100.0, 358.0)
+    p.members = 5
+    full = 240 * (8 * 5 + 32) * 5 / 358
+    assert full > 0.05 * 1800
+    f = 0.05 * 1800 / full
+    want = {"select_images": max(2, int(8 * f)), "score_images": max(8, int(32 * f))}
+    assert want == {"select_images": 2, "score_images": 11}
+    assert p.determine_explanations(slow) == want
+    assert "more than 5% of the budget" in p.decisions[-1].reason and f"~{full:.0f}s" in p.decisions[-1].reason
+    assert p.explain_seconds(slow, 5) == pytest.approx(240 * (2 * 5 + 11) * 5 / 358)
+    assert p.post_seconds(slow, 5, 0) == pytest.approx(5 + 2 + 2 * 5 * 2 * 600 / 358 + 240 * 21 * 5 / 358)
+    # a fast 2D ensemble keeps the configured counts
+    p.decisions.clear()
+    assert p.determine_explanations(_probe("small_cnn", 2000.0, 6000.0)) == {"select_images": 8, "score_images": 32}
+    assert "fewer than" not in p.decisions[-1].reason
