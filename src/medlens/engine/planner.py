@@ -33,9 +33,9 @@ PLANNER_VERSION = 1
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 # Measured on the 2-core reference machine (benchmarks/auto.py, docs/auto.md): what a run costs besides fitting.
-# Calibration, threshold, bootstrap CIs, plots, the explanation section and the report, predictions included: 21 s
-# for a binary 5-fold run and 22 s for a 5-class one on the quiet machine (2026-12-03, 5m and 15m `train --auto`,
-# docs/auto.md); 30-54 s were measured earlier while the machine was busy
+# Calibration, threshold, bootstrap CIs, plots and the report, predictions and the explanation section (below)
+# aside: 7.5 s for a binary and 12 s for a 5-class 5-fold run on the quiet machine (2026-12-03, 15m `train --auto`,
+# docs/auto.md): 5 s + 1 s per class
 POST_FIXED_S = 5.0
 POST_PER_CLASS_S = 1.0
 # The report's explanation section (explain.run.write_report_section): on select_images validation images each of
@@ -51,8 +51,9 @@ EXPLAIN_CANDIDATES = 5
 EXPLAIN_SHARE = 0.05
 EXPLAIN_MIN = (2, 8)     # the fewest (selection, scoring) images the section is given
 # per epoch besides the images where no whole epoch was measured (checkpoints, history row, validation metrics; the
-# segmentation planner's estimate uses it too). A measured calibration epoch already holds it: the fold epochs of
-# the two runs above took 2.15 and 0.54 s against calibration epochs scaled to the fold of 2.16 and 0.56 s
+# segmentation planner's estimate uses it too). A measured calibration (engine.probe.calibrate) already holds it: on
+# the quiet machine (2026-12-03, benchmarks/auto.py) PneumoniaMNIST's and RetinaMNIST's 15m fold models took 699 and
+# 708 s against 699 and 718 s planned from it
 EPOCH_FIXED_S = 0.4
 # a fit's cost besides its epochs where it was not measured (a calibration cut on a busy machine): Lightning's set-up,
 # the first epoch's warm-up, the best weights loaded; the calibration measures it (engine.probe.calibrate)
