@@ -52,7 +52,7 @@ EXPLAIN_SHARE = 0.05
 EXPLAIN_MIN = (2, 8)     # the fewest (selection, scoring) images the section is given
 # per epoch besides the images where no whole epoch was measured (checkpoints, history row, validation metrics; the
 # segmentation planner's estimate uses it too). A measured calibration (engine.probe.calibrate) already holds it: on
-# the quiet machine (2026-12-03, benchmarks/auto.py) PneumoniaMNIST's and RetinaMNIST's 15m fold models took 699 and
+# the quiet machine (2026-12-03, benchmarks/auto.py) the binary and the 5-class 15m plans' fold models took 699 and
 # 708 s against 699 and 718 s planned from it
 EPOCH_FIXED_S = 0.4
 # a fit's cost besides its epochs where it was not measured (a calibration cut on a busy machine): Lightning's set-up,
