@@ -460,12 +460,16 @@ class Planner:
     def fixed_seconds(self, r: ProbeResult) -> float:
         return r.fixed_seconds if r.fixed_seconds is not None else FIT_FIXED_S
 
+    @property
+    def explain_configured(self) -> tuple[int, int]:
+        """(selection, scoring) images as configured; no selection images where the method is fixed."""
+        return (0 if self.explain.method else self.explain.select_images), self.explain.score_images
+
     def explain_images(self, r: ProbeResult, k: int) -> tuple[int, int]:
         """(selection, scoring) images of the report's explanation section: the configured ones, or proportionally
         fewer (at least ``EXPLAIN_MIN``) where these would take more than ``EXPLAIN_SHARE`` of the budget for a
         k-member model at ``r``'s inference speed. No selection images where the method is fixed."""
-        e = self.explain
-        select, score = (0 if e.method else e.select_images), e.score_images
+        select, score = self.explain_configured
         full = self.explain_seconds(r, k, select, score)
         cap = EXPLAIN_SHARE * self.budget_s if self.budget_s else math.inf
         if full <= cap:
@@ -709,11 +713,11 @@ class Planner:
         ``EXPLAIN_SHARE`` of the budget (``explain_images``)."""
         k, e = self.members, self.explain
         select, score = self.explain_images(r, k)
-        full = self.explain_seconds(r, k, 0 if e.method else e.select_images, e.score_images)
+        full = self.explain_seconds(r, k, *self.explain_configured)
         what = (f"the method fixed ({e.method}): {score} test images score it" if e.method else
                 f"the most faithful of {EXPLAIN_CANDIDATES} methods chosen on {select} validation images, scored on "
                 f"{score} test images")
-        if (select, score) == ((0 if e.method else e.select_images), e.score_images):
+        if (select, score) == self.explain_configured:
             why = f"{what}: ~{self.explain_seconds(r, k):.0f}s for {k} member(s) at {r.val_img_per_s:.0f} img/s"
         else:
             why = (f"{what}, fewer than the configured {e.select_images}/{e.score_images}: those would take "
