@@ -25,8 +25,8 @@ from medlens.engine.planner import MAX_EPOCH_FACTOR, RESERVE, SAFETY
 
 # ------------------------------------------------------------------ folds
 def test_cv_folds_are_patient_disjoint_and_cover_train_val_once():
-    from medlens.data.base import ArrayDataset
-    from medlens.data.splits import Pooled, cv_folds
+    from medlens.data.base import ArrayDataset, SplitData
+    from medlens.data.splits import Pooled, cv_folds, cv_splits
 
     rng = np.random.default_rng(3)
     # 40 patients with 1..4 images each, split over train (first 30 patients) and val (the rest)
@@ -57,6 +57,17 @@ def test_cv_folds_are_patient_disjoint_and_cover_train_val_once():
     assert np.array_equal(y.numpy(), labels[want])
     with pytest.raises(Exception, match="cannot be dealt into 5"):
         cv_folds(labels[:3], pids[:3], 5)
+    # each fold model's data: the other folds to train on, its own fold held out, the data's other fields kept
+    test = ArrayDataset(images[:4], labels[:4], "binary", ["no", "yes"], pids[:4], name="t/test")
+    data = SplitData(train=tr, val=va, test=test, split_method="official", positive_class="yes")
+    sealed = ArrayDataset(images[:2], labels[:2], "binary", ["no", "yes"], pids[:2], name="sealed")
+    _, cv, splits = cv_splits(data, 5, seed=1, test=sealed)
+    assert all(np.array_equal(a, b) for a, b in zip(cv, folds)) and len(splits) == 5
+    for f, s in zip(folds, splits):
+        assert list(s.val.patient_ids) == list(pids[f])
+        assert list(s.train.patient_ids) == list(pids[np.setdiff1d(np.arange(len(pids)), f)])
+        assert s.test is sealed and s.positive_class == "yes" and s.split_method == "official"
+    assert cv_splits(data, 5, seed=1)[2][0].test is test
 
 
 # ------------------------------------------------------------------ planner

@@ -7,18 +7,20 @@ of patients) is the smallest whose fold counts match the requested fractions wit
 The same seed and the same inputs always give the same split.
 
 ``cv_folds`` deals the pooled training and validation cases of a planned run into patient-disjoint folds for
-cross-validation (issue 30); ``Pooled`` is that pool as one dataset, without copying images; ``Sealed`` keeps the
+cross-validation (issue 30), and ``cv_splits`` gives each fold model its data; ``Pooled`` is that pool as one dataset, without copying images; ``Sealed`` keeps the
 test split's images out of reach while planning and fold training run.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
+from medlens.data.base import SplitData
 from medlens.errors import DataError
 from medlens.tasks import get_task
 
@@ -138,6 +140,18 @@ def cv_folds(labels, patient_ids, k: int, seed: int = 0) -> list[np.ndarray]:
     if any(len(f) == 0 for f in folds):  # unreachable with n_groups >= k, kept as a guard
         raise DataError(f"a cross-validation fold of {n_groups} patients came out empty")
     return folds
+
+
+def cv_splits(data: SplitData, k: int, seed: int = 0, test=None) -> tuple["Pooled", list[np.ndarray], list[SplitData]]:
+    """``data``'s train and validation splits pooled (train first), its ``k`` folds (``cv_folds``) and, for each
+    fold i, a ``SplitData`` that trains on the other folds and holds out fold i: a fold model's data. ``test``
+    replaces the test split when given (``Sealed``); every other field of ``data`` is kept."""
+    pool = Pooled([data.train, data.val], "train+val")
+    folds = cv_folds(pool.labels, pool.patient_ids, k, seed)
+    everyone = np.arange(len(pool))
+    return pool, folds, [replace(data, train=pool.subset(np.setdiff1d(everyone, f), f"cv{i}-train"),
+                                 val=pool.subset(f, f"cv{i}-held-out"), test=data.test if test is None else test)
+                         for i, f in enumerate(folds)]
 
 
 class Pooled:

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from medlens.data.base import SplitData
-from medlens.data.splits import Pooled, cv_folds
+from medlens.data.splits import Pooled, cv_folds, cv_splits
 from medlens.engine.module import ClassifierModule, validation_scores
 from medlens.engine.sampling import make_loader
 from medlens.engine.train import build_network, channel_stats, class_weights, fit_classifier
@@ -166,13 +165,7 @@ def calibrate(train_cfg, data, model: str, params: dict, *, folds: int = 0, epoc
     extrapolates from them."""
     t_start = time.perf_counter()
     torch.set_num_threads(train_cfg.num_threads or os.cpu_count() or 1)
-    split = data
-    if folds:
-        pool = Pooled([data.train, data.val], name="calibration")
-        held = cv_folds(pool.labels, pool.patient_ids, folds, seed)[0]
-        split = SplitData(train=pool.subset(np.setdiff1d(np.arange(len(pool)), held), "calibration/train"),
-                          val=pool.subset(held, "calibration/held-out"), test=data.test,
-                          split_method=data.split_method, patients_known=data.patients_known)
+    split = cv_splits(data, folds, seed)[2][0] if folds else data
     tr = split.train
     bs = min(train_cfg.batch_size, len(tr))
     mean, std = channel_stats(tr)

@@ -21,8 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medlens.data.base import SplitData
-from medlens.data.splits import Pooled, Sealed, cv_folds
+from medlens.data.splits import Sealed, cv_splits
 from medlens.engine.distributed import plan
 from medlens.engine.module import ClassifierNet
 from medlens.engine.train import FitResult, fit_classifier
@@ -46,12 +45,6 @@ def fit_ensemble(cfg, data, network, path: Path, resume: bool, callbacks, progre
     return model, fit, members, None
 
 
-def cv_pool(cfg, data) -> tuple[Pooled, list[np.ndarray]]:
-    """Train + validation pooled (train first) and its ``train.cv_folds`` patient-disjoint folds."""
-    pool = Pooled([data.train, data.val], "train+val")
-    return pool, cv_folds(pool.labels, pool.patient_ids, cfg.train.cv_folds, cfg.seed)
-
-
 def fit_cv(cfg, data, network, path: Path, resume: bool, callbacks, progress_bar: bool, limit: float | None,
            log) -> tuple[ClassifierNet, FitResult, list[dict], OutOfFold]:
     """``train.cv_folds``: fit the k fold models; returns the soft-voting model of all k, a ``FitResult`` over
@@ -63,13 +56,7 @@ def fit_cv(cfg, data, network, path: Path, resume: bool, callbacks, progress_bar
     if cfg.train.ensemble not in (1, k):
         raise ConfigError(f"train.ensemble {cfg.train.ensemble} with train.cv_folds {k}: the {k} fold models are "
                           f"the ensemble; set train.ensemble to 1 or {k}")
-    pool, folds = cv_pool(cfg, data)
-    sealed = Sealed(data.test, "fitting the cross-validation folds")
-    everyone = np.arange(len(pool))
-    fold_data = [SplitData(train=pool.subset(np.setdiff1d(everyone, f), f"cv{i}-train"),
-                           val=pool.subset(f, f"cv{i}-held-out"), test=sealed,  # pyright: ignore[reportArgumentType]
-                           split_method=data.split_method, patients_known=data.patients_known)
-                 for i, f in enumerate(folds)]
+    pool, folds, fold_data = cv_splits(data, k, cfg.seed, test=Sealed(data.test, "fitting the cross-validation folds"))
     by = "patient" if data.patients_known else "image"
     log(f"cross-validation: {len(pool)} train+val cases in {k} folds by {by} "
         f"({', '.join(str(len(f)) for f in folds)})")
