@@ -7,8 +7,9 @@ of patients) is the smallest whose fold counts match the requested fractions wit
 The same seed and the same inputs always give the same split.
 
 ``cv_folds`` deals the pooled training and validation cases of a planned run into patient-disjoint folds for
-cross-validation (issue 30), and ``cv_splits`` gives each fold model its data; ``Pooled`` is that pool as one dataset, without copying images; ``Sealed`` keeps the
-test split's images out of reach while planning and fold training run.
+cross-validation (issue 30), and ``cv_splits`` gives each fold model its data; ``Pooled`` is that pool as one
+dataset, without copying images; ``Sealed`` keeps the test split's images out of reach while planning and fold
+training run.
 """
 
 from __future__ import annotations
