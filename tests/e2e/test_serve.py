@@ -244,7 +244,8 @@ def _bad_requests(c, files):
     yield "no file part", c.post("/v1/models/p2d/predict", data={"x": "1"}), 422
     with httpx.Client(base_url=c.base_url, timeout=60) as anon:
         yield "no key", _post(anon, "p2d", [files["png"]]), 401
-    with httpx.Client(base_url=c.base_url, headers={"X-API-Key": KEY[:-1] + ("y" if KEY.endswith("x") else "x")}, timeout=60) as wrong:
+    wrong_key = KEY[:-1] + ("y" if KEY.endswith("x") else "x")  # differs from KEY in its last character, always
+    with httpx.Client(base_url=c.base_url, headers={"X-API-Key": wrong_key}, timeout=60) as wrong:
         yield "wrong key", _post(wrong, "p2d", [files["png"]]), 401
 
 

@@ -160,9 +160,8 @@ def calibrate(train_cfg, data, model: str, params: dict, *, folds: int = 0, epoc
     A fit of n epochs costs a + b*n (issue 30 item 3): b (``epoch_seconds``) is one steady epoch, the median of
     epochs 2..n-1, each timed from its start to the next one's (checkpoint and history included); a
     (``fixed_seconds``) is everything else the fit cost: building the network, Lightning's set-up, the first
-    epoch's warm-up, loading the best weights. A
-    calibration that runs past ``max_seconds`` stops: only the step speeds are kept, and the planner
-    extrapolates from them."""
+    epoch's warm-up, loading the best weights. A calibration that runs past ``max_seconds`` stops: only the step
+    speeds are kept, and the planner extrapolates from them."""
     t_start = time.perf_counter()
     torch.set_num_threads(train_cfg.num_threads or os.cpu_count() or 1)
     split = cv_splits(data, folds, seed)[2][0] if folds else data
